@@ -1,0 +1,35 @@
+# Every target creates the virtualenv itself, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= examples/config.toml
+
+.PHONY: run test bench venv sysdeps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Re-install when the packaging changes.
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# System tools the end-to-end tests drive: curl and openssl.
+sysdeps:
+	@command -v curl >/dev/null && command -v openssl >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl; }
+
+run: venv
+	$(BIN)/twistd -n codexproxy --config $(CONFIG)
+
+test: venv sysdeps
+	$(BIN)/python -m pytest -q tests
+
+bench: venv sysdeps
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,789 @@
+"""
+A strict sans-IO parser for HTTP/1.x message heads and bodies (RFC 9112).
+
+The HTTP listener feeds bytes in and gets back frozen heads, body bytes and
+leftovers.  Every shape that two implementations could read differently (the
+raw material of request smuggling) is a L{ProtocolError}, so the proxy never
+forwards it.  Errors from L{ResponseHeadParser} carry status 502: that is
+what the proxy answers its client when an upstream breaks the wire format.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from typing import Iterable, Literal
+
+import attrs
+
+from codex_proxy.errors import ProtocolError
+
+#: Header fields in order: (name exactly as received, value with OWS stripped).
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@attrs.frozen
+class HeadLimits:
+    """
+    Size limits of one message head (SPEC §2.6).
+
+    @ivar max_request_line_bytes: longest request (or status) line, CRLF
+        excluded.
+    @ivar max_header_bytes: longest head, from the start line to the blank
+        line inclusive; also bounds a chunked body's trailer section.
+    @ivar max_header_fields: most header (or trailer) fields.
+    """
+
+    max_request_line_bytes: int = 8192
+    max_header_bytes: int = 65536
+    max_header_fields: int = 100
+
+
+@attrs.frozen
+class NoBody:
+    """
+    The message ends with its head.
+    """
+
+
+@attrs.frozen
+class Length:
+    """
+    The body is exactly C{n} bytes (C{n > 0}; a zero length is L{NoBody}).
+    """
+
+    n: int
+
+
+@attrs.frozen
+class Chunked:
+    """
+    The body uses the chunked transfer coding.
+    """
+
+
+@attrs.frozen
+class UntilClose:
+    """
+    The body runs until the server closes the connection (responses only).
+    """
+
+
+Framing = NoBody | Length | Chunked | UntilClose
+#: The request-target forms of RFC 9112 §3.2.
+Form = Literal["absolute", "authority", "origin", "asterisk"]
+NO_BODY = NoBody()
+CHUNKED = Chunked()
+UNTIL_CLOSE = UntilClose()
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_STATUS_LINE = re.compile(
+    rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?"
+)
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})"
+    rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+    rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
+)
+_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^?#]*)(\?[^#]*)?(?:#.*)?")
+_AUTHORITY = re.compile(
+    r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::([0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+# Header fields the parsers act on; collected in the one validation pass.
+_FRAMING_FIELDS = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
+)
+
+#: Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# A Connection header naming these must not make us drop the message's
+# routing or length: that would desynchronise the upstream (smuggling).
+_NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
+
+# The longest chunk-size line (size and extensions) a ChunkedReader holds.
+_MAX_CHUNK_LINE = 4096
+
+
+def _first(headers: Headers, name: bytes) -> bytes | None:
+    """
+    The value of the first field called C{name}, in any case.
+    """
+    name = name.lower()
+    for field, value in headers:
+        if field.lower() == name:
+            return value
+    return None
+
+
+@attrs.frozen
+class RequestHead:
+    """
+    A parsed, validated request head.
+
+    @ivar form: C{"absolute"}, C{"authority"}, C{"origin"} or C{"asterisk"}.
+    @ivar scheme: the lower-cased scheme of an absolute-form target.
+    @ivar host: the host of an absolute- or authority-form target as written
+        (IPv6 keeps its brackets).
+    @ivar port: the explicit port, else the scheme's default, else C{None}.
+    @ivar path: path and query of an absolute-form target (C{"/"} when
+        empty, fragment dropped), the target of an origin-form one, else
+        C{""}.
+    @ivar keep_alive: the client lets the connection carry another request.
+    @ivar upgrade: an C{Upgrade} header is present.
+    @ivar expect_continue: an HTTP/1.1 client waits for C{100 Continue}.
+    """
+
+    method: str
+    target: str
+    version: tuple[int, int]
+    headers: Headers
+    form: Form
+    scheme: str | None
+    host: str | None
+    port: int | None
+    path: str
+    framing: Framing
+    keep_alive: bool
+    upgrade: bool
+    expect_continue: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        """
+        The first value of the field C{name} (case-insensitive), or C{None}.
+        """
+        return _first(self.headers, name)
+
+
+@attrs.frozen
+class ResponseHead:
+    """
+    A parsed, validated response head.
+
+    @ivar framing: how the body that follows is delimited, given the
+        request method the response answers.
+    @ivar keep_alive: the server lets the connection carry another request.
+    """
+
+    version: tuple[int, int]
+    status: int
+    reason: bytes
+    headers: Headers
+    framing: Framing
+    keep_alive: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        """
+        The first value of the field C{name} (case-insensitive), or C{None}.
+        """
+        return _first(self.headers, name)
+
+
+def _parse_field(line: bytes, status: int) -> tuple[bytes, bytes]:
+    """
+    Validate one C{name: value} line; return the name and the stripped value.
+    """
+    if line[0] in b" \t":
+        raise ProtocolError("obsolete line folding in a header", status)
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise ProtocolError("header line without a colon", status)
+    if not _TOKEN.fullmatch(name):
+        if name.rstrip(b" \t") != name:
+            raise ProtocolError("whitespace between header name and colon", status)
+        raise ProtocolError("invalid header name", status)
+    value = value.strip(b" \t")
+    if _BAD_VALUE.search(value):
+        raise ProtocolError("control character in a header value", status)
+    return name, value
+
+
+def _parse_fields(
+    lines: list[bytes], status: int
+) -> tuple[Headers, dict[bytes, list[bytes]]]:
+    """
+    Validate header lines; also collect the values of L{_FRAMING_FIELDS}.
+    """
+    headers = []
+    seen: dict[bytes, list[bytes]] = {}
+    for line in lines:
+        name, value = _parse_field(line, status)
+        headers.append((name, value))
+        key = name.lower()
+        if key in _FRAMING_FIELDS:
+            seen.setdefault(key, []).append(value)
+    return tuple(headers), seen
+
+
+def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """
+    The lower-cased options listed by C{Connection} field values.
+    """
+    return frozenset(
+        token.strip(b" \t").lower() for value in values for token in value.split(b",")
+    )
+
+
+def _keep_alive(seen: dict[bytes, list[bytes]], version: tuple[int, int]) -> bool:
+    """
+    Persistence per RFC 9112 §9.3: HTTP/1.1 unless C{close}, HTTP/1.0 only
+    with C{keep-alive}.
+    """
+    tokens = _connection_tokens(seen.get(b"connection", ()))
+    if b"close" in tokens:
+        return False
+    return version >= (1, 1) or b"keep-alive" in tokens
+
+
+def _declared_framing(
+    seen: dict[bytes, list[bytes]],
+    version: tuple[int, int],
+    status: int,
+    unsupported_status: int,
+) -> Framing | None:
+    """
+    The framing C{Content-Length}/C{Transfer-Encoding} declare, or C{None}
+    when neither is present; every ambiguous combination is rejected.
+    """
+    lengths = seen.get(b"content-length", ())
+    codings = seen.get(b"transfer-encoding", ())
+    if len(lengths) > 1:
+        raise ProtocolError("more than one Content-Length", status)
+    if lengths and codings:
+        raise ProtocolError("both Content-Length and Transfer-Encoding", status)
+    if codings:
+        if version < (1, 1):
+            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 message", status)
+        if len(codings) > 1 or codings[0].lower() != b"chunked":
+            raise ProtocolError(
+                "Transfer-Encoding other than chunked", unsupported_status
+            )
+        return CHUNKED
+    if lengths:
+        if not _CONTENT_LENGTH.fullmatch(lengths[0]):
+            raise ProtocolError("invalid Content-Length", status)
+        length = int(lengths[0])
+        return Length(length) if length else NO_BODY
+    return None
+
+
+def _split_head(head: bytes, status: int) -> list[bytes]:
+    """
+    The lines of a complete head (which ends with an empty line).
+    """
+    # Every LF was checked to follow a CR while scanning, so an excess CR is
+    # a bare one.
+    if head.count(b"\r") != head.count(b"\n"):
+        raise ProtocolError("bare CR in the message head", status)
+    return head[:-4].split(b"\r\n")
+
+
+class _HeadParser:
+    """
+    Accumulate bytes until a blank line ends a head, enforcing the limits as
+    bytes arrive.  Each new byte is scanned once.
+    """
+
+    _line_status: int
+    _size_status: int
+    _status: int
+
+    def __init__(self, limits: HeadLimits) -> None:
+        self._limits = limits
+        self._reset()
+
+    def _reset(self) -> None:
+        # Before the start line begins, _buf holds at most one CR.
+        self._buf = bytearray()
+        self._started = False
+        self._scan = 0
+        self._line_start = 0
+        self._lines = 0
+
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes held while waiting for the rest of a head.
+        """
+        return len(self._buf)
+
+    def _skip_empty_lines(self, data: bytes) -> bytes:
+        """
+        Drop CRLFs before a start line (RFC 9112 §2.2); return what follows.
+        """
+        rest = data.lstrip(b"\r\n")
+        pairs, odd = divmod(len(data) - len(rest), 2)
+        if data[: pairs * 2] != b"\r\n" * pairs or (odd and (rest or data[-1] != 13)):
+            raise ProtocolError("bare CR or LF before the start line", self._status)
+        self._buf = bytearray(b"\r" if odd else b"")
+        return rest
+
+    def _take_head(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """
+        Add C{data}; return (head, leftover) once a head is complete.
+        """
+        if not self._started:
+            data = self._skip_empty_lines(bytes(self._buf) + data)
+            if not data:
+                return None
+            self._started = True
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data
+        limits = self._limits
+        scan, line_start, lines = self._scan, self._line_start, self._lines
+        while (lf := buf.find(b"\n", scan)) >= 0:
+            if buf[lf - 1] != 13:
+                raise ProtocolError("bare LF in the message head", self._status)
+            length = lf - 1 - line_start
+            if length == 0:
+                end = lf + 1
+                if end > limits.max_header_bytes:
+                    raise ProtocolError("message head too large", self._size_status)
+                head, leftover = bytes(buf[:end]), bytes(buf[end:])
+                self._reset()
+                return head, leftover
+            if lines == 0:
+                if length > limits.max_request_line_bytes:
+                    raise ProtocolError("start line too long", self._line_status)
+            elif lines > limits.max_header_fields:
+                raise ProtocolError("too many header fields", self._size_status)
+            lines += 1
+            line_start = scan = lf + 1
+        partial = len(buf) - line_start - (buf[-1] == 13)
+        if lines == 0 and partial > limits.max_request_line_bytes:
+            raise ProtocolError("start line too long", self._line_status)
+        if len(buf) > limits.max_header_bytes:
+            raise ProtocolError("message head too large", self._size_status)
+        if buf is data:
+            self._buf = bytearray(data)
+        self._scan, self._line_start, self._lines = len(buf), line_start, lines
+        return None
+
+
+class RequestHeadParser(_HeadParser):
+    """
+    Parse request heads from a client byte stream, one after another.
+    """
+
+    _line_status = 414
+    _size_status = 431
+    _status = 400
+
+    def __init__(self, limits: HeadLimits = HeadLimits()) -> None:
+        super().__init__(limits)
+
+    def feed(self, data: bytes) -> tuple[RequestHead, bytes] | None:
+        """
+        Accumulate C{data}; once a head is complete return it with the bytes
+        after it, and start over for the next head.  C{None} while
+        incomplete.
+
+        @raise ProtocolError: the bytes are not a valid request head.
+        """
+        taken = self._take_head(data)
+        if taken is None:
+            return None
+        head, leftover = taken
+        return _parse_request(head), leftover
+
+
+def _parse_request(head: bytes) -> RequestHead:
+    """
+    Validate a complete request head and decide its framing and form.
+    """
+    lines = _split_head(head, 400)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise ProtocolError("malformed request line", 400)
+    raw_method, raw_target, raw_version = parts
+    if not _TOKEN.fullmatch(raw_method):
+        raise ProtocolError("invalid method", 400)
+    if not _TARGET.fullmatch(raw_target):
+        raise ProtocolError("invalid request target", 400)
+    version = _version(raw_version, 400, 505)
+    headers, seen = _parse_fields(lines[1:], 400)
+    if len(seen.get(b"host", ())) > 1:
+        raise ProtocolError("more than one Host", 400)
+    framing = _declared_framing(seen, version, 400, 501) or NO_BODY
+    method, target = raw_method.decode("ascii"), raw_target.decode("ascii")
+    form, scheme, host, port, path = _target_form(method, target)
+    return RequestHead(
+        method=method,
+        target=target,
+        version=version,
+        headers=headers,
+        form=form,
+        scheme=scheme,
+        host=host,
+        port=port,
+        path=path,
+        framing=framing,
+        keep_alive=_keep_alive(seen, version),
+        upgrade=b"upgrade" in seen,
+        expect_continue=version >= (1, 1)
+        and any(v.lower() == b"100-continue" for v in seen.get(b"expect", ())),
+    )
+
+
+def _version(raw: bytes, status: int, unsupported_status: int) -> tuple[int, int]:
+    """
+    Parse C{HTTP/x.y}; only 1.0 and 1.1 are spoken.
+    """
+    match = _VERSION.fullmatch(raw)
+    if match is None:
+        raise ProtocolError("malformed HTTP version", status)
+    version = (int(match[1]), int(match[2]))
+    if version not in ((1, 0), (1, 1)):
+        raise ProtocolError("unsupported HTTP version", unsupported_status)
+    return version
+
+
+def _authority(authority: str, port_required: bool) -> tuple[str, int | None]:
+    """
+    Split C{host[:port]}; reject userinfo, an empty host and bad ports.
+    """
+    if "@" in authority:
+        raise ProtocolError("userinfo in the request target", 400)
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None:
+        raise ProtocolError("invalid host or port in the request target", 400)
+    host, raw_port = match[1], match[2]
+    if raw_port is None:
+        if port_required:
+            raise ProtocolError("CONNECT target without a port", 400)
+        return host, None
+    port = int(raw_port)
+    if not 0 < port < 65536:
+        raise ProtocolError("port out of range in the request target", 400)
+    return host, port
+
+
+def _target_form(
+    method: str, target: str
+) -> tuple[Form, str | None, str | None, int | None, str]:
+    """
+    Classify the request target (RFC 9112 §3.2): (form, scheme, host, port,
+    path).
+    """
+    if method == "CONNECT":
+        host, port = _authority(target, port_required=True)
+        return "authority", None, host, port, ""
+    if target.startswith("/"):
+        return "origin", None, None, None, target
+    if target == "*":
+        if method != "OPTIONS":
+            raise ProtocolError("asterisk-form target on a method other than OPTIONS", 400)
+        return "asterisk", None, None, None, ""
+    match = _ABSOLUTE.fullmatch(target)
+    if match is None:
+        if _AUTHORITY.fullmatch(target):
+            raise ProtocolError("authority-form target on a method other than CONNECT", 400)
+        raise ProtocolError("invalid request target", 400)
+    scheme = match[1].lower()
+    host, port = _authority(match[2], port_required=False)
+    if port is None:
+        port = _DEFAULT_PORTS.get(scheme)
+    path = (match[3] or "/") + (match[4] or "")
+    return "absolute", scheme, host, port, path
+
+
+class ResponseHeadParser(_HeadParser):
+    """
+    Parse response heads from an upstream byte stream for one request
+    method (it decides whether a body follows).  Interim (1xx) responses
+    come out one by one.
+    """
+
+    _line_status = 502
+    _size_status = 502
+    _status = 502
+
+    def __init__(self, request_method: str, limits: HeadLimits = HeadLimits()) -> None:
+        super().__init__(limits)
+        self._request_method = request_method
+
+    def feed(self, data: bytes) -> tuple[ResponseHead, bytes] | None:
+        """
+        Accumulate C{data}; once a head is complete return it with the bytes
+        after it, and start over for the next head.  C{None} while
+        incomplete.
+
+        @raise ProtocolError: (status 502) the bytes are not a valid
+            response head.
+        """
+        taken = self._take_head(data)
+        if taken is None:
+            return None
+        head, leftover = taken
+        return self._parse(head), leftover
+
+    def _parse(self, head: bytes) -> ResponseHead:
+        """
+        Validate a complete response head and decide its framing (RFC 9112
+        §6.3).
+        """
+        lines = _split_head(head, 502)
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            raise ProtocolError("malformed status line", 502)
+        version = (int(match[1]), int(match[2]))
+        if version not in ((1, 0), (1, 1)):
+            raise ProtocolError("unsupported HTTP version", 502)
+        status = int(match[3])
+        headers, seen = _parse_fields(lines[1:], 502)
+        framing = _declared_framing(seen, version, 502, 502) or UNTIL_CLOSE
+        method = self._request_method
+        if (
+            method == "HEAD"
+            or status < 200
+            or status in (204, 304)
+            or (method == "CONNECT" and status < 300)
+        ):
+            framing = NO_BODY
+        return ResponseHead(
+            version=version,
+            status=status,
+            reason=match[4] or b"",
+            headers=headers,
+            framing=framing,
+            keep_alive=framing != UNTIL_CLOSE and _keep_alive(seen, version),
+        )
+
+
+class BodyReader(abc.ABC):
+    """
+    Delimit one message body in a byte stream.
+    """
+
+    @abc.abstractmethod
+    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        """
+        Consume C{data}: return (bytes to forward, message complete?, bytes
+        after the body).
+
+        @raise ProtocolError: the body framing is broken.
+        """
+
+
+class LengthReader(BodyReader):
+    """
+    A body of a known number of bytes.
+    """
+
+    def __init__(self, length: int) -> None:
+        self._remaining = length
+
+    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        remaining = self._remaining
+        if len(data) < remaining:
+            self._remaining = remaining - len(data)
+            return data, False, b""
+        self._remaining = 0
+        if len(data) == remaining:
+            return data, True, b""
+        return data[:remaining], True, data[remaining:]
+
+
+class UntilCloseReader(BodyReader):
+    """
+    A body that ends when the connection does: every byte is body.
+    """
+
+    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        return data, False, b""
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkedReader(BodyReader):
+    """
+    A chunked body (RFC 9112 §7.1), validated as it streams.
+
+    With C{decode=False} the validated wire bytes are forwarded as they are
+    (the head forwarded with them must say C{Transfer-Encoding: chunked});
+    with C{decode=True} only the payload is, and trailers are dropped.  Only
+    an unfinished size or trailer line is held back, never chunk data.
+    """
+
+    def __init__(self, decode: bool = False, limits: HeadLimits = HeadLimits()) -> None:
+        self._decode = decode
+        self._limits = limits
+        self._state = _SIZE
+        self._remaining = 0
+        self._held = bytearray()
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
+
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes of an unfinished line held until it can be validated.
+        """
+        return len(self._held)
+
+    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        if self._state == _DONE:
+            return b"", True, data
+        held = old_held = self._held
+        payload: list[bytes] = []
+        pos = validated = 0
+        end = len(data)
+        while pos < end:
+            state = self._state
+            if state == _DATA:
+                take = min(self._remaining, end - pos)
+                if self._decode:
+                    payload.append(data[pos : pos + take])
+                pos = validated = pos + take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = _DATA_END
+            elif state == _DATA_END:
+                need = b"\r\n"[len(held) :]
+                got = data[pos : pos + len(need)]
+                if not need.startswith(got):
+                    raise ProtocolError("chunk data not followed by CRLF", 400)
+                pos += len(got)
+                if got != need:
+                    held = bytearray(got)
+                    break
+                held = bytearray()
+                validated = pos
+                self._state = _SIZE
+            else:
+                lf = data.find(b"\n", pos)
+                if lf < 0:
+                    if held is old_held and validated:
+                        held = bytearray()
+                    held += memoryview(data)[pos:]
+                    if len(held) > self._line_room():
+                        raise ProtocolError("chunked body line too long", 400)
+                    break
+                line = bytes(held) + data[pos:lf] if held else data[pos:lf]
+                held = bytearray()
+                pos = lf + 1
+                if not line.endswith(b"\r"):
+                    raise ProtocolError("bare LF in a chunked body", 400)
+                if state == _SIZE:
+                    self._size_line(line[:-1])
+                else:
+                    self._trailer_line(line[:-1])
+                validated = pos
+                if self._state == _DONE:
+                    break
+        self._held = held
+        done = self._state == _DONE
+        leftover = data[pos:] if done else b""
+        if self._decode:
+            forward = payload[0] if len(payload) == 1 else b"".join(payload)
+        elif not validated:
+            forward = b""
+        elif old_held:
+            forward = bytes(old_held) + data[:validated]
+        else:
+            forward = data[:validated]
+        return forward, done, leftover
+
+    def _line_room(self) -> int:
+        """
+        How long the unfinished line may grow.
+        """
+        if self._state == _SIZE:
+            return _MAX_CHUNK_LINE
+        return self._limits.max_header_bytes - self._trailer_bytes
+
+    def _size_line(self, line: bytes) -> None:
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None:
+            raise ProtocolError("invalid chunk size line", 400)
+        self._remaining = int(match[1], 16)
+        self._state = _DATA if self._remaining else _TRAILER
+
+    def _trailer_line(self, line: bytes) -> None:
+        if not line:
+            self._state = _DONE
+            return
+        _parse_field(line, 400)
+        self._trailer_bytes += len(line) + 2
+        self._trailer_fields += 1
+        if self._trailer_bytes > self._limits.max_header_bytes:
+            raise ProtocolError("trailer section too large", 400)
+        if self._trailer_fields > self._limits.max_header_fields:
+            raise ProtocolError("too many trailer fields", 400)
+
+
+def body_reader(framing: Framing, *, decode_chunked: bool = False) -> BodyReader | None:
+    """
+    The reader for a body framed as C{framing}; C{None} when there is none.
+    """
+    match framing:
+        case Length(n):
+            return LengthReader(n)
+        case Chunked():
+            return ChunkedReader(decode=decode_chunked)
+        case UntilClose():
+            return UntilCloseReader()
+    return None
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """
+    Drop L{HOP_BY_HOP} fields and those the C{Connection} fields name
+    (except C{Host} and C{Content-Length}, which keep the message routable
+    and delimited).
+    """
+    listed = _connection_tokens(v for n, v in headers if n.lower() == b"connection")
+    drop = HOP_BY_HOP | (listed - _NOT_CONNECTION_LISTABLE)
+    return tuple((n, v) for n, v in headers if n.lower() not in drop)
+
+
+def _serialize(start: bytes, headers: Headers) -> bytes:
+    """
+    Join a start line and fields into a head; refuse CR/LF smuggled inside.
+    """
+    lines = [start]
+    lines.extend(name + b": " + value for name, value in headers)
+    lines += (b"", b"")
+    head = b"\r\n".join(lines)
+    if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
+        raise ValueError("CR or LF inside a start line or header")
+    return head
+
+
+def serialize_request_head(method: str, target: str, headers: Headers) -> bytes:
+    """
+    Encode an HTTP/1.1 request head.
+    """
+    start = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))
+    return _serialize(start, headers)
+
+
+def serialize_response_head(
+    version: tuple[int, int], status: int, reason: bytes, headers: Headers
+) -> bytes:
+    """
+    Encode a response head.
+    """
+    start = b"HTTP/%d.%d %03d %s" % (version[0], version[1], status, reason)
+    return _serialize(start, headers)

@@ -1,0 +1,187 @@
+"""
+IP literal parsing and public/non-public classification (SPEC §5.1).
+
+Pure: no I/O, no resolution. The policy core asks two questions here: "is
+this host text an IP address?" (answered the way C's C{inet_aton} would, so
+C{2130706433} is judged exactly like C{127.0.0.1}) and "may the proxy dial
+this address when local binding is off?".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Iterator, Optional
+
+from codex_proxy.model import IPAddress
+
+# One part of an inet_aton address: what strtoul(..., 0) consumes whole.
+_INET_ATON_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+_V4_NON_PUBLIC = tuple(
+    ipaddress.IPv4Network(net)
+    for net in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.88.99.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "255.255.255.255/32",
+    )
+)
+
+_V6_NON_PUBLIC = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "::/128",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+        "ff00::/8",
+        "2001:db8::/32",
+        # RFC 8215 local-use NAT64 prefix: translated by a local gateway.
+        "64:ff9b:1::/48",
+    )
+)
+
+# Prefixes whose low 32 bits are an IPv4 address.
+_V6_LOW32_EMBEDDING = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "::ffff:0:0/96",  # IPv4-mapped
+        "::/96",  # IPv4-compatible
+        "64:ff9b::/96",  # NAT64 well-known prefix
+    )
+)
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+_MASK32 = 0xFFFFFFFF
+
+
+def parse_ip_literal(text: str) -> Optional[IPAddress]:
+    """
+    The IP address C{text} spells, or C{None} when it is not one.
+
+    C{text} is lower-case, trimmed, without brackets or port. IPv4 is read
+    with the rules of C's C{inet_aton} (1 to 4 parts, decimal, octal or
+    hex); IPv6 zone ids (C{%eth0}) are refused because the policy cannot
+    judge an interface-scoped destination.
+    """
+    if ":" in text:
+        if "%" in text:
+            return None
+        try:
+            return ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+    return _inet_aton(text)
+
+
+def _inet_aton(text: str) -> Optional[ipaddress.IPv4Address]:
+    """
+    C{inet_aton}: every part but the last is one byte, the last part fills
+    the bytes that remain (so C{127.1} is C{127.0.0.1}).
+    """
+    parts = text.split(".")
+    if len(parts) > 4:
+        return None
+    values = []
+    for part in parts:
+        if _INET_ATON_PART.fullmatch(part) is None:
+            return None
+        values.append(_part_value(part))
+    *leading, last = values
+    if any(value > 0xFF for value in leading):
+        return None
+    remaining_bits = 8 * (4 - len(leading))
+    if last >= 1 << remaining_bits:
+        return None
+    number = last
+    for index, value in enumerate(leading):
+        number |= value << (24 - 8 * index)
+    return ipaddress.IPv4Address(number)
+
+
+def _part_value(part: str) -> int:
+    """
+    The number one inet_aton part spells: C{0x} hex, leading C{0} octal.
+    """
+    if part[:2] in ("0x", "0X"):
+        return int(part, 16)
+    if part.startswith("0"):
+        return int(part, 8)
+    return int(part)
+
+
+def ip_text(ip: IPAddress) -> str:
+    """
+    The canonical text of C{ip}: dotted quad, or RFC 5952 compressed IPv6
+    in hex even for IPv4-mapped addresses (C{::ffff:7f00:1}), the same on
+    every Python version.
+    """
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    hextets = ["%x" % int(group, 16) for group in ip.exploded.split(":")]
+    best_start, best_length = -1, 1
+    start = None
+    for index, group in enumerate(hextets + ["end"]):
+        if group == "0":
+            if start is None:
+                start = index
+        elif start is not None:
+            if index - start > best_length:
+                best_start, best_length = start, index - start
+            start = None
+    if best_start < 0:
+        return ":".join(hextets)
+    head = ":".join(hextets[:best_start])
+    tail = ":".join(hextets[best_start + best_length :])
+    return head + "::" + tail
+
+
+def is_public(ip: IPAddress) -> bool:
+    """
+    Whether C{ip} is a public destination, i.e. outside every range SPEC
+    §5.1 calls non-public. An IPv6 address embedding an IPv4 address is
+    public only when every IPv4 address it embeds is.
+    """
+    if isinstance(ip, ipaddress.IPv4Address):
+        return not any(ip in net for net in _V4_NON_PUBLIC)
+    if any(ip in net for net in _V6_NON_PUBLIC):
+        return False
+    return all(is_public(embedded) for embedded in _embedded_ipv4(ip))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> Iterator[ipaddress.IPv4Address]:
+    """
+    The IPv4 addresses an IPv6 transition form carries (mapped, compatible,
+    NAT64, 6to4, and both the server and the client of Teredo).
+    """
+    value = int(ip)
+    if any(ip in net for net in _V6_LOW32_EMBEDDING):
+        yield ipaddress.IPv4Address(value & _MASK32)
+    elif ip in _SIX_TO_FOUR:
+        yield ipaddress.IPv4Address((value >> 80) & _MASK32)
+    elif ip in _TEREDO:
+        yield ipaddress.IPv4Address((value >> 64) & _MASK32)
+        yield ipaddress.IPv4Address((value & _MASK32) ^ _MASK32)
+
+
+def is_local_name(host: str) -> bool:
+    """
+    Whether the normalised C{host} is C{localhost} or a name under it
+    (RFC 6761 reserves C{*.localhost} for loopback).
+    """
+    return host == "localhost" or host.endswith(".localhost")

@@ -1,0 +1,247 @@
+"""
+Host normalisation, domain patterns and the compiled pattern index (SPEC §3).
+
+Request hosts and patterns go through the same L{normalize_host}, so a
+pattern and a host compare equal exactly when they name the same thing.
+L{DomainSet} answers with hash lookups, one per label suffix of the host, so
+its cost does not grow with the number of patterns.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Dict, Iterable, Iterator, Optional
+
+import attrs
+import idna
+
+from codex_proxy.addresses import ip_text, parse_ip_literal
+
+_MAX_NAME = 253
+_MAX_LABEL = 63
+_LABEL = re.compile(r"[a-z0-9_-]+")
+# WHATWG "ends in a number": such a last label must be an IPv4 literal.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+_PORT = re.compile(r"[0-9]+")
+
+
+class InvalidHost(ValueError):
+    """
+    A host that is not a hostname or an IP literal.
+    """
+
+
+class PatternError(ValueError):
+    """
+    A domain pattern that cannot be used; the message says what is wrong.
+    """
+
+
+def normalize_host(raw: str) -> str:
+    """
+    The canonical form of a host: trimmed, without brackets or port,
+    lower-case, without trailing dots, Unicode labels as IDNA A-labels, IP
+    literals in canonical text (C{127.1} becomes C{127.0.0.1}).
+
+    @raise InvalidHost: the host is empty or breaks hostname syntax.
+    """
+    host = _strip_port(raw.strip())
+    host = host.lower() if host.isascii() else _to_ascii(host)
+    host = host.rstrip(".")
+    if not host:
+        raise InvalidHost(f"empty host in {raw!r}")
+    ip = parse_ip_literal(host)
+    if ip is not None:
+        return ip_text(ip)
+    if len(host) > _MAX_NAME:
+        raise InvalidHost(f"host {raw!r} is longer than {_MAX_NAME} characters")
+    labels = host.split(".")
+    for label in labels:
+        if not label:
+            raise InvalidHost(f"empty label in {raw!r}")
+        if len(label) > _MAX_LABEL:
+            raise InvalidHost(f"label {label!r} is longer than {_MAX_LABEL} characters")
+        if _LABEL.fullmatch(label) is None:
+            raise InvalidHost(f"invalid character in {raw!r}")
+    if _NUMERIC_LABEL.fullmatch(labels[-1]) is not None:
+        raise InvalidHost(f"{raw!r} looks like an IPv4 address but is not one")
+    return host
+
+
+def _strip_port(host: str) -> str:
+    """
+    C{host} without one pair of brackets (which must hold an IPv6 literal)
+    and without a C{:port}.
+    """
+    if host.startswith("["):
+        inner, bracket, rest = host[1:].partition("]")
+        if not bracket or ":" not in inner:
+            raise InvalidHost(f"brackets in {host!r} do not hold an IPv6 address")
+        if rest and not (rest[:1] == ":" and _PORT.fullmatch(rest[1:])):
+            raise InvalidHost(f"unexpected {rest!r} after ']' in {host!r}")
+        return inner
+    if host.count(":") == 1:
+        name, _, port = host.partition(":")
+        if _PORT.fullmatch(port) is None:
+            raise InvalidHost(f"invalid port in {host!r}")
+        return name
+    return host
+
+
+def _to_ascii(host: str) -> str:
+    """
+    UTS #46 mapping, then IDNA A-labels for the labels that are not ASCII.
+    """
+    try:
+        mapped = idna.uts46_remap(host, std3_rules=False, transitional=False)
+        return ".".join(
+            label if label.isascii() else idna.alabel(label).decode("ascii")
+            for label in mapped.split(".")
+        )
+    except (idna.IDNAError, UnicodeError) as e:
+        raise InvalidHost(f"{host!r} is not a valid internationalised name: {e}")
+
+
+class PatternKind(enum.Enum):
+    """
+    What part of the domain tree a pattern covers.
+    """
+
+    EXACT = ""
+    SUBDOMAINS = "*."
+    APEX_AND_SUBDOMAINS = "**."
+
+
+@attrs.frozen
+class Pattern:
+    """
+    A parsed domain pattern.
+
+    @ivar domain: the normalised domain (or canonical IP literal).
+    """
+
+    kind: PatternKind
+    domain: str
+
+    @property
+    def text(self) -> str:
+        """
+        The canonical spelling: C{x}, C{*.x} or C{**.x}.
+        """
+        return self.kind.value + self.domain
+
+
+def parse_pattern(text: str) -> Pattern:
+    """
+    Parse one allow/deny pattern (SPEC §3).
+
+    @raise PatternError: the pattern is global, misplaces C{*}, puts a
+        wildcard on an IP literal, has a port, or is not a valid host.
+    """
+    stripped = text.strip()
+    if stripped.rstrip(".") in ("*", "**"):
+        raise PatternError(f"the global pattern {stripped!r} is not allowed")
+    kind = PatternKind.EXACT
+    for wildcard in (PatternKind.APEX_AND_SUBDOMAINS, PatternKind.SUBDOMAINS):
+        if stripped.startswith(wildcard.value):
+            kind = wildcard
+            break
+    rest = stripped[len(kind.value) :]
+    if "*" in rest:
+        raise PatternError(
+            f"'*' is only allowed as a leading '*.' or '**.' label in {text!r}"
+        )
+    if _has_port(rest):
+        raise PatternError(f"patterns are port-agnostic; remove the port from {text!r}")
+    try:
+        domain = normalize_host(rest)
+    except InvalidHost as e:
+        raise PatternError(f"invalid pattern {text!r}: {e}") from None
+    if kind is not PatternKind.EXACT and _is_ip_host(domain):
+        raise PatternError(f"wildcards cannot apply to the IP address in {text!r}")
+    return Pattern(kind, domain)
+
+
+def _has_port(host: str) -> bool:
+    """
+    Whether the (unnormalised) C{host} names a port.
+    """
+    if host.startswith("["):
+        return ":" in host.rpartition("]")[2]
+    return host.count(":") == 1
+
+
+def _is_ip_host(host: str) -> bool:
+    """
+    Whether the normalised C{host} is an IP literal: normalisation turns
+    every host whose last label is numeric into an IPv4 literal or rejects
+    it, and only IPv6 literals contain a colon.
+    """
+    return ":" in host or host.rpartition(".")[2].isdigit()
+
+
+class DomainSet:
+    """
+    A compiled set of patterns, indexed by domain.
+
+    The most specific pattern matching a host wins: an exact (or apex
+    C{**.}) pattern for the host itself, else the wildcard on its longest
+    matching suffix. IP literal hosts match only exact patterns.
+    """
+
+    __slots__ = ("_patterns", "_exact", "_apex", "_subdomains")
+
+    def __init__(self, patterns: Iterable[Pattern]) -> None:
+        self._patterns = tuple(dict.fromkeys(patterns))
+        self._exact: Dict[str, Pattern] = {}
+        self._apex: Dict[str, Pattern] = {}
+        self._subdomains: Dict[str, Pattern] = {}
+        for pattern in self._patterns:
+            if pattern.kind is PatternKind.EXACT:
+                self._exact[pattern.domain] = pattern
+            elif pattern.kind is PatternKind.APEX_AND_SUBDOMAINS:
+                self._apex[pattern.domain] = pattern
+                self._subdomains.setdefault(pattern.domain, pattern)
+            else:
+                # '*.d' is the narrower spelling of what '**.d' covers below d.
+                self._subdomains[pattern.domain] = pattern
+
+    def match(self, host: str) -> Optional[Pattern]:
+        """
+        The most specific pattern matching the normalised C{host}, if any.
+        """
+        found = self._exact.get(host) or self._apex.get(host)
+        if found is not None or _is_ip_host(host):
+            return found
+        dot = host.find(".")
+        while dot != -1:
+            found = self._subdomains.get(host[dot + 1 :])
+            if found is not None:
+                return found
+            dot = host.find(".", dot + 1)
+        return None
+
+    def exact(self, host: str) -> bool:
+        """
+        Whether an exact pattern names the normalised C{host}; only these
+        unlock local targets (SPEC §5.1).
+        """
+        return host in self._exact
+
+    def __len__(self) -> int:
+        return len(self._patterns)
+
+    def __iter__(self) -> Iterator[Pattern]:
+        return iter(self._patterns)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DomainSet):
+            return NotImplemented
+        return set(self._patterns) == set(other._patterns)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._patterns))
+
+    def __repr__(self) -> str:
+        return f"DomainSet({[pattern.text for pattern in self._patterns]!r})"

@@ -1,0 +1,156 @@
+"""
+The error tree, and the one table mapping a reason to what each wire says.
+
+Listeners never pick status codes or reply codes themselves: they look the
+reason up here (SPEC §4.2, §4.3).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import attrs
+
+from codex_proxy.model import Reason
+
+
+class ProxyError(Exception):
+    """
+    Base of every error this package raises on purpose.
+    """
+
+
+class ProtocolError(ProxyError):
+    """
+    A peer sent bytes that break the wire format.
+
+    @ivar status: the HTTP status to answer with (400, 414, 431, ...).
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class UpstreamError(ProxyError):
+    """
+    Dialling or talking to the destination failed.
+    """
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@attrs.frozen
+class Reply:
+    """
+    How one reason shows on each wire.
+
+    @ivar status: HTTP status code.
+    @ivar header: the C{x-proxy-error} value.
+    @ivar socks: the SOCKS5 REP code.
+    @ivar message: a sentence for people.
+    """
+
+    status: int
+    header: str
+    socks: int
+    message: str
+
+
+# SOCKS5 REP codes (RFC 1928 §6).
+SOCKS_GENERAL_FAILURE = 0x01
+SOCKS_NOT_ALLOWED = 0x02
+SOCKS_HOST_UNREACHABLE = 0x04
+SOCKS_CONNECTION_REFUSED = 0x05
+SOCKS_TTL_EXPIRED = 0x06
+SOCKS_COMMAND_NOT_SUPPORTED = 0x07
+SOCKS_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+REPLIES: Dict[Reason, Reply] = {
+    Reason.PROXY_DISABLED: Reply(
+        503, "proxy-disabled", SOCKS_NOT_ALLOWED, "The network proxy is disabled."
+    ),
+    Reason.INVALID_HOST: Reply(
+        400, "invalid-host", SOCKS_GENERAL_FAILURE, "The destination host is invalid."
+    ),
+    Reason.DENIED: Reply(
+        403,
+        "blocked-by-denylist",
+        SOCKS_NOT_ALLOWED,
+        "The destination is on the denylist.",
+    ),
+    Reason.NOT_ALLOWED_LOCAL: Reply(
+        403,
+        "blocked-by-allowlist",
+        SOCKS_NOT_ALLOWED,
+        "Local and private network destinations are blocked.",
+    ),
+    Reason.NOT_ALLOWED: Reply(
+        403,
+        "blocked-by-allowlist",
+        SOCKS_NOT_ALLOWED,
+        "The destination is not on the allowlist.",
+    ),
+    Reason.METHOD_NOT_ALLOWED: Reply(
+        403,
+        "blocked-by-method-policy",
+        SOCKS_NOT_ALLOWED,
+        "Limited mode allows only GET, HEAD and OPTIONS without a body.",
+    ),
+    Reason.MITM_REQUIRED: Reply(
+        403,
+        "blocked-by-mitm-required",
+        SOCKS_NOT_ALLOWED,
+        "Limited mode needs HTTPS interception (mitm = true) for CONNECT.",
+    ),
+    Reason.POLICY_DENIED: Reply(
+        403, "blocked-by-policy", SOCKS_NOT_ALLOWED, "Blocked by policy."
+    ),
+    Reason.UPSTREAM_DNS_FAILED: Reply(
+        502,
+        "upstream-dns-failed",
+        SOCKS_HOST_UNREACHABLE,
+        "The destination name could not be resolved.",
+    ),
+    Reason.UPSTREAM_CONNECT_FAILED: Reply(
+        502,
+        "upstream-connect-failed",
+        SOCKS_HOST_UNREACHABLE,
+        "The destination could not be reached.",
+    ),
+    Reason.UPSTREAM_REFUSED: Reply(
+        502,
+        "upstream-connect-failed",
+        SOCKS_CONNECTION_REFUSED,
+        "The destination refused the connection.",
+    ),
+    Reason.UPSTREAM_TLS_FAILED: Reply(
+        502,
+        "upstream-tls-failed",
+        SOCKS_GENERAL_FAILURE,
+        "The TLS handshake with the destination failed.",
+    ),
+    Reason.UPSTREAM_TIMEOUT: Reply(
+        504,
+        "upstream-timeout",
+        SOCKS_TTL_EXPIRED,
+        "The destination did not answer in time.",
+    ),
+    Reason.UPSTREAM_BAD_RESPONSE: Reply(
+        502,
+        "upstream-bad-response",
+        SOCKS_GENERAL_FAILURE,
+        "The destination sent a malformed or incomplete response.",
+    ),
+}
+
+
+def reply_for(reason: Reason) -> Reply:
+    """
+    The wire representation of C{reason}.
+    """
+    return REPLIES[reason]

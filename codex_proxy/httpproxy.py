@@ -1,0 +1,649 @@
+"""
+The HTTP proxy listener: absolute-form forwarding and CONNECT tunnels.
+
+One L{HTTPProxyProtocol} per client connection, an explicit state machine:
+
+    HEAD ──head──▶ DECIDING ──allow──▶ DIALING ──connected──▶ EXCHANGE ──done──▶ HEAD
+      │                │                  │                      │
+      │              deny ──▶ error reply (keep-alive or close)  └──CONNECT──▶ TUNNEL
+      └── bad bytes ──▶ 4xx reply, close
+
+The pending policy or dial Deferred is held in C{_work} so a client that goes
+away cancels it. Client reading is gated by a set of pause reasons so the
+state machine and back-pressure from the destination never undo each other.
+Bodies stream both ways: no body is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+from typing import Any, Dict, Optional, Set, Tuple
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from codex_proxy import _httphead
+from codex_proxy.domains import InvalidHost, normalize_host
+from codex_proxy.errors import ProtocolError, UpstreamError, reply_for
+from codex_proxy.model import IPAddress, Protocol as Proto, ProxyRequest, Reason, Verdict
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.relay import Relay
+from codex_proxy.upstream import Outbound, Sink, Upstream
+
+_log = Logger()
+
+HEAD = "HEAD"
+DECIDING = "DECIDING"
+DIALING = "DIALING"
+EXCHANGE = "EXCHANGE"
+TUNNEL = "TUNNEL"
+CLOSED = "CLOSED"
+
+_DEFAULT_PORTS = {"http": 80, "ws": 80}
+_CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
+
+
+def _split_host_header(value: bytes, default_port: int) -> Tuple[str, int]:
+    """
+    Split a C{Host} header into normalised host and port.
+    """
+    text = value.decode("ascii", "replace").strip()
+    port = default_port
+    hostpart = text
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise ProtocolError(f"malformed Host header {text!r}")
+        hostpart, rest = text[: end + 1], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ProtocolError(f"malformed Host header {text!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        hostpart, portText = text.split(":")
+        if not portText.isdigit():
+            raise ProtocolError(f"malformed Host header {text!r}")
+        port = int(portText)
+    try:
+        return normalize_host(hostpart), port
+    except InvalidHost as e:
+        raise ProtocolError(f"malformed Host header {text!r}: {e}")
+
+
+@implementer(IPushProducer)
+class _UpstreamBackpressure:
+    """
+    Registered on the destination's transport while a request body streams:
+    when that transport's buffer fills, client reading pauses.
+    """
+
+    def __init__(self, proto: "HTTPProxyProtocol") -> None:
+        self._proto = proto
+
+    def pauseProducing(self) -> None:
+        self._proto._pause("upstream")
+
+    def resumeProducing(self) -> None:
+        self._proto._resume("upstream")
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class HTTPProxyFactory(Factory):
+    """
+    Builds L{HTTPProxyProtocol}s sharing one policy service and dialer.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        policy: PolicyService,
+        upstream: Upstream,
+        clock: IReactorTime,
+        head_limits: _httphead.HeadLimits = _httphead.HeadLimits(),
+        tunnel_idle: float = 3600.0,
+    ) -> None:
+        self.policy = policy
+        self.upstream = upstream
+        self.clock = clock
+        self.head_limits = head_limits
+        self.tunnel_idle = tunnel_idle
+
+    def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
+        proto = HTTPProxyProtocol()
+        proto.factory = self
+        return proto
+
+
+@implementer(IHalfCloseableProtocol)
+class HTTPProxyProtocol(Protocol, Sink):
+    """
+    One client connection of the HTTP listener.
+    """
+
+    factory: HTTPProxyFactory
+
+    def __init__(self) -> None:
+        self._state = HEAD
+        self._paused: Set[str] = set()
+        self._pending = b""
+        self._work: Optional[defer.Deferred[Any]] = None
+        self._clientEOF = False
+        # The current exchange.
+        self._head: Optional[_httphead.RequestHead] = None
+        self._request: Optional[ProxyRequest] = None
+        self._reqReader: Optional[_httphead.BodyReader] = None
+        self._reqDone = True
+        self._respParser: Optional[_httphead.ResponseHeadParser] = None
+        self._respReader: Optional[_httphead.BodyReader] = None
+        self._respStarted = False
+        self._respKeepAlive = False
+        self._closeAfter = False
+        self._reused = False
+        # The destination connection, kept across exchanges when possible.
+        self._out: Optional[Outbound] = None
+        self._outKey: Optional[Tuple[Tuple[IPAddress, ...], int]] = None
+        self._relay: Optional[Relay] = None
+
+    # -- connection events ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self._client = f"{host}:{peer.port}" if host else None
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state is TUNNEL:
+            self._relay.fromClient(data)  # type: ignore[union-attr]
+        elif state is EXCHANGE and not self._reqDone:
+            self._feedRequestBody(data)
+        elif state is HEAD:
+            self._feedHead(data)
+        elif state is not CLOSED:
+            # Pipelined bytes that raced our pause: keep them for later.
+            self._pending += data
+
+    def readConnectionLost(self) -> None:
+        self._clientEOF = True
+        if self._state is TUNNEL:
+            self._relay.clientEOF()  # type: ignore[union-attr]
+        elif self._state is HEAD and not self._parser.buffered and not self._pending:
+            self.transport.loseConnection()
+        elif self._state is EXCHANGE and not self._reqDone:
+            # The request body was cut short: nothing sensible can follow.
+            self._abort()
+        else:
+            self._closeAfter = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self._state = CLOSED
+        work, self._work = self._work, None
+        if work is not None:
+            work.cancel()
+        if self._relay is not None:
+            self._relay.clientLost()
+        elif self._out is not None:
+            self._out.transport.loseConnection()
+            self._out = None
+
+    # -- read gate --------------------------------------------------------
+
+    def _pause(self, why: str) -> None:
+        if not self._paused:
+            self.transport.pauseProducing()
+        self._paused.add(why)
+
+    def _resume(self, why: str) -> None:
+        self._paused.discard(why)
+        if not self._paused and self._state is not CLOSED:
+            self.transport.resumeProducing()
+
+    # -- request head -----------------------------------------------------
+
+    def _feedHead(self, data: bytes) -> None:
+        try:
+            result = self._parser.feed(data)
+        except ProtocolError as e:
+            self._badRequest(e)
+            return
+        if result is None:
+            return
+        head, self._pending = result
+        self._pause("request")
+        self._head = head
+        try:
+            request = self._requestFor(head)
+        except ProtocolError as e:
+            self._badRequest(e)
+            return
+        self._request = request
+        self._closeAfter = not head.keep_alive or self._clientEOF
+        self._state = DECIDING
+        d = self.factory.policy.check(request)
+        self._work = d
+        d.addCallbacks(self._decided, self._checkFailed)
+        d.addErrback(self._internalError)
+
+    def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
+        if head.form == "authority":
+            assert head.host is not None and head.port is not None
+            protocol, host, port = Proto.HTTPS_CONNECT, head.host, head.port
+        elif head.form == "absolute":
+            if head.scheme not in _DEFAULT_PORTS:
+                raise ProtocolError(
+                    f"unsupported scheme {head.scheme!r} in absolute-form request"
+                    " (use CONNECT for https)"
+                )
+            assert head.host is not None and head.port is not None
+            protocol, host, port = Proto.HTTP, head.host, head.port
+            self._checkHostHeader(head, host, port)
+        elif head.form == "origin":
+            value = head.header(b"host")
+            if not value:
+                raise ProtocolError("origin-form request without a Host header")
+            host, port = _split_host_header(value, 80)
+            protocol = Proto.HTTP
+        else:
+            raise ProtocolError(f"a proxy cannot serve request target {head.target!r}")
+        return ProxyRequest(
+            protocol=protocol,
+            host=host,
+            port=port,
+            method=head.method,
+            has_body=head.framing is not _httphead.NO_BODY,
+            upgrade=head.upgrade,
+            client=self._client,
+        )
+
+    def _checkHostHeader(self, head: _httphead.RequestHead, host: str, port: int) -> None:
+        value = head.header(b"host")
+        if value is None:
+            return
+        try:
+            target = normalize_host(host)
+        except InvalidHost:
+            return  # The policy reports the invalid target itself.
+        if _split_host_header(value, _DEFAULT_PORTS[head.scheme or "http"]) != (target, port):
+            raise ProtocolError(
+                f"Host header {value.decode('ascii', 'replace')!r} does not match"
+                f" the request target {host}:{port}"
+            )
+
+    # -- decision ---------------------------------------------------------
+
+    def _decided(self, verdict: Verdict) -> None:
+        self._work = None
+        if self._state is CLOSED:
+            return
+        if not verdict.allowed:
+            self._sendBlocked(verdict)
+            return
+        assert self._request is not None
+        key = (verdict.addresses, self._request.port)
+        if self._request.protocol is Proto.HTTP and self._out is not None:
+            if self._outKey == key:
+                self._reused = True
+                self._startExchange()
+                return
+            self._dropOutbound()
+        self._dial(key)
+
+    def _dial(self, key: Tuple[Tuple[IPAddress, ...], int]) -> None:
+        self._state = DIALING
+        self._reused = False
+        d = self.factory.upstream.connect(*key)
+        self._work = d
+        d.addCallbacks(lambda out: self._connected(out, key), self._failed)
+        d.addErrback(self._internalError)
+
+    def _checkFailed(self, failure: Failure) -> None:
+        self._work = None
+        if failure.check(defer.CancelledError) and self._state is CLOSED:
+            return
+        self._failed(failure)
+
+    def _failed(self, failure: Failure) -> None:
+        self._work = None
+        if self._state is CLOSED:
+            return
+        failure.trap(UpstreamError)
+        self._sendFailure(failure.value.reason, failure.value.message)
+
+    def _internalError(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError) and self._state is CLOSED:
+            return
+        _log.failure("internal error handling a proxy request", failure)
+        if self._state is not CLOSED:
+            self._abort()
+
+    def _connected(self, out: Outbound, key: Tuple[Tuple[IPAddress, ...], int]) -> None:
+        self._work = None
+        out.attach(self)
+        self._out = out
+        self._outKey = key
+        assert self._request is not None
+        if self._request.protocol is Proto.HTTPS_CONNECT:
+            self._startTunnel(out)
+            return
+        out.transport.registerProducer(_UpstreamBackpressure(self), True)
+        self._startExchange()
+
+    # -- CONNECT ----------------------------------------------------------
+
+    def _startTunnel(self, out: Outbound) -> None:
+        self._state = TUNNEL
+        self.transport.write(_CONNECT_OK)
+        if self.transport.producer is not None:
+            self.transport.unregisterProducer()
+        self._relay = Relay(
+            self.transport, out.transport, self.factory.clock, self.factory.tunnel_idle
+        )
+        self._paused.clear()
+        self.transport.resumeProducing()
+        pending, self._pending = self._pending, b""
+        if pending:
+            self._relay.fromClient(pending)
+        if self._clientEOF:
+            self._relay.clientEOF()
+
+    # -- plain HTTP exchange ----------------------------------------------
+
+    def _startExchange(self) -> None:
+        head = self._head
+        assert head is not None and self._out is not None
+        self._state = EXCHANGE
+        headers = _httphead.strip_hop_by_hop(head.headers)
+        if head.header(b"host") is None:
+            headers += ((b"Host", self._hostHeader(head).encode("ascii")),)
+        if head.framing is _httphead.CHUNKED:
+            headers += ((b"Transfer-Encoding", b"chunked"),)
+        if self._closeAfter:
+            headers += ((b"Connection", b"close"),)
+        target = head.path if head.form == "absolute" else head.target
+        out = self._out.transport
+        out.write(_httphead.serialize_request_head(head.method, target, headers))
+        self._respParser = _httphead.ResponseHeadParser(head.method, self.factory.head_limits)
+        self._respReader = None
+        self._respStarted = False
+        # Back-pressure from a slow client pauses reading the destination.
+        if self.transport.producer is not None:
+            self.transport.unregisterProducer()
+        self.transport.registerProducer(out, True)
+        self._reqReader = _httphead.body_reader(head.framing)
+        self._reqDone = self._reqReader is None
+        pending, self._pending = self._pending, b""
+        if not self._reqDone and pending:
+            self._feedRequestBody(pending)
+        elif pending:
+            self._pending = pending
+        if not self._reqDone and self._state is EXCHANGE:
+            self._resume("request")
+
+    def _hostHeader(self, head: _httphead.RequestHead) -> str:
+        default = _DEFAULT_PORTS.get(head.scheme or "http", 80)
+        return head.host if head.port == default else f"{head.host}:{head.port}"  # type: ignore[return-value]
+
+    def _feedRequestBody(self, data: bytes) -> None:
+        assert self._reqReader is not None and self._out is not None
+        try:
+            chunk, done, rest = self._reqReader.feed(data)
+        except ProtocolError as e:
+            self._badRequest(e)
+            return
+        if chunk:
+            self._out.transport.write(chunk)
+        if done:
+            self._reqDone = True
+            self._reqReader = None
+            self._pending += rest
+            self._pause("request")
+
+    def outboundData(self, data: bytes) -> None:
+        state = self._state
+        if state is TUNNEL:
+            self._relay.fromServer(data)  # type: ignore[union-attr]
+        elif state is EXCHANGE:
+            self._feedResponse(data)
+        else:
+            # An idle keep-alive destination must not speak.
+            self._dropOutbound()
+
+    def outboundEOF(self) -> None:
+        if self._state is TUNNEL:
+            self._relay.serverEOF()  # type: ignore[union-attr]
+        elif self._out is not None:
+            self._out.transport.loseConnection()
+
+    def outboundLost(self, reason: Failure) -> None:
+        state = self._state
+        if state is TUNNEL:
+            self._relay.serverLost()  # type: ignore[union-attr]
+            return
+        key = self._outKey
+        self._out = None
+        self._outKey = None
+        if state is not EXCHANGE:
+            return
+        assert self._head is not None and key is not None
+        if isinstance(self._respReader, _httphead.UntilCloseReader):
+            self._responseDone(b"", reusable=False)
+        elif not self._respStarted and self._reused and self._head.framing is _httphead.NO_BODY:
+            # A kept-alive connection closed under us before answering: safe
+            # to send the body-less request once more on a fresh connection.
+            self._dial(key)
+        elif not self._respStarted:
+            self._sendFailure(
+                Reason.UPSTREAM_BAD_RESPONSE,
+                "the destination closed the connection without a response",
+            )
+        else:
+            self._abort()
+
+    def _feedResponse(self, data: bytes) -> None:
+        while self._respReader is None:
+            assert self._respParser is not None
+            try:
+                result = self._respParser.feed(data)
+            except ProtocolError as e:
+                self._upstreamBroken(e.message)
+                return
+            if result is None:
+                return
+            head, data = result
+            self._respStarted = True
+            if head.status == 101:
+                self._upstreamBroken("unexpected 101 Switching Protocols")
+                return
+            if head.status < 200:
+                # Interim responses (100 Continue) go to HTTP/1.1 clients only.
+                if self._head is not None and self._head.version >= (1, 1):
+                    self.transport.write(
+                        _httphead.serialize_response_head(
+                            (1, 1), head.status, head.reason, _httphead.strip_hop_by_hop(head.headers)
+                        )
+                    )
+                self._respParser = _httphead.ResponseHeadParser(
+                    self._head.method if self._head else "GET", self.factory.head_limits
+                )
+                continue
+            if not self._startResponse(head):
+                self._responseDone(data, reusable=head.keep_alive)
+                return
+        if not data:
+            return
+        try:
+            chunk, done, rest = self._respReader.feed(data)
+        except ProtocolError as e:
+            self._upstreamBroken(e.message)
+            return
+        if chunk:
+            self.transport.write(chunk)
+        if done:
+            self._responseDone(rest, reusable=self._respKeepAlive)
+
+    def _startResponse(self, head: _httphead.ResponseHead) -> bool:
+        """
+        Send the response head; return whether a body follows.
+        """
+        request = self._head
+        assert request is not None
+        headers = _httphead.strip_hop_by_hop(head.headers)
+        framing = head.framing
+        reader: Optional[_httphead.BodyReader]
+        if framing is _httphead.CHUNKED and request.version >= (1, 1):
+            headers += ((b"Transfer-Encoding", b"chunked"),)
+            reader = _httphead.ChunkedReader(limits=self.factory.head_limits)
+        elif framing is _httphead.CHUNKED:
+            reader = _httphead.ChunkedReader(decode=True, limits=self.factory.head_limits)
+            self._closeAfter = True
+        else:
+            reader = _httphead.body_reader(framing)
+            if framing is _httphead.UNTIL_CLOSE:
+                self._closeAfter = True
+        if self._closeAfter:
+            headers += ((b"Connection", b"close"),)
+        elif request.version < (1, 1):
+            headers += ((b"Connection", b"keep-alive"),)
+        self.transport.write(
+            _httphead.serialize_response_head((1, 1), head.status, head.reason, headers)
+        )
+        self._respKeepAlive = head.keep_alive
+        self._respReader = reader
+        return reader is not None
+
+    def _responseDone(self, rest: bytes, reusable: bool) -> None:
+        self._respParser = None
+        self._respReader = None
+        if rest or not reusable or not self._reqDone:
+            self._dropOutbound()
+        if not self._reqDone:
+            # The destination answered before the whole body was sent (e.g.
+            # 413): the client's remaining bytes cannot be resynchronised.
+            self._closeAfter = True
+        self._exchangeDone()
+
+    def _exchangeDone(self) -> None:
+        self._head = None
+        self._request = None
+        if self._closeAfter:
+            self._state = CLOSED
+            self.transport.loseConnection()
+            return
+        self._state = HEAD
+        self._reqDone = True
+        pending, self._pending = self._pending, b""
+        self._resume("request")
+        if pending:
+            self._feedHead(pending)
+
+    def _upstreamBroken(self, message: str) -> None:
+        self._dropOutbound()
+        if self._respStarted and self._respReader is not None:
+            self._abort()
+        else:
+            self._sendFailure(Reason.UPSTREAM_BAD_RESPONSE, message)
+
+    def _dropOutbound(self) -> None:
+        out, self._out = self._out, None
+        self._outKey = None
+        if out is not None:
+            out.sink = None
+            out.transport.loseConnection()
+
+    # -- replies of our own -----------------------------------------------
+
+    def _sendBlocked(self, verdict: Verdict) -> None:
+        assert verdict.reason is not None
+        reply = reply_for(verdict.reason)
+        self._reply(
+            reply.status,
+            reply.header,
+            {
+                "status": "blocked",
+                "host": verdict.host,
+                "port": verdict.port,
+                "reason": verdict.reason.value,
+                "decision": verdict.decision.value,
+                "source": verdict.source.value,
+                "protocol": verdict.request.protocol.value,
+                "message": reply.message,
+            },
+        )
+
+    def _sendFailure(self, reason: Reason, message: str) -> None:
+        reply = reply_for(reason)
+        request = self._request
+        self._reply(
+            reply.status,
+            reply.header,
+            {
+                "status": "error",
+                "host": request.host if request else None,
+                "port": request.port if request else None,
+                "reason": reason.value,
+                "protocol": request.protocol.value if request else None,
+                "message": message,
+            },
+        )
+
+    def _badRequest(self, e: ProtocolError) -> None:
+        self._closeAfter = True
+        self._reply(
+            e.status,
+            None,
+            {"status": "error", "reason": "bad_request", "message": e.message},
+        )
+
+    def _reply(self, status: int, header: Optional[str], body: Dict[str, Any]) -> None:
+        """
+        Answer the current request ourselves. The connection stays open only
+        when the request had no body we would have to skip, and was no CONNECT.
+        """
+        if self._state is CLOSED:
+            return
+        if self._respStarted:
+            self._abort()
+            return
+        head = self._head
+        if head is None or head.framing is not _httphead.NO_BODY or head.form == "authority":
+            self._closeAfter = True
+        if self._out is not None and not self._reqDone:
+            self._dropOutbound()
+        payload = json.dumps(body, separators=(",", ":")).encode("utf-8") + b"\n"
+        lines = [b"HTTP/1.1 %d %s" % (status, _phrase(status))]
+        if header is not None:
+            lines.append(b"x-proxy-error: " + header.encode("ascii"))
+        lines.append(b"Content-Type: application/json")
+        lines.append(b"Content-Length: %d" % len(payload))
+        lines.append(b"Connection: close" if self._closeAfter else b"Connection: keep-alive")
+        data = b"\r\n".join(lines) + b"\r\n\r\n"
+        if head is None or head.method != "HEAD":
+            data += payload
+        self.transport.write(data)
+        self._respParser = None
+        self._reqDone = True
+        self._exchangeDone()
+
+    def _abort(self) -> None:
+        self._state = CLOSED
+        self._dropOutbound()
+        self.transport.abortConnection()

@@ -1,0 +1,133 @@
+"""
+Frozen values shared by every ring of the package.
+
+Nothing here does I/O or knows about Twisted: a L{ProxyRequest} is what a
+listener extracted from the wire, a L{Verdict} is what the policy said about
+it.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from typing import Optional, Tuple, Union
+
+import attrs
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+class Protocol(str, enum.Enum):
+    """
+    The C{network.transport.protocol} of a decision (SPEC §4.2, §9.2).
+    """
+
+    HTTP = "http"
+    HTTPS = "https"
+    HTTPS_CONNECT = "https_connect"
+    SOCKS5_TCP = "socks5_tcp"
+    SOCKS5_UDP = "socks5_udp"
+
+
+class Mode(str, enum.Enum):
+    FULL = "full"
+    LIMITED = "limited"
+
+
+class Reason(str, enum.Enum):
+    """
+    Why a request was blocked or failed; the keys of L{codex_proxy.errors}.
+    """
+
+    # Policy outcomes (SPEC §4.1/§4.2).
+    PROXY_DISABLED = "proxy_disabled"
+    INVALID_HOST = "invalid_host"
+    DENIED = "denied"
+    NOT_ALLOWED_LOCAL = "not_allowed_local"
+    NOT_ALLOWED = "not_allowed"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    MITM_REQUIRED = "mitm_required"
+    POLICY_DENIED = "policy_denied"
+    # Transport outcomes (SPEC §4.3).
+    UPSTREAM_DNS_FAILED = "upstream_dns_failed"
+    UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
+    UPSTREAM_REFUSED = "upstream_refused"
+    UPSTREAM_TLS_FAILED = "upstream_tls_failed"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
+
+
+class Decision(str, enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    ASK = "ask"
+
+
+class Source(str, enum.Enum):
+    BASELINE_POLICY = "baseline_policy"
+    MODE_GUARD = "mode_guard"
+    PROXY_STATE = "proxy_state"
+    DECIDER = "decider"
+
+
+#: Methods a limited-mode (read-only) proxy lets through (SPEC §4.4).
+READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@attrs.frozen
+class ProxyRequest:
+    """
+    One thing to decide: a plain request, a tunnel, a SOCKS connect or a
+    datagram.
+
+    @ivar host: the host as the client spelled it (not yet normalised).
+    @ivar method: the HTTP method, or C{None} for SOCKS.
+    @ivar has_body: the request carries a body (limited mode blocks it).
+    @ivar upgrade: the request asks for a protocol upgrade.
+    @ivar client: the client's address as C{"ip:port"}, or C{None}.
+    @ivar command: the client identity (SOCKS username) or other context.
+    """
+
+    protocol: Protocol
+    host: str
+    port: int
+    method: Optional[str] = None
+    has_body: bool = False
+    upgrade: bool = False
+    client: Optional[str] = None
+    command: Optional[str] = None
+
+
+@attrs.frozen
+class Verdict:
+    """
+    The outcome of a decision.
+
+    @ivar host: the normalised host (the raw one when it could not be
+        normalised).
+    @ivar reason: C{None} when allowed, else why not.
+    @ivar addresses: when allowed, the vetted addresses to dial, in order.
+        Empty when allowed but not yet resolved (the synchronous core never
+        resolves).
+    @ivar intercept: the CONNECT is to be terminated by MITM (SPEC §6).
+    @ivar override: a decider allowed an allowlist miss.
+    @ivar matched: the pattern text that decided, if any.
+    """
+
+    request: ProxyRequest
+    host: str
+    decision: Decision
+    source: Source
+    reason: Optional[Reason] = None
+    addresses: Tuple[IPAddress, ...] = ()
+    intercept: bool = False
+    override: bool = False
+    matched: Optional[str] = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision is Decision.ALLOW
+
+    @property
+    def port(self) -> int:
+        return self.request.port

@@ -1,0 +1,175 @@
+"""
+The synchronous policy decision: SPEC §4.1 steps 1 to 6 and the limited-mode
+guard of SPEC §4.4.
+
+L{decide} is total and pure. Resolution (step 7), the decider and auditing
+are the policy service's job; this module only says what the configuration
+alone says.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import attrs
+
+from codex_proxy.addresses import is_local_name, is_public, parse_ip_literal
+from codex_proxy.domains import DomainSet, InvalidHost, normalize_host, parse_pattern
+from codex_proxy.model import (
+    READ_ONLY_METHODS,
+    Decision,
+    Mode,
+    Protocol,
+    ProxyRequest,
+    Reason,
+    Source,
+    Verdict,
+)
+
+_MAX_PORT = 65535
+
+
+@attrs.frozen
+class Policy:
+    """
+    Everything the synchronous decision needs, with patterns compiled.
+    """
+
+    enabled: bool
+    mode: Mode
+    mitm: bool
+    allow_local_binding: bool
+    allowed: DomainSet
+    denied: DomainSet
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        enabled: bool = True,
+        mode: Mode = Mode.FULL,
+        mitm: bool = False,
+        allow_local_binding: bool = False,
+        allowed: Iterable[str] = (),
+        denied: Iterable[str] = (),
+    ) -> Policy:
+        """
+        Compile pattern strings into a policy.
+
+        @raise codex_proxy.domains.PatternError: a pattern is malformed.
+        """
+        return cls(
+            enabled=enabled,
+            mode=mode,
+            mitm=mitm,
+            allow_local_binding=allow_local_binding,
+            allowed=DomainSet(parse_pattern(text) for text in allowed),
+            denied=DomainSet(parse_pattern(text) for text in denied),
+        )
+
+
+def is_local_target(host: str) -> bool:
+    """
+    Whether the normalised C{host} names this machine or a private network
+    by itself: C{localhost} names and non-public IP literals (SPEC §5.1).
+    """
+    if is_local_name(host):
+        return True
+    ip = parse_ip_literal(host)
+    return ip is not None and not is_public(ip)
+
+
+def decide(policy: Policy, request: ProxyRequest) -> Verdict:
+    """
+    Judge C{request} against C{policy}, never raising. An allowed verdict
+    carries the address to dial when the host is an IP literal, and no
+    address for a name (the caller resolves and vets it).
+    """
+    try:
+        host: Optional[str] = normalize_host(request.host)
+    except InvalidHost:
+        host = None
+    if not policy.enabled:
+        return _deny(request, host, Reason.PROXY_DISABLED, Source.PROXY_STATE)
+    if host is None or not 1 <= request.port <= _MAX_PORT:
+        return _deny(request, host, Reason.INVALID_HOST)
+    denied = policy.denied.match(host)
+    if denied is not None:
+        return _deny(request, host, Reason.DENIED, matched=denied.text)
+    if (
+        not policy.allow_local_binding
+        and is_local_target(host)
+        and not policy.allowed.exact(host)
+    ):
+        return _deny(request, host, Reason.NOT_ALLOWED_LOCAL)
+    allowed = policy.allowed.match(host)
+    if allowed is None:
+        return _deny(request, host, Reason.NOT_ALLOWED)
+    return admit(policy, request, host, matched=allowed.text)
+
+
+def admit(
+    policy: Policy,
+    request: ProxyRequest,
+    host: str,
+    *,
+    matched: Optional[str] = None,
+    override: bool = False,
+) -> Verdict:
+    """
+    The verdict for a request whose normalised C{host} passed the host
+    checks (or that a decider let through, C{override}): the mode guard of
+    SPEC §4.4, then allow, intercepting a limited-mode CONNECT.
+    """
+    refusal = mode_guard(policy, request)
+    if refusal is not None:
+        return _deny(request, host, refusal, Source.MODE_GUARD, matched=matched)
+    ip = parse_ip_literal(host)
+    return Verdict(
+        request=request,
+        host=host,
+        decision=Decision.ALLOW,
+        source=Source.BASELINE_POLICY,
+        addresses=() if ip is None else (ip,),
+        intercept=policy.mode is Mode.LIMITED
+        and request.protocol is Protocol.HTTPS_CONNECT,
+        override=override,
+        matched=matched,
+    )
+
+
+def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
+    """
+    Why limited mode refuses C{request}, or C{None} (SPEC §4.4). Read-only
+    means read-only: a body or an upgrade is refused even on a GET.
+    """
+    if policy.mode is not Mode.LIMITED:
+        return None
+    if request.protocol in (Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP):
+        return Reason.METHOD_NOT_ALLOWED
+    if request.protocol is Protocol.HTTPS_CONNECT:
+        return None if policy.mitm else Reason.MITM_REQUIRED
+    if request.method not in READ_ONLY_METHODS or request.has_body or request.upgrade:
+        return Reason.METHOD_NOT_ALLOWED
+    return None
+
+
+def _deny(
+    request: ProxyRequest,
+    host: Optional[str],
+    reason: Reason,
+    source: Source = Source.BASELINE_POLICY,
+    *,
+    matched: Optional[str] = None,
+) -> Verdict:
+    """
+    A deny verdict; C{host} is C{None} when the raw host was invalid.
+    """
+    return Verdict(
+        request=request,
+        host=request.host if host is None else host,
+        decision=Decision.DENY,
+        source=source,
+        reason=reason,
+        matched=matched,
+    )

@@ -1,0 +1,511 @@
+"""
+The HTTP listener over in-memory transports: every wire case is run twice,
+once whole and once fed one byte at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, List, Optional, Tuple
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from codex_proxy.httpproxy import HTTPProxyFactory, HTTPProxyProtocol
+from codex_proxy.model import Mode
+from codex_proxy.policy import Policy
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.testing import RecordingAuditor, StaticResolver
+from codex_proxy.upstream import Upstream
+
+PUBLIC = "203.0.114.10"  # not in any special range: a public address
+ALLOW = ["origin.test", "**.example.com", "127.0.0.1"]
+
+
+class HalfCloseTransport(StringTransport):
+    """
+    A StringTransport that records a write-side half-close.
+    """
+
+    halfClosed = False
+
+    def loseWriteConnection(self) -> None:
+        self.halfClosed = True
+
+
+class Harness:
+    def __init__(self, trickle: bool, policy: Optional[Policy] = None, resolver=None) -> None:
+        self.trickle = trickle
+        self.reactor = MemoryReactorClock()
+        self.resolver = resolver or StaticResolver(
+            {"origin.test": [PUBLIC], "private.example.com": [PUBLIC, "10.0.0.7"]}
+        )
+        self.auditor = RecordingAuditor(self.reactor.seconds)
+        self.service = PolicyService(
+            policy or Policy.build(allowed=ALLOW, denied=["bad.example.com"]),
+            resolver=self.resolver,
+            clock=self.reactor,
+            auditor=self.auditor,
+        )
+        self.factory = HTTPProxyFactory(
+            self.service, Upstream(self.reactor, 10), self.reactor, tunnel_idle=60
+        )
+        self.proto: HTTPProxyProtocol = self.factory.buildProtocol(None)
+        self.client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        self.proto.makeConnection(self.client)
+
+    def send(self, data: bytes) -> None:
+        if self.trickle:
+            for i in range(len(data)):
+                self.proto.dataReceived(data[i : i + 1])
+        else:
+            self.proto.dataReceived(data)
+
+    def dials(self) -> List[Tuple[str, int]]:
+        return [(host, port) for host, port, *_ in self.reactor.tcpClients]
+
+    def accept(self, index: int = -1) -> Tuple[object, HalfCloseTransport]:
+        """
+        Complete the pending dial: the destination accepted.
+        """
+        factory = self.reactor.tcpClients[index][2]
+        proto = factory.buildProtocol(None)
+        transport = HalfCloseTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def refuse(self, reason: Exception, index: int = -1) -> None:
+        factory = self.reactor.tcpClients[index][2]
+        factory.clientConnectionFailed(None, Failure(reason))
+
+    def answer(self, server, data: bytes) -> None:
+        if self.trickle:
+            for i in range(len(data)):
+                server.dataReceived(data[i : i + 1])
+        else:
+            server.dataReceived(data)
+
+    def response(self) -> Tuple[int, dict, bytes]:
+        raw = self.client.value()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower().decode()] = value.strip().decode()
+        return status, headers, body
+
+
+@pytest.fixture(params=[False, True], ids=["whole", "trickle"])
+def trickle(request) -> bool:
+    return request.param
+
+
+def make(trickle: bool, **kw) -> Harness:
+    return Harness(trickle, **kw)
+
+
+def test_allowed_get_is_forwarded_in_origin_form(trickle):
+    h = make(trickle)
+    h.send(
+        b"GET http://origin.test/path?q=1 HTTP/1.1\r\nHost: origin.test\r\n"
+        b"Proxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n"
+    )
+    assert h.dials() == [(PUBLIC, 80)]
+    server, upstream = h.accept()
+    sent = upstream.value()
+    assert sent.startswith(b"GET /path?q=1 HTTP/1.1\r\n")
+    assert b"Host: origin.test\r\n" in sent
+    assert b"Accept: */*\r\n" in sent
+    assert b"proxy-connection" not in sent.lower()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n\r\nhello")
+    status, headers, body = h.response()
+    assert (status, body) == (200, b"hello")
+    assert "keep-alive" not in headers
+    assert h.auditor.events[-1]["network.policy.decision"] == "allow"
+    assert h.auditor.events[-1]["server.address"] == "origin.test"
+
+
+def test_keep_alive_reuses_the_destination_connection(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/a HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+    upstream.clear()
+    h.client.clear()
+    h.send(b"GET http://origin.test/b HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    assert len(h.dials()) == 1
+    assert upstream.value().startswith(b"GET /b HTTP/1.1\r\n")
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+    assert h.response()[2] == b"b"
+    assert not h.client.disconnecting
+
+
+def test_pipelined_requests_are_answered_in_order(trickle):
+    h = make(trickle)
+    h.send(
+        b"GET http://origin.test/1 HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+        b"GET http://origin.test/2 HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+    )
+    server, upstream = h.accept()
+    assert upstream.value().count(b"GET ") == 1
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert upstream.value().count(b"GET ") == 2
+    assert b"GET /2 HTTP/1.1" in upstream.value()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    assert h.client.value().count(b"HTTP/1.1 200 OK") == 2
+    assert h.client.value().endswith(b"2")
+
+
+def test_stale_keep_alive_connection_is_retried_once(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/a HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, _ = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.send(b"GET http://origin.test/b HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server.connectionLost(Failure(error.ConnectionDone()))
+    assert len(h.dials()) == 2
+    server2, upstream2 = h.accept()
+    assert upstream2.value().startswith(b"GET /b ")
+    h.client.clear()
+    h.answer(server2, b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert h.response()[0] == 204
+
+
+def test_request_body_streams_with_content_length(trickle):
+    h = make(trickle)
+    h.send(b"PUT http://origin.test/up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 10\r\n\r\n01234")
+    server, upstream = h.accept()
+    h.send(b"56789")
+    assert upstream.value().endswith(b"\r\n\r\n0123456789")
+    h.answer(server, b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert h.response()[0] == 201
+
+
+def test_chunked_request_body_is_relayed_as_chunked(trickle):
+    h = make(trickle)
+    h.send(
+        b"POST http://origin.test/up HTTP/1.1\r\nHost: origin.test\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    server, upstream = h.accept()
+    h.send(b"3\r\nabc\r\n0\r\n\r\n")
+    sent = upstream.value()
+    assert b"Transfer-Encoding: chunked\r\n" in sent
+    assert sent.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+
+
+def test_upload_back_pressure_pauses_the_client(trickle):
+    h = make(trickle)
+    h.send(b"PUT http://origin.test/up HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 100\r\n\r\n")
+    server, upstream = h.accept()
+    assert h.client.producerState == "producing"
+    upstream.producer.pauseProducing()
+    assert h.client.producerState == "paused"
+    upstream.producer.resumeProducing()
+    assert h.client.producerState == "producing"
+
+
+def test_download_back_pressure_pauses_the_destination(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/big HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    assert h.client.producer is upstream
+    h.client.producer.pauseProducing()
+    assert upstream.producerState == "paused"
+
+
+def test_chunked_response_passes_through_to_http11(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, _ = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    status, headers, body = h.response()
+    assert headers["transfer-encoding"] == "chunked"
+    assert body == b"2\r\nhi\r\n0\r\n\r\n"
+    assert not h.client.disconnecting
+
+
+def test_chunked_response_is_decoded_for_http10_and_closed(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.0\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    assert b"Connection: close\r\n" in upstream.value()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    status, headers, body = h.response()
+    assert "transfer-encoding" not in headers
+    assert headers["connection"] == "close"
+    assert body == b"hi"
+    assert h.client.disconnecting
+
+
+def test_close_delimited_response_ends_with_the_destination(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, _ = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\n\r\nall of it")
+    assert not h.client.disconnecting
+    server.connectionLost(Failure(error.ConnectionDone()))
+    assert h.response()[2] == b"all of it"
+    assert h.client.disconnecting
+
+
+def test_interim_100_continue_is_relayed(trickle):
+    h = make(trickle)
+    h.send(
+        b"PUT http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 2\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    server, upstream = h.accept()
+    assert b"Expect: 100-continue" in upstream.value()
+    h.answer(server, b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert h.client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    h.send(b"ok")
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert h.client.value().endswith(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "url, header, reason",
+    [
+        ("http://elsewhere.test/", "blocked-by-allowlist", "not_allowed"),
+        ("http://bad.example.com/", "blocked-by-denylist", "denied"),
+        ("http://10.1.2.3/", "blocked-by-allowlist", "not_allowed_local"),
+        ("http://localhost:8080/", "blocked-by-allowlist", "not_allowed_local"),
+        ("http://2130706434/", "blocked-by-allowlist", "not_allowed_local"),
+    ],
+)
+def test_blocked_requests_get_403_json_and_are_never_dialled(trickle, url, header, reason):
+    h = make(trickle)
+    host = url.split("/")[2]
+    h.send(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    status, headers, body = h.response()
+    assert status == 403
+    assert headers["x-proxy-error"] == header
+    doc = json.loads(body)
+    assert doc["status"] == "blocked"
+    assert doc["reason"] == reason
+    assert doc["decision"] == "deny"
+    assert doc["source"] == "baseline_policy"
+    assert doc["protocol"] == "http"
+    assert h.dials() == []
+    assert h.resolver.lookups == []  # unknown or blocked names are never resolved
+    assert [e["network.policy.reason"] for e in h.auditor.events] == [reason]
+    # A body-less request keeps the connection usable.
+    assert not h.client.disconnecting
+
+
+def test_inet_aton_spelling_is_judged_as_its_dotted_quad(trickle):
+    h = make(trickle)
+    h.send(b"GET http://2130706433:8000/ HTTP/1.1\r\nHost: 2130706433:8000\r\n\r\n")
+    assert h.dials() == [("127.0.0.1", 8000)]
+    assert h.auditor.events[-1]["server.address"] == "127.0.0.1"
+
+
+def test_blocked_request_with_body_closes_the_connection(trickle):
+    h = make(trickle)
+    h.send(b"POST http://elsewhere.test/ HTTP/1.1\r\nHost: elsewhere.test\r\nContent-Length: 3\r\n\r\nabc")
+    status, headers, _ = h.response()
+    assert status == 403
+    assert headers["connection"] == "close"
+    assert h.client.disconnecting
+
+
+def test_name_resolving_to_any_private_address_is_refused(trickle):
+    h = make(trickle)
+    h.send(b"GET http://private.example.com/ HTTP/1.1\r\nHost: private.example.com\r\n\r\n")
+    status, headers, body = h.response()
+    assert status == 403
+    assert json.loads(body)["reason"] == "not_allowed_local"
+    assert h.dials() == []
+
+
+def test_dns_failure_is_502(trickle):
+    h = make(trickle)
+    h.send(b"GET http://nowhere.example.com/ HTTP/1.1\r\nHost: nowhere.example.com\r\n\r\n")
+    status, headers, body = h.response()
+    assert status == 502
+    assert headers["x-proxy-error"] == "upstream-dns-failed"
+    assert h.dials() == []
+    assert h.auditor.events[-1]["network.policy.reason"] == "upstream_dns_failed"
+
+
+def test_limited_mode_blocks_writes_and_connect(trickle):
+    policy = Policy.build(mode=Mode.LIMITED, allowed=ALLOW)
+    h = make(trickle, policy=policy)
+    h.send(b"POST http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 0\r\n\r\n")
+    status, headers, body = h.response()
+    assert status == 403
+    assert headers["x-proxy-error"] == "blocked-by-method-policy"
+    assert json.loads(body)["source"] == "mode_guard"
+    h2 = make(trickle, policy=policy)
+    h2.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    status, headers, body = h2.response()
+    assert headers["x-proxy-error"] == "blocked-by-mitm-required"
+    assert json.loads(body)["protocol"] == "https_connect"
+    assert h.dials() == h2.dials() == []
+
+
+def test_disabled_proxy_answers_503(trickle):
+    h = make(trickle, policy=Policy.build(enabled=False, allowed=ALLOW))
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    status, headers, body = h.response()
+    assert status == 503
+    assert json.loads(body)["reason"] == "proxy_disabled"
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status",
+    [
+        # Absolute-URI and Host disagree (SPEC §4.2a).
+        (b"GET http://origin.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", 400),
+        (b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test:8080\r\n\r\n", 400),
+        # Smuggling shapes.
+        (b"POST http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+        (b"GET http://u:p@origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n", 400),
+        (b"GET http://origin.test/ HTTP/1.1\nHost: origin.test\n\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET https://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n", 400),
+    ],
+)
+def test_malformed_requests_are_refused_and_never_forwarded(trickle, request_bytes, status):
+    h = make(trickle)
+    h.send(request_bytes)
+    assert h.response()[0] == status
+    assert h.dials() == []
+    assert h.client.disconnecting
+
+
+def test_host_header_with_default_port_matches(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: ORIGIN.test:80\r\n\r\n")
+    assert h.dials() == [(PUBLIC, 80)]
+
+
+def test_origin_form_uses_the_host_header(trickle):
+    h = make(trickle)
+    h.send(b"GET /x HTTP/1.1\r\nHost: origin.test:8080\r\n\r\n")
+    assert h.dials() == [(PUBLIC, 8080)]
+    _, upstream = h.accept()
+    assert upstream.value().startswith(b"GET /x HTTP/1.1\r\n")
+
+
+def test_destination_closing_without_response_is_502(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, _ = h.accept()
+    server.connectionLost(Failure(error.ConnectionDone()))
+    status, headers, _ = h.response()
+    assert (status, headers["x-proxy-error"]) == (502, "upstream-bad-response")
+
+
+def test_malformed_response_is_502(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    status, headers, _ = h.response()
+    assert (status, headers["x-proxy-error"]) == (502, "upstream-bad-response")
+    assert upstream.disconnecting
+
+
+def test_connect_dials_first_then_relays_both_ways(trickle):
+    h = make(trickle)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\nearly")
+    assert h.client.value() == b""  # nothing before the dial succeeds
+    assert h.dials() == [(PUBLIC, 443)]
+    server, upstream = h.accept()
+    assert h.client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert upstream.value() == b"early"
+    h.send(b"hello")
+    assert upstream.value() == b"earlyhello"
+    h.answer(server, b"world")
+    assert h.client.value().endswith(b"world")
+    # Each side is the other's producer: a slow reader stops the writer.
+    assert h.client.producer is upstream and upstream.producer is h.client
+    # Half-close passes through; the tunnel closes when both sides are done.
+    h.proto.readConnectionLost()
+    assert upstream.halfClosed and not upstream.disconnecting
+    server.readConnectionLost()
+    assert h.client.disconnecting and upstream.disconnecting
+
+
+@pytest.mark.parametrize(
+    "failure, status, header",
+    [
+        (error.ConnectionRefusedError(), 502, "upstream-connect-failed"),
+        (error.TimeoutError(), 504, "upstream-timeout"),
+        (error.NoRouteError(), 502, "upstream-connect-failed"),
+    ],
+)
+def test_connect_dial_failures(trickle, failure, status, header):
+    h = make(trickle)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    h.refuse(failure)
+    got, headers, body = h.response()
+    assert (got, headers["x-proxy-error"]) == (status, header)
+    assert json.loads(body)["protocol"] == "https_connect"
+    assert h.client.disconnecting
+
+
+def test_dial_falls_back_to_the_next_address(trickle):
+    resolver = StaticResolver({"origin.test": [PUBLIC, "2001:4860::1"]})
+    h = make(trickle, resolver=resolver)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    h.refuse(error.ConnectionRefusedError())
+    assert h.dials() == [(PUBLIC, 443), ("2001:4860::1", 443)]
+    h.accept()
+    assert h.client.value().startswith(b"HTTP/1.1 200 ")
+
+
+def test_idle_tunnel_is_closed():
+    h = make(False)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    server, upstream = h.accept()
+    h.reactor.pump([15, 15])
+    h.send(b"x")
+    h.reactor.pump([15, 15, 15])
+    assert not h.client.disconnecting  # traffic 45 s ago
+    h.reactor.pump([15, 15])
+    assert h.client.disconnecting and upstream.disconnecting
+
+
+@implementer(IHostnameResolver)
+class SilentResolver:
+    """
+    A resolver that never answers.
+    """
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        receiver.resolutionBegan(None)
+
+
+def test_client_leaving_during_resolution_cancels_everything():
+    h = make(False, resolver=SilentResolver())
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    h.reactor.advance(60)
+    assert h.dials() == []
+
+
+def test_resolver_timeout_is_a_dns_failure():
+    h = make(False, resolver=SilentResolver())
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    h.reactor.advance(11)
+    status, headers, _ = h.response()
+    assert (status, headers["x-proxy-error"]) == (502, "upstream-dns-failed")
+
+
+def test_client_leaving_during_dial_stops_the_attempt():
+    h = make(False)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    connector = h.reactor.connectors[-1]
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    assert connector.stoppedConnecting
