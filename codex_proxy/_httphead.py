@@ -674,8 +674,8 @@ class ChunkedReader(BodyReader):
             else:
                 lf = data.find(b"\n", pos)
                 if lf < 0:
-                    if held is old_held and validated:
-                        held = bytearray()
+                    # Every completed element replaced held, so this never
+                    # grows bytes that are about to be forwarded.
                     held += memoryview(data)[pos:]
                     if len(held) > self._line_room():
                         raise ProtocolError("chunked body line too long", 400)

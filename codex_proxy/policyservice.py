@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Callable, Deque, List, Optional
+from typing import Deque, List, Optional
 
 import attrs
 from twisted.internet import defer
@@ -163,14 +163,11 @@ class PolicyService:
 
     def _resolutionFailed(self, verdict: Verdict, failure):  # type: ignore[no-untyped-def]
         failure.trap(UpstreamError)
-        self._record(
-            attrs.evolve(
-                verdict,
-                decision=Decision.DENY,
-                reason=failure.value.reason,
-                intercept=False,
-            )
+        failed = attrs.evolve(
+            verdict, decision=Decision.DENY, reason=failure.value.reason, intercept=False
         )
+        # Audited as the end of this decision, but a DNS failure is no block.
+        self._auditor.record(failed)
         return failure
 
     def _record(self, verdict: Verdict) -> Verdict:
@@ -178,7 +175,3 @@ class PolicyService:
         if not verdict.allowed:
             self._blocked.append(verdict)
         return verdict
-
-
-#: The type of an injected decision function, for listeners' signatures.
-Checker = Callable[[ProxyRequest], "defer.Deferred[Verdict]"]

@@ -1,0 +1,136 @@
+"""
+PolicyService: resolution, vetting, audit events and blocked history.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from codex_proxy.audit import rfc3339
+from codex_proxy.errors import UpstreamError
+from codex_proxy.model import Protocol, ProxyRequest, Reason
+from codex_proxy.policy import Policy
+from codex_proxy.policyservice import BLOCKED_HISTORY, PolicyService
+from codex_proxy.testing import RecordingAuditor, StaticResolver
+
+
+def service(resolver: StaticResolver, **policy) -> tuple[PolicyService, RecordingAuditor]:
+    clock = MemoryReactorClock()
+    clock.advance(1_700_000_000.25)
+    auditor = RecordingAuditor(clock.seconds)
+    policy.setdefault("allowed", ["**.example.com", "localhost"])
+    svc = PolicyService(Policy.build(**policy), resolver=resolver, clock=clock, auditor=auditor)
+    return svc, auditor
+
+
+def check(svc: PolicyService, host: str, port: int = 443, **kw):
+    results: List[object] = []
+    svc.check(ProxyRequest(Protocol.HTTPS_CONNECT, host, port, method="CONNECT", **kw)).addBoth(
+        results.append
+    )
+    assert len(results) == 1
+    return results[0]
+
+
+def test_allowed_name_carries_every_vetted_address_resolved_once():
+    resolver = StaticResolver({"a.example.com": ["203.0.114.1", "2001:4860::8"]})
+    svc, _ = service(resolver)
+    verdict = check(svc, "A.Example.COM.")
+    assert verdict.allowed
+    assert [str(ip) for ip in verdict.addresses] == ["203.0.114.1", "2001:4860::8"]
+    assert resolver.lookups == ["a.example.com"]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        ["203.0.114.1", "127.0.0.1"],
+        ["10.0.0.1"],
+        ["::ffff:127.0.0.1"],
+        ["64:ff9b::a9fe:a9fe"],  # NAT64 of 169.254.169.254
+        ["2002:c0a8:0101::1"],  # 6to4 of 192.168.1.1
+    ],
+)
+def test_any_non_public_answer_refuses_the_whole_name(answers):
+    svc, auditor = service(StaticResolver({"a.example.com": answers}))
+    verdict = check(svc, "a.example.com")
+    assert not verdict.allowed
+    assert verdict.reason is Reason.NOT_ALLOWED_LOCAL
+    assert verdict.addresses == ()
+    assert auditor.events[-1]["network.policy.reason"] == "not_allowed_local"
+
+
+def test_exactly_allowlisted_localhost_may_resolve_to_loopback():
+    svc, _ = service(StaticResolver({"localhost": ["127.0.0.1", "::1"]}))
+    verdict = check(svc, "localhost")
+    assert verdict.allowed
+    assert [str(ip) for ip in verdict.addresses] == ["127.0.0.1", "::1"]
+
+
+def test_allow_local_binding_accepts_private_answers():
+    svc, _ = service(StaticResolver({"a.example.com": ["10.0.0.1"]}), allow_local_binding=True)
+    assert check(svc, "a.example.com").allowed
+
+
+def test_unresolvable_name_fails_with_dns_error_and_one_event():
+    svc, auditor = service(StaticResolver({}))
+    failure = check(svc, "missing.example.com")
+    assert failure.check(UpstreamError)
+    assert failure.value.reason is Reason.UPSTREAM_DNS_FAILED
+    assert [e["network.policy.reason"] for e in auditor.events] == ["upstream_dns_failed"]
+    assert svc.blocked() == []  # a DNS failure is not a policy block
+
+
+def test_audit_event_fields():
+    svc, auditor = service(StaticResolver({}))
+    check(svc, "nope.test", 8443, client="127.0.0.1:5000")
+    (event,) = auditor.events
+    assert event == {
+        "event.name": "codex.network_proxy.policy_decision",
+        "event.timestamp": "2023-11-14T22:13:20.250Z",
+        "network.policy.scope": "domain",
+        "network.policy.decision": "deny",
+        "network.policy.source": "baseline_policy",
+        "network.policy.reason": "not_allowed",
+        "network.transport.protocol": "https_connect",
+        "server.address": "nope.test",
+        "server.port": 8443,
+        "http.request.method": "CONNECT",
+        "client.address": "127.0.0.1:5000",
+        "network.policy.override": False,
+    }
+
+
+def test_absent_method_and_client_are_spelled_out():
+    svc, auditor = service(StaticResolver({}))
+    svc.check(ProxyRequest(Protocol.SOCKS5_TCP, "nope.test", 22))
+    assert auditor.events[-1]["http.request.method"] == "none"
+    assert auditor.events[-1]["client.address"] == "unknown"
+
+
+def test_blocked_history_keeps_the_most_recent():
+    svc, _ = service(StaticResolver({}))
+    for i in range(BLOCKED_HISTORY + 5):
+        check(svc, f"h{i}.test")
+    blocked = svc.blocked()
+    assert len(blocked) == BLOCKED_HISTORY
+    assert blocked[0].host == "h5.test"
+    assert blocked[-1].host == f"h{BLOCKED_HISTORY + 4}.test"
+
+
+def test_reload_swaps_the_policy_for_new_decisions():
+    svc, _ = service(StaticResolver({"a.test": ["203.0.114.1"]}))
+    assert not check(svc, "a.test").allowed
+    svc.reload(Policy.build(allowed=["a.test"]))
+    assert check(svc, "a.test").allowed
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0, "1970-01-01T00:00:00.000Z"), (1.9996, "1970-01-01T00:00:02.000Z")],
+)
+def test_rfc3339_rounding(seconds, text):
+    assert rfc3339(seconds) == text
