@@ -183,7 +183,9 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._clientEOF = True
         if self._state is TUNNEL:
             self._relay.clientEOF()  # type: ignore[union-attr]
-        elif self._state is HEAD and not self._parser.buffered and not self._pending:
+        elif self._state is HEAD:
+            # Between requests, or inside a head that can now never end.
+            self._state = CLOSED
             self.transport.loseConnection()
         elif self._state is EXCHANGE and not self._reqDone:
             # The request body was cut short: nothing sensible can follow.
@@ -299,8 +301,8 @@ class HTTPProxyProtocol(Protocol, Sink):
             return
         assert self._request is not None
         key = (verdict.addresses, self._request.port)
-        if self._request.protocol is Proto.HTTP and self._out is not None:
-            if self._outKey == key:
+        if self._out is not None:
+            if self._outKey == key and self._request.protocol is Proto.HTTP:
                 self._reused = True
                 self._startExchange()
                 return
@@ -568,6 +570,9 @@ class HTTPProxyProtocol(Protocol, Sink):
         if out is not None:
             out.sink = None
             out.transport.loseConnection()
+            # Its back-pressure on the client ends with it.
+            if "upstream" in self._paused:
+                self._resume("upstream")
 
     # -- replies of our own -----------------------------------------------
 

@@ -202,7 +202,7 @@ class ProxyService(Service):
             except FileNotFoundError:
                 pass
         ports, self._ports = self._ports, []
-        return defer.gatherResults([port.stopListening() for port in ports])
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
 
 
 def makeService(options: Options) -> ProxyService:

@@ -509,3 +509,51 @@ def test_client_leaving_during_dial_stops_the_attempt():
     connector = h.reactor.connectors[-1]
     h.proto.connectionLost(Failure(error.ConnectionDone()))
     assert connector.stoppedConnecting
+
+
+def test_connect_after_plain_request_replaces_the_kept_connection(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    assert upstream.disconnecting
+    server.connectionLost(Failure(error.ConnectionDone()))
+    tunnel_server, tunnel = h.accept()
+    assert h.client.value().endswith(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    h.send(b"tls bytes")
+    assert tunnel.value() == b"tls bytes"
+    assert not h.client.disconnecting
+
+
+def test_dropping_a_congested_destination_resumes_the_client(trickle):
+    h = make(trickle)
+    h.send(b"PUT http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 100\r\n\r\n")
+    server, upstream = h.accept()
+    upstream.producer.pauseProducing()
+    assert h.client.producerState == "paused"
+    # The destination answers early (say 413) and the exchange ends.
+    h.answer(server, b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert h.response()[0] == 413
+    assert upstream.disconnecting
+    assert h.client.disconnecting  # the unsent body cannot be resynchronised
+
+
+def test_eof_inside_a_head_closes(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHo")
+    h.proto.readConnectionLost()
+    assert h.client.disconnecting
+    assert h.dials() == []
+
+
+def test_request_then_eof_still_gets_its_response(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    h.proto.readConnectionLost()
+    server, upstream = h.accept()
+    assert b"Connection: close\r\n" in upstream.value()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    status, headers, body = h.response()
+    assert (status, body, headers["connection"]) == (200, b"ok", "close")
+    assert h.client.disconnecting
