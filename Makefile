@@ -29,7 +29,7 @@ test: venv sysdeps
 	$(BIN)/python -m pytest -q tests
 
 bench: venv sysdeps
-	$(BIN)/python -m bench
+	$(BIN)/python bench/rss_tunnel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -51,6 +51,9 @@ _proc = _load_proxyproc()
 
 _PROXIES_ATTR = "_codex_e2e_proxies"
 
+#: Lines a healthy proxy never logs, whatever the test did to it.
+_ERROR_MARKERS = ("Traceback (most recent call last)", "Unhandled Error")
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
@@ -89,7 +92,8 @@ def proxy_factory(
     """
     C{proxy_factory(config)} starts a proxy (C{config} is TOML text or a
     network table overriding L{proxyproc.DEFAULT_NETWORK}) and returns the
-    running L{proxyproc.RunningProxy}; all of them are stopped at teardown.
+    running L{proxyproc.RunningProxy}; all of them are stopped at teardown,
+    which fails the test if one logged a traceback.
     """
     started: list[Any] = []
     setattr(request.node, _PROXIES_ATTR, started)
@@ -103,6 +107,9 @@ def proxy_factory(
     yield start
     for proxy in started:
         proxy.stop()
+    for proxy in started:
+        if any(marker in proxy.output for marker in _ERROR_MARKERS):
+            pytest.fail(f"proxy {proxy.pid} logged an error:\n{proxy.output}")
 
 
 @pytest.fixture
@@ -402,7 +409,8 @@ class Curl:
         the statuses, the bodies and the verbose stderr.
         """
         self._count += 1
-        bodies = [self.workdir / f"curl{self._count}.{i}.body" for i in range(len(urls))]
+        stem = self.workdir / f"curl{self._count}"
+        bodies = [stem.with_suffix(f".{i}.body") for i in range(len(urls))]
         command = [*self._base(proxy), "-v", "-w", "%{http_code}\n", *args]
         for url, body in zip(urls, bodies):
             command += ["-o", str(body), url]
@@ -440,7 +448,9 @@ class RawResponse:
         return json.loads(self.body)
 
 
-def raw_exchange(addr: tuple[str, int], request: bytes, timeout: float = 30) -> RawResponse:
+def raw_exchange(
+    addr: tuple[str, int], request: bytes, timeout: float = 30
+) -> RawResponse:
     """
     Send C{request} bytes to C{addr} and read one response (its body by
     Content-Length, or to EOF when there is none).

@@ -158,10 +158,12 @@ class RunningProxy:
     config_path: Path
     ports_path: Path
     ports: dict[str, str] = field(default_factory=dict)
-    output_lines: list[str] = field(default_factory=list)
-    _changed: threading.Condition = field(default_factory=threading.Condition)
-    _eof: bool = False
-    _reader: threading.Thread | None = None
+    output_lines: list[str] = field(default_factory=list, repr=False)
+    _changed: threading.Condition = field(
+        default_factory=threading.Condition, repr=False
+    )
+    _eof: bool = field(default=False, repr=False)
+    _reader: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -312,8 +314,8 @@ def read_rss(pid: int) -> int:
 
 class StreamingOrigin:
     """
-    A raw TCP server thread that sends C{total} bytes to each connection it
-    accepts and then closes it: the far end of a tunnel under test.
+    A raw TCP server thread that sends C{total} bytes to the one connection
+    it accepts and then closes it: the far end of a tunnel under test.
     """
 
     CHUNK = 1 << 20
@@ -333,26 +335,30 @@ class StreamingOrigin:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        # shutdown() wakes an accept() still waiting; close() alone does not.
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
         self._thread.join(60)
 
     def _serve(self) -> None:
         chunk = pattern_bytes(self.CHUNK)
-        while True:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with conn:
             try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    remaining = self.total
-                    while remaining:
-                        piece = chunk[: min(remaining, len(chunk))]
-                        conn.sendall(piece)
-                        remaining -= len(piece)
-                    conn.shutdown(socket.SHUT_WR)
-                except OSError as error:
-                    self.errors.append(error)
+                remaining = self.total
+                while remaining:
+                    piece = chunk[: min(remaining, len(chunk))]
+                    conn.sendall(piece)
+                    remaining -= len(piece)
+                conn.shutdown(socket.SHUT_WR)
+            except OSError as error:
+                self.errors.append(error)
 
 
 def read_head(sock: socket.socket, limit: int = 65536) -> tuple[bytes, bytes]:

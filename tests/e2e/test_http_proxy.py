@@ -227,6 +227,20 @@ def test_connect_closed_port(proxy, tls_files, curl, closed_port):
     assert headers["x-proxy-error"] == "upstream-connect-failed"
 
 
+def test_unresolvable_allowlisted_name(proxy_factory, curl):
+    """
+    An allowlisted name that does not resolve is a 502 C{upstream-dns-failed}.
+    """
+    proxy = proxy_factory(
+        {"allowed_domains": ["127.0.0.1", "localhost", "nothing.invalid"]}
+    )
+
+    result = curl.run("http://nothing.invalid/", proxy=proxy.http_url)
+
+    assert result.status == 502, result.stderr
+    assert result.headers["x-proxy-error"] == "upstream-dns-failed"
+
+
 def test_limited_mode_blocks_post(proxy_factory, origin, curl):
     """
     Limited mode refuses a write method without reaching the origin.
@@ -255,7 +269,9 @@ def test_limited_mode_allows_get(proxy_factory, origin, curl, proxyproc):
     assert [seen.method for seen in origin.requests] == ["GET"]
 
 
-def test_limited_mode_connect_needs_mitm(proxy_factory, tls_origin, tls_files, curl, raw):
+def test_limited_mode_connect_needs_mitm(
+    proxy_factory, tls_origin, tls_files, curl, raw
+):
     """
     Without MITM a limited-mode CONNECT is refused, as curl and the JSON show.
     """
