@@ -53,6 +53,9 @@ def pattern_bytes(n: int) -> bytes:
     return (block * (n // 256 + 1))[:n]
 
 
+_REPO = Path(__file__).resolve().parents[2]
+
+
 def twistd_path() -> str:
     """
     The C{twistd} of the running interpreter's environment.
@@ -136,7 +139,9 @@ def _child_env(workdir: Path) -> dict[str, str]:
     # CODEX_HOME keeps remembered rules and CA files of the user out of it.
     home = workdir / "codex-home"
     home.mkdir(exist_ok=True)
-    return clean_env(CODEX_HOME=str(home), PYTHONUNBUFFERED="1")
+    # PYTHONPATH: the checkout these tests belong to, whichever checkout the
+    # virtualenv was installed from (worktrees share one venv).
+    return clean_env(CODEX_HOME=str(home), PYTHONUNBUFFERED="1", PYTHONPATH=str(_REPO))
 
 
 def _parse_addr(text: str) -> tuple[str, int]:
