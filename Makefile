@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/config.toml
 
-.PHONY: run test bench venv sysdeps clean
+.PHONY: run test bench venv sysdeps benchdeps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,17 @@ run: venv
 test: venv sysdeps
 	$(BIN)/python -m pytest -q tests
 
-bench: venv sysdeps
-	$(BIN)/python bench/rss_tunnel.py
+# Load tools for the benchmark; PEERS="squid tinyproxy" adds those proxies.
+benchdeps:
+	@command -v wrk >/dev/null && test -x /usr/sbin/nginx && command -v gcc >/dev/null && \
+	  $(foreach p,$(PEERS),command -v $(p) >/dev/null || test -x /usr/sbin/$(p) &&) true || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    wrk nginx-light gcc util-linux $(PEERS); }
+
+# QUICK=1: one short round (under 2 minutes). bench/rss_tunnel.py and the
+# other bench/*.py scripts measure single properties on their own.
+bench: venv sysdeps benchdeps
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PEERS),--peers "$(PEERS)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,133 @@
+"""
+The benchmark: codex-proxy against no proxy (and Squid/tinyproxy when
+installed), same machine, same run, interleaved rounds, medians and ratios.
+
+    make bench [QUICK=1] [PEERS="squid tinyproxy"]
+    .venv/bin/python -m bench [--quick] [--rounds N] [--peers squid,tinyproxy]
+
+The proxy under test is pinned to core 0; the origin (nginx) and the load
+clients (wrk, bench/loadgen.c) to core 1. Full policy, audit events and DNS
+pinning stay on: the proxy runs on a normal config with an allowlist and
+writes its log (audit events included) to a file. Results are printed as a
+table and written to bench/out/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from bench import origin, peers, workloads
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def measure(target: "peers.Target", nginx: "origin.Nginx", seconds: int, quick: bool) -> Dict[str, float]:
+    """
+    Every workload once against one target.
+    """
+    results: Dict[str, float] = {}
+    results.update(workloads.keepalive(target, nginx, seconds))
+    results.update(workloads.close(target, nginx, seconds))
+    results.update(workloads.tunnels(target, nginx, seconds))
+    results.update(workloads.ttfb(target, nginx, max(1, seconds // 2)))
+    results.update(workloads.throughput(target, nginx, 64 if quick else 256))
+    if target.socks_port is not None:
+        results.update(workloads.socks_tunnels(target, nginx, seconds))
+    return results
+
+
+def table(rows: Dict[str, Dict[str, float]], names: List[str]) -> str:
+    """
+    Medians per metric and target, with ratios against no proxy and Squid.
+    """
+    metrics = sorted({m for r in rows.values() for m in r})
+    lines = []
+    header = f"{'metric':32}" + "".join(f"{n:>14}" for n in names)
+    header += f"{'codex/direct':>14}" + (f"{'codex/squid':>13}" if "squid" in names else "")
+    lines.append(header)
+    for metric in metrics:
+        line = f"{metric:32}"
+        for name in names:
+            value = rows.get(name, {}).get(metric)
+            line += f"{value:>14.1f}" if value is not None else f"{'-':>14}"
+        codex = rows.get("codex", {}).get(metric)
+        for ref, width in (("direct", 14), ("squid", 13)):
+            if ref == "squid" and "squid" not in names:
+                continue
+            base = rows.get(ref, {}).get(metric)
+            ratio = f"{codex / base:.2f}" if codex is not None and base else "-"
+            line += f"{ratio:>{width}}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short round (under 2 minutes)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seconds", type=int, default=None)
+    parser.add_argument("--peers", default="", help="comma list: squid,tinyproxy")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (2 if args.quick else 4)
+    wanted = [p for p in args.peers.replace(" ", ",").split(",") if p]
+
+    workdir = Path(tempfile.mkdtemp(prefix="codex-bench-"))
+    loadgen = workloads.build_loadgen(workdir)
+    started: List[Callable[[], None]] = []
+    try:
+        nginx = origin.Nginx(workdir)
+        started.append(nginx.stop)
+        targets = [peers.direct(nginx), peers.codex(workdir, nginx)]
+        started.append(targets[-1].stop)
+        for name in wanted:
+            target = peers.start_peer(name, workdir)
+            if target is None:
+                print(f"bench: {name} is not installed; skipped", file=sys.stderr)
+                continue
+            targets.append(target)
+            started.append(target.stop)
+        for t in targets:
+            t.loadgen = loadgen
+        samples: Dict[str, Dict[str, List[float]]] = {t.name: {} for t in targets}
+        # Memory per idle tunnel first, while every proxy is fresh: after the
+        # load, freed memory would be reused and hide the real cost.
+        for target in targets:
+            if target.proxy_pid is not None:
+                for metric, value in workloads.idle_tunnels(target, nginx, 1000).items():
+                    samples[target.name][metric] = [value]
+        for r in range(rounds):
+            for target in targets:
+                print(f"round {r + 1}/{rounds}: {target.name}", file=sys.stderr, flush=True)
+                for metric, value in measure(target, nginx, seconds, args.quick).items():
+                    samples[target.name].setdefault(metric, []).append(value)
+        medians = {
+            name: {m: statistics.median(v) for m, v in per.items()} for name, per in samples.items()
+        }
+        for name, per in medians.items():
+            if name != "direct" and "ttfb_p50_us" in per:
+                per["ttfb_added_us"] = per["ttfb_p50_us"] - medians["direct"]["ttfb_p50_us"]
+        medians["codex"].update(workloads.policy_scaling())
+        names = [t.name for t in targets]
+        print(table(medians, names))
+        OUT.mkdir(exist_ok=True)
+        (OUT / "results.json").write_text(
+            json.dumps({"rounds": rounds, "seconds": seconds, "medians": medians, "samples": samples}, indent=1)
+        )
+        print(f"\nwritten: {OUT / 'results.json'}", file=sys.stderr)
+    finally:
+        for stop in reversed(started):
+            stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

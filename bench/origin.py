@@ -1,0 +1,77 @@
+"""
+The origin of the benchmark: nginx on core 1, serving a tiny body and a
+large file over plain HTTP.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+TINY = b"x" * 100
+BIG_MIB = 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listening on 127.0.0.1:{port}")
+
+
+class Nginx:
+    def __init__(self, workdir: Path) -> None:
+        nginx = "/usr/sbin/nginx"
+        if not Path(nginx).exists():
+            raise SystemExit("bench: nginx is missing (make bench installs it)")
+        # nginx workers run unprivileged: the tree must be world-readable.
+        workdir.chmod(0o755)
+        root = workdir / "www"
+        root.mkdir(mode=0o755)
+        (root / "tiny").write_bytes(TINY)
+        with open(root / "big", "wb") as f:
+            f.truncate(BIG_MIB << 20)
+        self.port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 10000000;
+  keepalive_timeout 600s;
+  server {{ listen 127.0.0.1:{self.port} backlog=4096; root {root}; }}
+}}
+"""
+        )
+        self._proc = subprocess.Popen(
+            ["taskset", "-c", "1", nginx, "-c", str(conf), "-p", str(workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    @property
+    def authority(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(10)
