@@ -9,6 +9,7 @@ this address when local binding is off?".
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Iterator, Optional
@@ -69,7 +70,11 @@ _TEREDO = ipaddress.IPv6Network("2001::/32")
 
 _MASK32 = 0xFFFFFFFF
 
+#: Every character an inet_aton spelling can contain (text is lower-case).
+_INET_ATON_CHARS = re.compile(r"[0-9a-fx.]+")
 
+
+@functools.lru_cache(maxsize=4096)
 def parse_ip_literal(text: str) -> Optional[IPAddress]:
     """
     The IP address C{text} spells, or C{None} when it is not one.
@@ -77,7 +82,8 @@ def parse_ip_literal(text: str) -> Optional[IPAddress]:
     C{text} is lower-case, trimmed, without brackets or port. IPv4 is read
     with the rules of C's C{inet_aton} (1 to 4 parts, decimal, octal or
     hex); IPv6 zone ids (C{%eth0}) are refused because the policy cannot
-    judge an interface-scoped destination.
+    judge an interface-scoped destination. Cached: every request asks, and
+    the answer for a string never changes.
     """
     if ":" in text:
         if "%" in text:
@@ -86,6 +92,8 @@ def parse_ip_literal(text: str) -> Optional[IPAddress]:
             return ipaddress.IPv6Address(text)
         except ValueError:
             return None
+    if _INET_ATON_CHARS.fullmatch(text) is None:
+        return None  # a hostname: the common case, decided in one scan
     return _inet_aton(text)
 
 

@@ -10,6 +10,7 @@ its cost does not grow with the number of patterns.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from typing import Dict, Iterable, Iterator, Optional
 
@@ -38,11 +39,13 @@ class PatternError(ValueError):
     """
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(raw: str) -> str:
     """
     The canonical form of a host: trimmed, without brackets or port,
     lower-case, without trailing dots, Unicode labels as IDNA A-labels, IP
-    literals in canonical text (C{127.1} becomes C{127.0.0.1}).
+    literals in canonical text (C{127.1} becomes C{127.0.0.1}). Cached: the
+    same few hosts come back on every request.
 
     @raise InvalidHost: the host is empty or breaks hostname syntax.
     """
