@@ -21,7 +21,12 @@ import json
 from typing import Any, Dict, Optional, Set, Tuple
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -116,12 +121,16 @@ class HTTPProxyFactory(Factory):
         clock: IReactorTime,
         head_limits: _httphead.HeadLimits = _httphead.HeadLimits(),
         tunnel_idle: float = 3600.0,
+        header_timeout: float = 30.0,
+        keepalive_idle: float = 120.0,
     ) -> None:
         self.policy = policy
         self.upstream = upstream
         self.clock = clock
         self.head_limits = head_limits
         self.tunnel_idle = tunnel_idle
+        self.header_timeout = header_timeout
+        self.keepalive_idle = keepalive_idle
 
     def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
@@ -158,6 +167,10 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._out: Optional[Outbound] = None
         self._outKey: Optional[Tuple[Tuple[IPAddress, ...], int]] = None
         self._relay: Optional[Relay] = None
+        # One timer while waiting for a head: keep-alive idle (close quietly)
+        # until a byte arrives, then the header timeout (408).
+        self._timer: Optional[IDelayedCall] = None
+        self._idle = False
 
     # -- connection events ------------------------------------------------
 
@@ -166,6 +179,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         self._client = f"{host}:{peer.port}" if host else None
+        self._waitForHead(idle=False)
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
@@ -174,6 +188,8 @@ class HTTPProxyProtocol(Protocol, Sink):
         elif state is EXCHANGE and not self._reqDone:
             self._feedRequestBody(data)
         elif state is HEAD:
+            if self._idle:
+                self._waitForHead(idle=False)
             self._feedHead(data)
         elif state is not CLOSED:
             # Pipelined bytes that raced our pause: keep them for later.
@@ -198,6 +214,7 @@ class HTTPProxyProtocol(Protocol, Sink):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
         self._state = CLOSED
+        self._stopTimer()
         work, self._work = self._work, None
         if work is not None:
             work.cancel()
@@ -219,6 +236,40 @@ class HTTPProxyProtocol(Protocol, Sink):
         if not self._paused and self._state is not CLOSED:
             self.transport.resumeProducing()
 
+    # -- timers -----------------------------------------------------------
+
+    def _waitForHead(self, idle: bool) -> None:
+        """
+        (Re)arm the one timer of the HEAD state: between requests the
+        keep-alive idle limit, once a head has begun the header timeout.
+        """
+        self._stopTimer()
+        self._idle = idle
+        factory = self.factory
+        if idle:
+            self._timer = factory.clock.callLater(factory.keepalive_idle, self._idleTimeout)
+        else:
+            self._timer = factory.clock.callLater(factory.header_timeout, self._headerTimeout)
+
+    def _stopTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _idleTimeout(self) -> None:
+        self._timer = None
+        self._state = CLOSED
+        self.transport.loseConnection()
+
+    def _headerTimeout(self) -> None:
+        self._timer = None
+        self._badRequest(
+            ProtocolError(
+                f"the request head did not arrive within {self.factory.header_timeout:g}s",
+                status=408,
+            )
+        )
+
     # -- request head -----------------------------------------------------
 
     def _feedHead(self, data: bytes) -> None:
@@ -230,6 +281,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         if result is None:
             return
         head, self._pending = result
+        self._stopTimer()
         self._pause("request")
         self._head = head
         try:
@@ -353,6 +405,7 @@ class HTTPProxyProtocol(Protocol, Sink):
 
     def _startTunnel(self, out: Outbound) -> None:
         self._state = TUNNEL
+        self._stopTimer()
         self.transport.write(_CONNECT_OK)
         if self.transport.producer is not None:
             self.transport.unregisterProducer()
@@ -546,6 +599,7 @@ class HTTPProxyProtocol(Protocol, Sink):
     def _exchangeDone(self) -> None:
         self._head = None
         self._request = None
+        self._respStarted = False
         if self._closeAfter:
             self._state = CLOSED
             self.transport.loseConnection()
@@ -553,6 +607,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._state = HEAD
         self._reqDone = True
         pending, self._pending = self._pending, b""
+        self._waitForHead(idle=not pending)
         self._resume("request")
         if pending:
             self._feedHead(pending)

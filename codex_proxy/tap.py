@@ -163,6 +163,8 @@ class ProxyService(Service):
             reactor,
             head_limits(config),
             tunnel_idle=config.limits.tunnel_idle_s,
+            header_timeout=config.limits.header_timeout_s,
+            keepalive_idle=config.limits.keepalive_idle_s,
         )
         failures: List[str] = []
 

@@ -308,6 +308,18 @@ def test_inet_aton_spelling_is_judged_as_its_dotted_quad(trickle):
     assert h.auditor.events[-1]["server.address"] == "127.0.0.1"
 
 
+def test_block_after_a_completed_exchange_is_answered_not_aborted(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, _ = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.client.clear()
+    h.send(b"GET http://elsewhere.test/ HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n")
+    status, headers, _ = h.response()
+    assert (status, headers["x-proxy-error"]) == (403, "blocked-by-allowlist")
+    assert not h.client.disconnecting
+
+
 def test_blocked_request_with_body_closes_the_connection(trickle):
     h = make(trickle)
     h.send(b"POST http://elsewhere.test/ HTTP/1.1\r\nHost: elsewhere.test\r\nContent-Length: 3\r\n\r\nabc")
@@ -557,3 +569,48 @@ def test_request_then_eof_still_gets_its_response(trickle):
     status, headers, body = h.response()
     assert (status, body, headers["connection"]) == (200, b"ok", "close")
     assert h.client.disconnecting
+
+
+def test_slow_head_gets_408_at_the_header_timeout():
+    h = make(False)
+    for _ in range(2):
+        h.send(b"GET http://origin.test/ HTTP/1.1\r\n")
+        h.reactor.advance(14)
+    assert h.client.value() == b""
+    h.reactor.advance(2)
+    status, headers, body = h.response()
+    assert status == 408
+    assert json.loads(body)["reason"] == "bad_request"
+    assert h.client.disconnecting
+    assert h.dials() == []
+
+
+def test_keep_alive_idle_closes_quietly_and_a_new_head_gets_the_header_timeout():
+    h = make(False)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, _ = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h.reactor.advance(119)
+    assert not h.client.disconnecting  # idle, but within keepalive_idle_s
+    h.send(b"G")  # a head begins: now the 30 s header timeout applies
+    h.reactor.advance(29)
+    assert not h.client.disconnecting
+    h.reactor.advance(1)
+    assert h.client.value().endswith(b"\n") and b"408 Request Timeout" in h.client.value()
+
+    h2 = make(False)
+    h2.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server2, _ = h2.accept()
+    h2.answer(server2, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    h2.client.clear()
+    h2.reactor.advance(120)
+    assert h2.client.disconnecting
+    assert h2.client.value() == b""  # closed quietly, no 408
+
+
+def test_timers_stop_while_a_request_is_served():
+    h = make(False)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    h.accept()
+    h.reactor.advance(50)  # past the header timeout, within the tunnel's idle limit
+    assert not h.client.disconnecting
