@@ -69,6 +69,7 @@ class PolicyState:
         self._run_in_thread = run_in_thread
         self._runtime = RuntimeRules()
         self._writes = defer.DeferredLock()
+        self._reloads = defer.DeferredLock()
         self.config = effective_config(sources)
 
     def reload(self) -> defer.Deferred[bool]:
@@ -77,9 +78,15 @@ class PolicyState:
         swap in their policy; runtime additions stay in force. An invalid
         source is logged (naming file and key) and the old policy kept.
 
+        Reloads run one at a time, so the files read last are the ones in
+        force.
+
         @return: a Deferred firing C{True} when the new policy is in force,
             C{False} when the old one was kept; it never fails.
         """
+        return self._reloads.run(self._reloadOnce)
+
+    def _reloadOnce(self) -> defer.Deferred[bool]:
         d = self._run_in_thread(lambda: load_sources(self._paths))
         d.addCallback(self._swap)
         d.addErrback(self._reloadFailed)

@@ -272,3 +272,26 @@ def test_persist_without_a_rules_file_is_refused(tmp_path):
     with pytest.raises(RuleError, match="no rules file"):
         proxy.state.add_allowed_domain("b.example", persist=True)
     assert proxy.decide("b.example") == NOT_ALLOWED
+
+
+def test_reloads_run_one_at_a_time_in_order(tmp_path, log):
+    queued: List[Callable[[], Any]] = []
+    pending: List[defer.Deferred] = []
+
+    def later(f: Callable[[], Any]) -> defer.Deferred:
+        queued.append(f)
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    proxy = Proxy(tmp_path, config(), run_in_thread=later)
+    first, second = proxy.state.reload(), proxy.state.reload()
+    assert len(queued) == 1
+    proxy.config_path.write_text(config(allowed=["b.example"]))
+    pending[0].callback(queued[0]())
+    assert len(queued) == 2
+    proxy.config_path.write_text(config(allowed=["m.example"]))
+    pending[1].callback(queued[1]())
+
+    assert [first.result, second.result] == [True, True]
+    assert proxy.decide("m.example") == ALLOW
+    assert proxy.decide("b.example") == NOT_ALLOWED
