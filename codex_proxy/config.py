@@ -1,6 +1,7 @@
 """
 The network section of codex's C{config.toml}, read into a frozen
-L{ProxyConfig} (SPEC §2.1, §2.2, §2.3, §2.6).
+L{ProxyConfig} (SPEC §2.1, §2.2, §2.3, §2.6), and the managed requirements
+of C{--requirements} merged into it (SPEC §2.4).
 
 Pure core: bytes in, value out, no I/O except in L{load_config}. Every
 mistake becomes one L{ConfigError} line naming the file, the dotted key and
@@ -190,6 +191,12 @@ class ProxyConfig:
     @ivar warnings: what clamping changed or let through, one line each.
     @ivar explicit: the keys of SPEC §2.2 the file sets, so managed
         requirements can tell a user's choice from a default.
+    @ivar section: the dotted path of the network table in C{source}, for
+        messages about its keys (where the table sits does not change what
+        the config means, so it takes no part in equality).
+    @ivar managed_allowed_domains_only: the allowlist is the managed one
+        only, and its misses are hard-denied: no decider is consulted
+        (SPEC §2.4, §9.2).
     """
 
     enabled: bool = False
@@ -213,6 +220,8 @@ class ProxyConfig:
     )
     warnings: tuple[str, ...] = ()
     explicit: frozenset[str] = frozenset()
+    section: str = attrs.field(default="network", eq=False)
+    managed_allowed_domains_only: bool = False
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -474,6 +483,7 @@ def _network_config(network: _Table) -> ProxyConfig:
         pattern_sources={**allowed, **denied},
         warnings=warnings,
         explicit=frozenset(network.values),
+        section=network.path,
     )
 
 
@@ -516,13 +526,35 @@ def parse_config(data: bytes, source: str) -> ProxyConfig:
     @param source: the file name to put in messages.
     @raise ConfigError: on any mistake, naming C{source}.
     """
+    return _network_config(_network_section(load_toml(data, source), source))
+
+
+def read_file(path: str, what: str) -> bytes:
+    """
+    The bytes of the file at C{path}.
+
+    @param what: what the file is, for the message (C{"config file"}).
+    @raise ConfigError: the file cannot be read, naming it.
+    """
     try:
-        document = tomllib.loads(data.decode("utf-8"))
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read {what}: {e.strerror}") from None
+
+
+def load_toml(data: bytes, source: str) -> dict[str, Any]:
+    """
+    Decode a TOML document.
+
+    @raise ConfigError: it is not UTF-8 or not TOML, naming C{source}.
+    """
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(source, None, f"not valid UTF-8: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, None, f"invalid TOML: {e}") from None
-    return _network_config(_network_section(document, source))
 
 
 def load_config(path: str) -> ProxyConfig:
@@ -531,27 +563,228 @@ def load_config(path: str) -> ProxyConfig:
 
     @raise ConfigError: the file cannot be read or is invalid.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ConfigError(
-            path, None, f"cannot read config file: {e.strerror}"
-        ) from None
-    return parse_config(data, path)
+    return parse_config(read_file(path, "config file"), path)
 
 
-def default_config_path(environ: Mapping[str, str]) -> str:
+def codex_home(environ: Mapping[str, str]) -> str:
     """
-    C{$CODEX_HOME/config.toml}, C{CODEX_HOME} defaulting to C{~/.codex} with
-    C{~} taken from C{environ}'s C{HOME}.
+    C{$CODEX_HOME}, defaulting to C{~/.codex} with C{~} taken from
+    C{environ}'s C{HOME}.
     """
     home = environ.get("HOME")
-    codex_home = environ.get("CODEX_HOME") or "~/.codex"
-    if codex_home == "~" or codex_home.startswith("~/"):
+    path = environ.get("CODEX_HOME") or "~/.codex"
+    if path == "~" or path.startswith("~/"):
         if not home:
             raise ConfigError(
                 "<environment>", "HOME", "not set (set CODEX_HOME or pass --config)"
             )
-        codex_home = home + codex_home[1:]
-    return os.path.join(codex_home, "config.toml")
+        path = home + path[1:]
+    return path
+
+
+def default_config_path(environ: Mapping[str, str]) -> str:
+    """
+    C{$CODEX_HOME/config.toml} (see L{codex_home}).
+    """
+    return os.path.join(codex_home(environ), "config.toml")
+
+
+NO_REQUIREMENTS_SOURCE = "<no requirements>"
+_REQUIREMENTS_TABLE = "experimental_network"
+#: The keys a requirements file may cap, with the value that exceeds a cap.
+_CEILING_KEYS = (
+    "enabled",
+    "allow_upstream_proxy",
+    "dangerously_allow_non_loopback_proxy",
+    "allow_local_binding",
+    "dangerously_allow_all_unix_sockets",
+    "mode",
+)
+_REQUIREMENTS_KEYS = (
+    "allowed_domains",
+    "denied_domains",
+    "managed_allowed_domains_only",
+    *_CEILING_KEYS,
+)
+
+
+@attrs.frozen
+class Requirements:
+    """
+    Managed requirements (SPEC §2.4): what an organisation imposes on every
+    user config.
+
+    @ivar allowed_domains: canonical patterns every user gets allowed, without
+        the ones the requirements also deny.
+    @ivar denied_domains: canonical patterns no user can lift.
+    @ivar managed_allowed_domains_only: the allowlist is exactly
+        C{allowed_domains}; user additions are ignored, misses hard-denied.
+    @ivar ceilings: config key -> the most a user may set it to (C{False},
+        or L{Mode.LIMITED}); keys absent are not capped.
+    @ivar source: the requirements file name, or C{"<no requirements>"}.
+    @ivar pattern_sources: pattern -> C{"file: dotted.key[index]"}.
+    """
+
+    allowed_domains: tuple[str, ...] = ()
+    denied_domains: tuple[str, ...] = ()
+    managed_allowed_domains_only: bool = False
+    ceilings: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=MappingProxyType, hash=False
+    )
+    source: str = NO_REQUIREMENTS_SOURCE
+    pattern_sources: Mapping[str, str] = attrs.field(
+        factory=dict, converter=MappingProxyType, hash=False
+    )
+
+
+def parse_requirements(data: bytes, source: str) -> Requirements:
+    """
+    Read a requirements file: its C{[experimental_network]} table is
+    validated as strictly as the network section; other tables belong to
+    codex. A file without the table imposes nothing.
+
+    @raise ConfigError: on any mistake, naming C{source}, the dotted key and
+        the value.
+    """
+    document = load_toml(data, source)
+    table = _Table(document, source, "").table(_REQUIREMENTS_TABLE)
+    table.check_keys(_REQUIREMENTS_KEYS)
+    allowed, denied = _pattern_lists(table)
+    ceilings: dict[str, Any] = {}
+    for name in _CEILING_KEYS:
+        if name == "mode":
+            mode = table.get(name, None, _is_str, "a string")
+            if mode is None:
+                continue
+            if mode not in ("full", "limited"):
+                raise table.error(
+                    table.key(name),
+                    f"unknown value {mode!r} (expected 'full' or 'limited')",
+                )
+            ceilings[name] = Mode(mode)
+        elif name in table.values:
+            ceilings[name] = table.get(name, None, _is_bool, "a boolean")
+    return Requirements(
+        allowed_domains=tuple(allowed),
+        denied_domains=tuple(denied),
+        managed_allowed_domains_only=table.get(
+            "managed_allowed_domains_only", False, _is_bool, "a boolean"
+        ),
+        ceilings=ceilings,
+        source=source,
+        pattern_sources={**allowed, **denied},
+    )
+
+
+def _pattern_lists(table: _Table) -> tuple[dict[str, str], dict[str, str]]:
+    """
+    The C{allowed_domains} and C{denied_domains} arrays of C{table} as
+    canonical pattern -> where it first appeared; a pattern in both lists is
+    kept only as denied.
+    """
+    allowed: dict[str, str] = {}
+    denied: dict[str, str] = {}
+    for name, into in (("allowed_domains", allowed), ("denied_domains", denied)):
+        for text, key in table.strings(name):
+            into.setdefault(_pattern(text, key, table), f"{table.source}: {key}")
+    allowed = {text: where for text, where in allowed.items() if text not in denied}
+    return allowed, denied
+
+
+def parse_domain_lists(data: bytes, source: str) -> tuple[dict[str, str], dict[str, str]]:
+    """
+    A file of nothing but top-level C{allowed_domains} and C{denied_domains}
+    arrays (the remembered approvals of SPEC §2.5), validated like the
+    network section: see L{_pattern_lists}.
+
+    @raise ConfigError: naming C{source}, the key and the value.
+    """
+    table = _Table(load_toml(data, source), source, "")
+    table.check_keys(("allowed_domains", "denied_domains"))
+    return _pattern_lists(table)
+
+
+def load_requirements(path: str) -> Requirements:
+    """
+    Read and parse the requirements file at C{path}.
+
+    @raise ConfigError: the file cannot be read or is invalid.
+    """
+    return parse_requirements(read_file(path, "requirements file"), path)
+
+
+def _exceeds(value: Any, ceiling: Any) -> bool:
+    if isinstance(ceiling, Mode):
+        return ceiling is Mode.LIMITED and value is Mode.FULL
+    return bool(value) and not ceiling
+
+
+def _spell(value: Any) -> str:
+    """
+    A ceiling-checked value as TOML spells it.
+    """
+    if isinstance(value, Mode):
+        return json.dumps(value.value)
+    return str(value).lower()
+
+
+def merge_requirements(config: ProxyConfig, requirements: Requirements) -> ProxyConfig:
+    """
+    The effective config of a user config under managed requirements
+    (SPEC §2.4): domain lists merged (deny from every source wins), the
+    allowlist pinned to the managed one when C{managed_allowed_domains_only},
+    and every ceiling applied.
+
+    @raise ConfigError: the user config sets a key above its ceiling
+        explicitly; the message names both files and keys.
+    """
+    changes: dict[str, Any] = {}
+    for name, ceiling in requirements.ceilings.items():
+        value = getattr(config, name)
+        if not _exceeds(value, ceiling):
+            continue
+        if name in config.explicit:
+            raise ConfigError(
+                config.source,
+                f"{config.section}.{name}",
+                f"{_spell(value)} exceeds the managed ceiling "
+                f"{requirements.source}: {_REQUIREMENTS_TABLE}.{name} = {_spell(ceiling)}",
+            )
+        changes[name] = ceiling
+    denied = dict.fromkeys((*requirements.denied_domains, *config.denied_domains))
+    warnings = config.warnings
+    if requirements.managed_allowed_domains_only:
+        ignored = [
+            text
+            for text in config.allowed_domains
+            if text not in requirements.allowed_domains
+        ]
+        if ignored:
+            warnings += (
+                f"{requirements.source}: {_REQUIREMENTS_TABLE}."
+                "managed_allowed_domains_only = true: ignoring allowed patterns "
+                "not in the managed allowlist: "
+                + ", ".join(f"{text} ({config.pattern_sources[text]})" for text in ignored),
+            )
+        allowed = dict.fromkeys(requirements.allowed_domains)
+    else:
+        allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
+    allowed_domains = tuple(text for text in allowed if text not in denied)
+    managed = requirements.pattern_sources
+    sources = {
+        text: managed[text] if text in requirements.allowed_domains else config.pattern_sources[text]
+        for text in allowed_domains
+    }
+    for text in denied:
+        sources[text] = (
+            managed[text] if text in requirements.denied_domains else config.pattern_sources[text]
+        )
+    return attrs.evolve(
+        config,
+        **changes,
+        allowed_domains=allowed_domains,
+        denied_domains=tuple(denied),
+        pattern_sources=sources,
+        warnings=warnings,
+        managed_allowed_domains_only=requirements.managed_allowed_domains_only,
+    )

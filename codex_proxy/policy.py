@@ -33,6 +33,9 @@ _MAX_PORT = 65535
 class Policy:
     """
     Everything the synchronous decision needs, with patterns compiled.
+
+    @ivar managed_allowed_domains_only: allowlist misses are final: the
+        allowlist is managed (SPEC §2.4), so no decider may lift a miss.
     """
 
     enabled: bool
@@ -41,6 +44,7 @@ class Policy:
     allow_local_binding: bool
     allowed: DomainSet
     denied: DomainSet
+    managed_allowed_domains_only: bool = False
 
     @classmethod
     def build(
@@ -52,6 +56,7 @@ class Policy:
         allow_local_binding: bool = False,
         allowed: Iterable[str] = (),
         denied: Iterable[str] = (),
+        managed_allowed_domains_only: bool = False,
     ) -> Policy:
         """
         Compile pattern strings into a policy.
@@ -65,6 +70,7 @@ class Policy:
             allow_local_binding=allow_local_binding,
             allowed=DomainSet(parse_pattern(text) for text in allowed),
             denied=DomainSet(parse_pattern(text) for text in denied),
+            managed_allowed_domains_only=managed_allowed_domains_only,
         )
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
@@ -26,11 +27,12 @@ from codex_proxy.config import (
     ListenAddress,
     ProxyConfig,
     default_config_path,
-    load_config,
 )
 from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.policystate import PolicyState
+from codex_proxy.rules import SourcePaths, Sources, effective_config, load_sources, rules_path
 from codex_proxy.upstream import Upstream
 
 _log = Logger()
@@ -51,6 +53,13 @@ class Options(usage.Options):
             " defaulting to ~/.codex).",
         ],
         [
+            "requirements",
+            None,
+            None,
+            "Managed requirements file ([experimental_network] table) that caps"
+            " and extends the config.",
+        ],
+        [
             "ports-file",
             None,
             None,
@@ -60,14 +69,35 @@ class Options(usage.Options):
     ]
 
     config: ProxyConfig
+    paths: SourcePaths
+    sources: Sources
 
     def postOptions(self) -> None:
-        path = self["config"] or default_config_path(os.environ)
         try:
-            self.config = load_config(path)
+            self.paths = SourcePaths(
+                self["config"] or default_config_path(os.environ),
+                self["requirements"],
+                _remembered_rules_path(given_config=self["config"] is not None),
+            )
+            self.sources = load_sources(self.paths)
         except ConfigError as e:
             sys.stderr.write(f"codexproxy: config error: {e}\n")
             raise SystemExit(1)
+        self.config = effective_config(self.sources)
+
+
+def _remembered_rules_path(given_config: bool) -> Optional[str]:
+    """
+    Where remembered approvals live; without C{CODEX_HOME} or C{HOME} there
+    is no such place, which is an error only when the config is looked up
+    there too.
+    """
+    try:
+        return rules_path(os.environ)
+    except ConfigError:
+        if given_config:
+            return None
+        raise
 
 
 def policy_from_config(config: ProxyConfig) -> Policy:
@@ -85,6 +115,7 @@ def policy_from_config(config: ProxyConfig) -> Policy:
         allow_local_binding=config.allow_local_binding,
         allowed=config.allowed_domains,
         denied=config.denied_domains,
+        managed_allowed_domains_only=config.managed_allowed_domains_only,
     )
 
 
@@ -118,7 +149,13 @@ class ProxyService(Service):
         config: ProxyConfig,
         reactor: Any = None,
         ports_file: Optional[str] = None,
+        sources: Optional[Sources] = None,
+        paths: Optional[SourcePaths] = None,
     ) -> None:
+        """
+        @param sources: the parsed files C{config} was computed from; with
+            C{paths}, the policy reloads on SIGHUP (L{PolicyState}).
+        """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.config = config
@@ -133,9 +170,23 @@ class ProxyService(Service):
             auditor=Auditor(reactor.seconds),
             resolve_timeout=config.limits.connect_timeout_s,
         )
+        self.state: Optional[PolicyState] = None
+        self._restore_sighup: Optional[Callable[[], None]] = None
+        if sources is not None and paths is not None:
+            self.state = PolicyState(
+                self.policy,
+                sources,
+                paths,
+                compile=policy_from_config,
+                run_in_thread=lambda f: threads.deferToThreadPool(
+                    reactor, reactor.getThreadPool(), f
+                ),
+            )
 
     def startService(self) -> None:
         super().startService()
+        if self.state is not None:
+            self._restore_sighup = reload_on_sighup(self._reactor, self.state.reload)
         config = self.config
         for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
@@ -198,6 +249,9 @@ class ProxyService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
         if self._ports_file is not None:
             try:
                 os.remove(self._ports_file)
@@ -207,5 +261,23 @@ class ProxyService(Service):
         return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
 
 
+def reload_on_sighup(reactor: Any, reload: Callable[[], Any]) -> Callable[[], None]:
+    """
+    Call C{reload} on the reactor thread whenever SIGHUP arrives; returns
+    the function that puts the previous handler back.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload)
+
+    previous = signal.signal(signal.SIGHUP, handler)
+    return lambda: signal.signal(signal.SIGHUP, previous)
+
+
 def makeService(options: Options) -> ProxyService:
-    return ProxyService(options.config, ports_file=options["ports-file"])
+    return ProxyService(
+        options.config,
+        ports_file=options["ports-file"],
+        sources=options.sources,
+        paths=options.paths,
+    )

@@ -5,6 +5,7 @@ The twistd plugin: option parsing, config errors, binding and the ports file.
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 from twisted.internet import error
@@ -85,3 +86,73 @@ def test_failed_bind_exits_1_naming_the_address(tmp_path, capsys):
     assert exc.value.code == 1
     assert "127.0.0.1:3128 (proxy_url)" in capsys.readouterr().err
     assert not ports.exists()
+
+
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """
+    A memory reactor that records what a signal handler hands to the
+    reactor thread instead of running it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fromThread = []
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.fromThread.append((f, args, kwargs))
+
+
+def test_requirements_option_caps_the_config(tmp_path):
+    (tmp_path / "c.toml").write_bytes(ENABLED + b'mode = "full"\n')
+    (tmp_path / "r.toml").write_text(
+        '[experimental_network]\nallowed_domains = ["m.test"]\nallow_upstream_proxy = false\n'
+    )
+    options = Options()
+    options.parseOptions(
+        ["--config", str(tmp_path / "c.toml"), "--requirements", str(tmp_path / "r.toml")]
+    )
+    assert options.config.allowed_domains == ("m.test", "a.test")
+    assert options.config.allow_upstream_proxy is False
+
+
+def test_ceiling_exceeded_exits_1_naming_both_files(tmp_path, capsys):
+    (tmp_path / "c.toml").write_bytes(ENABLED + b'mode = "full"\n')
+    (tmp_path / "r.toml").write_text('[experimental_network]\nmode = "limited"\n')
+    with pytest.raises(SystemExit) as exc:
+        Options().parseOptions(
+            ["--config", str(tmp_path / "c.toml"), "--requirements", str(tmp_path / "r.toml")]
+        )
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert 'c.toml: network.mode: "full" exceeds the managed ceiling' in err
+    assert 'r.toml: experimental_network.mode = "limited"' in err
+    assert "Traceback" not in err
+
+
+def test_broken_remembered_rules_stop_start_up(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.toml").write_bytes(ENABLED)
+    (tmp_path / "proxy").mkdir()
+    (tmp_path / "proxy" / "network-rules.toml").write_text('allowed_domains = ["*"]\n')
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path))
+    with pytest.raises(SystemExit):
+        Options().parseOptions([])
+    assert "network-rules.toml: allowed_domains[0]" in capsys.readouterr().err
+
+
+def test_sighup_reloads_on_the_reactor_thread_while_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_bytes(ENABLED)
+    options = Options()
+    options.parseOptions([])
+    reactor = ThreadedMemoryReactor()
+    service = ProxyService(
+        options.config, reactor, sources=options.sources, paths=options.paths
+    )
+    before = signal.getsignal(signal.SIGHUP)
+
+    service.startService()
+    signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+    assert reactor.fromThread == [(service.state.reload, (), {})]
+    service.stopService()
+
+    assert signal.getsignal(signal.SIGHUP) == before
