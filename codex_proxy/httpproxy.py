@@ -30,6 +30,7 @@ from zope.interface import implementer
 from codex_proxy import _httphead
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError, UpstreamError, reply_for
+from codex_proxy.live import Connections
 from codex_proxy.model import IPAddress, Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.relay import Relay
@@ -105,6 +106,8 @@ class _UpstreamBackpressure:
 class HTTPProxyFactory(Factory):
     """
     Builds L{HTTPProxyProtocol}s sharing one policy service and dialer.
+
+    @ivar connections: where client connections register while open.
     """
 
     noisy = False
@@ -116,12 +119,14 @@ class HTTPProxyFactory(Factory):
         clock: IReactorTime,
         head_limits: _httphead.HeadLimits = _httphead.HeadLimits(),
         tunnel_idle: float = 3600.0,
+        connections: Optional[Connections] = None,
     ) -> None:
         self.policy = policy
         self.upstream = upstream
         self.clock = clock
         self.head_limits = head_limits
         self.tunnel_idle = tunnel_idle
+        self.connections = connections if connections is not None else Connections()
 
     def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
@@ -162,6 +167,7 @@ class HTTPProxyProtocol(Protocol, Sink):
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.factory.connections.opened(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
@@ -197,6 +203,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         pass
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.factory.connections.closed(self.transport)
         self._state = CLOSED
         work, self._work = self._work, None
         if work is not None:

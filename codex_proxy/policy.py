@@ -33,6 +33,9 @@ _MAX_PORT = 65535
 class Policy:
     """
     Everything the synchronous decision needs, with patterns compiled.
+
+    @ivar consult_decider: whether an allowlist miss may be put to the
+        policy decider (false when only managed domains count, SPEC §2.4).
     """
 
     enabled: bool
@@ -41,6 +44,7 @@ class Policy:
     allow_local_binding: bool
     allowed: DomainSet
     denied: DomainSet
+    consult_decider: bool = True
 
     @classmethod
     def build(
@@ -52,6 +56,7 @@ class Policy:
         allow_local_binding: bool = False,
         allowed: Iterable[str] = (),
         denied: Iterable[str] = (),
+        consult_decider: bool = True,
     ) -> Policy:
         """
         Compile pattern strings into a policy.
@@ -65,6 +70,7 @@ class Policy:
             allow_local_binding=allow_local_binding,
             allowed=DomainSet(parse_pattern(text) for text in allowed),
             denied=DomainSet(parse_pattern(text) for text in denied),
+            consult_decider=consult_decider,
         )
 
 
