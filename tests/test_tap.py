@@ -11,7 +11,7 @@ from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.config import parse_config
-from codex_proxy.tap import Options, ProxyService, makeService
+from codex_proxy.tap import Options, assemble, makeService
 
 ENABLED = b'[network]\nenabled = true\nproxy_url = "127.0.0.1:0"\nallowed_domains = ["a.test"]\n'
 
@@ -52,17 +52,19 @@ def test_makeService_uses_the_options(tmp_path):
     options = Options()
     options.parseOptions(["--config", str(tmp_path / "c.toml"), "--ports-file", "p.json"])
     service = makeService(options)
-    assert service.config.allowed_domains == ("a.test",)
+    (proxy,) = [child for child in service if hasattr(child, "config")]
+    assert proxy.config.allowed_domains == ("a.test",)
 
 
 def test_enabled_binds_the_http_listener_and_writes_the_ports_file(tmp_path):
     reactor = MemoryReactorClock()
     ports = tmp_path / "ports.json"
-    service = ProxyService(parse_config(ENABLED, "c.toml"), reactor, str(ports))
+    service = assemble(parse_config(ENABLED, "c.toml"), reactor, str(ports), environ={})
     service.startService()
     ((port, _factory, _backlog, interface),) = reactor.tcpServers
     assert (port, interface) == (0, "127.0.0.1")
-    assert json.loads(ports.read_text()) == {"http": service.addresses["http"]}
+    (proxy,) = [child for child in service if hasattr(child, "addresses")]
+    assert json.loads(ports.read_text()) == {"http": proxy.addresses["http"]}
     service.stopService()
     assert not ports.exists()
 
@@ -70,7 +72,9 @@ def test_enabled_binds_the_http_listener_and_writes_the_ports_file(tmp_path):
 def test_disabled_binds_nothing_and_lists_no_listener(tmp_path):
     reactor = MemoryReactorClock()
     ports = tmp_path / "ports.json"
-    service = ProxyService(parse_config(b"[network]\nenabled = false\n", "c.toml"), reactor, str(ports))
+    service = assemble(
+        parse_config(b"[network]\nenabled = false\n", "c.toml"), reactor, str(ports), environ={}
+    )
     service.startService()
     assert reactor.tcpServers == []
     assert json.loads(ports.read_text()) == {}
@@ -79,7 +83,7 @@ def test_disabled_binds_nothing_and_lists_no_listener(tmp_path):
 def test_failed_bind_exits_1_naming_the_address(tmp_path, capsys):
     ports = tmp_path / "ports.json"
     config = parse_config(b'[network]\nenabled = true\nproxy_url = "127.0.0.1:3128"\n', "c.toml")
-    service = ProxyService(config, RefusingReactor(), str(ports))
+    service = assemble(config, RefusingReactor(), str(ports), environ={})
     with pytest.raises(SystemExit) as exc:
         service.startService()
     assert exc.value.code == 1
