@@ -3,24 +3,40 @@ Audit events: one structured event per policy decision (SPEC §9.3).
 
 Events go through C{twisted.logger} in the namespace
 C{codex_otel.network_proxy}; the flat, dotted field mapping is under the
-event key C{"audit"} so observers (a JSON-lines file, an exporter) can take it
-as it is. Nothing here ever sees a URL path, a query or a credential: the
-fields are built from a L{Verdict} alone.
+event key C{"audit"}. The same mapping is handed to the auditor's sinks: a
+L{JSONLinesLog} (C{--audit-log}) and, when configured, an OpenTelemetry
+exporter (L{otel_sink}). Sinks belong to one auditor, so two proxies in one
+process never write each other's events. Nothing here ever sees a URL path,
+a query or a credential: the fields are built from a L{Verdict} alone.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib
+import json
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from codex_proxy.model import Verdict
+from codex_proxy.model import Source, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
 NAMESPACE = "codex_otel.network_proxy"
 
+#: The C{server.address} of a unix-socket target (SPEC §8).
+UNIX_SOCKET_ADDRESS = "unix-socket"
+
+#: Decisions that are about the proxy's state or the request's kind rather
+#: than its destination host (the Rust original's C{non_domain} events).
+_NON_DOMAIN_SOURCES = frozenset({Source.MODE_GUARD, Source.PROXY_STATE})
+
+Sink = Callable[[Dict[str, Any]], None]
+
 _log = Logger(namespace=NAMESPACE)
+_ownLog = Logger()
 
 
 def rfc3339(seconds: float) -> str:
@@ -34,6 +50,16 @@ def rfc3339(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
+def scope(verdict: Verdict) -> str:
+    """
+    C{non_domain} for mode-guard and proxy-state decisions and unix-socket
+    targets, C{domain} for everything decided about a destination host.
+    """
+    if verdict.source in _NON_DOMAIN_SOURCES or verdict.host == UNIX_SOCKET_ADDRESS:
+        return "non_domain"
+    return "domain"
+
+
 def decision_fields(
     verdict: Verdict, timestamp: float, metadata: Mapping[str, str] = {}
 ) -> Dict[str, Any]:
@@ -44,7 +70,7 @@ def decision_fields(
     fields: Dict[str, Any] = {
         "event.name": EVENT_NAME,
         "event.timestamp": rfc3339(timestamp),
-        "network.policy.scope": "domain",
+        "network.policy.scope": scope(verdict),
         "network.policy.decision": verdict.decision.value,
         "network.policy.source": verdict.source.value,
         "network.policy.reason": (
@@ -67,18 +93,23 @@ class Auditor:
 
     @ivar metadata: optional fields added to every event
         (C{conversation.id}, C{app.version}, C{user.account_id}).
+    @ivar sinks: callables each given every event's fields.
     """
 
     def __init__(
         self,
         seconds: Callable[[], float],
         metadata: Optional[Mapping[str, str]] = None,
+        sinks: Optional[List[Sink]] = None,
     ) -> None:
         self._seconds = seconds
         self.metadata = dict(metadata or {})
+        self.sinks: List[Sink] = list(sinks or [])
 
     def record(self, verdict: Verdict) -> Dict[str, Any]:
         fields = decision_fields(verdict, self._seconds(), self.metadata)
+        for sink in self.sinks:
+            sink(fields)
         _log.info(
             "policy decision {decision} ({reason}) for {protocol} {host}:{port}",
             decision=fields["network.policy.decision"],
@@ -91,4 +122,155 @@ class Auditor:
         return fields
 
 
-__all__ = ["Auditor", "EVENT_NAME", "NAMESPACE", "decision_fields", "rfc3339"]
+class JSONLinesLog:
+    """
+    The C{--audit-log} file: one JSON object per decision and line, nothing
+    else. Lines are buffered and written at most C{interval} seconds after
+    the first of them (or as soon as C{limit} bytes wait), and on L{close},
+    so a busy proxy does one write per interval, not one per request. A
+    write error is logged once; the lines it failed to write are dropped
+    and the proxy carries on.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        clock: IReactorTime,
+        interval: float = 1.0,
+        limit: int = 1 << 16,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._interval = interval
+        self._limit = limit
+        self._file: Optional[IO[str]] = None
+        self._lines: List[str] = []
+        self._size = 0
+        self._timer: Optional[IDelayedCall] = None
+        self._failed = False
+
+    def open(self) -> None:
+        """
+        Open the file for appending (created if missing).
+
+        @raise OSError: it cannot be opened.
+        """
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def __call__(self, fields: Dict[str, Any]) -> None:
+        line = json.dumps(fields, separators=(",", ":")) + "\n"
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= self._limit:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(self._interval, self.flush)
+
+    def flush(self) -> None:
+        """
+        Write out what is buffered.
+        """
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        lines, self._lines, self._size = self._lines, [], 0
+        if not lines or self._file is None:
+            return
+        try:
+            self._file.write("".join(lines))
+            self._file.flush()
+        except (OSError, ValueError) as e:
+            if not self._failed:
+                self._failed = True
+                _ownLog.error(
+                    "cannot write the audit log {path}: {error};"
+                    " audit lines that fail to be written are dropped",
+                    path=self.path,
+                    error=e,
+                )
+
+    def close(self) -> None:
+        """
+        Flush and close the file.
+        """
+        self.flush()
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class OTelSink:
+    """
+    Hands each event to an OpenTelemetry logger as one log record, body the
+    event name, attributes the event's fields.
+    """
+
+    def __init__(self, provider: Any, record_type: Any) -> None:
+        self._provider = provider
+        self._logger = provider.get_logger(NAMESPACE)
+        self._record = record_type
+
+    def __call__(self, fields: Dict[str, Any]) -> None:
+        stamp = datetime.datetime.fromisoformat(fields["event.timestamp"])
+        self._logger.emit(
+            self._record(
+                timestamp=round(stamp.timestamp() * 1000) * 1_000_000,
+                severity_text="INFO",
+                body=EVENT_NAME,
+                attributes=dict(fields),
+            )
+        )
+
+    def close(self) -> None:
+        """
+        Export what is still queued (the batch processor's own thread does
+        the I/O; this waits for it once, at shutdown).
+        """
+        self._provider.shutdown()
+
+
+def otel_sink(
+    environ: Mapping[str, str],
+    import_module: Callable[[str], Any] = importlib.import_module,
+) -> Optional[OTelSink]:
+    """
+    An L{OTelSink} exporting over OTLP/HTTP when C{OTEL_EXPORTER_OTLP_ENDPOINT}
+    is set and the C{otel} extra is installed, else C{None}. The exporter
+    reads its endpoint, headers and timeouts from the standard C{OTEL_*}
+    variables.
+    """
+    if not environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return None
+    try:
+        api = import_module("opentelemetry._logs")
+        sdk = import_module("opentelemetry.sdk._logs")
+        export = import_module("opentelemetry.sdk._logs.export")
+        otlp = import_module("opentelemetry.exporter.otlp.proto.http._log_exporter")
+    except ImportError as e:
+        _ownLog.warn(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not"
+            " installed ({error}); install codex-proxy[otel] to export audit events",
+            error=e,
+        )
+        return None
+    provider = sdk.LoggerProvider()
+    provider.add_log_record_processor(export.BatchLogRecordProcessor(otlp.OTLPLogExporter()))
+    return OTelSink(provider, api.LogRecord)
+
+
+__all__ = [
+    "Auditor",
+    "EVENT_NAME",
+    "JSONLinesLog",
+    "NAMESPACE",
+    "OTelSink",
+    "UNIX_SOCKET_ADDRESS",
+    "decision_fields",
+    "otel_sink",
+    "rfc3339",
+    "scope",
+]

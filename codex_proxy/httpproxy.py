@@ -35,6 +35,7 @@ from zope.interface import implementer
 from codex_proxy import _httphead
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError, UpstreamError, reply_for
+from codex_proxy.live import Connections
 from codex_proxy.model import IPAddress, Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.relay import Relay
@@ -110,6 +111,8 @@ class _UpstreamBackpressure:
 class HTTPProxyFactory(Factory):
     """
     Builds L{HTTPProxyProtocol}s sharing one policy service and dialer.
+
+    @ivar connections: where client connections register while open.
     """
 
     noisy = False
@@ -123,6 +126,7 @@ class HTTPProxyFactory(Factory):
         tunnel_idle: float = 3600.0,
         header_timeout: float = 30.0,
         keepalive_idle: float = 120.0,
+        connections: Optional[Connections] = None,
     ) -> None:
         self.policy = policy
         self.upstream = upstream
@@ -131,6 +135,7 @@ class HTTPProxyFactory(Factory):
         self.tunnel_idle = tunnel_idle
         self.header_timeout = header_timeout
         self.keepalive_idle = keepalive_idle
+        self.connections = connections if connections is not None else Connections()
 
     def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
@@ -175,6 +180,7 @@ class HTTPProxyProtocol(Protocol, Sink):
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
+        self.factory.connections.opened(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
@@ -213,6 +219,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         pass
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.factory.connections.closed(self.transport)
         self._state = CLOSED
         self._stopTimer()
         work, self._work = self._work, None

@@ -112,6 +112,9 @@ class Verdict:
     @ivar intercept: the CONNECT is to be terminated by MITM (SPEC §6).
     @ivar override: a decider allowed an allowlist miss.
     @ivar matched: the pattern text that decided, if any.
+    @ivar detail: the policy decider's own reason for a deny or ask (kept in
+        the blocked history; the wire and the audit event say
+        C{policy_denied}).
     """
 
     request: ProxyRequest
@@ -123,6 +126,7 @@ class Verdict:
     intercept: bool = False
     override: bool = False
     matched: Optional[str] = None
+    detail: Optional[str] = None
 
     @property
     def allowed(self) -> bool:

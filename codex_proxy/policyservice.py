@@ -1,7 +1,9 @@
 """
-The policy engine with its I/O: resolution, pinning, audit and history.
+The policy engine with its I/O: the decider, resolution, pinning, audit and
+history.
 
 L{PolicyService.check} runs the synchronous core (L{codex_proxy.policy}),
+puts an allowlist miss to the policy decider when there is one (SPEC §9.2),
 resolves an allowed name exactly once through the injected resolver, rejects
 the whole answer when any address is not public (SPEC §5.1), records the
 audit event, and hands back the vetted addresses: the only ones the caller
@@ -26,9 +28,17 @@ from zope.interface import implementer
 
 from codex_proxy import addresses as _addresses
 from codex_proxy.audit import Auditor
+from codex_proxy.decider import (
+    Allow,
+    Ask,
+    Decider,
+    NetworkDecision,
+    NetworkPolicyRequest,
+    consult,
+)
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
-from codex_proxy.policy import Policy, decide, is_local_target
+from codex_proxy.policy import Policy, admit, decide, is_local_target
 
 #: How many blocked decisions L{PolicyService.blocked} remembers.
 BLOCKED_HISTORY = 200
@@ -96,6 +106,8 @@ class PolicyService:
     """
     Decides requests against the current policy; C{reload} swaps the policy
     atomically for decisions started afterwards.
+
+    @ivar decider: the embedder's policy decider, or C{None}.
     """
 
     def __init__(
@@ -106,12 +118,16 @@ class PolicyService:
         clock: IReactorTime,
         auditor: Optional[Auditor] = None,
         resolve_timeout: float = 10.0,
+        decider: Optional[Decider] = None,
+        decider_timeout: float = 30.0,
     ) -> None:
         self.policy = policy
+        self.decider = decider
         self._resolver = resolver
         self._clock = clock
         self._auditor = auditor or Auditor(clock.seconds)
         self._resolve_timeout = resolve_timeout
+        self._decider_timeout = decider_timeout
         self._blocked: Deque[Verdict] = collections.deque(maxlen=BLOCKED_HISTORY)
 
     def reload(self, policy: Policy) -> None:
@@ -128,9 +144,56 @@ class PolicyService:
         Decide C{request}. Fires with the L{Verdict} (allowed ones carry the
         vetted addresses), or fails with L{UpstreamError} when an allowed name
         cannot be resolved. Exactly one audit event is recorded either way.
+        Cancelling it while the decider or the resolver is busy records
+        nothing: no decision was made.
         """
         policy = self.policy
         verdict = decide(policy, request)
+        decider = self.decider
+        if (
+            verdict.reason is Reason.NOT_ALLOWED
+            and decider is not None
+            and not policy.managed_allowed_domains_only
+        ):
+            asked = NetworkPolicyRequest(
+                protocol=request.protocol,
+                host=verdict.host,
+                port=request.port,
+                client_addr=request.client,
+                method=request.method,
+                command=request.command,
+            )
+            d = consult(decider, asked, self._clock, self._decider_timeout)
+            d.addCallback(lambda decision: self._overruled(policy, verdict, decision))
+            return d
+        return self._settle(policy, verdict)
+
+    def _overruled(
+        self, policy: Policy, verdict: Verdict, decision: NetworkDecision
+    ) -> defer.Deferred[Verdict]:
+        """
+        Apply the decider's answer to an allowlist miss: an allow goes on
+        through the mode guard and vetting like any allowlisted host.
+        """
+        if isinstance(decision, Allow):
+            admitted = admit(policy, verdict.request, verdict.host, override=True)
+            if admitted.allowed:
+                admitted = attrs.evolve(admitted, source=Source.DECIDER)
+            return self._settle(policy, admitted)
+        blocked = attrs.evolve(
+            verdict,
+            decision=Decision.ASK if isinstance(decision, Ask) else Decision.DENY,
+            source=Source.DECIDER,
+            reason=Reason.POLICY_DENIED,
+            detail=decision.reason,
+        )
+        return defer.succeed(self._record(blocked))
+
+    def _settle(self, policy: Policy, verdict: Verdict) -> defer.Deferred[Verdict]:
+        """
+        Record a final verdict, or resolve and vet the name of an allowed one.
+        """
+        request = verdict.request
         if not verdict.allowed or verdict.addresses:
             return defer.succeed(self._record(verdict))
         d = resolve(
@@ -157,6 +220,7 @@ class PolicyService:
                     source=Source.BASELINE_POLICY,
                     reason=Reason.NOT_ALLOWED_LOCAL,
                     intercept=False,
+                    override=False,
                 )
                 return self._record(verdict)
         return self._record(attrs.evolve(verdict, addresses=tuple(found)))
@@ -164,7 +228,11 @@ class PolicyService:
     def _resolutionFailed(self, verdict: Verdict, failure):  # type: ignore[no-untyped-def]
         failure.trap(UpstreamError)
         failed = attrs.evolve(
-            verdict, decision=Decision.DENY, reason=failure.value.reason, intercept=False
+            verdict,
+            decision=Decision.DENY,
+            reason=failure.value.reason,
+            intercept=False,
+            override=False,
         )
         # Audited as the end of this decision, but a DNS failure is no block.
         self._auditor.record(failed)

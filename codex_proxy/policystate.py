@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
+import attrs
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -85,6 +87,16 @@ class PolicyState:
             C{False} when the old one was kept; it never fails.
         """
         return self._reloads.run(self._reloadOnce)
+
+    def replace(self, config: ProxyConfig) -> None:
+        """
+        Decide by C{config} from now on, with the same requirements,
+        remembered rules and runtime additions (the embedding API's reload
+        with a config object); listener keys keep their running values.
+
+        @raise ConfigError: C{config} exceeds a managed ceiling; nothing changed.
+        """
+        self._swap(attrs.evolve(self._sources, config=config))
 
     def _reloadOnce(self) -> defer.Deferred[bool]:
         d = self._run_in_thread(lambda: load_sources(self._paths))

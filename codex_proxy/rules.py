@@ -188,7 +188,7 @@ class SourcePaths:
     The files a policy is read from; C{None} for an absent source.
     """
 
-    config: str
+    config: Optional[str] = None
     requirements: Optional[str] = None
     rules: Optional[str] = None
 
@@ -211,6 +211,8 @@ def load_sources(paths: SourcePaths) -> Sources:
 
     @raise ConfigError: naming the file, the dotted key and the value.
     """
+    if paths.config is None:
+        raise ConfigError("<no config file>", None, "the proxy was given a config object, not a file")
     sources = Sources(
         load_config(paths.config),
         Requirements() if paths.requirements is None else load_requirements(paths.requirements),

@@ -3,7 +3,8 @@ C{twistd codexproxy}: command-line options and service assembly.
 
 The config is loaded and validated while the options are parsed, so a bad
 config stops C{twistd} with a one-line message and a non-zero exit before
-anything is bound.
+anything is bound. Binding itself is L{codex_proxy.api.ProxyService}'s; this
+module adds what only the command has: the ports file and the audit log.
 """
 
 from __future__ import annotations
@@ -12,28 +13,16 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from twisted.application.service import Service
-from twisted.internet import defer, endpoints, threads
-from twisted.internet.interfaces import IListeningPort
+from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from codex_proxy import _httphead
-from codex_proxy.audit import Auditor
-from codex_proxy.config import (
-    ConfigError,
-    ListenAddress,
-    ProxyConfig,
-    default_config_path,
-)
-from codex_proxy.httpproxy import HTTPProxyFactory
-from codex_proxy.policy import Policy
-from codex_proxy.policyservice import PolicyService
-from codex_proxy.policystate import PolicyState
+from codex_proxy.api import ProxyService
+from codex_proxy.audit import JSONLinesLog, Sink, otel_sink
+from codex_proxy.config import ConfigError, ProxyConfig, default_config_path
 from codex_proxy.rules import SourcePaths, Sources, effective_config, load_sources, rules_path
-from codex_proxy.upstream import Upstream
 
 _log = Logger()
 
@@ -65,6 +54,13 @@ class Options(usage.Options):
             None,
             "After binding, write the bound listener addresses to this file as"
             ' JSON ({"http": "127.0.0.1:PORT"}); removed on exit.',
+        ],
+        [
+            "audit-log",
+            None,
+            None,
+            "Append every policy decision to this file as one JSON object per"
+            " line (the audit event's flat dotted fields).",
         ],
     ]
 
@@ -100,184 +96,131 @@ def _remembered_rules_path(given_config: bool) -> Optional[str]:
         raise
 
 
-def policy_from_config(config: ProxyConfig) -> Policy:
+class _PortsFile(Service):
     """
-    Compile the policy of a config (once per load, never per request).
-
-    MITM is not part of this build, so a limited-mode CONNECT stays blocked
-    with C{mitm_required} even when the config asks for interception: the
-    safe side of a missing feature.
-    """
-    return Policy.build(
-        enabled=config.enabled,
-        mode=config.mode,
-        mitm=False,
-        allow_local_binding=config.allow_local_binding,
-        allowed=config.allowed_domains,
-        denied=config.denied_domains,
-        managed_allowed_domains_only=config.managed_allowed_domains_only,
-    )
-
-
-def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
-    limits = config.limits
-    return _httphead.HeadLimits(
-        max_request_line_bytes=limits.max_request_line_bytes,
-        max_header_bytes=limits.max_header_bytes,
-        max_header_fields=limits.max_header_fields,
-    )
-
-
-def _endpoint(reactor: Any, address: ListenAddress) -> Any:
-    if ":" in address.host:
-        return endpoints.TCP6ServerEndpoint(reactor, address.port, interface=address.host)
-    return endpoints.TCP4ServerEndpoint(reactor, address.port, interface=address.host)
-
-
-def _bound(port: IListeningPort) -> str:
-    host = port.getHost()
-    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
-
-
-class ProxyService(Service):
-    """
-    Binds the listeners of a config and serves them until stopped.
+    Writes the bound addresses of a started L{ProxyService} atomically, and
+    removes the file on stop.
     """
 
-    def __init__(
-        self,
-        config: ProxyConfig,
-        reactor: Any = None,
-        ports_file: Optional[str] = None,
-        sources: Optional[Sources] = None,
-        paths: Optional[SourcePaths] = None,
-    ) -> None:
-        """
-        @param sources: the parsed files C{config} was computed from; with
-            C{paths}, the policy reloads on SIGHUP (L{PolicyState}).
-        """
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-        self.config = config
-        self._reactor = reactor
-        self._ports_file = ports_file
-        self._ports: List[IListeningPort] = []
-        self.addresses: Dict[str, str] = {}
-        self.policy = PolicyService(
-            policy_from_config(config),
-            resolver=reactor.nameResolver,
-            clock=reactor,
-            auditor=Auditor(reactor.seconds),
-            resolve_timeout=config.limits.connect_timeout_s,
-        )
-        self.state: Optional[PolicyState] = None
-        self._restore_sighup: Optional[Callable[[], None]] = None
-        if sources is not None and paths is not None:
-            self.state = PolicyState(
-                self.policy,
-                sources,
-                paths,
-                compile=policy_from_config,
-                run_in_thread=lambda f: threads.deferToThreadPool(
-                    reactor, reactor.getThreadPool(), f
-                ),
-            )
+    def __init__(self, path: str, proxy: ProxyService) -> None:
+        self._path = path
+        self._proxy = proxy
 
     def startService(self) -> None:
         super().startService()
-        if self.state is not None:
-            self._restore_sighup = reload_on_sighup(self._reactor, self.state.reload)
-        config = self.config
-        for warning in config.warnings:
-            _log.warn("{warning}", warning=warning)
-        if config.mitm:
-            _log.warn(
-                "{source}: mitm = true, but HTTPS interception is not available"
-                " in this build: CONNECT in limited mode stays blocked",
-                source=config.source,
-            )
-        if not config.enabled:
-            _log.info(
-                "codex-proxy is disabled (enabled = false in {source}); no listener bound",
-                source=config.source,
-            )
-        else:
-            self._listen()
-        self._writePortsFile()
-
-    def _listen(self) -> None:
-        config = self.config
-        reactor = self._reactor
-        factory = HTTPProxyFactory(
-            self.policy,
-            Upstream(reactor, config.limits.connect_timeout_s),
-            reactor,
-            head_limits(config),
-            tunnel_idle=config.limits.tunnel_idle_s,
-            header_timeout=config.limits.header_timeout_s,
-            keepalive_idle=config.limits.keepalive_idle_s,
-        )
-        failures: List[str] = []
-
-        def bound(port: IListeningPort) -> None:
-            self._ports.append(port)
-            self.addresses["http"] = _bound(port)
-
-        def failed(failure: Any) -> None:
-            failures.append(
-                f"cannot listen on {config.http_listen} (proxy_url): "
-                f"{failure.getErrorMessage()}"
-            )
-
-        # TCP endpoints bind synchronously: the Deferred has fired on return.
-        _endpoint(reactor, config.http_listen).listen(factory).addCallbacks(bound, failed)
-        if failures:
-            for port in self._ports:
-                port.stopListening()
-            sys.stderr.write(f"codexproxy: {failures[0]}\n")
-            raise SystemExit(1)
-        _log.info("codex-proxy HTTP proxy listening on {address}", address=self.addresses["http"])
-
-    def _writePortsFile(self) -> None:
-        if self._ports_file is None:
-            return
-        tmp = f"{self._ports_file}.tmp{os.getpid()}"
+        tmp = f"{self._path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(self.addresses, f)
-        os.replace(tmp, self._ports_file)
-        _log.info("ports file written: {path}", path=self._ports_file)
+            json.dump(self._proxy.addresses, f)
+        os.replace(tmp, self._path)
+        _log.info("ports file written: {path}", path=self._path)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
-        if self._restore_sighup is not None:
-            self._restore_sighup()
-            self._restore_sighup = None
-        if self._ports_file is not None:
+        try:
+            os.remove(self._path)
+        except FileNotFoundError:
+            pass
+
+
+class _AuditSink(Service):
+    """
+    Opens an audit sink before the proxy starts and closes (flushes) it
+    after the proxy stopped; an audit log that cannot be opened stops
+    start-up like a bad config.
+    """
+
+    def __init__(self, close: Callable[[], None], open: Optional[Callable[[], None]] = None):
+        self._open = open
+        self._close = close
+
+    def startService(self) -> None:
+        super().startService()
+        if self._open is not None:
             try:
-                os.remove(self._ports_file)
-            except FileNotFoundError:
-                pass
-        ports, self._ports = self._ports, []
-        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
+                self._open()
+            except OSError as e:
+                sys.stderr.write(f"codexproxy: cannot open the audit log: {e}\n")
+                raise SystemExit(1)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._close()
 
 
-def reload_on_sighup(reactor: Any, reload: Callable[[], Any]) -> Callable[[], None]:
+class _ReloadOnHangup(Service):
     """
-    Call C{reload} on the reactor thread whenever SIGHUP arrives; returns
-    the function that puts the previous handler back.
+    Re-reads the policy files of a running L{ProxyService} on SIGHUP (SPEC
+    §2.5); the previous handler is put back on stop.
     """
 
-    def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload)
+    def __init__(self, reactor: Any, proxy: ProxyService) -> None:
+        self._reactor = reactor
+        self._proxy = proxy
+        self._previous: Any = None
 
-    previous = signal.signal(signal.SIGHUP, handler)
-    return lambda: signal.signal(signal.SIGHUP, previous)
+    def startService(self) -> None:
+        super().startService()
+
+        def handler(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(self._reload)
+
+        self._previous = signal.signal(signal.SIGHUP, handler)
+
+    def _reload(self) -> None:
+        if self._proxy.proxy is not None:
+            self._proxy.proxy.reload()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
 
 
-def makeService(options: Options) -> ProxyService:
-    return ProxyService(
+def assemble(
+    config: ProxyConfig,
+    reactor: Any = None,
+    ports_file: Optional[str] = None,
+    audit_log: Optional[str] = None,
+    environ: Mapping[str, str] = os.environ,
+    sources: Optional[Sources] = None,
+    paths: Optional[SourcePaths] = None,
+) -> MultiService:
+    """
+    The services of one C{twistd codexproxy}, started in order (audit sinks,
+    the proxy, SIGHUP reloading, the ports file) and stopped in reverse.
+
+    @param sources: the parsed files C{config} was computed from; with
+        C{paths}, the policy reloads from them on SIGHUP.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    top = MultiService()
+    sinks: list[Sink] = []
+    if audit_log is not None:
+        log = JSONLinesLog(audit_log, reactor)
+        _AuditSink(log.close, log.open).setServiceParent(top)
+        sinks.append(log)
+    exporter = otel_sink(environ)
+    if exporter is not None:
+        _AuditSink(exporter.close).setServiceParent(top)
+        sinks.append(exporter)
+    proxy = ProxyService(
+        config, reactor, audit_sinks=tuple(sinks), sources=sources, paths=paths
+    )
+    proxy.setServiceParent(top)
+    if paths is not None:
+        _ReloadOnHangup(reactor, proxy).setServiceParent(top)
+    if ports_file is not None:
+        _PortsFile(ports_file, proxy).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> MultiService:
+    return assemble(
         options.config,
         ports_file=options["ports-file"],
+        audit_log=options["audit-log"],
         sources=options.sources,
         paths=options.paths,
     )

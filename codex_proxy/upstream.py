@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy.errors import UpstreamError
+from codex_proxy.live import Connections
 from codex_proxy.model import IPAddress, Reason
 
 
@@ -46,6 +47,7 @@ class Outbound(Protocol):
     factory: "_DialFactory"
 
     def connectionMade(self) -> None:
+        self.factory.connections.opened(self.transport)
         self.factory.connected(self)
 
     def attach(self, sink: Sink) -> None:
@@ -68,6 +70,7 @@ class Outbound(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.factory.connections.closed(self.transport)
         if self.sink is not None:
             sink, self.sink = self.sink, None
             sink.outboundLost(reason)
@@ -88,8 +91,9 @@ class _DialFactory(ClientFactory):
     noisy = False
     protocol = Outbound
 
-    def __init__(self, deferred: defer.Deferred[Outbound]) -> None:
+    def __init__(self, deferred: defer.Deferred[Outbound], connections: Connections) -> None:
         self.deferred = deferred
+        self.connections = connections
 
     def connected(self, proto: Outbound) -> None:
         if self.deferred.called:  # cancelled meanwhile
@@ -105,11 +109,19 @@ class _DialFactory(ClientFactory):
 class Upstream:
     """
     Dials vetted addresses with a connect timeout.
+
+    @ivar connections: where outbound connections register while open.
     """
 
-    def __init__(self, reactor: IReactorTCP, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        connect_timeout: float = 10.0,
+        connections: Optional[Connections] = None,
+    ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
+        self.connections = connections if connections is not None else Connections()
 
     def connect(
         self, addresses: Sequence[IPAddress], port: int
@@ -138,7 +150,7 @@ class Upstream:
             where = f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
             d: defer.Deferred[Outbound] = defer.Deferred()
             current[0] = self._reactor.connectTCP(
-                str(ip), port, _DialFactory(d), timeout=self._timeout
+                str(ip), port, _DialFactory(d, self.connections), timeout=self._timeout
             )
 
             def failed(failure: Failure) -> None:

@@ -19,7 +19,7 @@ from codex_proxy.model import Protocol, ProxyRequest
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.policystate import PolicyState
 from codex_proxy.rules import RuleError, SourcePaths, effective_config, load_rules, load_sources
-from codex_proxy.tap import policy_from_config
+from codex_proxy.api import policy_from_config
 from codex_proxy.testing import RecordingAuditor, StaticResolver
 
 PUBLIC = "198.51.99.7"

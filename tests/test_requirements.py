@@ -17,7 +17,7 @@ from codex_proxy.config import (
 )
 from codex_proxy.model import Mode, Protocol, ProxyRequest, Reason
 from codex_proxy.policy import decide
-from codex_proxy.tap import policy_from_config
+from codex_proxy.api import policy_from_config
 
 
 def user(body: str):

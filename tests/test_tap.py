@@ -12,7 +12,7 @@ from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.config import parse_config
-from codex_proxy.tap import Options, ProxyService, makeService
+from codex_proxy.tap import Options, assemble, makeService
 
 ENABLED = b'[network]\nenabled = true\nproxy_url = "127.0.0.1:0"\nallowed_domains = ["a.test"]\n'
 
@@ -53,17 +53,19 @@ def test_makeService_uses_the_options(tmp_path):
     options = Options()
     options.parseOptions(["--config", str(tmp_path / "c.toml"), "--ports-file", "p.json"])
     service = makeService(options)
-    assert service.config.allowed_domains == ("a.test",)
+    (proxy,) = [child for child in service if hasattr(child, "config")]
+    assert proxy.config.allowed_domains == ("a.test",)
 
 
 def test_enabled_binds_the_http_listener_and_writes_the_ports_file(tmp_path):
     reactor = MemoryReactorClock()
     ports = tmp_path / "ports.json"
-    service = ProxyService(parse_config(ENABLED, "c.toml"), reactor, str(ports))
+    service = assemble(parse_config(ENABLED, "c.toml"), reactor, str(ports), environ={})
     service.startService()
     ((port, _factory, _backlog, interface),) = reactor.tcpServers
     assert (port, interface) == (0, "127.0.0.1")
-    assert json.loads(ports.read_text()) == {"http": service.addresses["http"]}
+    (proxy,) = [child for child in service if hasattr(child, "addresses")]
+    assert json.loads(ports.read_text()) == {"http": proxy.addresses["http"]}
     service.stopService()
     assert not ports.exists()
 
@@ -71,7 +73,9 @@ def test_enabled_binds_the_http_listener_and_writes_the_ports_file(tmp_path):
 def test_disabled_binds_nothing_and_lists_no_listener(tmp_path):
     reactor = MemoryReactorClock()
     ports = tmp_path / "ports.json"
-    service = ProxyService(parse_config(b"[network]\nenabled = false\n", "c.toml"), reactor, str(ports))
+    service = assemble(
+        parse_config(b"[network]\nenabled = false\n", "c.toml"), reactor, str(ports), environ={}
+    )
     service.startService()
     assert reactor.tcpServers == []
     assert json.loads(ports.read_text()) == {}
@@ -80,12 +84,26 @@ def test_disabled_binds_nothing_and_lists_no_listener(tmp_path):
 def test_failed_bind_exits_1_naming_the_address(tmp_path, capsys):
     ports = tmp_path / "ports.json"
     config = parse_config(b'[network]\nenabled = true\nproxy_url = "127.0.0.1:3128"\n', "c.toml")
-    service = ProxyService(config, RefusingReactor(), str(ports))
+    service = assemble(config, RefusingReactor(), str(ports), environ={})
     with pytest.raises(SystemExit) as exc:
         service.startService()
     assert exc.value.code == 1
     assert "127.0.0.1:3128 (proxy_url)" in capsys.readouterr().err
     assert not ports.exists()
+
+
+class SyncPool:
+    """
+    A thread pool that runs work at once, for deferToThreadPool.
+    """
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException as e:  # handed back like the real pool does
+            onResult(False, e)
+        else:
+            onResult(True, result)
 
 
 class ThreadedMemoryReactor(MemoryReactorClock):
@@ -145,14 +163,21 @@ def test_sighup_reloads_on_the_reactor_thread_while_running(tmp_path, monkeypatc
     options = Options()
     options.parseOptions([])
     reactor = ThreadedMemoryReactor()
-    service = ProxyService(
-        options.config, reactor, sources=options.sources, paths=options.paths
-    )
+    reactor.getThreadPool = lambda: SyncPool()
+    top = assemble(options.config, reactor, sources=options.sources, paths=options.paths)
     before = signal.getsignal(signal.SIGHUP)
 
-    service.startService()
+    top.startService()
+    (proxy_service,) = [s for s in top if hasattr(s, "proxy")]
+    (tmp_path / "config.toml").write_bytes(ENABLED.replace(b'"a.test"', b'"b.test"'))
     signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
-    assert reactor.fromThread == [(service.state.reload, (), {})]
-    service.stopService()
+    # The handler only hands the reload to the reactor thread.
+    assert proxy_service.proxy.config.allowed_domains == ("a.test",)
+    assert len(reactor.fromThread) == 1
+    while reactor.fromThread:  # run it, and the thread pool's hand-backs
+        f, args, kwargs = reactor.fromThread.pop(0)
+        f(*args, **kwargs)
+    assert proxy_service.proxy.config.allowed_domains == ("b.test",)
+    top.stopService()
 
     assert signal.getsignal(signal.SIGHUP) == before

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 #: The line the proxy logs once the ports file is in place.
 READY_MARKER = "ports file written"
@@ -112,9 +112,10 @@ def render_config(network: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def proxy_command(config: Path, ports: Path) -> list[str]:
+def proxy_command(config: Path, ports: Path, args: Sequence[str] = ()) -> list[str]:
     """
-    The command line of one proxy (no pidfile, so parallel runs never clash).
+    The command line of one proxy (no pidfile, so parallel runs never clash),
+    with C{args} added to the plugin's options.
     """
     return [
         twistd_path(),
@@ -125,6 +126,7 @@ def proxy_command(config: Path, ports: Path) -> list[str]:
         str(config),
         "--ports-file",
         str(ports),
+        *args,
     ]
 
 
@@ -256,17 +258,21 @@ class RunningProxy:
 
 
 def start_proxy(
-    config: str | Mapping[str, Any], workdir: Path, timeout: float = 30.0
+    config: str | Mapping[str, Any],
+    workdir: Path,
+    timeout: float = 30.0,
+    args: Sequence[str] = (),
 ) -> RunningProxy:
     """
     Start a proxy with C{config} (TOML text, or a network table for
-    L{render_config}) in C{workdir} and return once its ports file exists.
+    L{render_config}) and extra options C{args} in C{workdir} and return
+    once its ports file exists.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(config, workdir)
     ports_path = workdir / "ports.json"
     process = subprocess.Popen(
-        proxy_command(config_path, ports_path),
+        proxy_command(config_path, ports_path, args),
         cwd=workdir,
         env=_child_env(workdir),
         stdin=subprocess.DEVNULL,

@@ -1,0 +1,527 @@
+"""
+The embedding API (SPEC §9.1): build a proxy from a config, run it inside any
+Twisted program, hand its address to child processes, stop it.
+
+    proxy = yield NetworkProxy.builder().config(cfg).http_addr("127.0.0.1:0").build()
+    handle = yield proxy.run()
+    ... proxy.env() ...
+    yield handle.shutdown()
+
+L{ProxyService} wraps the same cycle as an C{IService} for C{.tac} files and
+C{twistd codexproxy}: this module holds the one copy of listener binding.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, threads
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from codex_proxy import _httphead
+from codex_proxy.audit import Auditor, Sink
+from codex_proxy.config import ConfigError, ListenAddress, ProxyConfig, parse_listen_address
+from codex_proxy.decider import Decider
+from codex_proxy.errors import ProxyError
+from codex_proxy.httpproxy import HTTPProxyFactory
+from codex_proxy.live import Connections
+from codex_proxy.model import Verdict
+from codex_proxy.policy import Policy
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.policystate import PolicyState
+from codex_proxy.rules import SourcePaths, Sources, effective_config
+from codex_proxy.upstream import Upstream
+
+_log = Logger()
+
+#: The variables that point child processes at the CA bundle (SPEC §6).
+CA_BUNDLE_VARIABLES = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "PIP_CERT",
+    "CURL_CA_BUNDLE",
+    "CARGO_HTTP_CAINFO",
+)
+
+
+class ListenError(ProxyError):
+    """
+    A listener could not be bound; the message names the address and key.
+    """
+
+
+def policy_from_config(config: ProxyConfig) -> Policy:
+    """
+    Compile the policy of a config (once per load, never per request).
+
+    MITM is not part of this build, so a limited-mode CONNECT stays blocked
+    with C{mitm_required} even when the config asks for interception: the
+    safe side of a missing feature.
+    """
+    return Policy.build(
+        enabled=config.enabled,
+        mode=config.mode,
+        mitm=False,
+        allow_local_binding=config.allow_local_binding,
+        allowed=config.allowed_domains,
+        denied=config.denied_domains,
+        managed_allowed_domains_only=config.managed_allowed_domains_only,
+    )
+
+
+def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
+    limits = config.limits
+    return _httphead.HeadLimits(
+        max_request_line_bytes=limits.max_request_line_bytes,
+        max_header_bytes=limits.max_header_bytes,
+        max_header_fields=limits.max_header_fields,
+    )
+
+
+def child_env(
+    http_addr: Optional[str],
+    socks_addr: Optional[str],
+    allow_local_binding: bool,
+    ca_bundle: Optional[str] = None,
+) -> Dict[str, str]:
+    """
+    The variables that route a child process through the proxy (SPEC §10).
+    With local binding allowed, local destinations skip the proxy
+    (C{NO_PROXY}); with a CA bundle (MITM), TLS clients trust it.
+    """
+    env: Dict[str, str] = {}
+    if http_addr is not None:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY"):
+            env[name] = env[name.lower()] = f"http://{http_addr}"
+    if socks_addr is not None:
+        env["ALL_PROXY"] = env["all_proxy"] = f"socks5h://{socks_addr}"
+    no_proxy = "localhost,127.0.0.1,::1" if allow_local_binding else ""
+    env["NO_PROXY"] = env["no_proxy"] = no_proxy
+    if ca_bundle is not None:
+        for name in CA_BUNDLE_VARIABLES:
+            env[name] = ca_bundle
+    return env
+
+
+def _endpoint(reactor: Any, address: ListenAddress) -> Any:
+    if ":" in address.host:
+        return endpoints.TCP6ServerEndpoint(reactor, address.port, interface=address.host)
+    return endpoints.TCP4ServerEndpoint(reactor, address.port, interface=address.host)
+
+
+def _bound(port: IListeningPort) -> str:
+    host = port.getHost()
+    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+
+
+@attrs.frozen
+class ProxyHandle:
+    """
+    A running proxy: the addresses its listeners actually bound (C{None}
+    for a listener that is off), and L{shutdown}.
+    """
+
+    http_addr: Optional[str]
+    socks_addr: Optional[str]
+    _proxy: "NetworkProxy" = attrs.field(repr=False)
+
+    def shutdown(self) -> defer.Deferred[None]:
+        """
+        Stop listening and close every client connection and tunnel; fires
+        once all of them are gone.
+        """
+        return self._proxy._shutdown()
+
+
+class NetworkProxyBuilder:
+    """
+    Collects what a L{NetworkProxy} is made of; every setter returns the
+    builder so calls chain.
+    """
+
+    def __init__(self) -> None:
+        self._config = ProxyConfig.default()
+        self._listens: Dict[str, ListenAddress] = {}
+        self._decider: Optional[Decider] = None
+        self._metadata: Dict[str, str] = {}
+        self._sinks: List[Sink] = []
+        self._reactor: Any = None
+        self._sources: Optional[Sources] = None
+        self._paths = SourcePaths()
+
+    def config(self, config: ProxyConfig) -> NetworkProxyBuilder:
+        self._config = config
+        return self
+
+    def http_addr(self, address: str) -> NetworkProxyBuilder:
+        """
+        Listen for HTTP proxy clients on C{address} (C{"127.0.0.1:0"} for an
+        ephemeral port) instead of the config's C{proxy_url}.
+
+        @raise ValueError: C{address} is malformed.
+        """
+        self._listens["http_listen"] = parse_listen_address(address)
+        return self
+
+    def socks_addr(self, address: str) -> NetworkProxyBuilder:
+        """
+        Like L{http_addr}, for the SOCKS5 listener (C{socks_url}).
+        """
+        self._listens["socks_listen"] = parse_listen_address(address)
+        return self
+
+    def policy_decider(self, decider: Decider) -> NetworkProxyBuilder:
+        """
+        Consult C{decider} for allowlist misses (SPEC §9.2).
+        """
+        self._decider = decider
+        return self
+
+    def audit_metadata(self, metadata: Mapping[str, str]) -> NetworkProxyBuilder:
+        """
+        Add these fields (C{conversation.id}, C{app.version},
+        C{user.account_id}) to every audit event.
+        """
+        self._metadata.update(metadata)
+        return self
+
+    def audit_sink(self, sink: Sink) -> NetworkProxyBuilder:
+        """
+        Also hand every audit event's fields to C{sink} (a
+        L{codex_proxy.audit.JSONLinesLog}, an exporter).
+        """
+        self._sinks.append(sink)
+        return self
+
+    def sources(self, sources: Sources, paths: SourcePaths) -> NetworkProxyBuilder:
+        """
+        Take the policy from these parsed files (config, managed requirements,
+        remembered rules) instead of a bare config, so that L{NetworkProxy.reload}
+        can re-read them and remembered approvals can be written back.
+        """
+        self._sources = sources
+        self._paths = paths
+        self._config = effective_config(sources)
+        return self
+
+    def reactor(self, reactor: Any) -> NetworkProxyBuilder:
+        """
+        Use C{reactor} (TCP, time and name resolution) instead of the global one.
+        """
+        self._reactor = reactor
+        return self
+
+    def build(self) -> defer.Deferred[NetworkProxy]:
+        """
+        Fires with the L{NetworkProxy}, or fails with C{ValueError} when an
+        address given here is not on loopback and the config does not allow
+        that (nothing is replaced silently in code).
+        """
+        config = self._config
+        unix = bool(config.allow_unix_sockets) or config.dangerously_allow_all_unix_sockets
+        for field, address in self._listens.items():
+            if not address.is_loopback and (
+                unix or not config.dangerously_allow_non_loopback_proxy
+            ):
+                return defer.fail(
+                    ValueError(
+                        f"listener address {address} is not on loopback"
+                        " (needs dangerously_allow_non_loopback_proxy and no unix sockets)"
+                    )
+                )
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        sources = self._sources or Sources(config)
+        listens = self._listens
+        return defer.succeed(
+            NetworkProxy(
+                attrs.evolve(sources, config=attrs.evolve(sources.config, **listens)),
+                self._paths,
+                reactor,
+                Auditor(reactor.seconds, self._metadata, self._sinks),
+                self._decider,
+            )
+        )
+
+
+class NetworkProxy:
+    """
+    One proxy: its policy service and, while running, its listeners.
+
+    @ivar policy: the L{PolicyService} deciding every request.
+    """
+
+    def __init__(
+        self,
+        sources: Sources,
+        paths: SourcePaths,
+        reactor: Any,
+        auditor: Auditor,
+        decider: Optional[Decider] = None,
+    ) -> None:
+        config = effective_config(sources)
+        self._reactor = reactor
+        self._connections = Connections()
+        self._ports: List[IListeningPort] = []
+        self._handle: Optional[ProxyHandle] = None
+        self.policy = PolicyService(
+            policy_from_config(config),
+            resolver=reactor.nameResolver,
+            clock=reactor,
+            auditor=auditor,
+            resolve_timeout=config.limits.connect_timeout_s,
+            decider=decider,
+            decider_timeout=config.limits.decider_timeout_s,
+        )
+        self._state = PolicyState(
+            self.policy,
+            sources,
+            paths,
+            compile=policy_from_config,
+            run_in_thread=lambda f: threads.deferToThreadPool(
+                reactor, reactor.getThreadPool(), f
+            ),
+        )
+
+    @staticmethod
+    def builder() -> NetworkProxyBuilder:
+        return NetworkProxyBuilder()
+
+    @property
+    def config(self) -> ProxyConfig:
+        """
+        The effective config in force (listener keys and limits as started).
+        """
+        return self._state.config
+
+    def run(self) -> defer.Deferred[ProxyHandle]:
+        """
+        Bind the listeners of an enabled config (none of a disabled one).
+        Fails with L{ListenError} when one cannot be bound, after releasing
+        any already bound.
+        """
+        if self._handle is not None:
+            return defer.fail(RuntimeError("this proxy is already running"))
+        config = self.config
+        for warning in config.warnings:
+            _log.warn("{warning}", warning=warning)
+        if config.mitm:
+            _log.warn(
+                "{source}: mitm = true, but HTTPS interception is not available"
+                " in this build: CONNECT in limited mode stays blocked",
+                source=config.source,
+            )
+        bound: Dict[str, str] = {}
+        if not config.enabled:
+            _log.info(
+                "codex-proxy is disabled (enabled = false in {source}); no listener bound",
+                source=config.source,
+            )
+        for name, key, address, factory in self._listeners():
+            try:
+                bound[name] = self._listen(key, address, factory)
+            except ListenError:
+                self._stopListening()
+                return defer.fail()
+            _log.info(
+                "codex-proxy {name} proxy listening on {address}",
+                name=name.upper(),
+                address=bound[name],
+            )
+        self._handle = ProxyHandle(bound.get("http"), bound.get("socks"), self)
+        return defer.succeed(self._handle)
+
+    def _listeners(self) -> List[Tuple[str, str, ListenAddress, Factory]]:
+        """
+        What to bind: (name, config key, address, factory) per listener.
+        """
+        config = self.config
+        if not config.enabled:
+            return []
+        reactor = self._reactor
+        upstream = Upstream(reactor, config.limits.connect_timeout_s, self._connections)
+        http = HTTPProxyFactory(
+            self.policy,
+            upstream,
+            reactor,
+            head_limits(config),
+            tunnel_idle=config.limits.tunnel_idle_s,
+            header_timeout=config.limits.header_timeout_s,
+            keepalive_idle=config.limits.keepalive_idle_s,
+            connections=self._connections,
+        )
+        return [("http", "proxy_url", config.http_listen, http)]
+
+    def _listen(self, key: str, address: ListenAddress, factory: Factory) -> str:
+        result: List[Any] = []
+        # TCP endpoints bind synchronously: the Deferred has fired on return.
+        _endpoint(self._reactor, address).listen(factory).addBoth(result.append)
+        (outcome,) = result
+        if isinstance(outcome, Failure):
+            raise ListenError(
+                f"cannot listen on {address} ({key}): {outcome.getErrorMessage()}"
+            )
+        self._ports.append(outcome)
+        return _bound(outcome)
+
+    def _stopListening(self) -> defer.Deferred[Any]:
+        ports, self._ports = self._ports, []
+        return defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in ports],
+            consumeErrors=True,
+        )
+
+    def _shutdown(self) -> defer.Deferred[None]:
+        self._handle = None
+        stopped = self._stopListening()
+        closed = self._connections.closeAll()
+        return defer.gatherResults([stopped, closed], consumeErrors=True).addCallback(
+            lambda _: None
+        )
+
+    def env(self) -> Dict[str, str]:
+        """
+        Variables for child processes (SPEC §10): the bound addresses while
+        running, else the configured ones of the listeners that are on.
+        """
+        config = self.config
+        if self._handle is not None:
+            http, socks = self._handle.http_addr, self._handle.socks_addr
+        else:
+            http = str(config.http_listen) if config.enabled else None
+            socks = (
+                str(config.socks_listen) if config.enabled and config.enable_socks5 else None
+            )
+        return child_env(http, socks, config.allow_local_binding)
+
+    def blocked(self) -> List[Verdict]:
+        """
+        The last 200 blocked decisions, oldest first.
+        """
+        return self.policy.blocked()
+
+    def reload(self, config: Optional[ProxyConfig] = None) -> defer.Deferred[bool]:
+        """
+        Decide new requests by a new policy; open tunnels stay as they are.
+
+        Without C{config}, re-read the files the proxy was built from
+        (config, requirements, remembered rules); with one, use it in place
+        of the config file. Listener keys and limits cannot change on a
+        running proxy: each changed one is logged and its old value kept.
+
+        @return: a Deferred firing C{True} when the new policy is in force,
+            C{False} when it was invalid (logged) and the old one kept.
+        """
+        if config is None:
+            return self._state.reload()
+        try:
+            self._state.replace(config)
+        except ConfigError as e:
+            _log.error("policy reload failed, previous policy kept: {error}", error=str(e))
+            return defer.succeed(False)
+        return defer.succeed(True)
+
+    def add_allowed_domain(self, pattern: str, persist: bool = False) -> defer.Deferred[None]:
+        """
+        Allow C{pattern} from now on (an approval), removing it from the
+        denylist; with C{persist}, remember it in
+        C{$CODEX_HOME/proxy/network-rules.toml} across restarts.
+
+        @raise codex_proxy.rules.RuleError: invalid, or forbidden by managed
+            requirements; nothing changed.
+        """
+        return self._state.add_allowed_domain(pattern, persist)
+
+    def add_denied_domain(self, pattern: str, persist: bool = False) -> defer.Deferred[None]:
+        """
+        Deny C{pattern} from now on, removing it from the allowlist; see
+        L{add_allowed_domain}.
+        """
+        return self._state.add_denied_domain(pattern, persist)
+
+
+class ProxyService(Service):
+    """
+    Runs a L{NetworkProxy} as an C{IService}: bound on start, shut down
+    (connections included) on stop. A listener that cannot be bound stops
+    start-up with one line on stderr and exit status 1.
+
+    @ivar proxy: the proxy, once started.
+    @ivar addresses: the bound listeners, C{{"http": "127.0.0.1:PORT"}}.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: Any = None,
+        *,
+        decider: Optional[Decider] = None,
+        audit_metadata: Optional[Mapping[str, str]] = None,
+        audit_sinks: Tuple[Sink, ...] = (),
+        sources: Optional[Sources] = None,
+        paths: Optional[SourcePaths] = None,
+    ) -> None:
+        self.config = config
+        self.proxy: Optional[NetworkProxy] = None
+        self.addresses: Dict[str, str] = {}
+        self._handle: Optional[ProxyHandle] = None
+        builder = NetworkProxy.builder().config(config).audit_metadata(audit_metadata or {})
+        if reactor is not None:
+            builder.reactor(reactor)
+        if decider is not None:
+            builder.policy_decider(decider)
+        for sink in audit_sinks:
+            builder.audit_sink(sink)
+        if sources is not None:
+            builder.sources(sources, paths or SourcePaths())
+        self._builder = builder
+
+    def startService(self) -> None:
+        super().startService()
+        outcome: List[Any] = []
+        self._builder.build().addCallback(self._run).addBoth(outcome.append)
+        (result,) = outcome
+        if isinstance(result, Failure):
+            result.trap(ListenError, ValueError)
+            sys.stderr.write(f"codexproxy: {result.getErrorMessage()}\n")
+            raise SystemExit(1)
+
+    def _run(self, proxy: NetworkProxy) -> defer.Deferred[None]:
+        self.proxy = proxy
+
+        def running(handle: ProxyHandle) -> None:
+            self._handle = handle
+            if handle.http_addr is not None:
+                self.addresses["http"] = handle.http_addr
+            if handle.socks_addr is not None:
+                self.addresses["socks"] = handle.socks_addr
+
+        return proxy.run().addCallback(running)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return defer.succeed(None)
+        return handle.shutdown()
+
+
+__all__ = [
+    "ListenError",
+    "NetworkProxy",
+    "NetworkProxyBuilder",
+    "ProxyHandle",
+    "ProxyService",
+    "child_env",
+    "head_limits",
+    "policy_from_config",
+]

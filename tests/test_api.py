@@ -1,0 +1,239 @@
+"""
+The embedding API (SPEC §9.1, §10): the builder, run and shutdown on the real
+reactor (no listening socket or connection left behind), env, blocked
+history, reload, and ProxyService.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+
+from codex_proxy.api import ListenError, NetworkProxy, ProxyService, child_env
+from codex_proxy.config import parse_config
+from codex_proxy.decider import Deny
+
+CONFIG = parse_config(
+    b'[network]\nenabled = true\nproxy_url = "127.0.0.1:0"\nenable_socks5 = false\n'
+    b'allowed_domains = ["127.0.0.1"]\n',
+    "c.toml",
+)
+
+
+def _sockets(reactor: Any) -> set:
+    return set(reactor.getReaders()) | set(reactor.getWriters())
+
+
+class _Origin(protocol.Protocol):
+    """
+    Echoes what it receives: the far end of a tunnel.
+    """
+
+    def __init__(self, lost: defer.Deferred) -> None:
+        self.lost = lost
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+
+class _Client(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.waiting: List[tuple] = []
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        for needle, d in list(self.waiting):
+            if needle in self.received:
+                self.waiting.remove((needle, d))
+                d.callback(self.received)
+
+    def until(self, needle: bytes) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append((needle, d))
+        self.dataReceived(b"")
+        return d
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_run_then_shutdown_leaves_no_socket_behind():
+    from twisted.internet import reactor
+
+    origin_lost: defer.Deferred = defer.Deferred()
+    origin = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(lambda: _Origin(origin_lost))
+    )
+    before = _sockets(reactor)
+    proxy = yield NetworkProxy.builder().config(CONFIG).http_addr("127.0.0.1:0").build()
+    handle = yield proxy.run()
+    host, port = handle.http_addr.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    assert handle.socks_addr is None
+
+    client = yield endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor, host, int(port)), _Client()
+    )
+    target = f"127.0.0.1:{origin.getHost().port}".encode()
+    client.transport.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
+    yield client.until(b"\r\n\r\n")
+    assert client.received.startswith(b"HTTP/1.1 200 ")
+    client.transport.write(b"ping")
+    yield client.until(b"ping")
+    # A listener, the client side, the proxy's two tunnel legs, the origin's.
+    assert len(_sockets(reactor) - before) == 5
+
+    yield handle.shutdown()
+    yield client.lost
+    yield origin_lost
+    assert _sockets(reactor) - before == set()
+    yield origin.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_shutdown_cancels_a_pending_decision():
+    from twisted.internet import reactor
+
+    pending: List[defer.Deferred] = []
+    asked: defer.Deferred = defer.Deferred()
+
+    def decider(request: Any) -> defer.Deferred:
+        pending.append(defer.Deferred())
+        asked.callback(None)
+        return pending[-1]
+
+    before = _sockets(reactor)
+    proxy = yield NetworkProxy.builder().config(CONFIG).policy_decider(decider).build()
+    handle = yield proxy.run()
+    host, port = handle.http_addr.rsplit(":", 1)
+    client = yield endpoints.connectProtocol(
+        endpoints.TCP4ClientEndpoint(reactor, host, int(port)), _Client()
+    )
+    client.transport.write(b"GET http://elsewhere.test/ HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n")
+    yield asked
+    yield handle.shutdown()
+    yield client.lost
+    assert pending[0].called  # cancelled with the connection
+    pending[0].addErrback(lambda f: f.trap(defer.CancelledError))
+    assert client.received == b""
+    assert _sockets(reactor) - before == set()
+
+
+def test_build_defaults_to_a_disabled_proxy_that_binds_nothing():
+    reactor = MemoryReactorClock()
+    proxy = NetworkProxy.builder().reactor(reactor).build().result
+    handle = proxy.run().result
+    assert (handle.http_addr, handle.socks_addr) == (None, None)
+    assert reactor.tcpServers == []
+
+
+def test_non_loopback_address_needs_the_config_to_allow_it():
+    d = NetworkProxy.builder().config(CONFIG).http_addr("0.0.0.0:0").build()
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert "0.0.0.0:0 is not on loopback" in str(failure.value)
+    with pytest.raises(ValueError, match="port"):
+        NetworkProxy.builder().http_addr("127.0.0.1")
+
+
+def test_running_twice_fails():
+    reactor = MemoryReactorClock()
+    proxy = NetworkProxy.builder().config(CONFIG).reactor(reactor).build().result
+    proxy.run()
+    d = proxy.run()
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(RuntimeError)
+
+
+def test_env_points_children_at_the_bound_addresses():
+    reactor = MemoryReactorClock()
+    proxy = NetworkProxy.builder().config(CONFIG).reactor(reactor).build().result
+    assert proxy.env()["HTTP_PROXY"] == "http://127.0.0.1:0"
+    handle = proxy.run().result
+    env = proxy.env()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY"):
+        assert env[name] == env[name.lower()] == f"http://{handle.http_addr}"
+    assert env["NO_PROXY"] == env["no_proxy"] == ""
+    assert "ALL_PROXY" not in env
+
+
+def test_child_env_with_socks_local_binding_and_a_ca_bundle():
+    env = child_env("127.0.0.1:3128", "127.0.0.1:8081", True, "/tmp/bundle.pem")
+    assert env["ALL_PROXY"] == env["all_proxy"] == "socks5h://127.0.0.1:8081"
+    assert env["NO_PROXY"] == "localhost,127.0.0.1,::1"
+    assert env["SSL_CERT_FILE"] == env["CURL_CA_BUNDLE"] == "/tmp/bundle.pem"
+
+
+def test_blocked_and_reload():
+    reactor = MemoryReactorClock()
+    proxy = (
+        NetworkProxy.builder()
+        .config(CONFIG)
+        .reactor(reactor)
+        .policy_decider(lambda request: Deny("no"))
+        .audit_metadata({"conversation.id": "c-1"})
+        .build()
+        .result
+    )
+    from codex_proxy.model import Protocol, ProxyRequest
+
+    proxy.policy.check(ProxyRequest(Protocol.HTTP, "a.test", 80, method="GET"))
+    (entry,) = proxy.blocked()
+    assert (entry.host, entry.detail) == ("a.test", "no")
+
+    warnings: List[str] = []
+
+    def observer(event: dict) -> None:
+        if "cannot change on a running proxy" in event.get("warning", ""):
+            warnings.append(event["warning"].split(": ")[1])
+
+    new = parse_config(
+        b'[network]\nenabled = true\nproxy_url = "127.0.0.1:9"\nallowed_domains = ["a.test"]\n',
+        "c.toml",
+    )
+    globalLogPublisher.addObserver(observer)
+    try:
+        proxy.reload(new)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert warnings == ["network.proxy_url", "network.enable_socks5"]
+    assert str(proxy.config.http_listen) == "127.0.0.1:0"
+    assert proxy.config.allowed_domains == ("a.test",)
+    assert proxy.policy.policy.allowed.match("a.test") is not None
+
+
+def test_listen_error_names_the_address():
+    from twisted.internet import error
+
+    class Refusing(MemoryReactorClock):
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            raise error.CannotListenError(interface, port, OSError(98, "in use"))
+
+    proxy = NetworkProxy.builder().config(CONFIG).reactor(Refusing()).build().result
+    d = proxy.run()
+    failure = d.result
+    d.addErrback(lambda f: None)
+    assert failure.check(ListenError)
+    assert "127.0.0.1:0 (proxy_url)" in failure.getErrorMessage()
+
+
+def test_proxy_service_runs_and_stops():
+    reactor = MemoryReactorClock()
+    service = ProxyService(CONFIG, reactor)
+    service.startService()
+    assert set(service.addresses) == {"http"}
+    assert len(reactor.tcpServers) == 1
+    d = service.stopService()
+    assert d.called

@@ -1,0 +1,277 @@
+"""
+Audit events (SPEC §9.3): the exact field set of each kind of decision, the
+JSON-lines file and the OpenTelemetry sink.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+from typing import Any, Dict, List
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+
+from codex_proxy.audit import JSONLinesLog, otel_sink
+from codex_proxy.decider import Allow
+from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Source, Verdict
+from codex_proxy.policy import Policy
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.testing import RecordingAuditor, StaticResolver
+
+NOW = 1_700_000_000.25
+STAMP = "2023-11-14T22:13:20.250Z"
+CLIENT = "127.0.0.1:5000"
+
+
+def decide(request: ProxyRequest, decider: Any = None, **policy: Any) -> Dict[str, Any]:
+    clock = MemoryReactorClock()
+    clock.advance(NOW)
+    auditor = RecordingAuditor(clock.seconds)
+    policy.setdefault("allowed", ["a.test"])
+    policy.setdefault("denied", ["bad.test"])
+    service = PolicyService(
+        Policy.build(**policy),
+        resolver=StaticResolver({"a.test": ["203.0.114.1"], "other.test": ["203.0.114.2"]}),
+        clock=clock,
+        auditor=auditor,
+        decider=decider,
+    )
+    service.check(request)
+    (event,) = auditor.events
+    return event
+
+
+def expected(**fields: Any) -> Dict[str, Any]:
+    base = {
+        "event.name": "codex.network_proxy.policy_decision",
+        "event.timestamp": STAMP,
+        "network.policy.scope": "domain",
+        "network.policy.decision": "deny",
+        "network.policy.source": "baseline_policy",
+        "network.policy.reason": "not_allowed",
+        "network.transport.protocol": "http",
+        "server.address": "a.test",
+        "server.port": 80,
+        "http.request.method": "GET",
+        "client.address": CLIENT,
+        "network.policy.override": False,
+    }
+    base.update({key.replace("_", "."): value for key, value in fields.items()})
+    return base
+
+
+def http(host: str, method: str = "GET", port: int = 80) -> ProxyRequest:
+    return ProxyRequest(Protocol.HTTP, host, port, method=method, client=CLIENT)
+
+
+@pytest.mark.parametrize(
+    "request_, policy, fields",
+    [
+        (http("A.test"), {}, {"network_policy_decision": "allow", "network_policy_reason": "allowed"}),
+        (http("other.test"), {}, {"server_address": "other.test"}),
+        (http("bad.test"), {}, {"server_address": "bad.test", "network_policy_reason": "denied"}),
+        (
+            http("127.0.0.1", port=8080),
+            {},
+            {
+                "server_address": "127.0.0.1",
+                "server_port": 8080,
+                "network_policy_reason": "not_allowed_local",
+            },
+        ),
+        (
+            http("a.test", "POST"),
+            {"mode": Mode.LIMITED},
+            {
+                "network_policy_scope": "non_domain",
+                "network_policy_source": "mode_guard",
+                "network_policy_reason": "method_not_allowed",
+                "http_request_method": "POST",
+            },
+        ),
+        (
+            ProxyRequest(Protocol.SOCKS5_UDP, "other.test", 53, client=CLIENT),
+            {},
+            {
+                "server_address": "other.test",
+                "server_port": 53,
+                "network_transport_protocol": "socks5_udp",
+                "http_request_method": "none",
+            },
+        ),
+        (
+            http("a.test"),
+            {"enabled": False},
+            {
+                "network_policy_scope": "non_domain",
+                "network_policy_source": "proxy_state",
+                "network_policy_reason": "proxy_disabled",
+            },
+        ),
+    ],
+    ids=["allow", "miss", "deny", "local", "method", "socks-udp-drop", "disabled"],
+)
+def test_exact_fields(request_, policy, fields):
+    assert decide(request_, **policy) == expected(**fields)
+
+
+def test_decider_override_fields():
+    event = decide(http("other.test"), decider=lambda r: Allow())
+    assert event == expected(
+        server_address="other.test",
+        network_policy_decision="allow",
+        network_policy_source="decider",
+        network_policy_reason="allowed",
+        network_policy_override=True,
+    )
+
+
+def test_unix_socket_allow_is_non_domain():
+    clock = MemoryReactorClock()
+    clock.advance(NOW)
+    auditor = RecordingAuditor(clock.seconds)
+    request = ProxyRequest(Protocol.HTTP, "unix-socket", 0, method="GET", client=CLIENT)
+    auditor.record(Verdict(request, "unix-socket", Decision.ALLOW, Source.BASELINE_POLICY))
+    assert auditor.events == [
+        expected(
+            network_policy_scope="non_domain",
+            network_policy_decision="allow",
+            network_policy_reason="allowed",
+            server_address="unix-socket",
+            server_port=0,
+        )
+    ]
+
+
+def test_timestamp_is_rfc3339_utc_millis():
+    event = decide(http("a.test"))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["event.timestamp"])
+
+
+def test_metadata_is_added_and_events_go_through_twisted_logger():
+    seen: List[Dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        auditor = RecordingAuditor(lambda: NOW)
+        auditor.metadata.update({"conversation.id": "c-1", "app.version": "1.2"})
+        auditor.record(Verdict(http("a.test"), "a.test", Decision.ALLOW, Source.BASELINE_POLICY))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    (logged,) = [e for e in seen if "audit" in e]
+    assert logged["log_namespace"] == "codex_otel.network_proxy"
+    assert logged["audit"]["conversation.id"] == "c-1"
+    assert logged["audit"]["app.version"] == "1.2"
+
+
+def test_json_lines_are_buffered_then_flushed_by_the_clock(tmp_path):
+    clock = MemoryReactorClock()
+    path = tmp_path / "audit.jsonl"
+    log = JSONLinesLog(str(path), clock, interval=1.0)
+    log.open()
+    log({"event.name": "a", "server.port": 1})
+    log({"event.name": "b", "server.port": 2})
+    assert path.read_text() == ""
+    clock.advance(1.0)
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"event.name": "a", "server.port": 1},
+        {"event.name": "b", "server.port": 2},
+    ]
+    log({"event.name": "c"})
+    log.close()
+    assert len(path.read_text().splitlines()) == 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_json_lines_flush_early_when_the_buffer_is_full(tmp_path):
+    clock = MemoryReactorClock()
+    path = tmp_path / "audit.jsonl"
+    log = JSONLinesLog(str(path), clock, limit=100)
+    log.open()
+    log({"x": "y" * 120})
+    assert len(path.read_text().splitlines()) == 1
+    log.close()
+
+
+def test_a_write_error_is_logged_once_and_does_not_raise(tmp_path):
+    errors: List[Dict[str, Any]] = []
+
+    def observer(event: Dict[str, Any]) -> None:
+        if "cannot write the audit log" in event.get("log_format", ""):
+            errors.append(event)
+
+    class Full:
+        def write(self, text: str) -> None:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    clock = MemoryReactorClock()
+    log = JSONLinesLog(str(tmp_path / "a.jsonl"), clock)
+    log._file = Full()  # type: ignore[assignment]
+    globalLogPublisher.addObserver(observer)
+    try:
+        for _ in range(3):
+            log({"a": 1})
+            clock.advance(1.0)
+        log.close()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert len(errors) == 1
+
+
+def test_otel_sink_only_with_an_endpoint_and_the_package():
+    assert otel_sink({}) is None
+
+    def missing(name: str) -> Any:
+        raise ImportError(f"No module named {name!r}")
+
+    assert otel_sink({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, missing) is None
+
+
+def test_otel_sink_emits_one_record_per_event_and_shuts_down():
+    emitted: List[Any] = []
+    calls: List[str] = []
+
+    class Record:
+        def __init__(self, **kw: Any) -> None:
+            self.__dict__.update(kw)
+
+    class Provider:
+        def add_log_record_processor(self, processor: Any) -> None:
+            calls.append(f"processor:{processor.exporter.name}")
+
+        def get_logger(self, name: str) -> Any:
+            calls.append(f"logger:{name}")
+            return types.SimpleNamespace(emit=emitted.append)
+
+        def shutdown(self) -> None:
+            calls.append("shutdown")
+
+    modules = {
+        "opentelemetry._logs": types.SimpleNamespace(LogRecord=Record),
+        "opentelemetry.sdk._logs": types.SimpleNamespace(LoggerProvider=Provider),
+        "opentelemetry.sdk._logs.export": types.SimpleNamespace(
+            BatchLogRecordProcessor=lambda exporter: types.SimpleNamespace(exporter=exporter)
+        ),
+        "opentelemetry.exporter.otlp.proto.http._log_exporter": types.SimpleNamespace(
+            OTLPLogExporter=lambda: types.SimpleNamespace(name="otlp")
+        ),
+    }
+    sink = otel_sink({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, modules.__getitem__)
+    assert sink is not None
+    fields = expected()
+    sink(fields)
+    sink.close()
+    (record,) = emitted
+    assert record.body == "codex.network_proxy.policy_decision"
+    assert record.attributes == fields
+    assert record.timestamp == 1_700_000_000_250_000_000
+    assert calls == ["processor:otlp", "logger:codex_otel.network_proxy", "shutdown"]
