@@ -15,12 +15,13 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 from twisted.logger import Logger
 
-from codex_proxy.model import Verdict
+from codex_proxy.model import Protocol, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
 NAMESPACE = "codex_otel.network_proxy"
 
 _log = Logger(namespace=NAMESPACE)
+_SOCKS = (Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP)
 
 
 def rfc3339(seconds: float) -> str:
@@ -57,6 +58,10 @@ def decision_fields(
         "client.address": request.client or "unknown",
         "network.policy.override": verdict.override,
     }
+    if request.command is not None and request.protocol in _SOCKS:
+        # The RFC 1929 username a SOCKS5 client named itself with (never
+        # its password).
+        fields["client.identity"] = request.command
     fields.update(metadata)
     return fields
 

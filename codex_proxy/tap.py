@@ -31,6 +31,7 @@ from codex_proxy.config import (
 from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.upstream import Upstream
 
 _log = Logger()
@@ -55,7 +56,7 @@ class Options(usage.Options):
             None,
             None,
             "After binding, write the bound listener addresses to this file as"
-            ' JSON ({"http": "127.0.0.1:PORT"}); removed on exit.',
+            ' JSON ({"http": "127.0.0.1:PORT", "socks": ...}); removed on exit.',
         ],
     ]
 
@@ -184,6 +185,33 @@ class ProxyService(Service):
             sys.stderr.write(f"codexproxy: {failures[0]}\n")
             raise SystemExit(1)
         _log.info("codex-proxy HTTP proxy listening on {address}", address=self.addresses["http"])
+        if config.enable_socks5:
+            self._listenSOCKS5(factory.upstream)
+
+    def _listenSOCKS5(self, upstream: Upstream) -> None:
+        config = self.config
+        factory = SOCKS5Factory(
+            self.policy,
+            upstream,
+            self._reactor,
+            config.limits,
+            enable_udp=config.enable_socks5_udp,
+            reactor=self._reactor,
+        )
+        result = _endpoint(self._reactor, config.socks_listen).listen(factory)
+        # Bound synchronously, like the HTTP listener: a failure has fired too.
+        failures: List[Any] = []
+        result.addCallbacks(self._ports.append, failures.append)
+        if failures:
+            for port in self._ports:
+                port.stopListening()
+            sys.stderr.write(
+                f"codexproxy: cannot listen on {config.socks_listen} (socks_url): "
+                f"{failures[0].getErrorMessage()}\n"
+            )
+            raise SystemExit(1)
+        self.addresses["socks"] = _bound(self._ports[-1])
+        _log.info("codex-proxy SOCKS5 proxy listening on {address}", address=self.addresses["socks"])
 
     def _writePortsFile(self) -> None:
         if self._ports_file is None:

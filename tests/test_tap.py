@@ -11,6 +11,7 @@ from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.config import parse_config
+from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.tap import Options, ProxyService, makeService
 
 ENABLED = b'[network]\nenabled = true\nproxy_url = "127.0.0.1:0"\nallowed_domains = ["a.test"]\n'
@@ -60,9 +61,14 @@ def test_enabled_binds_the_http_listener_and_writes_the_ports_file(tmp_path):
     ports = tmp_path / "ports.json"
     service = ProxyService(parse_config(ENABLED, "c.toml"), reactor, str(ports))
     service.startService()
-    ((port, _factory, _backlog, interface),) = reactor.tcpServers
-    assert (port, interface) == (0, "127.0.0.1")
-    assert json.loads(ports.read_text()) == {"http": service.addresses["http"]}
+    # SOCKS5 is on by default (SPEC §2.2), on its default address.
+    (http, _, _, http_if), (socks, factory, _, socks_if) = reactor.tcpServers
+    assert (http, http_if, socks, socks_if) == (0, "127.0.0.1", 8081, "127.0.0.1")
+    assert isinstance(factory, SOCKS5Factory)
+    assert json.loads(ports.read_text()) == {
+        "http": service.addresses["http"],
+        "socks": service.addresses["socks"],
+    }
     service.stopService()
     assert not ports.exists()
 
@@ -84,4 +90,22 @@ def test_failed_bind_exits_1_naming_the_address(tmp_path, capsys):
         service.startService()
     assert exc.value.code == 1
     assert "127.0.0.1:3128 (proxy_url)" in capsys.readouterr().err
+    assert not ports.exists()
+
+
+class RefusingSecondReactor(MemoryReactorClock):
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if self.tcpServers:
+            raise error.CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+def test_failed_socks_bind_exits_1_naming_the_address(tmp_path, capsys):
+    ports = tmp_path / "ports.json"
+    reactor = RefusingSecondReactor()
+    service = ProxyService(parse_config(ENABLED, "c.toml"), reactor, str(ports))
+    with pytest.raises(SystemExit) as exc:
+        service.startService()
+    assert exc.value.code == 1
+    assert "127.0.0.1:8081 (socks_url)" in capsys.readouterr().err
     assert not ports.exists()
