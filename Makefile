@@ -30,6 +30,7 @@ test: venv sysdeps
 
 bench: venv sysdeps
 	$(BIN)/python bench/rss_tunnel.py
+	$(BIN)/python bench/socks_idle.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
