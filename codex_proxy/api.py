@@ -36,6 +36,7 @@ from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.policystate import PolicyState
 from codex_proxy.rules import SourcePaths, Sources, effective_config
+from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.upstream import Upstream
 
 _log = Logger()
@@ -359,7 +360,21 @@ class NetworkProxy:
             keepalive_idle=config.limits.keepalive_idle_s,
             connections=self._connections,
         )
-        return [("http", "proxy_url", config.http_listen, http)]
+        listeners: List[Tuple[str, str, ListenAddress, Factory]] = [
+            ("http", "proxy_url", config.http_listen, http)
+        ]
+        if config.enable_socks5:
+            socks = SOCKS5Factory(
+                self.policy,
+                upstream,
+                reactor,
+                config.limits,
+                enable_udp=config.enable_socks5_udp,
+                reactor=reactor,
+                connections=self._connections,
+            )
+            listeners.append(("socks", "socks_url", config.socks_listen, socks))
+        return listeners
 
     def _listen(self, key: str, address: ListenAddress, factory: Factory) -> str:
         result: List[Any] = []

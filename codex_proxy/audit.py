@@ -21,7 +21,7 @@ from typing import IO, Any, Callable, Dict, List, Mapping, Optional
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from codex_proxy.model import Source, Verdict
+from codex_proxy.model import Protocol, Source, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
 NAMESPACE = "codex_otel.network_proxy"
@@ -37,6 +37,7 @@ Sink = Callable[[Dict[str, Any]], None]
 
 _log = Logger(namespace=NAMESPACE)
 _ownLog = Logger()
+_SOCKS = (Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP)
 
 
 def rfc3339(seconds: float) -> str:
@@ -83,6 +84,10 @@ def decision_fields(
         "client.address": request.client or "unknown",
         "network.policy.override": verdict.override,
     }
+    if request.command is not None and request.protocol in _SOCKS:
+        # The RFC 1929 username a SOCKS5 client named itself with (never
+        # its password).
+        fields["client.identity"] = request.command
     fields.update(metadata)
     return fields
 

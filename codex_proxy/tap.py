@@ -53,7 +53,7 @@ class Options(usage.Options):
             None,
             None,
             "After binding, write the bound listener addresses to this file as"
-            ' JSON ({"http": "127.0.0.1:PORT"}); removed on exit.',
+            ' JSON ({"http": "127.0.0.1:PORT", "socks": ...}); removed on exit.',
         ],
         [
             "audit-log",

@@ -12,6 +12,7 @@ from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.config import parse_config
+from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.tap import Options, assemble, makeService
 
 ENABLED = b'[network]\nenabled = true\nproxy_url = "127.0.0.1:0"\nallowed_domains = ["a.test"]\n'
@@ -62,10 +63,15 @@ def test_enabled_binds_the_http_listener_and_writes_the_ports_file(tmp_path):
     ports = tmp_path / "ports.json"
     service = assemble(parse_config(ENABLED, "c.toml"), reactor, str(ports), environ={})
     service.startService()
-    ((port, _factory, _backlog, interface),) = reactor.tcpServers
-    assert (port, interface) == (0, "127.0.0.1")
+    # SOCKS5 is on by default (SPEC §2.2), on its default address.
+    (http, _, _, http_if), (socks, factory, _, socks_if) = reactor.tcpServers
+    assert (http, http_if, socks, socks_if) == (0, "127.0.0.1", 8081, "127.0.0.1")
+    assert isinstance(factory, SOCKS5Factory)
     (proxy,) = [child for child in service if hasattr(child, "addresses")]
-    assert json.loads(ports.read_text()) == {"http": proxy.addresses["http"]}
+    assert json.loads(ports.read_text()) == {
+        "http": proxy.addresses["http"],
+        "socks": proxy.addresses["socks"],
+    }
     service.stopService()
     assert not ports.exists()
 
@@ -181,3 +187,21 @@ def test_sighup_reloads_on_the_reactor_thread_while_running(tmp_path, monkeypatc
     top.stopService()
 
     assert signal.getsignal(signal.SIGHUP) == before
+
+
+class RefusingSecondReactor(MemoryReactorClock):
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if self.tcpServers:
+            raise error.CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+def test_failed_socks_bind_exits_1_naming_the_address(tmp_path, capsys):
+    ports = tmp_path / "ports.json"
+    reactor = RefusingSecondReactor()
+    service = assemble(parse_config(ENABLED, "c.toml"), reactor, str(ports), environ={})
+    with pytest.raises(SystemExit) as exc:
+        service.startService()
+    assert exc.value.code == 1
+    assert "127.0.0.1:8081 (socks_url)" in capsys.readouterr().err
+    assert not ports.exists()

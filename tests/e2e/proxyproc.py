@@ -188,6 +188,13 @@ class RunningProxy:
         return "http://" + self.ports["http"]
 
     @property
+    def socks_addr(self) -> tuple[str, int]:
+        """
+        The SOCKS5 listener as C{(host, port)}.
+        """
+        return _parse_addr(self.ports["socks"])
+
+    @property
     def output(self) -> str:
         with self._changed:
             return "\n".join(self.output_lines)

@@ -1,0 +1,361 @@
+"""
+The SOCKS5 listener (RFC 1928, SPEC §6a): CONNECT tunnels and UDP
+ASSOCIATE, under the same policy as the HTTP listener.
+
+One L{SOCKS5Protocol} per client connection, an explicit state machine:
+
+    GREETING ─▶ [AUTH] ─▶ REQUEST ─CONNECT─▶ DECIDING ─allow─▶ DIALLING ─▶ RELAYING
+                             │                   │                 │
+                             │                 deny ──▶ REP, close ◀── failed
+                             └─UDP ASSOCIATE─▶ ASSOCIATED (until the TCP connection ends)
+
+The pending policy or dial Deferred is held in C{_work} so a client that
+goes away cancels it; the handshake (greeting to request) must complete
+within C{limits.socks_handshake_timeout_s}. Reply codes come from
+L{codex_proxy.errors}, never from a call site.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from codex_proxy import _socks5wire as wire
+from codex_proxy.config import Limits
+from codex_proxy.errors import (
+    SOCKS_COMMAND_NOT_SUPPORTED,
+    SOCKS_GENERAL_FAILURE,
+    UpstreamError,
+    reply_for,
+)
+from codex_proxy.live import Connections
+from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
+from codex_proxy.policy import mode_guard
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.relay import Relay
+from codex_proxy.socks5udp import UDPAssociation
+from codex_proxy.upstream import Outbound, Sink, Upstream
+
+_log = Logger()
+
+GREETING = "GREETING"
+AUTH = "AUTH"
+REQUEST = "REQUEST"
+DECIDING = "DECIDING"
+DIALLING = "DIALLING"
+RELAYING = "RELAYING"
+ASSOCIATED = "ASSOCIATED"
+CLOSED = "CLOSED"
+
+_HANDSHAKE = (GREETING, AUTH, REQUEST)
+
+
+class SOCKS5Factory(Factory):
+    """
+    Builds L{SOCKS5Protocol}s sharing one policy service and dialer.
+
+    @ivar associations: UDP associations open now (at most
+        C{limits.max_udp_associations}).
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        policy: PolicyService,
+        upstream: Upstream,
+        clock: IReactorTime,
+        limits: Limits = Limits(),
+        enable_udp: bool = True,
+        reactor: Any = None,
+        connections: Optional[Connections] = None,
+    ) -> None:
+        self.policy = policy
+        self.upstream = upstream
+        self.clock = clock
+        self.limits = limits
+        self.enable_udp = enable_udp
+        self.reactor = reactor
+        self.associations = 0
+        self.connections = connections if connections is not None else Connections()
+
+    def buildProtocol(self, addr: object) -> "SOCKS5Protocol":
+        proto = SOCKS5Protocol()
+        proto.factory = self
+        return proto
+
+
+def _association_refusal(policy: PolicyService) -> Optional[Reason]:
+    """
+    Why UDP ASSOCIATE itself is refused: a disabled proxy, or limited mode
+    (SPEC §4.1 step 1, §4.4). Destinations are decided per datagram.
+    """
+    current = policy.policy
+    if not current.enabled:
+        return Reason.PROXY_DISABLED
+    return mode_guard(current, ProxyRequest(protocol=Proto.SOCKS5_UDP, host="", port=0))
+
+
+@implementer(IHalfCloseableProtocol)
+class SOCKS5Protocol(Protocol, Sink):
+    """
+    One client connection of the SOCKS5 listener.
+    """
+
+    factory: SOCKS5Factory
+
+    def __init__(self) -> None:
+        self._state = GREETING
+        self._buffer = b""
+        self._work: Optional[defer.Deferred[Any]] = None
+        self._timer: Any = None
+        self._relay: Optional[Relay] = None
+        self._udp: Optional[UDPAssociation] = None
+        self._identity: Optional[str] = None
+        self._client: Optional[str] = None
+        self._clientEOF = False
+
+    # -- connection events ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connections.opened(self.transport)
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self._client = f"{host}:{peer.port}" if host else None
+        self._timer = self.factory.clock.callLater(
+            self.factory.limits.socks_handshake_timeout_s, self._handshakeTimedOut
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state is RELAYING:
+            self._relay.fromClient(data)  # type: ignore[union-attr]
+        elif state in _HANDSHAKE:
+            self._buffer += data
+            self._advance()
+        elif state is DECIDING or state is DIALLING:
+            # Bytes that raced our pause: the tunnel's first bytes.
+            self._buffer += data
+        # ASSOCIATED: the control connection carries nothing; CLOSED: ignore.
+
+    def readConnectionLost(self) -> None:
+        self._clientEOF = True
+        if self._state is RELAYING:
+            self._relay.clientEOF()  # type: ignore[union-attr]
+        elif self._state is not DECIDING and self._state is not DIALLING:
+            # A handshake that can now never end, or the end of an association.
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+        self.factory.connections.closed(self.transport)
+        self._state = CLOSED
+        self._cancelTimer()
+        work, self._work = self._work, None
+        if work is not None:
+            work.cancel()
+        if self._relay is not None:
+            self._relay.clientLost()
+        if self._udp is not None:
+            udp, self._udp = self._udp, None
+            udp.close()
+            self.factory.associations -= 1
+
+    def _handshakeTimedOut(self) -> None:
+        self._timer = None
+        self._state = CLOSED
+        self.transport.abortConnection()
+
+    def _cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _close(self) -> None:
+        self._state = CLOSED
+        self.transport.loseConnection()
+
+    # -- handshake --------------------------------------------------------
+
+    def _advance(self) -> None:
+        try:
+            while True:
+                state = self._state
+                if state is GREETING:
+                    if not self._greeting():
+                        return
+                elif state is AUTH:
+                    if not self._auth():
+                        return
+                elif state is REQUEST:
+                    parsed = wire.parse_request(self._buffer)
+                    if parsed is None:
+                        return
+                    request, self._buffer = parsed
+                    self._request(request)
+                    return
+                else:
+                    return
+        except wire.SocksProtocolError as e:
+            if self._state is REQUEST:
+                self._refuse(e.reply)
+            elif self._state is AUTH:
+                self.transport.write(wire.encode_auth_status(False))
+                self._close()
+            else:
+                self._close()
+
+    def _greeting(self) -> bool:
+        parsed = wire.parse_greeting(self._buffer)
+        if parsed is None:
+            return False
+        greeting, self._buffer = parsed
+        # Username/password when offered, so the username names the client.
+        if wire.METHOD_USERNAME_PASSWORD in greeting.methods:
+            self.transport.write(wire.encode_method(wire.METHOD_USERNAME_PASSWORD))
+            self._state = AUTH
+        elif wire.METHOD_NO_AUTH in greeting.methods:
+            self.transport.write(wire.encode_method(wire.METHOD_NO_AUTH))
+            self._state = REQUEST
+        else:
+            self.transport.write(wire.encode_method(wire.METHOD_NO_ACCEPTABLE))
+            self._close()
+            return False
+        return True
+
+    def _auth(self) -> bool:
+        parsed = wire.parse_auth(self._buffer)
+        if parsed is None:
+            return False
+        credentials, self._buffer = parsed
+        # Any password is accepted: the username is an identity, not a secret.
+        self._identity = credentials.username
+        self.transport.write(wire.encode_auth_status(True))
+        self._state = REQUEST
+        return True
+
+    def _request(self, request: wire.Request) -> None:
+        self._cancelTimer()
+        self.transport.pauseProducing()
+        if request.command == wire.CMD_CONNECT:
+            self._connect(request)
+        elif request.command == wire.CMD_UDP_ASSOCIATE and self.factory.enable_udp:
+            self._associate(request)
+        else:
+            self._refuse(SOCKS_COMMAND_NOT_SUPPORTED)
+
+    def _refuse(self, reply: int) -> None:
+        self.transport.write(wire.encode_reply(reply))
+        self._close()
+
+    # -- CONNECT ----------------------------------------------------------
+
+    def _connect(self, request: wire.Request) -> None:
+        self._state = DECIDING
+        d = self.factory.policy.check(
+            ProxyRequest(
+                protocol=Proto.SOCKS5_TCP,
+                host=request.host,
+                port=request.port,
+                client=self._client,
+                command=self._identity,
+            )
+        )
+        self._work = d
+        d.addCallbacks(self._decided, self._failed)
+        d.addErrback(self._internalError)
+
+    def _decided(self, verdict: Verdict) -> None:
+        self._work = None
+        if self._state is CLOSED:
+            return
+        if not verdict.allowed:
+            assert verdict.reason is not None
+            self._refuse(reply_for(verdict.reason).socks)
+            return
+        self._state = DIALLING
+        d = self.factory.upstream.connect(verdict.addresses, verdict.port)
+        self._work = d
+        d.addCallbacks(self._connected, self._failed)
+        d.addErrback(self._internalError)
+
+    def _failed(self, failure: Failure) -> None:
+        self._work = None
+        if self._state is CLOSED:
+            failure.trap(defer.CancelledError, UpstreamError)
+            return
+        failure.trap(UpstreamError)
+        self._refuse(reply_for(failure.value.reason).socks)
+
+    def _internalError(self, failure: Failure) -> None:
+        _log.failure("internal error handling a SOCKS5 request", failure)
+        if self._state is not CLOSED:
+            self._state = CLOSED
+            self.transport.abortConnection()
+
+    def _connected(self, out: Outbound) -> None:
+        self._work = None
+        out.attach(self)
+        bound = out.transport.getHost()
+        self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
+        self._state = RELAYING
+        self._relay = Relay(
+            self.transport, out.transport, self.factory.clock, self.factory.limits.tunnel_idle_s
+        )
+        self.transport.resumeProducing()
+        pending, self._buffer = self._buffer, b""
+        if pending:
+            self._relay.fromClient(pending)
+        if self._clientEOF:
+            self._relay.clientEOF()
+
+    def outboundData(self, data: bytes) -> None:
+        self._relay.fromServer(data)  # type: ignore[union-attr]
+
+    def outboundEOF(self) -> None:
+        self._relay.serverEOF()  # type: ignore[union-attr]
+
+    def outboundLost(self, reason: Failure) -> None:
+        self._relay.serverLost()  # type: ignore[union-attr]
+
+    # -- UDP ASSOCIATE ----------------------------------------------------
+
+    def _associate(self, request: wire.Request) -> None:
+        factory = self.factory
+        refusal = _association_refusal(factory.policy)
+        if refusal is not None:
+            self._refuse(reply_for(refusal).socks)
+            return
+        if factory.associations >= factory.limits.max_udp_associations:
+            self._refuse(SOCKS_GENERAL_FAILURE)
+            return
+        local = self.transport.getHost()
+        udp = UDPAssociation(
+            factory.reactor,
+            factory.policy,
+            client_ip=self.transport.getPeer().host,
+            client_port=request.port,
+            listen_ip=local.host,
+            client=self._client,
+            identity=self._identity,
+        )
+        try:
+            port = udp.start()
+        except error.CannotListenError as e:
+            _log.warn("cannot open a SOCKS5 UDP relay: {error}", error=e)
+            self._refuse(SOCKS_GENERAL_FAILURE)
+            return
+        self._udp = udp
+        factory.associations += 1
+        self._state = ASSOCIATED
+        self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, local.host, port))
+        # Read on, only to notice when the client ends the association.
+        self.transport.resumeProducing()

@@ -1,0 +1,565 @@
+"""
+The SOCKS5 listener over in-memory transports: every REP code and state,
+each wire case run once whole and once fed one byte at a time; and the UDP
+relay of an association over fake UDP ports.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, List, Optional, Tuple
+
+import pytest
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from codex_proxy import _socks5wire as wire
+from codex_proxy.config import Limits
+from codex_proxy.model import Mode
+from codex_proxy.policy import Policy
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.socks5 import SOCKS5Factory, SOCKS5Protocol
+from codex_proxy.testing import RecordingAuditor, StaticResolver
+from codex_proxy.upstream import Upstream
+
+PUBLIC = "203.0.114.10"
+PUBLIC6 = "2001:4860::8888"
+ALLOW = ["origin.test", "**.example.com", "127.0.0.1", PUBLIC6]
+NO_AUTH = b"\x05\x01\x00"
+
+
+def connect(host: str, port: int, command: int = wire.CMD_CONNECT) -> bytes:
+    """
+    A request for C{host} (a name, or an IP literal sent as such).
+    """
+    if ":" in host:
+        import ipaddress
+
+        address = b"\x04" + ipaddress.IPv6Address(host).packed
+    elif host.replace(".", "").isdigit():
+        address = b"\x01" + bytes(int(p) for p in host.split("."))
+    else:
+        address = b"\x03" + bytes([len(host)]) + host.encode()
+    return bytes([5, command, 0]) + address + struct.pack("!H", port)
+
+
+class HalfCloseTransport(StringTransport):
+    halfClosed = False
+    aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.halfClosed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+class FakeUDPPort:
+    """
+    What C{listenUDP} returns here: records what is written.
+    """
+
+    def __init__(self, protocol: Any, interface: str, number: int) -> None:
+        self.protocol = protocol
+        self.interface = interface
+        self.number = number
+        self.written: List[Tuple[bytes, Tuple[str, int]]] = []
+        self.listening = True
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", self.interface, self.number)
+
+    def write(self, data: bytes, addr: Tuple[str, int]) -> None:
+        self.written.append((data, addr))
+
+    def stopListening(self) -> None:
+        self.listening = False
+
+
+class Reactor(MemoryReactorClock):
+    """
+    A memory reactor with UDP ports too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: List[FakeUDPPort] = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):  # type: ignore[override]
+        fake = FakeUDPPort(protocol, interface, 40000 + len(self.udp))
+        protocol.makeConnection(fake)
+        self.udp.append(fake)
+        return fake
+
+
+@implementer(IHostnameResolver)
+class PendingResolver:
+    """
+    A resolver that answers only when the test says so.
+    """
+
+    def __init__(self) -> None:
+        self.pending: List[Any] = []
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
+        self.pending.append((receiver, hostName, portNumber))
+        receiver.resolutionBegan(None)
+        return None
+
+    def answer(self, ip: str) -> None:
+        receiver, _, port = self.pending.pop(0)
+        receiver.addressResolved(IPv4Address("TCP", ip, port))
+        receiver.resolutionComplete()
+
+
+class Harness:
+    def __init__(
+        self,
+        trickle: bool,
+        policy: Optional[Policy] = None,
+        resolver: Any = None,
+        limits: Limits = Limits(socks_handshake_timeout_s=5, tunnel_idle_s=60),
+        enable_udp: bool = True,
+    ) -> None:
+        self.trickle = trickle
+        self.reactor = Reactor()
+        self.resolver = resolver or StaticResolver({"origin.test": [PUBLIC]})
+        self.auditor = RecordingAuditor(self.reactor.seconds)
+        self.service = PolicyService(
+            policy or Policy.build(allowed=ALLOW, denied=["bad.example.com"]),
+            resolver=self.resolver,
+            clock=self.reactor,
+            auditor=self.auditor,
+        )
+        self.factory = SOCKS5Factory(
+            self.service,
+            Upstream(self.reactor, 10),
+            self.reactor,
+            limits,
+            enable_udp=enable_udp,
+            reactor=self.reactor,
+        )
+        self.proto = self.connectClient()
+        self.client: HalfCloseTransport = self.proto.transport
+
+    def connectClient(self, port: int = 5555) -> SOCKS5Protocol:
+        proto = self.factory.buildProtocol(None)
+        proto.makeConnection(
+            HalfCloseTransport(
+                hostAddress=IPv4Address("TCP", "127.0.0.1", 1080),
+                peerAddress=IPv4Address("TCP", "127.0.0.1", port),
+            )
+        )
+        return proto
+
+    def send(self, data: bytes, proto: Optional[SOCKS5Protocol] = None) -> None:
+        proto = proto or self.proto
+        if self.trickle:
+            for i in range(len(data)):
+                proto.dataReceived(data[i : i + 1])
+        else:
+            proto.dataReceived(data)
+
+    def dials(self) -> List[Tuple[str, int]]:
+        return [(host, port) for host, port, *_ in self.reactor.tcpClients]
+
+    def accept(self) -> Tuple[Any, HalfCloseTransport]:
+        factory = self.reactor.tcpClients[-1][2]
+        proto = factory.buildProtocol(None)
+        transport = HalfCloseTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 61000))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def fail(self, reason: Exception) -> None:
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(reason))
+
+    def reasons(self) -> List[str]:
+        return [e["network.policy.reason"] for e in self.auditor.events]
+
+
+@pytest.fixture(params=[False, True], ids=["whole", "trickle"])
+def trickle(request) -> bool:
+    return request.param
+
+
+def reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
+    return wire.encode_reply(code, host, port)
+
+
+# -- CONNECT ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host, dialled",
+    [("origin.test", (PUBLIC, 443)), ("127.0.0.1", ("127.0.0.1", 443)), (PUBLIC6, (PUBLIC6, 443))],
+)
+def test_connect_relays_both_ways(trickle, host, dialled):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect(host, 443) + b"early")
+    assert h.client.value() == b"\x05\x00"
+    assert h.dials() == [dialled]
+    server, upstream = h.accept()
+    # BND is the outbound socket's local address.
+    assert h.client.value() == b"\x05\x00" + reply(0, "127.0.0.1", 61000)
+    assert upstream.value() == b"early"
+    h.send(b"ping")
+    assert upstream.value() == b"earlyping"
+    server.dataReceived(b"pong")
+    assert h.client.value().endswith(b"pong")
+    [event] = h.auditor.events
+    assert event["network.transport.protocol"] == "socks5_tcp"
+    assert event["network.policy.decision"] == "allow"
+    assert event["client.address"] == "127.0.0.1:5555"
+    assert "client.identity" not in event
+
+
+def test_half_close_and_close_pass_through(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect("127.0.0.1", 80))
+    server, upstream = h.accept()
+    h.proto.readConnectionLost()
+    assert upstream.halfClosed
+    server.connectionLost(Failure(error.ConnectionDone()))
+    assert h.client.disconnecting
+
+
+def test_username_is_the_client_identity(trickle):
+    h = Harness(trickle)
+    h.send(b"\x05\x02\x00\x02" + b"\x01\x05alice\x03pwd" + connect("127.0.0.1", 80))
+    assert h.client.value() == b"\x05\x02\x01\x00"
+    [event] = h.auditor.events
+    assert event["client.identity"] == "alice"
+    assert "pwd" not in repr(event)
+    assert h.dials() == [("127.0.0.1", 80)]
+
+
+def test_no_acceptable_method(trickle):
+    h = Harness(trickle)
+    h.send(b"\x05\x02\x01\x80")
+    assert h.client.value() == b"\x05\xff"
+    assert h.client.disconnecting
+
+
+def test_not_socks5_is_closed_silently(trickle):
+    h = Harness(trickle)
+    h.send(b"GET / HTTP/1.1\r\n\r\n")
+    assert h.client.value() == b""
+    assert h.client.disconnecting
+
+
+def test_bad_auth_version_fails_the_subnegotiation(trickle):
+    h = Harness(trickle)
+    h.send(b"\x05\x01\x02" + b"\x02\x01a\x01b")
+    assert h.client.value() == b"\x05\x02\x01\x01"
+    assert h.client.disconnecting
+
+
+@pytest.mark.parametrize(
+    "request_, code",
+    [
+        (connect("127.0.0.1", 80, wire.CMD_BIND), 0x07),
+        (connect("127.0.0.1", 80, 0x09), 0x07),
+        (b"\x05\x01\x00\x02\x00\x00", 0x08),
+        (b"\x05\x01\x00\x07", 0x08),
+        (b"\x05\x01\x05\x01", 0x01),
+    ],
+    ids=["bind", "unknown-command", "atyp-2", "atyp-7", "reserved-byte"],
+)
+def test_unsupported_requests(trickle, request_, code):
+    h = Harness(trickle)
+    h.send(NO_AUTH + request_)
+    assert h.client.value() == b"\x05\x00" + reply(code)
+    assert h.client.disconnecting
+    assert h.dials() == []
+    assert h.auditor.events == []
+
+
+def test_udp_associate_disabled_is_command_not_supported(trickle):
+    h = Harness(trickle, enable_udp=False)
+    h.send(NO_AUTH + connect("127.0.0.1", 0, wire.CMD_UDP_ASSOCIATE))
+    assert h.client.value() == b"\x05\x00" + reply(0x07)
+    assert h.reactor.udp == []
+
+
+@pytest.mark.parametrize(
+    "host, port, reason, code",
+    [
+        ("elsewhere.test", 443, "not_allowed", 0x02),
+        ("bad.example.com", 443, "denied", 0x02),
+        ("10.1.2.3", 443, "not_allowed_local", 0x02),
+        ("localhost", 443, "not_allowed_local", 0x02),
+        ("origin.test", 0, "invalid_host", 0x01),
+        ("", 443, "invalid_host", 0x01),
+    ],
+)
+def test_blocked_connect_is_never_resolved_nor_dialled(trickle, host, port, reason, code):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect(host, port))
+    assert h.client.value() == b"\x05\x00" + reply(code)
+    assert h.client.disconnecting
+    assert h.dials() == []
+    assert h.resolver.lookups == []
+    assert h.reasons() == [reason]
+
+
+def test_disabled_proxy_is_not_allowed(trickle):
+    h = Harness(trickle, policy=Policy.build(enabled=False, allowed=ALLOW))
+    h.send(NO_AUTH + connect("origin.test", 443))
+    assert h.client.value() == b"\x05\x00" + reply(0x02)
+    assert h.reasons() == ["proxy_disabled"]
+
+
+def test_limited_mode_blocks_connect_and_udp(trickle):
+    policy = Policy.build(mode=Mode.LIMITED, allowed=ALLOW)
+    h = Harness(trickle, policy=policy)
+    h.send(NO_AUTH + connect("origin.test", 443))
+    assert h.client.value() == b"\x05\x00" + reply(0x02)
+    assert h.reasons() == ["method_not_allowed"]
+    udp = h.connectClient(5556)
+    h.send(NO_AUTH + connect("127.0.0.1", 0, wire.CMD_UDP_ASSOCIATE), udp)
+    assert udp.transport.value() == b"\x05\x00" + reply(0x02)
+    assert h.dials() == [] and h.reactor.udp == []
+
+
+def test_name_with_a_private_answer_is_not_allowed(trickle):
+    h = Harness(trickle, resolver=StaticResolver({"origin.test": [PUBLIC, "10.0.0.7"]}))
+    h.send(NO_AUTH + connect("origin.test", 443))
+    assert h.client.value() == b"\x05\x00" + reply(0x02)
+    assert h.dials() == []
+
+
+@pytest.mark.parametrize(
+    "failure, code",
+    [
+        (error.ConnectionRefusedError(), 0x05),
+        (error.TimeoutError(), 0x06),
+        (error.NoRouteError(), 0x04),
+    ],
+)
+def test_dial_failures(trickle, failure, code):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect("origin.test", 443))
+    h.fail(failure)
+    assert h.client.value() == b"\x05\x00" + reply(code)
+    assert h.client.disconnecting
+
+
+def test_dns_failure_is_host_unreachable(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect("nowhere.example.com", 443))
+    assert h.client.value() == b"\x05\x00" + reply(0x04)
+    assert h.reasons() == ["upstream_dns_failed"]
+
+
+def test_dns_timeout_is_host_unreachable(trickle):
+    h = Harness(trickle, resolver=PendingResolver())
+    h.send(NO_AUTH + connect("origin.test", 443))
+    h.reactor.advance(10)
+    assert h.client.value() == b"\x05\x00" + reply(0x04)
+
+
+def test_client_leaving_while_deciding_cancels_the_decision(trickle):
+    resolver = PendingResolver()
+    h = Harness(trickle, resolver=resolver)
+    h.send(NO_AUTH + connect("origin.test", 443))
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    resolver.answer(PUBLIC)
+    assert h.dials() == []
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_client_leaving_while_dialling_stops_the_dial(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect("origin.test", 443))
+    connector = h.reactor.connectors[-1]
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    assert connector.stoppedConnecting
+
+
+def test_handshake_timeout_closes(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect("origin.test", 443)[:4])
+    h.reactor.advance(4.9)
+    assert not h.client.aborted
+    h.reactor.advance(0.2)
+    assert h.client.aborted
+    assert h.dials() == []
+
+
+def test_handshake_timer_stops_with_the_request(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect("origin.test", 443))
+    h.accept()
+    h.reactor.advance(30)
+    assert not h.client.aborted
+
+
+def test_eof_inside_the_handshake_closes(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH)
+    h.proto.readConnectionLost()
+    assert h.client.disconnecting
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    assert h.reactor.getDelayedCalls() == []
+
+
+# -- UDP ASSOCIATE ---------------------------------------------------------------
+
+
+def datagram(host: str, port: int, payload: bytes, frag: int = 0) -> bytes:
+    return b"\x00\x00" + bytes([frag]) + connect(host, port)[3:] + payload
+
+
+def associate(h: Harness, declared_port: int = 7000) -> Tuple[Any, Any]:
+    """
+    Open an association; return the client-side UDP port and its protocol.
+    """
+    h.send(NO_AUTH + connect("0.0.0.0", declared_port, wire.CMD_UDP_ASSOCIATE))
+    client_side = h.reactor.udp[0]
+    assert client_side.interface == "127.0.0.1"
+    assert h.client.value() == b"\x05\x00" + reply(0, "127.0.0.1", client_side.number)
+    return client_side, client_side.protocol
+
+
+def test_udp_echo_through_the_relay(trickle):
+    h = Harness(trickle)
+    client_side, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"query"), ("127.0.0.1", 7000))
+    out = h.reactor.udp[1]
+    assert out.interface == "0.0.0.0"
+    assert out.written == [(b"query", (PUBLIC, 53))]
+    out.protocol.datagramReceived(b"answer", (PUBLIC, 53))
+    assert client_side.written == [
+        (wire.encode_datagram(PUBLIC, 53, b"answer"), ("127.0.0.1", 7000))
+    ]
+    [event] = h.auditor.events
+    assert (event["network.transport.protocol"], event["network.policy.decision"]) == (
+        "socks5_udp",
+        "allow",
+    )
+
+
+def test_udp_decides_each_destination_once(trickle):
+    h = Harness(trickle)
+    _, proto = associate(h)
+    for payload in (b"1", b"2"):
+        proto.datagramReceived(datagram("origin.test", 53, payload), ("127.0.0.1", 7000))
+    assert [data for data, _ in h.reactor.udp[1].written] == [b"1", b"2"]
+    assert h.resolver.lookups == ["origin.test"]
+    assert len(h.auditor.events) == 1
+
+
+def test_udp_denied_destination_is_dropped_and_audited(trickle):
+    h = Harness(trickle)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("blocked.invalid", 53, b"x"), ("127.0.0.1", 7000))
+    proto.datagramReceived(datagram("blocked.invalid", 53, b"y"), ("127.0.0.1", 7000))
+    assert h.reactor.udp[1:] == []
+    assert h.resolver.lookups == []
+    assert h.reasons() == ["not_allowed"]
+    assert h.auditor.events[0]["network.transport.protocol"] == "socks5_udp"
+    # The association stays usable.
+    proto.datagramReceived(datagram("127.0.0.1", 53, b"z"), ("127.0.0.1", 7000))
+    assert h.reactor.udp[1].written == [(b"z", ("127.0.0.1", 53))]
+    assert not h.client.disconnecting
+
+
+def test_udp_unresolvable_destination_is_dropped(trickle):
+    h = Harness(trickle)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("nowhere.example.com", 53, b"x"), ("127.0.0.1", 7000))
+    assert h.reactor.udp[1:] == []
+    assert h.reasons() == ["upstream_dns_failed"]
+
+
+def test_udp_datagrams_wait_for_a_pending_decision(trickle):
+    resolver = PendingResolver()
+    h = Harness(trickle, resolver=resolver)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"1"), ("127.0.0.1", 7000))
+    proto.datagramReceived(datagram("origin.test", 53, b"2"), ("127.0.0.1", 7000))
+    assert h.reactor.udp[1:] == []
+    resolver.answer(PUBLIC)
+    assert h.reactor.udp[1].written == [(b"1", (PUBLIC, 53)), (b"2", (PUBLIC, 53))]
+
+
+@pytest.mark.parametrize(
+    "data, source",
+    [
+        (datagram("127.0.0.1", 53, b"x"), ("127.0.0.2", 7000)),
+        (datagram("127.0.0.1", 53, b"x"), ("127.0.0.1", 7001)),
+        (datagram("127.0.0.1", 53, b"x", frag=1), ("127.0.0.1", 7000)),
+        (b"\x00\x00\x00\x09junk", ("127.0.0.1", 7000)),
+    ],
+    ids=["other-ip", "other-port", "fragment", "bad-header"],
+)
+def test_udp_drops_foreign_and_malformed_datagrams(trickle, data, source):
+    h = Harness(trickle)
+    _, proto = associate(h)
+    proto.datagramReceived(data, source)
+    assert h.reactor.udp[1:] == []
+    assert h.auditor.events == []
+
+
+def test_udp_declared_port_zero_locks_on_the_first_source(trickle):
+    h = Harness(trickle)
+    client_side, proto = associate(h, declared_port=0)
+    proto.datagramReceived(datagram("127.0.0.1", 53, b"a"), ("127.0.0.1", 9000))
+    proto.datagramReceived(datagram("127.0.0.1", 53, b"b"), ("127.0.0.1", 9001))
+    out = h.reactor.udp[1]
+    assert out.written == [(b"a", ("127.0.0.1", 53))]
+    out.protocol.datagramReceived(b"r", ("127.0.0.1", 53))
+    assert client_side.written[-1][1] == ("127.0.0.1", 9000)
+
+
+def test_udp_replies_only_from_destinations_sent_to(trickle):
+    h = Harness(trickle)
+    client_side, proto = associate(h)
+    proto.datagramReceived(datagram("127.0.0.1", 53, b"q"), ("127.0.0.1", 7000))
+    out = h.reactor.udp[1]
+    out.protocol.datagramReceived(b"spoof", ("127.0.0.1", 54))
+    out.protocol.datagramReceived(b"spoof", ("127.0.0.9", 53))
+    assert client_side.written == []
+
+
+def test_udp_association_ends_with_its_tcp_connection(trickle):
+    h = Harness(trickle)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("127.0.0.1", 53, b"q"), ("127.0.0.1", 7000))
+    h.send(b"ignored bytes on the control connection")
+    assert not h.client.disconnecting
+    h.proto.readConnectionLost()
+    assert h.client.disconnecting
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    assert [port.listening for port in h.reactor.udp] == [False, False]
+    assert h.factory.associations == 0
+
+
+def test_udp_client_leaving_cancels_pending_decisions(trickle):
+    resolver = PendingResolver()
+    h = Harness(trickle, resolver=resolver)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"1"), ("127.0.0.1", 7000))
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    resolver.answer(PUBLIC)
+    assert h.reactor.udp[1:] == []
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_max_udp_associations_is_general_failure(trickle):
+    h = Harness(trickle, limits=Limits(max_udp_associations=1))
+    associate(h)
+    second = h.connectClient(5556)
+    h.send(NO_AUTH + connect("0.0.0.0", 0, wire.CMD_UDP_ASSOCIATE), second)
+    assert second.transport.value() == b"\x05\x00" + reply(0x01)
+    assert len(h.reactor.udp) == 1
+    # Ending the first frees its slot.
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    third = h.connectClient(5557)
+    h.send(NO_AUTH + connect("0.0.0.0", 0, wire.CMD_UDP_ASSOCIATE), third)
+    assert third.transport.value()[:5] == b"\x05\x00\x05\x00\x00"
