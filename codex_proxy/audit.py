@@ -44,7 +44,7 @@ def decision_fields(
     fields: Dict[str, Any] = {
         "event.name": EVENT_NAME,
         "event.timestamp": rfc3339(timestamp),
-        "network.policy.scope": "domain",
+        "network.policy.scope": "domain" if request.unix_socket is None else "non_domain",
         "network.policy.decision": verdict.decision.value,
         "network.policy.source": verdict.source.value,
         "network.policy.reason": (

@@ -131,7 +131,7 @@ class PolicyService:
         """
         policy = self.policy
         verdict = decide(policy, request)
-        if not verdict.allowed or verdict.addresses:
+        if not verdict.allowed or verdict.addresses or request.unix_socket is not None:
             return defer.succeed(self._record(verdict))
         d = resolve(
             self._resolver,

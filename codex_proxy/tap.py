@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -21,6 +21,7 @@ from twisted.python import usage
 
 from codex_proxy import _httphead
 from codex_proxy.audit import Auditor
+from codex_proxy.chain import ParentProxies, from_environ
 from codex_proxy.config import (
     ConfigError,
     ListenAddress,
@@ -85,7 +86,21 @@ def policy_from_config(config: ProxyConfig) -> Policy:
         allow_local_binding=config.allow_local_binding,
         allowed=config.allowed_domains,
         denied=config.denied_domains,
+        # Symlinks of the allowed sockets are resolved once per load (the
+        # requested path is resolved per request, SPEC §8).
+        unix_sockets=[os.path.realpath(path) for path in config.allow_unix_sockets],
+        all_unix_sockets=config.dangerously_allow_all_unix_sockets,
     )
+
+
+def parents_from_config(
+    config: ProxyConfig, environ: Mapping[str, str]
+) -> Optional[ParentProxies]:
+    """
+    The parent proxies of the proxy's own environment, read once at start,
+    or C{None} when C{allow_upstream_proxy} is off (SPEC §7).
+    """
+    return from_environ(environ) if config.allow_upstream_proxy else None
 
 
 def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
@@ -118,10 +133,14 @@ class ProxyService(Service):
         config: ProxyConfig,
         reactor: Any = None,
         ports_file: Optional[str] = None,
+        environ: Optional[Mapping[str, str]] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.config = config
+        self.parents = parents_from_config(
+            config, os.environ if environ is None else environ
+        )
         self._reactor = reactor
         self._ports_file = ports_file
         self._ports: List[IListeningPort] = []
@@ -145,6 +164,9 @@ class ProxyService(Service):
                 " in this build: CONNECT in limited mode stays blocked",
                 source=config.source,
             )
+        if self.parents is not None:
+            for warning in self.parents.warnings:
+                _log.warn("{warning}", warning=warning)
         if not config.enabled:
             _log.info(
                 "codex-proxy is disabled (enabled = false in {source}); no listener bound",
@@ -159,7 +181,7 @@ class ProxyService(Service):
         reactor = self._reactor
         factory = HTTPProxyFactory(
             self.policy,
-            Upstream(reactor, config.limits.connect_timeout_s),
+            Upstream(reactor, config.limits.connect_timeout_s, parents=self.parents),
             reactor,
             head_limits(config),
             tunnel_idle=config.limits.tunnel_idle_s,
