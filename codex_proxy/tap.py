@@ -167,6 +167,13 @@ class ProxyService(Service):
         if self.parents is not None:
             for warning in self.parents.warnings:
                 _log.warn("{warning}", warning=warning)
+            for kind, parent in (("http", self.parents.http), ("https", self.parents.https)):
+                if parent is not None:
+                    _log.info(
+                        "{kind} targets go through the upstream proxy {address}",
+                        kind=kind,
+                        address=f"{parent.scheme}://{parent.address}",
+                    )
         if not config.enabled:
             _log.info(
                 "codex-proxy is disabled (enabled = false in {source}); no listener bound",
