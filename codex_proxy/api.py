@@ -13,6 +13,7 @@ C{twistd codexproxy}: this module holds the one copy of listener binding.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -26,6 +27,7 @@ from twisted.python.failure import Failure
 
 from codex_proxy import _httphead
 from codex_proxy.audit import Auditor, Sink
+from codex_proxy.chain import ParentProxies, from_environ
 from codex_proxy.config import ConfigError, ListenAddress, ProxyConfig, parse_listen_address
 from codex_proxy.decider import Decider
 from codex_proxy.errors import ProxyError
@@ -75,7 +77,21 @@ def policy_from_config(config: ProxyConfig) -> Policy:
         allowed=config.allowed_domains,
         denied=config.denied_domains,
         managed_allowed_domains_only=config.managed_allowed_domains_only,
+        # Symlinks of the allowed sockets are resolved once per load (the
+        # requested path is resolved per request, SPEC §8).
+        unix_sockets=[os.path.realpath(path) for path in config.allow_unix_sockets],
+        all_unix_sockets=config.dangerously_allow_all_unix_sockets,
     )
+
+
+def parents_from_config(
+    config: ProxyConfig, environ: Mapping[str, str]
+) -> Optional[ParentProxies]:
+    """
+    The parent proxies of the proxy's own environment, read once at start,
+    or C{None} when C{allow_upstream_proxy} is off (SPEC §7).
+    """
+    return from_environ(environ) if config.allow_upstream_proxy else None
 
 
 def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
@@ -157,6 +173,7 @@ class NetworkProxyBuilder:
         self._reactor: Any = None
         self._sources: Optional[Sources] = None
         self._paths = SourcePaths()
+        self._environ: Mapping[str, str] = os.environ
 
     def config(self, config: ProxyConfig) -> NetworkProxyBuilder:
         self._config = config
@@ -213,6 +230,14 @@ class NetworkProxyBuilder:
         self._config = effective_config(sources)
         return self
 
+    def environ(self, environ: Mapping[str, str]) -> NetworkProxyBuilder:
+        """
+        Read the upstream proxy variables (C{HTTP_PROXY}, C{NO_PROXY}, ...)
+        from C{environ} instead of this process's environment (SPEC §7).
+        """
+        self._environ = environ
+        return self
+
     def reactor(self, reactor: Any) -> NetworkProxyBuilder:
         """
         Use C{reactor} (TCP, time and name resolution) instead of the global one.
@@ -250,6 +275,7 @@ class NetworkProxyBuilder:
                 reactor,
                 Auditor(reactor.seconds, self._metadata, self._sinks),
                 self._decider,
+                self._environ,
             )
         )
 
@@ -268,8 +294,10 @@ class NetworkProxy:
         reactor: Any,
         auditor: Auditor,
         decider: Optional[Decider] = None,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
         config = effective_config(sources)
+        self.parents = parents_from_config(config, environ)
         self._reactor = reactor
         self._connections = Connections()
         self._ports: List[IListeningPort] = []
@@ -321,6 +349,16 @@ class NetworkProxy:
                 " in this build: CONNECT in limited mode stays blocked",
                 source=config.source,
             )
+        if self.parents is not None:
+            for warning in self.parents.warnings:
+                _log.warn("{warning}", warning=warning)
+            for kind, parent in (("http", self.parents.http), ("https", self.parents.https)):
+                if parent is not None:
+                    _log.info(
+                        "{kind} targets go through the upstream proxy {address}",
+                        kind=kind,
+                        address=f"{parent.scheme}://{parent.address}",
+                    )
         bound: Dict[str, str] = {}
         if not config.enabled:
             _log.info(
@@ -349,7 +387,9 @@ class NetworkProxy:
         if not config.enabled:
             return []
         reactor = self._reactor
-        upstream = Upstream(reactor, config.limits.connect_timeout_s, self._connections)
+        upstream = Upstream(
+            reactor, config.limits.connect_timeout_s, self._connections, parents=self.parents
+        )
         http = HTTPProxyFactory(
             self.policy,
             upstream,
@@ -484,6 +524,7 @@ class ProxyService(Service):
         audit_sinks: Tuple[Sink, ...] = (),
         sources: Optional[Sources] = None,
         paths: Optional[SourcePaths] = None,
+        environ: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.config = config
         self.proxy: Optional[NetworkProxy] = None
@@ -498,6 +539,8 @@ class ProxyService(Service):
             builder.audit_sink(sink)
         if sources is not None:
             builder.sources(sources, paths or SourcePaths())
+        if environ is not None:
+            builder.environ(environ)
         self._builder = builder
 
     def startService(self) -> None:

@@ -26,8 +26,6 @@ from codex_proxy.model import Protocol, Source, Verdict
 EVENT_NAME = "codex.network_proxy.policy_decision"
 NAMESPACE = "codex_otel.network_proxy"
 
-#: The C{server.address} of a unix-socket target (SPEC §8).
-UNIX_SOCKET_ADDRESS = "unix-socket"
 
 #: Decisions that are about the proxy's state or the request's kind rather
 #: than its destination host (the Rust original's C{non_domain} events).
@@ -56,7 +54,7 @@ def scope(verdict: Verdict) -> str:
     C{non_domain} for mode-guard and proxy-state decisions and unix-socket
     targets, C{domain} for everything decided about a destination host.
     """
-    if verdict.source in _NON_DOMAIN_SOURCES or verdict.host == UNIX_SOCKET_ADDRESS:
+    if verdict.source in _NON_DOMAIN_SOURCES or verdict.request.unix_socket is not None:
         return "non_domain"
     return "domain"
 
@@ -273,7 +271,6 @@ __all__ = [
     "JSONLinesLog",
     "NAMESPACE",
     "OTelSink",
-    "UNIX_SOCKET_ADDRESS",
     "decision_fields",
     "otel_sink",
     "rfc3339",

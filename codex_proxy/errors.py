@@ -7,7 +7,7 @@ reason up here (SPEC §4.2, §4.3).
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import attrs
 
@@ -36,12 +36,18 @@ class ProtocolError(ProxyError):
 class UpstreamError(ProxyError):
     """
     Dialling or talking to the destination failed.
+
+    @ivar upstream_status: the status with which a parent proxy refused our
+        C{CONNECT}, if that is what failed.
     """
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(
+        self, reason: Reason, message: str, upstream_status: Optional[int] = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.upstream_status = upstream_status
 
 
 @attrs.frozen
@@ -71,6 +77,12 @@ SOCKS_COMMAND_NOT_SUPPORTED = 0x07
 SOCKS_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 REPLIES: Dict[Reason, Reply] = {
+    Reason.UNIX_SOCKET_NOT_ALLOWED: Reply(
+        403,
+        "blocked-by-allowlist",
+        SOCKS_NOT_ALLOWED,
+        "The unix socket is not in allow_unix_sockets.",
+    ),
     Reason.PROXY_DISABLED: Reply(
         503, "proxy-disabled", SOCKS_NOT_ALLOWED, "The network proxy is disabled."
     ),

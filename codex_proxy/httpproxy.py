@@ -1,12 +1,13 @@
 """
-The HTTP proxy listener: absolute-form forwarding and CONNECT tunnels.
+The HTTP proxy listener: absolute-form forwarding, CONNECT tunnels, websocket
+upgrades and unix-socket targets.
 
 One L{HTTPProxyProtocol} per client connection, an explicit state machine:
 
     HEAD ──head──▶ DECIDING ──allow──▶ DIALING ──connected──▶ EXCHANGE ──done──▶ HEAD
       │                │                  │                      │
-      │              deny ──▶ error reply (keep-alive or close)  └──CONNECT──▶ TUNNEL
-      └── bad bytes ──▶ 4xx reply, close
+      │              deny ──▶ error reply (keep-alive or close)  ├──CONNECT──▶ TUNNEL
+      └── bad bytes ──▶ 4xx reply, close        └──101 to a websocket upgrade──▶ TUNNEL
 
 The pending policy or dial Deferred is held in C{_work} so a client that goes
 away cancels it. Client reading is gated by a set of pause reasons so the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import http
 import json
+import os
 from typing import Any, Dict, Optional, Set, Tuple
 
 from twisted.internet import defer, error
@@ -36,10 +38,16 @@ from codex_proxy import _httphead
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError, UpstreamError, reply_for
 from codex_proxy.live import Connections
-from codex_proxy.model import IPAddress, Protocol as Proto, ProxyRequest, Reason, Verdict
+from codex_proxy.model import (
+    UNIX_SOCKET_HOST,
+    Protocol as Proto,
+    ProxyRequest,
+    Reason,
+    Verdict,
+)
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.relay import Relay
-from codex_proxy.upstream import Outbound, Sink, Upstream
+from codex_proxy.upstream import Outbound, Route, Sink, Upstream
 
 _log = Logger()
 
@@ -52,6 +60,18 @@ CLOSED = "CLOSED"
 
 _DEFAULT_PORTS = {"http": 80, "ws": 80}
 _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+_UNIX_SOCKET_HEADER = b"x-unix-socket"
+
+
+def _is_websocket_upgrade(head: _httphead.RequestHead) -> bool:
+    """
+    A body-less GET asking to upgrade to websocket: the only upgrade we pass
+    on (SPEC §1); every other C{Upgrade} is dropped as hop-by-hop.
+    """
+    if head.method != "GET" or not head.upgrade or head.framing is not _httphead.NO_BODY:
+        return False
+    value = head.header(b"upgrade") or b""
+    return b"websocket" in [token.strip().lower() for token in value.split(b",")]
 
 
 def _phrase(status: int) -> bytes:
@@ -86,6 +106,24 @@ def _split_host_header(value: bytes, default_port: int) -> Tuple[str, int]:
         return normalize_host(hostpart), port
     except InvalidHost as e:
         raise ProtocolError(f"malformed Host header {text!r}: {e}")
+
+
+def _resolve_socket_path(value: bytes) -> str:
+    """
+    The C{x-unix-socket} path with symlinks resolved, so it compares with the
+    allowed paths resolved at load (SPEC §8). A relative path is returned
+    as sent, for the policy to refuse. C{realpath} is a blocking filesystem
+    call: a few local C{lstat}s per unix-socket request, accepted here
+    rather than a thread hop per request.
+    """
+    path = value.decode("utf-8", "surrogateescape").strip()
+    if not path.startswith("/") or "\0" in path:
+        return path
+    return os.path.realpath(path)
+
+
+def _without(headers: _httphead.Headers, name: bytes) -> _httphead.Headers:
+    return tuple((key, value) for key, value in headers if key.lower() != name)
 
 
 @implementer(IPushProducer)
@@ -170,7 +208,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._reused = False
         # The destination connection, kept across exchanges when possible.
         self._out: Optional[Outbound] = None
-        self._outKey: Optional[Tuple[Tuple[IPAddress, ...], int]] = None
+        self._outKey: Optional[Route] = None
         self._relay: Optional[Relay] = None
         # One timer while waiting for a head: keep-alive idle (close quietly)
         # until a byte arrives, then the header timeout (408).
@@ -325,6 +363,11 @@ class HTTPProxyProtocol(Protocol, Sink):
             protocol = Proto.HTTP
         else:
             raise ProtocolError(f"a proxy cannot serve request target {head.target!r}")
+        unix_socket = None
+        socket_header = head.header(_UNIX_SOCKET_HEADER)
+        if socket_header is not None and protocol is Proto.HTTP:
+            unix_socket = _resolve_socket_path(socket_header)
+            host, port = UNIX_SOCKET_HOST, 0
         return ProxyRequest(
             protocol=protocol,
             host=host,
@@ -333,6 +376,7 @@ class HTTPProxyProtocol(Protocol, Sink):
             has_body=head.framing is not _httphead.NO_BODY,
             upgrade=head.upgrade,
             client=self._client,
+            unix_socket=unix_socket,
         )
 
     def _checkHostHeader(self, head: _httphead.RequestHead, host: str, port: int) -> None:
@@ -359,7 +403,9 @@ class HTTPProxyProtocol(Protocol, Sink):
             self._sendBlocked(verdict)
             return
         assert self._request is not None
-        key = (verdict.addresses, self._request.port)
+        key = self.factory.upstream.route(
+            verdict, tunnel=self._request.protocol is Proto.HTTPS_CONNECT
+        )
         if self._out is not None:
             if self._outKey == key and self._request.protocol is Proto.HTTP:
                 self._reused = True
@@ -368,10 +414,10 @@ class HTTPProxyProtocol(Protocol, Sink):
             self._dropOutbound()
         self._dial(key)
 
-    def _dial(self, key: Tuple[Tuple[IPAddress, ...], int]) -> None:
+    def _dial(self, key: Route) -> None:
         self._state = DIALING
         self._reused = False
-        d = self.factory.upstream.connect(*key)
+        d = self.factory.upstream.dial(key)
         self._work = d
         d.addCallbacks(lambda out: self._connected(out, key), self._failed)
         d.addErrback(self._internalError)
@@ -387,7 +433,9 @@ class HTTPProxyProtocol(Protocol, Sink):
         if self._state is CLOSED:
             return
         failure.trap(UpstreamError)
-        self._sendFailure(failure.value.reason, failure.value.message)
+        self._sendFailure(
+            failure.value.reason, failure.value.message, failure.value.upstream_status
+        )
 
     def _internalError(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError) and self._state is CLOSED:
@@ -396,7 +444,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         if self._state is not CLOSED:
             self._abort()
 
-    def _connected(self, out: Outbound, key: Tuple[Tuple[IPAddress, ...], int]) -> None:
+    def _connected(self, out: Outbound, key: Route) -> None:
         self._work = None
         out.attach(self)
         self._out = out
@@ -411,16 +459,28 @@ class HTTPProxyProtocol(Protocol, Sink):
     # -- CONNECT ----------------------------------------------------------
 
     def _startTunnel(self, out: Outbound) -> None:
+        self.transport.write(_CONNECT_OK)
+        self._joinRelay(out, out.early)
+
+    def _joinRelay(self, out: Outbound, fromServer: bytes) -> None:
+        """
+        Become a byte tunnel between the client and C{out}, first relaying
+        C{fromServer} (bytes the destination already sent) and what the
+        client pipelined.
+        """
         self._state = TUNNEL
         self._stopTimer()
-        self.transport.write(_CONNECT_OK)
         if self.transport.producer is not None:
             self.transport.unregisterProducer()
+        if out.transport.producer is not None:
+            out.transport.unregisterProducer()
         self._relay = Relay(
             self.transport, out.transport, self.factory.clock, self.factory.tunnel_idle
         )
         self._paused.clear()
         self.transport.resumeProducing()
+        if fromServer:
+            self._relay.fromServer(fromServer)
         pending, self._pending = self._pending, b""
         if pending:
             self._relay.fromClient(pending)
@@ -433,14 +493,25 @@ class HTTPProxyProtocol(Protocol, Sink):
         head = self._head
         assert head is not None and self._out is not None
         self._state = EXCHANGE
+        route = self._outKey
+        assert route is not None
         headers = _httphead.strip_hop_by_hop(head.headers)
         if head.header(b"host") is None:
             headers += ((b"Host", self._hostHeader(head).encode("ascii")),)
         if head.framing is _httphead.CHUNKED:
             headers += ((b"Transfer-Encoding", b"chunked"),)
-        if self._closeAfter:
-            headers += ((b"Connection", b"close"),)
         target = head.path if head.form == "absolute" else head.target
+        if route.unix is not None:
+            headers = _without(headers, _UNIX_SOCKET_HEADER)
+        if route.absolute_form:
+            target, headers = self._toParent(route, target, headers)
+        if _is_websocket_upgrade(head):
+            headers += (
+                (b"Connection", b"Upgrade"),
+                (b"Upgrade", head.header(b"upgrade") or b"websocket"),
+            )
+        elif self._closeAfter:
+            headers += ((b"Connection", b"close"),)
         out = self._out.transport
         out.write(_httphead.serialize_request_head(head.method, target, headers))
         self._respParser = _httphead.ResponseHeadParser(head.method, self.factory.head_limits)
@@ -459,6 +530,23 @@ class HTTPProxyProtocol(Protocol, Sink):
             self._pending = pending
         if not self._reqDone and self._state is EXCHANGE:
             self._resume("request")
+
+    def _toParent(
+        self, route: Route, path: str, headers: _httphead.Headers
+    ) -> Tuple[str, _httphead.Headers]:
+        """
+        The absolute-form target and headers of a plain request through a
+        parent proxy (SPEC §7), with our credentials for the parent.
+        """
+        request = self._request
+        assert request is not None and route.parent is not None
+        host = normalize_host(request.host)
+        authority = f"[{host}]" if ":" in host else host
+        if request.port != 80:
+            authority += f":{request.port}"
+        if route.parent.authorization is not None:
+            headers += ((b"Proxy-Authorization", route.parent.authorization),)
+        return f"http://{authority}{path}", headers
 
     def _hostHeader(self, head: _httphead.RequestHead) -> str:
         default = _DEFAULT_PORTS.get(head.scheme or "http", 80)
@@ -533,7 +621,7 @@ class HTTPProxyProtocol(Protocol, Sink):
             head, data = result
             self._respStarted = True
             if head.status == 101:
-                self._upstreamBroken("unexpected 101 Switching Protocols")
+                self._switchProtocols(head, data)
                 return
             if head.status < 200:
                 # Interim responses (100 Continue) go to HTTP/1.1 clients only.
@@ -561,6 +649,28 @@ class HTTPProxyProtocol(Protocol, Sink):
             self.transport.write(chunk)
         if done:
             self._responseDone(rest, reusable=self._respKeepAlive)
+
+    def _switchProtocols(self, head: _httphead.ResponseHead, rest: bytes) -> None:
+        """
+        A C{101} answer: accepted only for a websocket upgrade we forwarded,
+        after which the connection is a tunnel both ways.
+        """
+        request = self._head
+        assert request is not None and self._out is not None
+        upgrade = head.header(b"upgrade")
+        if not _is_websocket_upgrade(request) or upgrade is None:
+            self._respStarted = False
+            self._upstreamBroken("unexpected 101 Switching Protocols")
+            return
+        headers = _httphead.strip_hop_by_hop(head.headers) + (
+            (b"Connection", b"Upgrade"),
+            (b"Upgrade", upgrade),
+        )
+        self.transport.write(
+            _httphead.serialize_response_head((1, 1), 101, head.reason, headers)
+        )
+        self._respParser = None
+        self._joinRelay(self._out, rest)
 
     def _startResponse(self, head: _httphead.ResponseHead) -> bool:
         """
@@ -656,21 +766,22 @@ class HTTPProxyProtocol(Protocol, Sink):
             },
         )
 
-    def _sendFailure(self, reason: Reason, message: str) -> None:
+    def _sendFailure(
+        self, reason: Reason, message: str, upstream_status: Optional[int] = None
+    ) -> None:
         reply = reply_for(reason)
         request = self._request
-        self._reply(
-            reply.status,
-            reply.header,
-            {
-                "status": "error",
-                "host": request.host if request else None,
-                "port": request.port if request else None,
-                "reason": reason.value,
-                "protocol": request.protocol.value if request else None,
-                "message": message,
-            },
-        )
+        body: Dict[str, Any] = {
+            "status": "error",
+            "host": request.host if request else None,
+            "port": request.port if request else None,
+            "reason": reason.value,
+            "protocol": request.protocol.value if request else None,
+            "message": message,
+        }
+        if upstream_status is not None:
+            body["upstream_status"] = upstream_status
+        self._reply(reply.status, reply.header, body)
 
     def _badRequest(self, e: ProtocolError) -> None:
         self._closeAfter = True

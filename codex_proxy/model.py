@@ -48,6 +48,7 @@ class Reason(str, enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     MITM_REQUIRED = "mitm_required"
     POLICY_DENIED = "policy_denied"
+    UNIX_SOCKET_NOT_ALLOWED = "unix_socket_not_allowed"
     # Transport outcomes (SPEC §4.3).
     UPSTREAM_DNS_FAILED = "upstream_dns_failed"
     UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
@@ -86,6 +87,9 @@ class ProxyRequest:
     @ivar upgrade: the request asks for a protocol upgrade.
     @ivar client: the client's address as C{"ip:port"}, or C{None}.
     @ivar command: the client identity (SOCKS username) or other context.
+    @ivar unix_socket: the symlink-resolved path of an C{x-unix-socket}
+        request (SPEC §8); such a request is judged by socket path, never by
+        the domain lists, and C{host}/C{port} are C{"unix-socket"}/C{0}.
     """
 
     protocol: Protocol
@@ -96,6 +100,11 @@ class ProxyRequest:
     upgrade: bool = False
     client: Optional[str] = None
     command: Optional[str] = None
+    unix_socket: Optional[str] = None
+
+
+#: The C{host} of every unix-socket request, as audited (SPEC §8).
+UNIX_SOCKET_HOST = "unix-socket"
 
 
 @attrs.frozen

@@ -9,7 +9,7 @@ alone says.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import FrozenSet, Iterable, Optional
 
 import attrs
 
@@ -45,6 +45,8 @@ class Policy:
     allowed: DomainSet
     denied: DomainSet
     managed_allowed_domains_only: bool = False
+    unix_sockets: FrozenSet[str] = frozenset()
+    all_unix_sockets: bool = False
 
     @classmethod
     def build(
@@ -57,9 +59,12 @@ class Policy:
         allowed: Iterable[str] = (),
         denied: Iterable[str] = (),
         managed_allowed_domains_only: bool = False,
+        unix_sockets: Iterable[str] = (),
+        all_unix_sockets: bool = False,
     ) -> Policy:
         """
-        Compile pattern strings into a policy.
+        Compile pattern strings into a policy. C{unix_sockets} are compared
+        as given: the caller resolves their symlinks first (that is I/O).
 
         @raise codex_proxy.domains.PatternError: a pattern is malformed.
         """
@@ -71,6 +76,8 @@ class Policy:
             allowed=DomainSet(parse_pattern(text) for text in allowed),
             denied=DomainSet(parse_pattern(text) for text in denied),
             managed_allowed_domains_only=managed_allowed_domains_only,
+            unix_sockets=frozenset(unix_sockets),
+            all_unix_sockets=all_unix_sockets,
         )
 
 
@@ -97,6 +104,8 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
         host = None
     if not policy.enabled:
         return _deny(request, host, Reason.PROXY_DISABLED, Source.PROXY_STATE)
+    if request.unix_socket is not None:
+        return decide_unix_socket(policy, request)
     if host is None or not 1 <= request.port <= _MAX_PORT:
         return _deny(request, host, Reason.INVALID_HOST)
     denied = policy.denied.match(host)
@@ -112,6 +121,27 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
     if allowed is None:
         return _deny(request, host, Reason.NOT_ALLOWED)
     return admit(policy, request, host, matched=allowed.text)
+
+
+def decide_unix_socket(policy: Policy, request: ProxyRequest) -> Verdict:
+    """
+    Judge an C{x-unix-socket} request (SPEC §8): its symlink-resolved path
+    must be absolute and allowed exactly (or every socket allowed); the
+    domain lists are not consulted, the limited-mode guard is.
+    """
+    path = request.unix_socket
+    assert path is not None
+    host = request.host
+    if not (
+        path.startswith("/") and (policy.all_unix_sockets or path in policy.unix_sockets)
+    ):
+        return _deny(request, host, Reason.UNIX_SOCKET_NOT_ALLOWED)
+    refusal = mode_guard(policy, request)
+    if refusal is not None:
+        return _deny(request, host, refusal, Source.MODE_GUARD)
+    return Verdict(
+        request=request, host=host, decision=Decision.ALLOW, source=Source.BASELINE_POLICY
+    )
 
 
 def admit(

@@ -194,7 +194,7 @@ class PolicyService:
         Record a final verdict, or resolve and vet the name of an allowed one.
         """
         request = verdict.request
-        if not verdict.allowed or verdict.addresses:
+        if not verdict.allowed or verdict.addresses or request.unix_socket is not None:
             return defer.succeed(self._record(verdict))
         d = resolve(
             self._resolver,

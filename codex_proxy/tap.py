@@ -206,7 +206,12 @@ def assemble(
         _AuditSink(exporter.close).setServiceParent(top)
         sinks.append(exporter)
     proxy = ProxyService(
-        config, reactor, audit_sinks=tuple(sinks), sources=sources, paths=paths
+        config,
+        reactor,
+        audit_sinks=tuple(sinks),
+        sources=sources,
+        paths=paths,
+        environ=environ,
     )
     proxy.setServiceParent(top)
     if paths is not None:

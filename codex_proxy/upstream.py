@@ -2,23 +2,35 @@
 Outbound connections: the only place that dials out.
 
 Callers hand over the vetted addresses of a L{Verdict}; this module never
-sees a hostname, so nothing can resolve a name a second time (SPEC §5.2).
-Addresses are tried in order until one connects.
+sees a hostname of a destination, so nothing can resolve a name a second
+time (SPEC §5.2). Addresses are tried in order until one connects.
+
+A L{Route} says where the bytes go: direct to vetted addresses, to a unix
+socket (SPEC §8), or through a parent proxy (SPEC §7): plain requests are
+written to the parent in absolute-form by the caller, tunnels are chained
+here with a C{CONNECT} to the parent. The parent is our own configuration,
+so its name is resolved by the reactor and it is exempt from the local
+protection that applies to destinations.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
-from twisted.internet import defer, error
+import attrs
+from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from codex_proxy.errors import UpstreamError
+from codex_proxy import _httphead
+from codex_proxy.addresses import parse_ip_literal
+from codex_proxy.chain import ParentProxies, ParentProxy
+from codex_proxy.errors import ProtocolError, UpstreamError
 from codex_proxy.live import Connections
-from codex_proxy.model import IPAddress, Reason
+from codex_proxy.model import IPAddress, Reason, Verdict
 
 
 class Sink:
@@ -41,10 +53,15 @@ class Outbound(Protocol):
     """
     A connection to a destination. Its events go to C{sink}, which the caller
     attaches when the dial's Deferred fires (before any byte can arrive).
+
+    @ivar early: bytes a parent proxy sent right behind its answer to our
+        C{CONNECT}: the first tunnel bytes, for the caller to relay.
     """
 
     sink: Optional[Sink] = None
     factory: "_DialFactory"
+    early = b""
+    _handshake: Optional["_ParentConnect"] = None
 
     def connectionMade(self) -> None:
         self.factory.connections.opened(self.transport)
@@ -56,9 +73,11 @@ class Outbound(Protocol):
         self.dataReceived = sink.outboundData  # type: ignore[method-assign]
 
     def dataReceived(self, data: bytes) -> None:
-        # Only reached before attach(); the dial callback attaches
-        # synchronously, so this cannot lose bytes in practice.
-        raise RuntimeError("outbound data before a sink was attached")
+        # Before attach() only the parent's answer to CONNECT is expected;
+        # the dial callback attaches synchronously, so nothing else is lost.
+        if self._handshake is None:
+            raise RuntimeError("outbound data before a sink was attached")
+        self._handshake.received(data)
 
     def readConnectionLost(self) -> None:
         if self.sink is not None:
@@ -71,9 +90,102 @@ class Outbound(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
         self.factory.connections.closed(self.transport)
+        if self._handshake is not None:
+            self._handshake.lost(reason)
         if self.sink is not None:
             sink, self.sink = self.sink, None
             sink.outboundLost(reason)
+
+
+@attrs.frozen
+class Route:
+    """
+    Where a request's connection goes. Equal routes may share a kept-alive
+    connection, so a plain route through a parent leaves the target out.
+
+    @ivar addresses: direct: the vetted addresses, tried in order.
+    @ivar port: direct: the destination port.
+    @ivar parent: the parent proxy (SPEC §7), or C{None} for direct.
+    @ivar target: through a parent, the C{host:port} to C{CONNECT} to;
+        C{None} for plain requests, which go to the parent in absolute-form.
+    @ivar unix: the unix socket path (SPEC §8).
+    """
+
+    addresses: Tuple[IPAddress, ...] = ()
+    port: int = 0
+    parent: Optional[ParentProxy] = None
+    target: Optional[str] = None
+    unix: Optional[str] = None
+
+    @property
+    def absolute_form(self) -> bool:
+        """
+        Plain requests on this route are written in absolute-form.
+        """
+        return self.parent is not None and self.target is None
+
+
+class _ParentConnect:
+    """
+    Our C{CONNECT} to a parent proxy, on a connection to it: fires with the
+    L{Outbound} once the parent answers 2xx, fails with L{UpstreamError}
+    (carrying the parent's status) otherwise.
+    """
+
+    def __init__(self, out: Outbound, parent: ParentProxy, target: str) -> None:
+        self._out = out
+        self._parent = parent
+        self._target = target
+        self._parser = _httphead.ResponseHeadParser("CONNECT")
+        self.deferred: defer.Deferred[Outbound] = defer.Deferred(self._cancel)
+        headers: _httphead.Headers = ((b"Host", target.encode("ascii")),)
+        if parent.authorization is not None:
+            headers += ((b"Proxy-Authorization", parent.authorization),)
+        out._handshake = self
+        out.transport.write(_httphead.serialize_request_head("CONNECT", target, headers))
+
+    def received(self, data: bytes) -> None:
+        try:
+            result = self._parser.feed(data)
+        except ProtocolError as e:
+            self._fail(None, f"the upstream proxy {self._parent.address} answered CONNECT badly: {e.message}")
+            return
+        if result is None:
+            return
+        head, rest = result
+        if not 200 <= head.status < 300:
+            self._fail(
+                head.status,
+                f"the upstream proxy {self._parent.address} refused CONNECT"
+                f" {self._target} with {head.status}",
+            )
+            return
+        self._out._handshake = None
+        self._out.early = rest
+        self.deferred.callback(self._out)
+
+    def lost(self, reason: Failure) -> None:
+        self._out._handshake = None
+        if not self.deferred.called:
+            self.deferred.errback(
+                UpstreamError(
+                    Reason.UPSTREAM_CONNECT_FAILED,
+                    f"the upstream proxy {self._parent.address} closed the"
+                    f" connection before answering CONNECT {self._target}",
+                )
+            )
+
+    def _fail(self, status: Optional[int], message: str) -> None:
+        self._out._handshake = None
+        self._out.transport.abortConnection()
+        if not self.deferred.called:
+            self.deferred.errback(
+                UpstreamError(Reason.UPSTREAM_CONNECT_FAILED, message, upstream_status=status)
+            )
+
+    def _cancel(self, _: object) -> None:
+        self._out._handshake = None
+        self._out.transport.abortConnection()
 
 
 def _classify(failure: Failure, where: str) -> UpstreamError:
@@ -91,24 +203,33 @@ class _DialFactory(ClientFactory):
     noisy = False
     protocol = Outbound
 
-    def __init__(self, deferred: defer.Deferred[Outbound], connections: Connections) -> None:
+    def __init__(self, deferred: Optional[defer.Deferred[Outbound]], connections: Connections) -> None:
         self.deferred = deferred
         self.connections = connections
 
     def connected(self, proto: Outbound) -> None:
+        if self.deferred is None:  # dialled through an endpoint
+            return
         if self.deferred.called:  # cancelled meanwhile
             proto.transport.abortConnection()
         else:
             self.deferred.callback(proto)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        if not self.deferred.called:
+        if self.deferred is not None and not self.deferred.called:
             self.deferred.errback(reason)
 
 
 class Upstream:
     """
-    Dials vetted addresses with a connect timeout.
+    Dials vetted addresses, unix sockets and parent proxies with a connect
+    timeout.
+
+    @param parents: the parent proxies read from the environment at start,
+        or C{None} when C{allow_upstream_proxy} is off.
+    @param parent_tls: makes the client TLS options for an C{https://}
+        parent from its host name (default: the platform trust store,
+        which honours C{SSL_CERT_FILE}, with host name checking).
 
     @ivar connections: where outbound connections register while open.
     """
@@ -118,10 +239,97 @@ class Upstream:
         reactor: IReactorTCP,
         connect_timeout: float = 10.0,
         connections: Optional[Connections] = None,
+        parents: Optional[ParentProxies] = None,
+        parent_tls: Callable[[str], Any] = optionsForClientTLS,
     ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
         self.connections = connections if connections is not None else Connections()
+        self._parents = parents
+        self._parent_tls = parent_tls
+
+    def route(self, verdict: Verdict, tunnel: bool) -> Route:
+        """
+        The route for an allowed C{verdict}; C{tunnel} for a CONNECT (or any
+        TLS) target, which a parent proxy gets as a chained C{CONNECT}.
+        """
+        request = verdict.request
+        if request.unix_socket is not None:
+            return Route(unix=request.unix_socket)
+        parent = (
+            self._parents.parent_for(verdict.host, verdict.port, tunnel)
+            if self._parents is not None
+            else None
+        )
+        if parent is None:
+            return Route(addresses=verdict.addresses, port=verdict.port)
+        if not tunnel:
+            return Route(parent=parent)
+        host = f"[{verdict.host}]" if ":" in verdict.host else verdict.host
+        return Route(parent=parent, target=f"{host}:{verdict.port}")
+
+    def dial(self, route: Route) -> defer.Deferred[Outbound]:
+        """
+        Connect along C{route}; through a parent with a C{target}, the
+        Deferred fires only once the parent has accepted our C{CONNECT}.
+        Fails with L{UpstreamError}; cancelling stops the attempt.
+        """
+        if route.unix is not None:
+            return self._dialUNIX(route.unix)
+        if route.parent is None:
+            return self.connect(route.addresses, route.port)
+        parent, target = route.parent, route.target
+        d = self._dialParent(parent)
+        if target is not None:
+            d.addCallback(lambda out: _ParentConnect(out, parent, target).deferred)
+        return d
+
+    def _dialUNIX(self, path: str) -> defer.Deferred[Outbound]:
+        connector: list = []
+        result: defer.Deferred[Outbound] = defer.Deferred(
+            lambda _: connector[0].stopConnecting()
+        )
+        d: defer.Deferred[Outbound] = defer.Deferred()
+        connector.append(
+            self._reactor.connectUNIX(path, _DialFactory(d, self.connections), timeout=self._timeout)  # type: ignore[attr-defined]
+        )
+
+        def failed(failure: Failure) -> None:
+            if not result.called:
+                result.errback(_classify(failure, f"unix socket {path}"))
+
+        def succeeded(proto: Outbound) -> None:
+            if result.called:
+                proto.transport.abortConnection()
+            else:
+                result.callback(proto)
+
+        d.addCallbacks(succeeded, failed)
+        return result
+
+    def _dialParent(self, parent: ParentProxy) -> defer.Deferred[Outbound]:
+        ip = parse_ip_literal(parent.host)
+        if ip is not None:
+            d = self.connect((ip,), parent.port)
+        else:
+            endpoint = endpoints.HostnameEndpoint(
+                self._reactor, parent.host, parent.port, timeout=self._timeout
+            )
+            d = endpoint.connect(_DialFactory(None, self.connections))
+
+            def failed(failure: Failure) -> Failure:
+                if failure.check(UpstreamError, defer.CancelledError):
+                    return failure
+                raise _classify(failure, f"the upstream proxy {parent.address}")
+
+            d.addErrback(failed)
+        if parent.scheme == "https":
+            d.addCallback(self._startParentTLS, parent)
+        return d
+
+    def _startParentTLS(self, out: Outbound, parent: ParentProxy) -> Outbound:
+        out.transport.startTLS(self._parent_tls(parent.host))
+        return out
 
     def connect(
         self, addresses: Sequence[IPAddress], port: int

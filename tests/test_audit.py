@@ -133,7 +133,9 @@ def test_unix_socket_allow_is_non_domain():
     clock = MemoryReactorClock()
     clock.advance(NOW)
     auditor = RecordingAuditor(clock.seconds)
-    request = ProxyRequest(Protocol.HTTP, "unix-socket", 0, method="GET", client=CLIENT)
+    request = ProxyRequest(
+        Protocol.HTTP, "unix-socket", 0, method="GET", client=CLIENT, unix_socket="/run/a.sock"
+    )
     auditor.record(Verdict(request, "unix-socket", Decision.ALLOW, Source.BASELINE_POLICY))
     assert auditor.events == [
         expected(

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import shutil
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -90,20 +91,22 @@ def proxy_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Any]]:
     """
-    C{proxy_factory(config, args=())} starts a proxy (C{config} is TOML text
-    or a network table overriding L{proxyproc.DEFAULT_NETWORK}; C{args} are
-    extra plugin options) and returns the
-    running L{proxyproc.RunningProxy}; all of them are stopped at teardown,
-    which fails the test if one logged a traceback.
+    C{proxy_factory(config, args=(), env=None)} starts a proxy (C{config} is
+    TOML text or a network table overriding L{proxyproc.DEFAULT_NETWORK};
+    C{args} extra plugin options; C{env} extra environment variables) and
+    returns the running L{proxyproc.RunningProxy}; all of them are stopped at
+    teardown, which fails the test if one logged a traceback.
     """
     started: list[Any] = []
     setattr(request.node, _PROXIES_ATTR, started)
 
     def start(
-        config: str | Mapping[str, Any] | None = None, args: tuple[str, ...] = ()
+        config: str | Mapping[str, Any] | None = None,
+        args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Any:
         workdir = tmp_path_factory.mktemp("proxy")
-        proxy = _proc.start_proxy({} if config is None else config, workdir, args=args)
+        proxy = _proc.start_proxy({} if config is None else config, workdir, args=args, env=env)
         started.append(proxy)
         return proxy
 
@@ -259,6 +262,42 @@ def origin() -> Iterator[OriginServer]:
     The plain HTTP origin.
     """
     server = OriginServer().start()
+    yield server
+    server.stop()
+
+
+class UnixOriginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """
+    The same recording origin, listening on a unix socket (SPEC §8).
+    """
+
+    daemon_threads = True
+    record = OriginServer.record
+    handle_error = OriginServer.handle_error
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), _OriginHandler)
+        self.path = path
+        self.requests: list[SeenRequest] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def start(self) -> UnixOriginServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def unix_origin(tmp_path: Path) -> Iterator[UnixOriginServer]:
+    """
+    A recording HTTP origin on C{origin.sock} in the test's temp dir.
+    """
+    server = UnixOriginServer(tmp_path / "origin.sock").start()
     yield server
     server.stop()
 

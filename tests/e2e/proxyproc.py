@@ -137,13 +137,16 @@ def _write_config(config: str | Mapping[str, Any], workdir: Path) -> Path:
     return path
 
 
-def _child_env(workdir: Path) -> dict[str, str]:
+def _child_env(workdir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # CODEX_HOME keeps remembered rules and CA files of the user out of it.
     home = workdir / "codex-home"
     home.mkdir(exist_ok=True)
     # PYTHONPATH: the checkout these tests belong to, whichever checkout the
-    # virtualenv was installed from (worktrees share one venv).
-    return clean_env(CODEX_HOME=str(home), PYTHONUNBUFFERED="1", PYTHONPATH=str(_REPO))
+    # virtualenv was installed from (worktrees share one venv). C{extra}
+    # (e.g. HTTP_PROXY for chaining tests) goes on top of the clean env.
+    return clean_env(
+        CODEX_HOME=str(home), PYTHONUNBUFFERED="1", PYTHONPATH=str(_REPO), **(extra or {})
+    )
 
 
 def _parse_addr(text: str) -> tuple[str, int]:
@@ -269,11 +272,13 @@ def start_proxy(
     workdir: Path,
     timeout: float = 30.0,
     args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> RunningProxy:
     """
     Start a proxy with C{config} (TOML text, or a network table for
     L{render_config}) and extra options C{args} in C{workdir} and return
-    once its ports file exists.
+    once its ports file exists; C{env} adds variables to the proxy's
+    (otherwise proxy-free) environment.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(config, workdir)
@@ -281,7 +286,7 @@ def start_proxy(
     process = subprocess.Popen(
         proxy_command(config_path, ports_path, args),
         cwd=workdir,
-        env=_child_env(workdir),
+        env=_child_env(workdir, env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
