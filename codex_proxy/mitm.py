@@ -15,10 +15,11 @@ creators for C{startTLS}, and never imports it.
 from __future__ import annotations
 
 import collections
-import os
+import warnings
 from typing import Iterable, List, Mapping, Optional, OrderedDict
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
@@ -127,7 +128,9 @@ class UpstreamTrust:
             if path is None:
                 continue
             try:
-                with open(path, "rb") as f:
+                with open(path, "rb") as f, warnings.catch_warnings():
+                    # Some system roots predate RFC 5280's positive serials.
+                    warnings.simplefilter("ignore", CryptographyDeprecationWarning)
                     found = x509.load_pem_x509_certificates(f.read())
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path}: cannot load trusted certificates: {e}")
@@ -203,16 +206,3 @@ class Interceptor:
         else:
             self._clients.move_to_end(host)
         return creator
-
-
-def interceptor_from_environment(
-    ca: CertificateAuthority,
-    clock: Clock,
-    environ: Mapping[str, str] = os.environ,
-    system_roots: Optional[str] = None,
-) -> Interceptor:
-    """
-    An L{Interceptor} trusting the system roots and C{SSL_CERT_FILE}.
-    """
-    trust = UpstreamTrust.from_files(trust_files(environ, system_roots), exclude=ca.cert)
-    return Interceptor(ca, trust, clock)

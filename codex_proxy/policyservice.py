@@ -28,7 +28,7 @@ from codex_proxy import addresses as _addresses
 from codex_proxy.audit import Auditor
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
-from codex_proxy.policy import Policy, decide, is_local_target
+from codex_proxy.policy import Policy, admit, decide, is_local_target
 
 #: How many blocked decisions L{PolicyService.blocked} remembers.
 BLOCKED_HISTORY = 200
@@ -145,6 +145,23 @@ class PolicyService:
             lambda failure: self._resolutionFailed(verdict, failure),
         )
         return d
+
+    def check_pinned(self, request: ProxyRequest, tunnel: Verdict) -> defer.Deferred[Verdict]:
+        """
+        Decide an inner request of an intercepted tunnel (SPEC §6) without
+        resolving again: the host was resolved and vetted when C{tunnel} was
+        allowed, and an allowed verdict carries the tunnel's addresses. The
+        current policy still applies (a reload can block an open tunnel's
+        next request); a decider's approval of the tunnel covers its inner
+        allowlist misses. Exactly one audit event, as for L{check}.
+        """
+        policy = self.policy
+        verdict = decide(policy, request)
+        if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
+            verdict = admit(policy, request, verdict.host, override=True)
+        if verdict.allowed:
+            verdict = attrs.evolve(verdict, addresses=tunnel.addresses)
+        return defer.succeed(self._record(verdict))
 
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
         # An exactly allowlisted local name (localhost) may resolve locally;

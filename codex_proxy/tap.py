@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+import time
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -21,6 +22,14 @@ from twisted.python import usage
 
 from codex_proxy import _httphead
 from codex_proxy.audit import Auditor
+from codex_proxy.ca import (
+    BUNDLE_FILE,
+    CAError,
+    CertificateAuthority,
+    load_or_create_ca,
+    system_roots_file,
+    write_bundle,
+)
 from codex_proxy.config import (
     ConfigError,
     ListenAddress,
@@ -29,6 +38,7 @@ from codex_proxy.config import (
     load_config,
 )
 from codex_proxy.httpproxy import HTTPProxyFactory
+from codex_proxy.mitm import Interceptor, UpstreamTrust, trust_files
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.upstream import Upstream
@@ -60,6 +70,7 @@ class Options(usage.Options):
     ]
 
     config: ProxyConfig
+    interception: Optional[Tuple[CertificateAuthority, UpstreamTrust]]
 
     def postOptions(self) -> None:
         path = self["config"] or default_config_path(os.environ)
@@ -68,20 +79,21 @@ class Options(usage.Options):
         except ConfigError as e:
             sys.stderr.write(f"codexproxy: config error: {e}\n")
             raise SystemExit(1)
+        # Like config errors, CA errors stop start-up before logging begins.
+        self.interception = (
+            load_interception() if self.config.enabled and self.config.mitm else None
+        )
 
 
 def policy_from_config(config: ProxyConfig) -> Policy:
     """
     Compile the policy of a config (once per load, never per request).
-
-    MITM is not part of this build, so a limited-mode CONNECT stays blocked
-    with C{mitm_required} even when the config asks for interception: the
-    safe side of a missing feature.
+    With C{mitm = true} the service loads the CA before it listens, or stops.
     """
     return Policy.build(
         enabled=config.enabled,
         mode=config.mode,
-        mitm=False,
+        mitm=config.mitm,
         allow_local_binding=config.allow_local_binding,
         allowed=config.allowed_domains,
         denied=config.denied_domains,
@@ -95,6 +107,24 @@ def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
         max_header_bytes=limits.max_header_bytes,
         max_header_fields=limits.max_header_fields,
     )
+
+
+def load_interception(environ: Mapping[str, str] = os.environ) -> Tuple[CertificateAuthority, UpstreamTrust]:
+    """
+    Load or create the CA under C{$CODEX_HOME/proxy/}, write the client
+    bundle next to it, and load the upstream trust (SPEC §6). Any failure is
+    fatal: a one-line message on stderr and exit status 1.
+    """
+    try:
+        directory = os.path.join(os.path.dirname(default_config_path(environ)), "proxy")
+        ca = load_or_create_ca(directory, time.time)
+        roots = system_roots_file()
+        write_bundle(ca, os.path.join(directory, BUNDLE_FILE), roots)
+        trust = UpstreamTrust.from_files(trust_files(environ, roots), exclude=ca.cert)
+    except (CAError, ConfigError, OSError, ValueError) as e:
+        sys.stderr.write(f"codexproxy: mitm: {e}\n")
+        raise SystemExit(1)
+    return ca, trust
 
 
 def _endpoint(reactor: Any, address: ListenAddress) -> Any:
@@ -118,12 +148,14 @@ class ProxyService(Service):
         config: ProxyConfig,
         reactor: Any = None,
         ports_file: Optional[str] = None,
+        interception: Optional[Tuple[CertificateAuthority, UpstreamTrust]] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.config = config
         self._reactor = reactor
         self._ports_file = ports_file
+        self._interception = interception
         self._ports: List[IListeningPort] = []
         self.addresses: Dict[str, str] = {}
         self.policy = PolicyService(
@@ -139,12 +171,6 @@ class ProxyService(Service):
         config = self.config
         for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
-        if config.mitm:
-            _log.warn(
-                "{source}: mitm = true, but HTTPS interception is not available"
-                " in this build: CONNECT in limited mode stays blocked",
-                source=config.source,
-            )
         if not config.enabled:
             _log.info(
                 "codex-proxy is disabled (enabled = false in {source}); no listener bound",
@@ -163,6 +189,7 @@ class ProxyService(Service):
             reactor,
             head_limits(config),
             tunnel_idle=config.limits.tunnel_idle_s,
+            mitm=self._interceptor() if config.mitm else None,
         )
         failures: List[str] = []
 
@@ -185,6 +212,12 @@ class ProxyService(Service):
             raise SystemExit(1)
         _log.info("codex-proxy HTTP proxy listening on {address}", address=self.addresses["http"])
 
+    def _interceptor(self) -> Interceptor:
+        if self._interception is None:
+            self._interception = load_interception()
+        ca, trust = self._interception
+        return Interceptor(ca, trust, self._reactor.seconds)
+
     def _writePortsFile(self) -> None:
         if self._ports_file is None:
             return
@@ -206,4 +239,6 @@ class ProxyService(Service):
 
 
 def makeService(options: Options) -> ProxyService:
-    return ProxyService(options.config, ports_file=options["ports-file"])
+    return ProxyService(
+        options.config, ports_file=options["ports-file"], interception=options.interception
+    )

@@ -90,17 +90,21 @@ def proxy_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Any]]:
     """
-    C{proxy_factory(config)} starts a proxy (C{config} is TOML text or a
-    network table overriding L{proxyproc.DEFAULT_NETWORK}) and returns the
+    C{proxy_factory(config, env)} starts a proxy (C{config} is TOML text or a
+    network table overriding L{proxyproc.DEFAULT_NETWORK}; C{env} adds to its
+    environment) and returns the
     running L{proxyproc.RunningProxy}; all of them are stopped at teardown,
     which fails the test if one logged a traceback.
     """
     started: list[Any] = []
     setattr(request.node, _PROXIES_ATTR, started)
 
-    def start(config: str | Mapping[str, Any] | None = None) -> Any:
+    def start(
+        config: str | Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Any:
         workdir = tmp_path_factory.mktemp("proxy")
-        proxy = _proc.start_proxy({} if config is None else config, workdir)
+        proxy = _proc.start_proxy({} if config is None else config, workdir, env=env)
         started.append(proxy)
         return proxy
 

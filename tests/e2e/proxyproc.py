@@ -135,13 +135,15 @@ def _write_config(config: str | Mapping[str, Any], workdir: Path) -> Path:
     return path
 
 
-def _child_env(workdir: Path) -> dict[str, str]:
+def _child_env(workdir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # CODEX_HOME keeps remembered rules and CA files of the user out of it.
     home = workdir / "codex-home"
     home.mkdir(exist_ok=True)
     # PYTHONPATH: the checkout these tests belong to, whichever checkout the
     # virtualenv was installed from (worktrees share one venv).
-    return clean_env(CODEX_HOME=str(home), PYTHONUNBUFFERED="1", PYTHONPATH=str(_REPO))
+    return clean_env(
+        CODEX_HOME=str(home), PYTHONUNBUFFERED="1", PYTHONPATH=str(_REPO), **(extra or {})
+    )
 
 
 def _parse_addr(text: str) -> tuple[str, int]:
@@ -184,6 +186,13 @@ class RunningProxy:
     @property
     def http_url(self) -> str:
         return "http://" + self.ports["http"]
+
+    @property
+    def codex_home(self) -> Path:
+        """
+        The C{CODEX_HOME} of the process (its CA is under C{proxy/}).
+        """
+        return self.workdir / "codex-home"
 
     @property
     def output(self) -> str:
@@ -256,11 +265,15 @@ class RunningProxy:
 
 
 def start_proxy(
-    config: str | Mapping[str, Any], workdir: Path, timeout: float = 30.0
+    config: str | Mapping[str, Any],
+    workdir: Path,
+    timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
 ) -> RunningProxy:
     """
     Start a proxy with C{config} (TOML text, or a network table for
     L{render_config}) in C{workdir} and return once its ports file exists.
+    C{env} adds variables to the proxy's environment (C{SSL_CERT_FILE}).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(config, workdir)
@@ -268,7 +281,7 @@ def start_proxy(
     process = subprocess.Popen(
         proxy_command(config_path, ports_path),
         cwd=workdir,
-        env=_child_env(workdir),
+        env=_child_env(workdir, env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
