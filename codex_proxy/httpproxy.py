@@ -89,6 +89,16 @@ def _split_host_header(value: bytes, default_port: int) -> Tuple[str, int]:
         raise ProtocolError(f"malformed Host header {text!r}: {e}")
 
 
+def _noDelay(transport: Any) -> None:
+    """
+    Turn Nagle off: a proxy forwards what it has at once, and a response
+    head and body written separately must not wait for a delayed ACK.
+    """
+    setNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setNoDelay is not None:
+        setNoDelay(True)
+
+
 @implementer(IPushProducer)
 class _UpstreamBackpressure:
     """
@@ -175,6 +185,7 @@ class HTTPProxyProtocol(Protocol, Sink):
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
+        _noDelay(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
@@ -408,6 +419,7 @@ class HTTPProxyProtocol(Protocol, Sink):
 
     def _connected(self, out: Outbound, key: Tuple[Tuple[IPAddress, ...], int]) -> None:
         self._work = None
+        _noDelay(out.transport)
         out.attach(self)
         self._out = out
         self._outKey = key
