@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import attrs
@@ -27,12 +28,27 @@ from twisted.python.failure import Failure
 
 from codex_proxy import _httphead
 from codex_proxy.audit import Auditor, Sink
+from codex_proxy.ca import (
+    BUNDLE_FILE,
+    CAError,
+    CertificateAuthority,
+    load_or_create_ca,
+    system_roots_file,
+    write_bundle,
+)
 from codex_proxy.chain import ParentProxies, from_environ
-from codex_proxy.config import ConfigError, ListenAddress, ProxyConfig, parse_listen_address
+from codex_proxy.config import (
+    ConfigError,
+    ListenAddress,
+    ProxyConfig,
+    codex_home,
+    parse_listen_address,
+)
 from codex_proxy.decider import Decider
 from codex_proxy.errors import ProxyError
 from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.live import Connections
+from codex_proxy.mitm import Interceptor, UpstreamTrust, trust_files
 from codex_proxy.model import Verdict
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
@@ -61,18 +77,22 @@ class ListenError(ProxyError):
     """
 
 
+class InterceptionError(ProxyError):
+    """
+    HTTPS interception was asked for but its CA or trust store cannot be
+    used; the proxy does not start (fail closed).
+    """
+
+
 def policy_from_config(config: ProxyConfig) -> Policy:
     """
     Compile the policy of a config (once per load, never per request).
-
-    MITM is not part of this build, so a limited-mode CONNECT stays blocked
-    with C{mitm_required} even when the config asks for interception: the
-    safe side of a missing feature.
+    With C{mitm = true} the proxy loads its CA before it listens, or fails.
     """
     return Policy.build(
         enabled=config.enabled,
         mode=config.mode,
-        mitm=False,
+        mitm=config.mitm,
         allow_local_binding=config.allow_local_binding,
         allowed=config.allowed_domains,
         denied=config.denied_domains,
@@ -82,6 +102,38 @@ def policy_from_config(config: ProxyConfig) -> Policy:
         unix_sockets=[os.path.realpath(path) for path in config.allow_unix_sockets],
         all_unix_sockets=config.dangerously_allow_all_unix_sockets,
     )
+
+
+@attrs.frozen
+class Interception:
+    """
+    What HTTPS interception needs, loaded once at start (SPEC §6): the CA,
+    the trust store for upstream legs, and the client bundle's path.
+    """
+
+    ca: CertificateAuthority
+    trust: UpstreamTrust
+    bundle: str
+
+
+def load_interception(environ: Mapping[str, str] = os.environ) -> Interception:
+    """
+    Load or create the CA under C{$CODEX_HOME/proxy/}, write the client
+    bundle (system roots + our CA) next to it, and load the upstream trust
+    (system roots + C{SSL_CERT_FILE}, never our CA). Blocking file I/O, done
+    once before listening.
+
+    @raise CAError: the CA files are unsafe or unusable (fail closed).
+    @raise ConfigError: C{CODEX_HOME}/C{HOME} cannot be found.
+    @raise OSError: a file could not be read or written.
+    """
+    directory = os.path.join(codex_home(environ), "proxy")
+    ca = load_or_create_ca(directory, time.time)
+    roots = system_roots_file()
+    bundle = os.path.join(directory, BUNDLE_FILE)
+    write_bundle(ca, bundle, roots)
+    trust = UpstreamTrust.from_files(trust_files(environ, roots), exclude=ca.cert)
+    return Interception(ca, trust, bundle)
 
 
 def parents_from_config(
@@ -174,6 +226,7 @@ class NetworkProxyBuilder:
         self._sources: Optional[Sources] = None
         self._paths = SourcePaths()
         self._environ: Mapping[str, str] = os.environ
+        self._interception: Optional[Interception] = None
 
     def config(self, config: ProxyConfig) -> NetworkProxyBuilder:
         self._config = config
@@ -238,6 +291,14 @@ class NetworkProxyBuilder:
         self._environ = environ
         return self
 
+    def interception(self, interception: Interception) -> NetworkProxyBuilder:
+        """
+        Use this CA and trust store for HTTPS interception (C{mitm = true})
+        instead of loading them from C{$CODEX_HOME/proxy/} at L{build}.
+        """
+        self._interception = interception
+        return self
+
     def reactor(self, reactor: Any) -> NetworkProxyBuilder:
         """
         Use C{reactor} (TCP, time and name resolution) instead of the global one.
@@ -268,6 +329,12 @@ class NetworkProxyBuilder:
             from twisted.internet import reactor  # type: ignore[no-redef]
         sources = self._sources or Sources(config)
         listens = self._listens
+        interception = self._interception
+        if config.mitm and interception is None:
+            try:
+                interception = load_interception(self._environ)
+            except (CAError, ConfigError, OSError, ValueError) as e:
+                return defer.fail(InterceptionError(f"mitm: {e}"))
         return defer.succeed(
             NetworkProxy(
                 attrs.evolve(sources, config=attrs.evolve(sources.config, **listens)),
@@ -276,6 +343,7 @@ class NetworkProxyBuilder:
                 Auditor(reactor.seconds, self._metadata, self._sinks),
                 self._decider,
                 self._environ,
+                interception,
             )
         )
 
@@ -295,8 +363,10 @@ class NetworkProxy:
         auditor: Auditor,
         decider: Optional[Decider] = None,
         environ: Mapping[str, str] = os.environ,
+        interception: Optional[Interception] = None,
     ) -> None:
         config = effective_config(sources)
+        self._interception = interception
         self.parents = parents_from_config(config, environ)
         self._reactor = reactor
         self._connections = Connections()
@@ -343,12 +413,6 @@ class NetworkProxy:
         config = self.config
         for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
-        if config.mitm:
-            _log.warn(
-                "{source}: mitm = true, but HTTPS interception is not available"
-                " in this build: CONNECT in limited mode stays blocked",
-                source=config.source,
-            )
         if self.parents is not None:
             for warning in self.parents.warnings:
                 _log.warn("{warning}", warning=warning)
@@ -399,6 +463,7 @@ class NetworkProxy:
             header_timeout=config.limits.header_timeout_s,
             keepalive_idle=config.limits.keepalive_idle_s,
             connections=self._connections,
+            mitm=self._interceptor(),
         )
         listeners: List[Tuple[str, str, ListenAddress, Factory]] = [
             ("http", "proxy_url", config.http_listen, http)
@@ -415,6 +480,16 @@ class NetworkProxy:
             )
             listeners.append(("socks", "socks_url", config.socks_listen, socks))
         return listeners
+
+    def _interceptor(self) -> Optional[Interceptor]:
+        """
+        The interceptor of a proxy with a CA; without one, an intercept
+        verdict (possible only after a reload turned mitm on) is refused.
+        """
+        i = self._interception
+        if i is None:
+            return None
+        return Interceptor(i.ca, i.trust, self._reactor.seconds)
 
     def _listen(self, key: str, address: ListenAddress, factory: Factory) -> str:
         result: List[Any] = []
@@ -456,7 +531,8 @@ class NetworkProxy:
             socks = (
                 str(config.socks_listen) if config.enabled and config.enable_socks5 else None
             )
-        return child_env(http, socks, config.allow_local_binding)
+        bundle = self._interception.bundle if self._interception is not None else None
+        return child_env(http, socks, config.allow_local_binding, bundle)
 
     def blocked(self) -> List[Verdict]:
         """
@@ -525,6 +601,7 @@ class ProxyService(Service):
         sources: Optional[Sources] = None,
         paths: Optional[SourcePaths] = None,
         environ: Optional[Mapping[str, str]] = None,
+        interception: Optional[Interception] = None,
     ) -> None:
         self.config = config
         self.proxy: Optional[NetworkProxy] = None
@@ -541,6 +618,8 @@ class ProxyService(Service):
             builder.sources(sources, paths or SourcePaths())
         if environ is not None:
             builder.environ(environ)
+        if interception is not None:
+            builder.interception(interception)
         self._builder = builder
 
     def startService(self) -> None:
@@ -549,7 +628,7 @@ class ProxyService(Service):
         self._builder.build().addCallback(self._run).addBoth(outcome.append)
         (result,) = outcome
         if isinstance(result, Failure):
-            result.trap(ListenError, ValueError)
+            result.trap(ListenError, InterceptionError, ValueError)
             sys.stderr.write(f"codexproxy: {result.getErrorMessage()}\n")
             raise SystemExit(1)
 
@@ -574,6 +653,8 @@ class ProxyService(Service):
 
 
 __all__ = [
+    "Interception",
+    "InterceptionError",
     "ListenError",
     "NetworkProxy",
     "NetworkProxyBuilder",
@@ -581,5 +662,6 @@ __all__ = [
     "ProxyService",
     "child_env",
     "head_limits",
+    "load_interception",
     "policy_from_config",
 ]

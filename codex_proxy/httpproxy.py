@@ -7,7 +7,13 @@ One L{HTTPProxyProtocol} per client connection, an explicit state machine:
     HEAD ──head──▶ DECIDING ──allow──▶ DIALING ──connected──▶ EXCHANGE ──done──▶ HEAD
       │                │                  │                      │
       │              deny ──▶ error reply (keep-alive or close)  ├──CONNECT──▶ TUNNEL
-      └── bad bytes ──▶ 4xx reply, close        └──101 to a websocket upgrade──▶ TUNNEL
+      │                                                          ├──101 to a websocket upgrade──▶ TUNNEL
+      └── bad bytes ──▶ 4xx reply, close                         └──CONNECT, intercept──▶ HEAD (TLS)
+
+An intercepted CONNECT (limited mode with MITM, SPEC §6) answers C{200},
+wraps both legs in TLS and goes back to HEAD on the same instance: inner
+requests take the same path with protocol C{https}, the target pinned to the
+tunnel's host, port and vetted addresses (C{_tunnel}).
 
 The pending policy or dial Deferred is held in C{_work} so a client that goes
 away cancels it. Client reading is gated by a set of pause reasons so the
@@ -38,6 +44,7 @@ from codex_proxy import _httphead
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError, UpstreamError, reply_for
 from codex_proxy.live import Connections
+from codex_proxy.mitm import Interceptor, is_tls_failure
 from codex_proxy.model import (
     UNIX_SOCKET_HOST,
     Protocol as Proto,
@@ -59,6 +66,7 @@ TUNNEL = "TUNNEL"
 CLOSED = "CLOSED"
 
 _DEFAULT_PORTS = {"http": 80, "ws": 80}
+_HTTPS_PORT = 443
 _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _UNIX_SOCKET_HEADER = b"x-unix-socket"
 
@@ -126,6 +134,16 @@ def _without(headers: _httphead.Headers, name: bytes) -> _httphead.Headers:
     return tuple((key, value) for key, value in headers if key.lower() != name)
 
 
+def _noDelay(transport: Any) -> None:
+    """
+    Turn Nagle off: a proxy forwards what it has at once, and a response
+    head and body written separately must not wait for a delayed ACK.
+    """
+    setNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setNoDelay is not None:
+        setNoDelay(True)
+
+
 @implementer(IPushProducer)
 class _UpstreamBackpressure:
     """
@@ -165,6 +183,7 @@ class HTTPProxyFactory(Factory):
         header_timeout: float = 30.0,
         keepalive_idle: float = 120.0,
         connections: Optional[Connections] = None,
+        mitm: Optional[Interceptor] = None,
     ) -> None:
         self.policy = policy
         self.upstream = upstream
@@ -174,6 +193,7 @@ class HTTPProxyFactory(Factory):
         self.header_timeout = header_timeout
         self.keepalive_idle = keepalive_idle
         self.connections = connections if connections is not None else Connections()
+        self.mitm = mitm
 
     def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
@@ -214,11 +234,16 @@ class HTTPProxyProtocol(Protocol, Sink):
         # until a byte arrives, then the header timeout (408).
         self._timer: Optional[IDelayedCall] = None
         self._idle = False
+        # The allowed verdict of the CONNECT being set up, then of the
+        # intercepted tunnel this connection has become.
+        self._verdict: Optional[Verdict] = None
+        self._tunnel: Optional[Verdict] = None
 
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
         self.factory.connections.opened(self.transport)
+        _noDelay(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
@@ -337,12 +362,17 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._request = request
         self._closeAfter = not head.keep_alive or self._clientEOF
         self._state = DECIDING
-        d = self.factory.policy.check(request)
+        if self._tunnel is not None:
+            d = self.factory.policy.check_pinned(request, self._tunnel)
+        else:
+            d = self.factory.policy.check(request)
         self._work = d
         d.addCallbacks(self._decided, self._checkFailed)
         d.addErrback(self._internalError)
 
     def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
+        if self._tunnel is not None:
+            return self._innerRequest(head, self._tunnel)
         if head.form == "authority":
             assert head.host is not None and head.port is not None
             protocol, host, port = Proto.HTTPS_CONNECT, head.host, head.port
@@ -379,6 +409,48 @@ class HTTPProxyProtocol(Protocol, Sink):
             unix_socket=unix_socket,
         )
 
+    def _innerRequest(self, head: _httphead.RequestHead, tunnel: Verdict) -> ProxyRequest:
+        """
+        A request inside an intercepted tunnel: its target must be the
+        tunnel's own host and port (SPEC §6), named by C{Host}.
+        """
+        if head.form == "authority":
+            raise ProtocolError(
+                f"CONNECT {head.target} inside the intercepted tunnel to"
+                f" {tunnel.host}:{tunnel.port}",
+                405,
+            )
+        value = head.header(b"host")
+        if not value:
+            raise ProtocolError("request without a Host header inside an intercepted tunnel")
+        named = [_split_host_header(value, _HTTPS_PORT)]
+        if head.form == "absolute":
+            assert head.host is not None and head.port is not None
+            if head.scheme != "https":
+                raise ProtocolError(
+                    f"{head.scheme}:// request inside an intercepted https tunnel", 421
+                )
+            try:
+                named.append((normalize_host(head.host), head.port))
+            except InvalidHost:
+                raise ProtocolError(f"malformed request target {head.target!r}")
+        for host, port in named:
+            if (host, port) != (tunnel.host, tunnel.port):
+                raise ProtocolError(
+                    f"request for {host}:{port} inside the tunnel to"
+                    f" {tunnel.host}:{tunnel.port}",
+                    421,
+                )
+        return ProxyRequest(
+            protocol=Proto.HTTPS,
+            host=tunnel.host,
+            port=tunnel.port,
+            method=head.method,
+            has_body=head.framing is not _httphead.NO_BODY,
+            upgrade=head.upgrade,
+            client=self._client,
+        )
+
     def _checkHostHeader(self, head: _httphead.RequestHead, host: str, port: int) -> None:
         value = head.header(b"host")
         if value is None:
@@ -403,11 +475,22 @@ class HTTPProxyProtocol(Protocol, Sink):
             self._sendBlocked(verdict)
             return
         assert self._request is not None
+        if verdict.intercept and self.factory.mitm is None:
+            # The policy asked for interception that this listener cannot do.
+            _log.error(
+                "refusing an intercepted CONNECT to {host}: no MITM configured",
+                host=verdict.host,
+            )
+            self._abort()
+            return
+        self._verdict = verdict
+        # TLS targets (CONNECT, and the upstream leg of an intercepted
+        # tunnel) reach a parent proxy through a chained CONNECT.
         key = self.factory.upstream.route(
-            verdict, tunnel=self._request.protocol is Proto.HTTPS_CONNECT
+            verdict, tunnel=self._request.protocol in (Proto.HTTPS_CONNECT, Proto.HTTPS)
         )
         if self._out is not None:
-            if self._outKey == key and self._request.protocol is Proto.HTTP:
+            if self._outKey == key and self._request.protocol is not Proto.HTTPS_CONNECT:
                 self._reused = True
                 self._startExchange()
                 return
@@ -446,13 +529,20 @@ class HTTPProxyProtocol(Protocol, Sink):
 
     def _connected(self, out: Outbound, key: Route) -> None:
         self._work = None
+        _noDelay(out.transport)
         out.attach(self)
         self._out = out
         self._outKey = key
         assert self._request is not None
         if self._request.protocol is Proto.HTTPS_CONNECT:
-            self._startTunnel(out)
+            assert self._verdict is not None
+            if self._verdict.intercept:
+                self._startIntercept(out, self._verdict)
+            else:
+                self._startTunnel(out)
             return
+        if self._tunnel is not None:
+            self._upstreamTLS(out, self._tunnel)
         out.transport.registerProducer(_UpstreamBackpressure(self), True)
         self._startExchange()
 
@@ -486,6 +576,33 @@ class HTTPProxyProtocol(Protocol, Sink):
             self._relay.fromClient(pending)
         if self._clientEOF:
             self._relay.clientEOF()
+
+    # -- intercepted CONNECT (MITM) ---------------------------------------
+
+    def _startIntercept(self, out: Outbound, verdict: Verdict) -> None:
+        """
+        Answer C{200}, terminate the client's TLS with a leaf for the
+        tunnel's host, wrap the already dialled upstream connection in
+        client TLS, and read inner requests.
+        """
+        mitm = self.factory.mitm
+        assert mitm is not None
+        self._tunnel = verdict
+        self._upstreamTLS(out, verdict)
+        out.transport.registerProducer(_UpstreamBackpressure(self), True)
+        self.transport.write(_CONNECT_OK)
+        # Bytes that came with the CONNECT belong to the TLS handshake: hand
+        # them to the TLS layer startTLS put under this protocol.
+        pending, self._pending = self._pending, b""
+        self.transport.startTLS(mitm.server_tls(verdict.host))
+        if pending:
+            self.transport.protocol.dataReceived(pending)
+        self._closeAfter = self._clientEOF
+        self._exchangeDone()
+
+    def _upstreamTLS(self, out: Outbound, tunnel: Verdict) -> None:
+        assert self.factory.mitm is not None
+        out.transport.startTLS(self.factory.mitm.client_tls(tunnel.host))
 
     # -- plain HTTP exchange ----------------------------------------------
 
@@ -596,6 +713,12 @@ class HTTPProxyProtocol(Protocol, Sink):
         assert self._head is not None and key is not None
         if isinstance(self._respReader, _httphead.UntilCloseReader):
             self._responseDone(b"", reusable=False)
+        elif not self._respStarted and self._tunnel is not None and is_tls_failure(reason):
+            self._sendFailure(
+                Reason.UPSTREAM_TLS_FAILED,
+                f"TLS with {self._tunnel.host}:{self._tunnel.port} failed:"
+                f" {reason.getErrorMessage()}",
+            )
         elif not self._respStarted and self._reused and self._head.framing is _httphead.NO_BODY:
             # A kept-alive connection closed under us before answering: safe
             # to send the body-less request once more on a fresh connection.

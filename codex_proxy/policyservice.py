@@ -209,6 +209,23 @@ class PolicyService:
         )
         return d
 
+    def check_pinned(self, request: ProxyRequest, tunnel: Verdict) -> defer.Deferred[Verdict]:
+        """
+        Decide an inner request of an intercepted tunnel (SPEC §6) without
+        resolving again: the host was resolved and vetted when C{tunnel} was
+        allowed, and an allowed verdict carries the tunnel's addresses. The
+        current policy still applies (a reload can block an open tunnel's
+        next request); a decider's approval of the tunnel covers its inner
+        allowlist misses. Exactly one audit event, as for L{check}.
+        """
+        policy = self.policy
+        verdict = decide(policy, request)
+        if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
+            verdict = admit(policy, request, verdict.host, override=True)
+        if verdict.allowed:
+            verdict = attrs.evolve(verdict, addresses=tunnel.addresses)
+        return defer.succeed(self._record(verdict))
+
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
         # An exactly allowlisted local name (localhost) may resolve locally;
         # any other name with one non-public answer is refused whole.

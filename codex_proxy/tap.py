@@ -19,8 +19,9 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from codex_proxy.api import ProxyService
+from codex_proxy.api import Interception, ProxyService, load_interception
 from codex_proxy.audit import JSONLinesLog, Sink, otel_sink
+from codex_proxy.ca import CAError
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path
 from codex_proxy.rules import SourcePaths, Sources, effective_config, load_sources, rules_path
 
@@ -67,6 +68,7 @@ class Options(usage.Options):
     config: ProxyConfig
     paths: SourcePaths
     sources: Sources
+    interception: Optional[Interception]
 
     def postOptions(self) -> None:
         try:
@@ -80,6 +82,14 @@ class Options(usage.Options):
             sys.stderr.write(f"codexproxy: config error: {e}\n")
             raise SystemExit(1)
         self.config = effective_config(self.sources)
+        # Like config errors, CA errors stop start-up before logging begins.
+        self.interception = None
+        if self.config.enabled and self.config.mitm:
+            try:
+                self.interception = load_interception(os.environ)
+            except (CAError, ConfigError, OSError, ValueError) as e:
+                sys.stderr.write(f"codexproxy: mitm: {e}\n")
+                raise SystemExit(1)
 
 
 def _remembered_rules_path(given_config: bool) -> Optional[str]:
@@ -185,6 +195,7 @@ def assemble(
     environ: Mapping[str, str] = os.environ,
     sources: Optional[Sources] = None,
     paths: Optional[SourcePaths] = None,
+    interception: Optional[Interception] = None,
 ) -> MultiService:
     """
     The services of one C{twistd codexproxy}, started in order (audit sinks,
@@ -212,6 +223,7 @@ def assemble(
         sources=sources,
         paths=paths,
         environ=environ,
+        interception=interception,
     )
     proxy.setServiceParent(top)
     if paths is not None:
@@ -228,4 +240,5 @@ def makeService(options: Options) -> MultiService:
         audit_log=options["audit-log"],
         sources=options.sources,
         paths=options.paths,
+        interception=options.interception,
     )

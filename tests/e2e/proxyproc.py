@@ -198,6 +198,13 @@ class RunningProxy:
         return _parse_addr(self.ports["socks"])
 
     @property
+    def codex_home(self) -> Path:
+        """
+        The C{CODEX_HOME} of the process (its CA is under C{proxy/}).
+        """
+        return self.workdir / "codex-home"
+
+    @property
     def output(self) -> str:
         with self._changed:
             return "\n".join(self.output_lines)
