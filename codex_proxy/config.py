@@ -185,6 +185,8 @@ class ProxyConfig:
         without any pattern that is also denied.
     @ivar denied_domains: canonical pattern texts, first occurrence order.
     @ivar source: the file name used in messages, or C{"<defaults>"}.
+    @ivar section: the dotted name of the network table in that file
+        (C{network} or C{permissions.NAME.network}), for messages.
     @ivar pattern_sources: pattern text -> C{"file: dotted.key[index]"} of
         the entry that put it in its list, for C{explain}.
     @ivar warnings: what clamping changed or let through, one line each.
@@ -208,6 +210,7 @@ class ProxyConfig:
     dangerously_allow_all_unix_sockets: bool = False
     limits: Limits = Limits()
     source: str = DEFAULTS_SOURCE
+    section: str = "network"
     pattern_sources: Mapping[str, str] = attrs.field(
         factory=dict, converter=MappingProxyType, hash=False
     )
@@ -471,6 +474,7 @@ def _network_config(network: _Table) -> ProxyConfig:
         allow_unix_sockets=unix_sockets,
         limits=_limits(network),
         source=network.source,
+        section=network.path,
         pattern_sources={**allowed, **denied},
         warnings=warnings,
         explicit=frozenset(network.values),

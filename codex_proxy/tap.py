@@ -108,6 +108,12 @@ def _bound(port: IListeningPort) -> str:
     return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
 
+class StartupError(Exception):
+    """
+    The proxy cannot start (a listener cannot be bound).
+    """
+
+
 class ProxyService(Service):
     """
     Binds the listeners of a config and serves them until stopped.
@@ -118,13 +124,21 @@ class ProxyService(Service):
         config: ProxyConfig,
         reactor: Any = None,
         ports_file: Optional[str] = None,
+        daemon: bool = False,
     ) -> None:
+        """
+        @param daemon: C{twistd} daemonizes: a start-up failure is raised as
+            L{StartupError}, which its waiting parent prints before exiting
+            1 (a C{SystemExit} would leave that parent waiting forever).
+        """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.config = config
         self._reactor = reactor
         self._ports_file = ports_file
         self._ports: List[IListeningPort] = []
+        self._serving = False
+        self._daemon = daemon
         self.addresses: Dict[str, str] = {}
         self.policy = PolicyService(
             policy_from_config(config),
@@ -134,8 +148,23 @@ class ProxyService(Service):
             resolve_timeout=config.limits.connect_timeout_s,
         )
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind before C{twistd} reports a successful start: a daemonizing
+        C{twistd} parent exits only then (with 1 when binding failed), and
+        the ports file exists by the time it does.
+        """
+        super().privilegedStartService()
+        self._serve()
+
     def startService(self) -> None:
         super().startService()
+        self._serve()
+
+    def _serve(self) -> None:
+        if self._serving:
+            return
+        self._serving = True
         config = self.config
         for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
@@ -181,6 +210,9 @@ class ProxyService(Service):
         if failures:
             for port in self._ports:
                 port.stopListening()
+            if self._daemon:
+                _log.error("codexproxy: {message}", message=failures[0])
+                raise StartupError(failures[0])
             sys.stderr.write(f"codexproxy: {failures[0]}\n")
             raise SystemExit(1)
         _log.info("codex-proxy HTTP proxy listening on {address}", address=self.addresses["http"])
@@ -196,6 +228,7 @@ class ProxyService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        self._serving = False
         if self._ports_file is not None:
             try:
                 os.remove(self._ports_file)
@@ -206,4 +239,9 @@ class ProxyService(Service):
 
 
 def makeService(options: Options) -> ProxyService:
-    return ProxyService(options.config, ports_file=options["ports-file"])
+    server = options.parent
+    return ProxyService(
+        options.config,
+        ports_file=options["ports-file"],
+        daemon=server is not None and not server["nodaemon"],
+    )
