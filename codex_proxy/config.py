@@ -210,7 +210,7 @@ class ProxyConfig:
     dangerously_allow_all_unix_sockets: bool = False
     limits: Limits = Limits()
     source: str = DEFAULTS_SOURCE
-    section: str = "network"
+    section: str = attrs.field(default="network", eq=False)
     pattern_sources: Mapping[str, str] = attrs.field(
         factory=dict, converter=MappingProxyType, hash=False
     )
