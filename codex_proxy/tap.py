@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -108,6 +109,21 @@ def _bound(port: IListeningPort) -> str:
     return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
 
+def _stop_cleanly_on_signals(reactor: Any) -> None:
+    """
+    Replace the reactor's SIGTERM and SIGINT handlers with ones that only
+    stop it: C{twistd} re-raises the signal after a clean stop, so the
+    process would end "killed by SIGTERM" instead of with status 0.
+    """
+
+    def stop(number: int, frame: Any) -> None:
+        _log.info("Received {name}, shutting down.", name=signal.Signals(number).name)
+        reactor.callFromThread(reactor.stop)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, stop)
+
+
 class StartupError(Exception):
     """
     The proxy cannot start (a listener cannot be bound).
@@ -125,11 +141,14 @@ class ProxyService(Service):
         reactor: Any = None,
         ports_file: Optional[str] = None,
         daemon: bool = False,
+        own_signals: bool = False,
     ) -> None:
         """
         @param daemon: C{twistd} daemonizes: a start-up failure is raised as
             L{StartupError}, which its waiting parent prints before exiting
             1 (a C{SystemExit} would leave that parent waiting forever).
+        @param own_signals: the service is the process (C{twistd}): SIGTERM
+            and SIGINT stop it with exit status 0.
         """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -139,6 +158,7 @@ class ProxyService(Service):
         self._ports: List[IListeningPort] = []
         self._serving = False
         self._daemon = daemon
+        self._own_signals = own_signals
         self.addresses: Dict[str, str] = {}
         self.policy = PolicyService(
             policy_from_config(config),
@@ -155,6 +175,10 @@ class ProxyService(Service):
         the ports file exists by the time it does.
         """
         super().privilegedStartService()
+        if self._own_signals:
+            self._reactor.addSystemEventTrigger(
+                "after", "startup", _stop_cleanly_on_signals, self._reactor
+            )
         self._serve()
 
     def startService(self) -> None:
@@ -244,4 +268,5 @@ def makeService(options: Options) -> ProxyService:
         options.config,
         ports_file=options["ports-file"],
         daemon=server is not None and not server["nodaemon"],
+        own_signals=server is not None,
     )

@@ -11,7 +11,7 @@ from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.config import parse_config
-from codex_proxy.tap import Options, ProxyService, makeService
+from codex_proxy.tap import Options, ProxyService, StartupError, makeService
 
 ENABLED = b'[network]\nenabled = true\nproxy_url = "127.0.0.1:0"\nallowed_domains = ["a.test"]\n'
 
@@ -85,3 +85,39 @@ def test_failed_bind_exits_1_naming_the_address(tmp_path, capsys):
     assert exc.value.code == 1
     assert "127.0.0.1:3128 (proxy_url)" in capsys.readouterr().err
     assert not ports.exists()
+
+
+def test_privileged_start_binds_once_before_start(tmp_path):
+    """
+    twistd calls privilegedStartService before it reports a successful
+    start; startService then finds the listener already bound.
+    """
+    reactor = MemoryReactorClock()
+    ports = tmp_path / "ports.json"
+    service = ProxyService(parse_config(ENABLED, "c.toml"), reactor, str(ports))
+    service.privilegedStartService()
+    assert len(reactor.tcpServers) == 1
+    assert json.loads(ports.read_text()) == {"http": service.addresses["http"]}
+    service.startService()
+    assert len(reactor.tcpServers) == 1
+
+
+def test_failed_bind_when_daemonizing_raises_for_the_waiting_parent(tmp_path):
+    """
+    A daemonizing twistd reports an exception from start-up to its parent,
+    which prints it and exits 1; a SystemExit would leave the parent waiting.
+    """
+    config = parse_config(b'[network]\nenabled = true\nproxy_url = "127.0.0.1:3128"\n', "c.toml")
+    service = ProxyService(config, RefusingReactor(), str(tmp_path / "p.json"), daemon=True)
+    with pytest.raises(StartupError, match=r"127\.0\.0\.1:3128 \(proxy_url\)"):
+        service.privilegedStartService()
+
+
+@pytest.mark.parametrize("argv, daemon", [(["-n"], False), ([], True)])
+def test_makeService_knows_whether_twistd_daemonizes(tmp_path, argv, daemon):
+    from twisted.scripts.twistd import ServerOptions
+
+    (tmp_path / "c.toml").write_bytes(ENABLED)
+    server = ServerOptions()
+    server.parseOptions([*argv, "codexproxy", "--config", str(tmp_path / "c.toml")])
+    assert makeService(server.subOptions)._daemon is daemon
