@@ -17,10 +17,10 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System tools the end-to-end tests drive: curl and openssl.
+# System tools the tests drive: curl and openssl (end-to-end), groff (man page lint).
 sysdeps:
-	@command -v curl >/dev/null && command -v openssl >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl; }
+	@command -v curl >/dev/null && command -v openssl >/dev/null && command -v groff >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl groff-base; }
 
 run: venv
 	$(BIN)/twistd -n codexproxy --config $(CONFIG)

@@ -37,6 +37,7 @@ from codex_proxy.ca import (
     write_bundle,
 )
 from codex_proxy.chain import ParentProxies, from_environ
+from codex_proxy.childenv import child_env
 from codex_proxy.config import (
     ConfigError,
     ListenAddress,
@@ -58,18 +59,6 @@ from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.upstream import Upstream
 
 _log = Logger()
-
-#: The variables that point child processes at the CA bundle (SPEC §6).
-CA_BUNDLE_VARIABLES = (
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "GIT_SSL_CAINFO",
-    "PIP_CERT",
-    "CURL_CA_BUNDLE",
-    "CARGO_HTTP_CAINFO",
-)
-
 
 class ListenError(ProxyError):
     """
@@ -153,31 +142,6 @@ def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
         max_header_bytes=limits.max_header_bytes,
         max_header_fields=limits.max_header_fields,
     )
-
-
-def child_env(
-    http_addr: Optional[str],
-    socks_addr: Optional[str],
-    allow_local_binding: bool,
-    ca_bundle: Optional[str] = None,
-) -> Dict[str, str]:
-    """
-    The variables that route a child process through the proxy (SPEC §10).
-    With local binding allowed, local destinations skip the proxy
-    (C{NO_PROXY}); with a CA bundle (MITM), TLS clients trust it.
-    """
-    env: Dict[str, str] = {}
-    if http_addr is not None:
-        for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY"):
-            env[name] = env[name.lower()] = f"http://{http_addr}"
-    if socks_addr is not None:
-        env["ALL_PROXY"] = env["all_proxy"] = f"socks5h://{socks_addr}"
-    no_proxy = "localhost,127.0.0.1,::1" if allow_local_binding else ""
-    env["NO_PROXY"] = env["no_proxy"] = no_proxy
-    if ca_bundle is not None:
-        for name in CA_BUNDLE_VARIABLES:
-            env[name] = ca_bundle
-    return env
 
 
 def _endpoint(reactor: Any, address: ListenAddress) -> Any:
@@ -521,18 +485,18 @@ class NetworkProxy:
     def env(self) -> Dict[str, str]:
         """
         Variables for child processes (SPEC §10): the bound addresses while
-        running, else the configured ones of the listeners that are on.
+        running, else the configured ones; with interception, the CA bundle.
+
+        @raise codex_proxy.childenv.EnvError: the proxy is disabled, or a
+            listener asks for an ephemeral port and is not bound yet.
         """
-        config = self.config
-        if self._handle is not None:
-            http, socks = self._handle.http_addr, self._handle.socks_addr
-        else:
-            http = str(config.http_listen) if config.enabled else None
-            socks = (
-                str(config.socks_listen) if config.enabled and config.enable_socks5 else None
-            )
-        bundle = self._interception.bundle if self._interception is not None else None
-        return child_env(http, socks, config.allow_local_binding, bundle)
+        handle = self._handle
+        return child_env(
+            self.config,
+            http=handle.http_addr if handle is not None else None,
+            socks=handle.socks_addr if handle is not None else None,
+            ca_bundle=self._interception.bundle if self._interception is not None else None,
+        )
 
     def blocked(self) -> List[Verdict]:
         """
@@ -602,8 +566,15 @@ class ProxyService(Service):
         paths: Optional[SourcePaths] = None,
         environ: Optional[Mapping[str, str]] = None,
         interception: Optional[Interception] = None,
+        exit_on_error: bool = True,
     ) -> None:
+        """
+        @param exit_on_error: a start-up failure prints one line on stderr
+            and exits 1; when false it is logged and raised (a daemonizing
+            C{twistd} reports it to its waiting parent).
+        """
         self.config = config
+        self._exit_on_error = exit_on_error
         self.proxy: Optional[NetworkProxy] = None
         self.addresses: Dict[str, str] = {}
         self._handle: Optional[ProxyHandle] = None
@@ -629,6 +600,9 @@ class ProxyService(Service):
         (result,) = outcome
         if isinstance(result, Failure):
             result.trap(ListenError, InterceptionError, ValueError)
+            if not self._exit_on_error:
+                _log.error("codexproxy: {message}", message=result.getErrorMessage())
+                result.raiseException()
             sys.stderr.write(f"codexproxy: {result.getErrorMessage()}\n")
             raise SystemExit(1)
 
@@ -660,7 +634,6 @@ __all__ = [
     "NetworkProxyBuilder",
     "ProxyHandle",
     "ProxyService",
-    "child_env",
     "head_limits",
     "load_interception",
     "policy_from_config",

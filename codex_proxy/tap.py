@@ -157,6 +157,29 @@ class _AuditSink(Service):
         self._close()
 
 
+class _CleanExitOnSignals(Service):
+    """
+    Once the reactor runs, replace its SIGTERM and SIGINT handlers with ones
+    that only stop it: C{twistd} re-raises the signal after a clean stop, so
+    the process would end "killed by SIGTERM" instead of with status 0.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.addSystemEventTrigger("after", "startup", self._install)
+
+    def _install(self) -> None:
+        def stop(number: int, frame: Any) -> None:
+            _log.info("Received {name}, shutting down.", name=signal.Signals(number).name)
+            self._reactor.callFromThread(self._reactor.stop)
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, stop)
+
+
 class _ReloadOnHangup(Service):
     """
     Re-reads the policy files of a running L{ProxyService} on SIGHUP (SPEC
@@ -196,10 +219,18 @@ def assemble(
     sources: Optional[Sources] = None,
     paths: Optional[SourcePaths] = None,
     interception: Optional[Interception] = None,
+    daemon: bool = False,
+    own_signals: bool = False,
 ) -> MultiService:
     """
     The services of one C{twistd codexproxy}, started in order (audit sinks,
     the proxy, SIGHUP reloading, the ports file) and stopped in reverse.
+
+    @param daemon: C{twistd} daemonizes: a start-up failure is raised (its
+        waiting parent prints it and exits 1) instead of C{SystemExit},
+        which would leave that parent waiting forever.
+    @param own_signals: the services are the process (C{twistd}): SIGTERM
+        and SIGINT stop it with exit status 0.
 
     @param sources: the parsed files C{config} was computed from; with
         C{paths}, the policy reloads from them on SIGHUP.
@@ -224,16 +255,20 @@ def assemble(
         paths=paths,
         environ=environ,
         interception=interception,
+        exit_on_error=not daemon,
     )
     proxy.setServiceParent(top)
     if paths is not None:
         _ReloadOnHangup(reactor, proxy).setServiceParent(top)
     if ports_file is not None:
         _PortsFile(ports_file, proxy).setServiceParent(top)
+    if own_signals:
+        _CleanExitOnSignals(reactor).setServiceParent(top)
     return top
 
 
 def makeService(options: Options) -> MultiService:
+    server = options.parent  # twistd's own options, when run by twistd
     return assemble(
         options.config,
         ports_file=options["ports-file"],
@@ -241,4 +276,6 @@ def makeService(options: Options) -> MultiService:
         sources=options.sources,
         paths=options.paths,
         interception=options.interception,
+        daemon=server is not None and not server["nodaemon"],
+        own_signals=server is not None,
     )

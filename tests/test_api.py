@@ -14,7 +14,8 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from codex_proxy.api import ListenError, NetworkProxy, ProxyService, child_env
+from codex_proxy.api import ListenError, NetworkProxy, ProxyService
+from codex_proxy.childenv import EnvError
 from codex_proxy.config import parse_config
 from codex_proxy.decider import Deny
 
@@ -160,7 +161,8 @@ def test_running_twice_fails():
 def test_env_points_children_at_the_bound_addresses():
     reactor = MemoryReactorClock()
     proxy = NetworkProxy.builder().config(CONFIG).reactor(reactor).build().result
-    assert proxy.env()["HTTP_PROXY"] == "http://127.0.0.1:0"
+    with pytest.raises(EnvError, match="ephemeral port"):
+        proxy.env()  # port 0 is known only once bound
     handle = proxy.run().result
     env = proxy.env()
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY"):
@@ -169,8 +171,24 @@ def test_env_points_children_at_the_bound_addresses():
     assert "ALL_PROXY" not in env
 
 
-def test_child_env_with_socks_local_binding_and_a_ca_bundle():
-    env = child_env("127.0.0.1:3128", "127.0.0.1:8081", True, "/tmp/bundle.pem")
+def test_env_with_socks_local_binding_and_a_ca_bundle():
+    from codex_proxy.api import Interception
+
+    config = parse_config(
+        b'[network]\nenabled = true\nproxy_url = "127.0.0.1:3128"\nsocks_url = "127.0.0.1:8081"\n'
+        b"allow_local_binding = true\nmitm = true\n",
+        "c.toml",
+    )
+    interception = Interception(ca=None, trust=None, bundle="/tmp/bundle.pem")
+    proxy = (
+        NetworkProxy.builder()
+        .config(config)
+        .reactor(MemoryReactorClock())
+        .interception(interception)
+        .build()
+        .result
+    )
+    env = proxy.env()
     assert env["ALL_PROXY"] == env["all_proxy"] == "socks5h://127.0.0.1:8081"
     assert env["NO_PROXY"] == "localhost,127.0.0.1,::1"
     assert env["SSL_CERT_FILE"] == env["CURL_CA_BUNDLE"] == "/tmp/bundle.pem"

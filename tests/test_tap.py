@@ -12,6 +12,7 @@ from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.config import parse_config
+from codex_proxy.api import ListenError
 from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.tap import Options, assemble, makeService
 
@@ -205,3 +206,27 @@ def test_failed_socks_bind_exits_1_naming_the_address(tmp_path, capsys):
     assert exc.value.code == 1
     assert "127.0.0.1:8081 (socks_url)" in capsys.readouterr().err
     assert not ports.exists()
+
+
+def test_failed_bind_when_daemonizing_raises_for_the_waiting_parent(tmp_path):
+    """
+    A daemonizing twistd reports an exception from start-up to its parent,
+    which prints it and exits 1; a SystemExit would leave the parent waiting.
+    """
+    config = parse_config(b'[network]\nenabled = true\nproxy_url = "127.0.0.1:3128"\n', "c.toml")
+    service = assemble(config, RefusingReactor(), str(tmp_path / "p.json"), environ={}, daemon=True)
+    with pytest.raises(ListenError, match=r"127\.0\.0\.1:3128 \(proxy_url\)"):
+        service.startService()
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("argv, daemon", [(["-n"], False), ([], True)])
+def test_makeService_knows_whether_twistd_daemonizes(tmp_path, argv, daemon):
+    from twisted.scripts.twistd import ServerOptions
+
+    (tmp_path / "c.toml").write_bytes(ENABLED)
+    server = ServerOptions()
+    server.parseOptions([*argv, "codexproxy", "--config", str(tmp_path / "c.toml")])
+    top = makeService(server.subOptions)
+    (proxy,) = [child for child in top if hasattr(child, "addresses")]
+    assert proxy._exit_on_error is not daemon

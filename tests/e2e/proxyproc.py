@@ -311,6 +311,109 @@ def start_proxy(
     return proxy
 
 
+#: Runs a command as a child subreaper (Linux): the daemon that C{twistd}
+#: double-forks is re-parented to this launcher, which prints every exit
+#: status it reaps ("exited PID STATUS"), so a test learns when and how the
+#: daemon ended by reading lines, without polling.
+_SUBREAPER_LAUNCHER = r"""
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER): " + os.strerror(ctypes.get_errno()))
+print("spawned", os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ), flush=True)
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    print("exited", pid, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@dataclass
+class DaemonProxy:
+    """
+    A daemonized proxy (C{twistd} without C{-n}) and the launcher that
+    reaps it.
+
+    @ivar launcher: the launcher process; its output holds the exit lines.
+    @ivar pid: the daemon's pid, from its pid file.
+    """
+
+    launcher: RunningProxy
+    pid: int
+    pid_path: Path
+    log_path: Path
+    ports: dict[str, str]
+
+    @property
+    def http_addr(self) -> tuple[str, int]:
+        return _parse_addr(self.ports["http"])
+
+    def wait_exit(self, timeout: float) -> int:
+        """
+        The daemon's exit status, once it has exited (at most C{timeout}).
+        """
+        return int(self.launcher.wait_for_line(f"exited {self.pid} ", timeout).split()[2])
+
+    def kill(self) -> None:
+        """
+        SIGKILL the daemon unless it already exited; reap the launcher.
+        """
+        if not any(line.startswith(f"exited {self.pid} ") for line in self.launcher.output_lines):
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait_exit(10)
+        self.launcher.stop()
+
+
+def start_daemon(
+    config: str | Mapping[str, Any], workdir: Path, timeout: float = 30.0
+) -> DaemonProxy:
+    """
+    Start C{twistd --pidfile --logfile codexproxy} without C{-n}. It
+    returns once the starting C{twistd} has exited 0, which it does only
+    after the daemon bound its listeners and wrote its ports file (the
+    proxy binds in C{privilegedStartService}), so no further wait is needed.
+
+    @raise ProxyStartError: the starting C{twistd} exited non-zero.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = _write_config(config, workdir)
+    ports_path, pid_path, log_path = (
+        workdir / "ports.json", workdir / "twistd.pid", workdir / "twistd.log"
+    )
+    command = [
+        twistd_path(), "--pidfile", str(pid_path), "--logfile", str(log_path),
+        "codexproxy", "--config", str(config_path), "--ports-file", str(ports_path),
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SUBREAPER_LAUNCHER, *command],
+        cwd=workdir,
+        env=_child_env(workdir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    launcher = RunningProxy(process, workdir, config_path, ports_path)
+    launcher.start_reader()
+    parent = launcher.wait_for_line("spawned ", timeout).split()[1]
+    status = int(launcher.wait_for_line(f"exited {parent} ", timeout).split()[2])
+    if status != 0:
+        launcher.stop()
+        raise ProxyStartError(
+            f"twistd exited with {status}:\n{launcher.output}"
+            + (f"\nlog:\n{log_path.read_text()}" if log_path.exists() else "")
+        )
+    return DaemonProxy(
+        launcher,
+        int(pid_path.read_text()),
+        pid_path,
+        log_path,
+        json.loads(ports_path.read_text()),
+    )
+
+
 def run_to_exit(
     config: str | Mapping[str, Any], workdir: Path, timeout: float = 30.0
 ) -> subprocess.CompletedProcess[str]:

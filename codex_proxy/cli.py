@@ -1,0 +1,417 @@
+"""
+The C{codexproxy} command: operator tools that read a config without
+running the proxy (SPEC §10, issue 7).
+
+  - C{check-config [FILE]}: validate, print the effective policy and where
+    each entry came from;
+  - C{explain [--config F] [--method M] TARGET}: what the policy says about
+    one request, and which config line would change that, without sending
+    traffic or resolving names;
+  - C{env [--shell sh|fish|json] [--config F] [--ports-file P]}: the
+    variables that point a child process at the proxy.
+
+Exit status: 0 ok (valid, allowed, printed), 1 blocked or invalid, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from urllib.parse import urlsplit
+
+import attrs
+
+from codex_proxy.api import policy_from_config
+from codex_proxy.childenv import EnvError, child_env
+from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
+from codex_proxy.errors import reply_for
+from codex_proxy.model import Protocol, ProxyRequest, Reason, Verdict
+from codex_proxy.policy import Policy, decide, is_local_target
+
+EXIT_OK = 0
+EXIT_BLOCKED = 1
+EXIT_USAGE = 2
+
+_HTTP_SCHEMES = {"http": 80, "ws": 80}
+_TLS_SCHEMES = {"https": 443, "wss": 443}
+
+
+class UsageError(ValueError):
+    """
+    A command-line argument that cannot be used; exit status 2.
+    """
+
+
+def _load(path: Optional[str]) -> ProxyConfig:
+    return load_config(path or default_config_path(os.environ))
+
+
+# check-config
+
+
+def check_config(path: Optional[str], out: TextIO) -> int:
+    """
+    Print the effective policy of the config at C{path}.
+    """
+    config = _load(path)
+    rows: List[Tuple[str, str]] = [
+        ("section", f"[{config.section}]"),
+        ("enabled", _flag(config, "enabled")),
+        ("proxy_url", _setting(config, "proxy_url", str(config.http_listen))),
+        ("enable_socks5", _flag(config, "enable_socks5")),
+        ("socks_url", _setting(config, "socks_url", str(config.socks_listen))),
+        ("enable_socks5_udp", _flag(config, "enable_socks5_udp")),
+        ("mode", _setting(config, "mode", config.mode.value)),
+        ("mitm", _flag(config, "mitm")),
+        ("allow_local_binding", _flag(config, "allow_local_binding")),
+        ("allow_upstream_proxy", _flag(config, "allow_upstream_proxy")),
+        (
+            "dangerously_allow_non_loopback_proxy",
+            _flag(config, "dangerously_allow_non_loopback_proxy"),
+        ),
+        (
+            "dangerously_allow_all_unix_sockets",
+            _flag(config, "dangerously_allow_all_unix_sockets"),
+        ),
+    ]
+    out.write(f"{config.source}: valid\n")
+    _table(out, rows)
+    for title, patterns in (
+        ("allowed_domains", config.allowed_domains),
+        ("denied_domains", config.denied_domains),
+    ):
+        out.write(f"{title} ({len(patterns)}):\n")
+        width = max((len(p) for p in patterns), default=0)
+        for pattern in patterns:
+            out.write(f"  {pattern.ljust(width)}  {config.pattern_sources[pattern]}\n")
+    if not config.allowed_domains:
+        out.write("  (empty allowlist: every destination is blocked)\n")
+    out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
+    for path in config.allow_unix_sockets:
+        out.write(f"  {path}\n")
+    out.write("limits:\n")
+    limits = config.limits
+    defaults = type(limits)()
+    for name in attrs.fields_dict(type(limits)):
+        value = getattr(limits, name)
+        origin = "(default)" if value == getattr(defaults, name) else ""
+        out.write(f"  {name} = {value} {origin}".rstrip() + "\n")
+    for warning in config.warnings:
+        out.write(f"warning: {warning}\n")
+    return EXIT_OK
+
+
+def _setting(config: ProxyConfig, key: str, value: str) -> str:
+    return value if key in config.explicit else f"{value} (default)"
+
+
+def _flag(config: ProxyConfig, key: str) -> str:
+    return _setting(config, key, str(getattr(config, key)).lower())
+
+
+def _table(out: TextIO, rows: Sequence[Tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows) + 1
+    for key, value in rows:
+        out.write(f"{(key + ':').ljust(width)} {value}\n")
+
+
+# explain
+
+
+def parse_target(text: str, method: Optional[str]) -> Tuple[ProxyRequest, str]:
+    """
+    The request a client would send for C{text}, and the method of a request
+    inside the tunnel (used only when the tunnel would be intercepted).
+
+    A URL is requested the way proxy-aware clients do: C{http://} and
+    C{ws://} as a plain proxy request (C{method}, default C{GET}),
+    C{https://} and C{wss://} as a C{CONNECT} tunnel. A bare C{host:port} is
+    a C{CONNECT} tunnel, or a plain request when C{method} is another one.
+
+    @raise UsageError: C{text} is neither a URL nor C{host:port}.
+    """
+    method = method.upper() if method else None
+    inner = method if method and method != "CONNECT" else "GET"
+    if "://" in text:
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port
+        except ValueError:
+            raise UsageError(f"invalid port in URL {text!r}") from None
+        host = parts.hostname or ""
+        if scheme in _HTTP_SCHEMES:
+            return _plain(host, port or _HTTP_SCHEMES[scheme], method or "GET"), inner
+        if scheme in _TLS_SCHEMES:
+            return _tunnel(host, port or _TLS_SCHEMES[scheme]), inner
+        raise UsageError(
+            f"unsupported scheme {parts.scheme!r} in {text!r}"
+            " (expected http, https, ws or wss)"
+        )
+    host, port = _host_port(text)
+    if method is None or method == "CONNECT":
+        return _tunnel(host, port), inner
+    return _plain(host, port, method), inner
+
+
+def _host_port(text: str) -> Tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text.partition("]")
+        host, port = host + "]", rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = text.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()):
+        raise UsageError(
+            f"expected a URL (http://host/path) or host:port, got {text!r}"
+        )
+    return host, int(port)
+
+
+def _plain(host: str, port: int, method: str) -> ProxyRequest:
+    return ProxyRequest(Protocol.HTTP, host, port, method=method)
+
+
+def _tunnel(host: str, port: int) -> ProxyRequest:
+    return ProxyRequest(Protocol.HTTPS_CONNECT, host, port, method="CONNECT")
+
+
+def explain(
+    config: ProxyConfig, policy: Policy, request: ProxyRequest, inner_method: str
+) -> Tuple[List[Tuple[str, str]], bool]:
+    """
+    What C{policy} says about C{request}, as labelled lines, and whether it
+    is allowed. Only the synchronous decision runs: no DNS, no decider.
+    """
+    verdict = decide(policy, request)
+    rows = [("request", _describe(request))]
+    if verdict.intercept:
+        rows.append(
+            ("tunnel", "intercepted (mitm): each request inside is checked again")
+        )
+        request = ProxyRequest(
+            Protocol.HTTPS, request.host, request.port, method=inner_method
+        )
+        verdict = decide(policy, request)
+        rows.append(("inside", _describe(request)))
+    rows.append(("decision", verdict.decision.value))
+    if verdict.reason is not None:
+        reply = reply_for(verdict.reason)
+        rows += [
+            ("reason", f"{verdict.reason.value} ({reply.message})"),
+            ("source", verdict.source.value),
+            ("x-proxy-error", f"{reply.header} (HTTP {reply.status})"),
+        ]
+    rows.append(("matched", _matched(config, verdict)))
+    rows.append(("to change", _change(config, verdict)))
+    if verdict.allowed and not config.allow_local_binding and not is_local_target(
+        verdict.host
+    ):
+        rows.append(
+            (
+                "not checked",
+                "resolution-time checks are not evaluated (explain does not"
+                f" resolve names): the proxy still blocks {verdict.host} with"
+                " not_allowed_local if any address it resolves to is loopback,"
+                " private or link-local",
+            )
+        )
+    if verdict.reason is Reason.NOT_ALLOWED:
+        rows.append(
+            ("not checked", "a policy decider (library API) may allow an allowlist miss")
+        )
+    return rows, verdict.allowed
+
+
+def _describe(request: ProxyRequest) -> str:
+    host = f"[{request.host}]" if ":" in request.host else request.host
+    return f"{request.method} {host}:{request.port} (protocol {request.protocol.value})"
+
+
+def _matched(config: ProxyConfig, verdict: Verdict) -> str:
+    if verdict.matched is None:
+        return "no pattern"
+    listed = "denied_domains" if verdict.reason is Reason.DENIED else "allowed_domains"
+    where = config.pattern_sources.get(verdict.matched, config.source)
+    return f'{listed} pattern "{verdict.matched}" ({where})'
+
+
+def _change(config: ProxyConfig, verdict: Verdict) -> str:
+    """
+    The config edit that would turn the decision around.
+    """
+    table = f"in [{config.section}] of {config.source}"
+    host = verdict.host
+    if verdict.allowed:
+        where = config.pattern_sources.get(verdict.matched or "", "its allowlist entry")
+        return f'remove {where}, or add "{host}" to denied_domains {table}'
+    suggestions: Dict[Reason, Callable[[], str]] = {
+        Reason.PROXY_DISABLED: lambda: f"set enabled = true {table}",
+        Reason.INVALID_HOST: lambda: (
+            "no config change: the host or port is not valid"
+        ),
+        Reason.DENIED: lambda: (
+            f'remove {config.pattern_sources.get(verdict.matched or "", "the entry")}'
+            f' ("{verdict.matched}"); the allowlist then decides'
+        ),
+        Reason.NOT_ALLOWED_LOCAL: lambda: (
+            f'add the exact entry "{host}" to allowed_domains {table} (wildcards'
+            " never unlock local targets), or set allow_local_binding = true"
+        ),
+        Reason.NOT_ALLOWED: lambda: f'add "{host}" to allowed_domains {table}',
+        Reason.METHOD_NOT_ALLOWED: lambda: f'set mode = "full" {table}',
+        Reason.MITM_REQUIRED: lambda: (
+            f'set mitm = true (HTTPS interception) or mode = "full" {table}'
+        ),
+    }
+    assert verdict.reason is not None
+    return suggestions[verdict.reason]()
+
+
+def run_explain(
+    path: Optional[str], target: str, method: Optional[str], out: TextIO
+) -> int:
+    config = _load(path)
+    request, inner = parse_target(target, method)
+    rows, allowed = explain(config, policy_from_config(config), request, inner)
+    out.write(f"config: {config.source} [{config.section}]\n")
+    _table(out, rows)
+    return EXIT_OK if allowed else EXIT_BLOCKED
+
+
+# env
+
+
+def run_env(
+    path: Optional[str], ports_file: Optional[str], shell: str, out: TextIO, err: TextIO
+) -> int:
+    config = _load(path)
+    bound: Dict[str, str] = {}
+    if ports_file is not None:
+        try:
+            with open(ports_file) as f:
+                bound = json.load(f)
+        except (OSError, ValueError) as e:
+            raise EnvError(f"{ports_file}: cannot read the ports file: {e}") from None
+    if config.mitm:
+        err.write(
+            f"codexproxy: {config.source}: mitm = true, but this build has no"
+            " HTTPS interception: no CA bundle variables\n"
+        )
+    env = child_env(config, http=bound.get("http"), socks=bound.get("socks"))
+    out.write(_FORMATS[shell](env))
+    return EXIT_OK
+
+
+def _sh(env: Dict[str, str]) -> str:
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+
+
+def _fish(env: Dict[str, str]) -> str:
+    def quote(value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return "".join(f"set -gx {name} {quote(value)}\n" for name, value in env.items())
+
+
+def _json(env: Dict[str, str]) -> str:
+    return json.dumps(env, indent=2) + "\n"
+
+
+_FORMATS: Dict[str, Callable[[Dict[str, str]], str]] = {
+    "sh": _sh,
+    "fish": _fish,
+    "json": _json,
+}
+
+
+# the command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codexproxy",
+        description="Inspect a codex-proxy configuration without running the"
+        " proxy (run the proxy itself with: twistd codexproxy). See codexproxy(1).",
+        epilog="Exit status: 0 ok, 1 blocked or invalid, 2 usage.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config and print the effective policy",
+        description="Validate FILE and print the effective policy, each"
+        " domain pattern with the file and key it came from.",
+    )
+    check.add_argument(
+        "file", nargs="?", metavar="FILE", help="default: $CODEX_HOME/config.toml"
+    )
+    explain_ = commands.add_parser(
+        "explain",
+        help="show what the policy decides for one request",
+        description="Show the decision for one request, the reason, the"
+        " x-proxy-error value, the matching pattern and the config edit that"
+        " would change it. Sends no traffic and resolves no names. Exit 0 if"
+        " allowed, 1 if blocked.",
+    )
+    explain_.add_argument("--config", "-c", metavar="FILE")
+    explain_.add_argument(
+        "--method",
+        "-m",
+        metavar="M",
+        help="the HTTP method (default GET; CONNECT for https:// and host:port)",
+    )
+    explain_.add_argument("target", metavar="URL-or-host:port")
+    env = commands.add_parser(
+        "env",
+        help="print the environment that points a child process at the proxy",
+        description='Print HTTP_PROXY and friends for a child process: eval'
+        ' "$(codexproxy env)".',
+    )
+    env.add_argument("--shell", choices=sorted(_FORMATS), default="sh")
+    env.add_argument("--config", "-c", metavar="FILE")
+    env.add_argument(
+        "--ports-file",
+        metavar="FILE",
+        help="the proxy's ports file: the bound addresses (needed with port 0)",
+    )
+    return parser
+
+
+def main(
+    argv: Optional[Sequence[str]] = None,
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+) -> int:
+    """
+    Run the command line C{argv} (default C{sys.argv[1:]}); returns the exit
+    status instead of exiting, so tests can call it.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    try:
+        if args.command == "check-config":
+            return check_config(args.file, out)
+        if args.command == "explain":
+            return run_explain(args.config, args.target, args.method, out)
+        return run_env(args.config, args.ports_file, args.shell, out, err)
+    except UsageError as e:
+        err.write(f"codexproxy {args.command}: {e}\n")
+        return EXIT_USAGE
+    except ConfigError as e:
+        err.write(f"codexproxy: config error: {e}\n")
+        return EXIT_BLOCKED
+    except EnvError as e:
+        err.write(f"codexproxy: {e}\n")
+        return EXIT_BLOCKED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
