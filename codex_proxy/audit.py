@@ -19,7 +19,7 @@ import time
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from codex_proxy.model import Protocol, Source, Verdict
 
@@ -113,15 +113,22 @@ class Auditor:
         fields = decision_fields(verdict, self._seconds(), self.metadata)
         for sink in self.sinks:
             sink(fields)
-        _log.info(
-            "policy decision {decision} ({reason}) for {protocol} {host}:{port}",
-            decision=fields["network.policy.decision"],
-            reason=fields["network.policy.reason"],
-            protocol=fields["network.transport.protocol"],
-            host=fields["server.address"],
-            port=fields["server.port"],
-            audit=fields,
-        )
+        if verdict.allowed:
+            # Allowed decisions are the bulk of the traffic: the structured
+            # event still reaches every observer, but carries no text, so the
+            # human log (and its formatting cost per request) holds blocks
+            # only. --audit-log has every decision.
+            _log.emit(LogLevel.info, None, audit=fields)
+        else:
+            _log.info(
+                "policy decision {decision} ({reason}) for {protocol} {host}:{port}",
+                decision=fields["network.policy.decision"],
+                reason=fields["network.policy.reason"],
+                protocol=fields["network.transport.protocol"],
+                host=fields["server.address"],
+                port=fields["server.port"],
+                audit=fields,
+            )
         return fields
 
 

@@ -6,6 +6,8 @@ a UDP echo through the relay, a denied datagram, limited mode.
 
 from __future__ import annotations
 
+import json
+
 import socket
 import struct
 import threading
@@ -95,7 +97,7 @@ def udp_echo() -> Iterator[UDPEcho]:
 
 @pytest.fixture
 def socks_proxy(proxy_factory):
-    return proxy_factory(SOCKS)
+    return proxy_factory(SOCKS, args=("--audit-log", "audit.jsonl"))
 
 
 def test_curl_socks5_hostname_reaches_allowlisted_origin(
@@ -113,7 +115,12 @@ def test_curl_socks5_hostname_reaches_allowlisted_origin(
     assert (result.returncode, result.status) == (0, 200), result.stderr
     assert result.body == proxyproc.pattern_bytes(100000)
     assert [seen.path for seen in origin.requests] == ["/bytes/100000"]
-    socks_proxy.wait_for_line(f"allow (allowed) for socks5_tcp localhost:{origin.port}")
+    socks_proxy.stop()  # flushes the audit log
+    events = [json.loads(line) for line in (socks_proxy.workdir / "audit.jsonl").read_text().splitlines()]
+    assert [
+        (e["network.policy.decision"], e["network.transport.protocol"], e["server.address"], e["server.port"])
+        for e in events
+    ] == [("allow", "socks5_tcp", "localhost", origin.port)]
 
 
 def test_non_allowlisted_name_is_not_allowed(socks_proxy, curl):
