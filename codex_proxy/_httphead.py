@@ -79,6 +79,14 @@ UNTIL_CLOSE = UntilClose()
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
+# One header line: a token, a colon, optional whitespace, a value without
+# control characters (its trailing whitespace not captured), CRLF.
+_FIELD_PATTERN = (
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+    rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x08\x0a-\x1f\x7f \t])?)[ \t]*\r\n"
+)
+_FIELD = re.compile(_FIELD_PATTERN)
+_FIELD_BLOCK = re.compile(rb"(?:" + _FIELD_PATTERN + rb")*")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _STATUS_LINE = re.compile(
     rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?"
@@ -220,12 +228,18 @@ def _parse_fields(
 ) -> tuple[Headers, dict[bytes, list[bytes]]]:
     """
     Validate header lines; also collect the values of L{_FRAMING_FIELDS}.
+
+    The common case (every line well formed) is checked and split by two
+    regular expressions over the whole block, in C; only a block that fails
+    is walked line by line, to name what is wrong.
     """
-    headers = []
+    block = b"\r\n".join(lines) + b"\r\n" if lines else b""
+    if _FIELD_BLOCK.fullmatch(block):
+        headers = _FIELD.findall(block)
+    else:
+        headers = [_parse_field(line, status) for line in lines]
     seen: dict[bytes, list[bytes]] = {}
-    for line in lines:
-        name, value = _parse_field(line, status)
-        headers.append((name, value))
+    for name, value in headers:
         key = name.lower()
         if key in _FRAMING_FIELDS:
             seen.setdefault(key, []).append(value)

@@ -13,6 +13,7 @@ a query or a credential: the fields are built from a L{Verdict} alone.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import json
 import time
@@ -46,7 +47,13 @@ def rfc3339(seconds: float) -> str:
     millis = int(round((seconds - whole) * 1000))
     if millis == 1000:
         whole, millis = whole + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    return f"{_whole_seconds(whole)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_seconds(whole: int) -> str:
+    # Every decision within one second shares this part: format it once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def scope(verdict: Verdict) -> str:

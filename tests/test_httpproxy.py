@@ -614,3 +614,13 @@ def test_timers_stop_while_a_request_is_served():
     h.accept()
     h.reactor.advance(50)  # past the header timeout, within the tunnel's idle limit
     assert not h.client.disconnecting
+
+
+def test_bytes_arriving_while_deciding_are_kept_up_to_a_bound():
+    h = make(False, resolver=SilentResolver())
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    assert h.client.producerState == "producing"  # no pause per request
+    h.send(b"x" * 1000)
+    assert h.client.producerState == "producing"
+    h.send(b"x" * (1 << 16))
+    assert h.client.producerState == "paused"  # a flood stops being read
