@@ -9,6 +9,7 @@ alone says.
 
 from __future__ import annotations
 
+import functools
 from typing import FrozenSet, Iterable, Optional
 
 import attrs
@@ -81,6 +82,7 @@ class Policy:
         )
 
 
+@functools.lru_cache(maxsize=4096)
 def is_local_target(host: str) -> bool:
     """
     Whether the normalised C{host} names this machine or a private network
