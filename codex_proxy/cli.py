@@ -24,8 +24,10 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 from urllib.parse import urlsplit
 
 import attrs
+from cryptography.hazmat.primitives import hashes
 
-from codex_proxy.api import policy_from_config
+from codex_proxy.api import load_interception, policy_from_config
+from codex_proxy.ca import CAError, system_roots_file, write_bundle
 from codex_proxy.childenv import EnvError, child_env
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
 from codex_proxy.errors import reply_for
@@ -296,12 +298,12 @@ def run_env(
                 bound = json.load(f)
         except (OSError, ValueError) as e:
             raise EnvError(f"{ports_file}: cannot read the ports file: {e}") from None
+    bundle = None
     if config.mitm:
-        err.write(
-            f"codexproxy: {config.source}: mitm = true, but this build has no"
-            " HTTPS interception: no CA bundle variables\n"
-        )
-    env = child_env(config, http=bound.get("http"), socks=bound.get("socks"))
+        # The proxy makes the CA and bundle at start; make sure they exist
+        # now, so the variables never name a missing file.
+        bundle = load_interception(os.environ).bundle
+    env = child_env(config, http=bound.get("http"), socks=bound.get("socks"), ca_bundle=bundle)
     out.write(_FORMATS[shell](env))
     return EXIT_OK
 
@@ -326,6 +328,33 @@ _FORMATS: Dict[str, Callable[[Dict[str, str]], str]] = {
     "fish": _fish,
     "json": _json,
 }
+
+
+# ca
+
+
+def run_ca(bundle: Optional[str], out: TextIO) -> int:
+    """
+    Create the interception CA if it does not exist yet, and show it: its
+    files, fingerprint, validity and the client bundle (also written to
+    C{bundle} when given).
+    """
+    interception = load_interception(os.environ)
+    ca = interception.ca
+    directory = os.path.dirname(interception.bundle)
+    if bundle is not None:
+        write_bundle(ca, bundle, system_roots_file())
+    fingerprint = ca.cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    rows = [
+        ("certificate", os.path.join(directory, "ca.pem")),
+        ("key", os.path.join(directory, "ca.key")),
+        ("subject", ca.cert.subject.rfc4514_string()),
+        ("sha256 fingerprint", fingerprint),
+        ("valid until", ca.cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%SZ")),
+        ("client bundle", bundle or interception.bundle),
+    ]
+    _table(out, rows)
+    return EXIT_OK
 
 
 # the command
@@ -377,6 +406,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the proxy's ports file: the bound addresses (needed with port 0)",
     )
+    ca = commands.add_parser(
+        "ca",
+        help="create (if needed) and show the HTTPS interception CA",
+        description="Create the CA under $CODEX_HOME/proxy/ if it does not exist"
+        " (as the proxy does at start with mitm = true) and print its files,"
+        " SHA-256 fingerprint, validity and the client bundle path.",
+    )
+    ca.add_argument(
+        "--bundle",
+        metavar="PATH",
+        help="also write the client bundle (system roots + the CA) to PATH",
+    )
     return parser
 
 
@@ -401,6 +442,8 @@ def main(
             return check_config(args.file, out)
         if args.command == "explain":
             return run_explain(args.config, args.target, args.method, out)
+        if args.command == "ca":
+            return run_ca(args.bundle, out)
         return run_env(args.config, args.ports_file, args.shell, out, err)
     except UsageError as e:
         err.write(f"codexproxy {args.command}: {e}\n")
@@ -410,6 +453,9 @@ def main(
         return EXIT_BLOCKED
     except EnvError as e:
         err.write(f"codexproxy: {e}\n")
+        return EXIT_BLOCKED
+    except (CAError, OSError) as e:
+        err.write(f"codexproxy {args.command}: {e}\n")
         return EXIT_BLOCKED
 
 

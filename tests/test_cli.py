@@ -296,12 +296,44 @@ def test_env_disabled_exits_1(config_file):
     assert "disabled" in err
 
 
-def test_env_with_mitm_says_there_is_no_bundle_in_this_build(config_file):
+def test_env_with_mitm_points_clients_at_the_ca_bundle(config_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path / "home"))
     path = config_file(text="[network]\nenabled = true\nmitm = true\n")
-    code, out, err = run("env", "-c", path)
+    code, out, err = run("env", "--shell", "json", "-c", path)
+    assert (code, err) == (0, "")
+    env = json.loads(out)
+    bundle = tmp_path / "home" / "proxy" / "ca-bundle.pem"
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO",
+                 "PIP_CERT", "CURL_CA_BUNDLE", "CARGO_HTTP_CAINFO"):
+        assert env[name] == str(bundle)
+    # The bundle exists and ends with the proxy's CA certificate.
+    ca = (tmp_path / "home" / "proxy" / "ca.pem").read_bytes()
+    assert bundle.read_bytes().rstrip().endswith(ca.rstrip())
+
+
+def test_ca_creates_once_and_shows_the_same_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path))
+    code, first, err = run("ca", "--bundle", str(tmp_path / "out.pem"))
+    assert (code, err) == (0, "")
+    rows = fields(first)
+    assert rows["certificate"] == str(tmp_path / "proxy" / "ca.pem")
+    assert len(rows["sha256 fingerprint"].split(":")) == 32
+    assert rows["client bundle"] == str(tmp_path / "out.pem")
+    assert (tmp_path / "out.pem").read_bytes().rstrip().endswith(
+        (tmp_path / "proxy" / "ca.pem").read_bytes().rstrip()
+    )
+    code, second, _ = run("ca")
     assert code == 0
-    assert "SSL_CERT_FILE" not in out
-    assert "no CA bundle variables" in err
+    assert fields(second)["sha256 fingerprint"] == rows["sha256 fingerprint"]
+
+
+def test_ca_refuses_a_group_readable_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path))
+    assert run("ca")[0] == 0
+    (tmp_path / "proxy" / "ca.key").chmod(0o640)
+    code, out, err = run("ca")
+    assert code == 1
+    assert "ca.key" in err
 
 
 def test_module_entry_point_exit_statuses(config_file):
