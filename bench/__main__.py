@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from bench import origin, peers, workloads
+from bench import mitm, origin, peers, workloads
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -115,6 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if name != "direct" and "ttfb_p50_us" in per:
                 per["ttfb_added_us"] = per["ttfb_p50_us"] - medians["direct"]["ttfb_p50_us"]
         medians["codex"].update(workloads.policy_scaling())
+        print("interception (MITM) figures", file=sys.stderr, flush=True)
+        medians["codex"].update(mitm.measure(10 if args.quick else 40, 500 if args.quick else 2000))
         names = [t.name for t in targets]
         print(table(medians, names))
         OUT.mkdir(exist_ok=True)

@@ -144,12 +144,11 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hosts", type=int, default=40)
-    parser.add_argument("--gets", type=int, default=2000)
-    args = parser.parse_args(argv)
-
+def measure(hosts: int = 40, gets: int = 2000) -> dict[str, float]:
+    """
+    The figures of this benchmark: handshake medians (seconds) for new and
+    cached hosts, and GETs/s intercepted vs. through a blind tunnel.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-mitm-") as tmp:
         workdir = Path(tmp)
         cert, key = self_signed(workdir)
@@ -157,9 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         port = origin.server_address[1]
         # One listener per loopback address: each is a host the proxy has
         # not seen yet. They only need to accept TCP (the dial precedes 200).
-        listeners = [socket.create_server((f"127.0.0.{2 + i}", 0)) for i in range(args.hosts)]
-        hosts = [sock.getsockname() for sock in listeners]
-        allowed = ["localhost", "127.0.0.1", *[h for h, _ in hosts]]
+        listeners = [socket.create_server((f"127.0.0.{2 + i}", 0)) for i in range(hosts)]
+        addresses = [sock.getsockname() for sock in listeners]
+        allowed = ["localhost", "127.0.0.1", *[h for h, _ in addresses]]
         mitm = proxyproc.start_proxy(
             {"mode": "limited", "mitm": True, "allowed_domains": allowed},
             workdir / "mitm",
@@ -168,25 +167,39 @@ def main(argv: list[str] | None = None) -> None:
         blind = proxyproc.start_proxy({"allowed_domains": allowed}, workdir / "blind")
         try:
             ca = ssl.create_default_context(cafile=str(mitm.codex_home / "proxy" / "ca.pem"))
-            first = [handshake_seconds(mitm, f"{h}:{p}", ca, h) for h, p in hosts]
-            h, p = hosts[0]
-            cached = [handshake_seconds(mitm, f"{h}:{p}", ca, h) for _ in range(args.hosts)]
+            first = [handshake_seconds(mitm, f"{h}:{p}", ca, h) for h, p in addresses]
+            h, p = addresses[0]
+            cached = [handshake_seconds(mitm, f"{h}:{p}", ca, h) for _ in range(hosts)]
             trusted = ssl.create_default_context(cafile=str(cert))
-            intercepted = gets_per_second(mitm, port, ca, args.gets)
-            tunnelled = gets_per_second(blind, port, trusted, args.gets)
+            intercepted = gets_per_second(mitm, port, ca, gets)
+            tunnelled = gets_per_second(blind, port, trusted, gets)
         finally:
             mitm.stop()
             blind.stop()
             for sock in listeners:
                 sock.close()
             origin.shutdown()
+    return {
+        "mitm_handshake_new_host_ms": median(first) * 1e3,
+        "mitm_handshake_cached_host_ms": median(cached) * 1e3,
+        "mitm_gets_per_s": intercepted,
+        "blind_tunnel_gets_per_s": tunnelled,
+        "mitm_to_blind_ratio": intercepted / tunnelled,
+    }
 
-    print(f"CONNECT + TLS handshake, new host:    median {median(first) * 1e3:.2f} ms"
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hosts", type=int, default=40)
+    parser.add_argument("--gets", type=int, default=2000)
+    args = parser.parse_args(argv)
+    m = measure(args.hosts, args.gets)
+    print(f"CONNECT + TLS handshake, new host:    median {m['mitm_handshake_new_host_ms']:.2f} ms"
           f" ({args.hosts} hosts)")
-    print(f"CONNECT + TLS handshake, cached host: median {median(cached) * 1e3:.2f} ms")
-    print(f"GETs/s intercepted (limited + mitm):  {intercepted:.0f}")
-    print(f"GETs/s blind tunnel (full mode):      {tunnelled:.0f}")
-    print(f"ratio intercepted / blind:            {intercepted / tunnelled:.2f}")
+    print(f"CONNECT + TLS handshake, cached host: median {m['mitm_handshake_cached_host_ms']:.2f} ms")
+    print(f"GETs/s intercepted (limited + mitm):  {m['mitm_gets_per_s']:.0f}")
+    print(f"GETs/s blind tunnel (full mode):      {m['blind_tunnel_gets_per_s']:.0f}")
+    print(f"ratio intercepted / blind:            {m['mitm_to_blind_ratio']:.2f}")
 
 
 if __name__ == "__main__":
