@@ -37,6 +37,9 @@ class Outcome:
 
 
 def authority(case: Case, port: int) -> str:
+    """
+    C{host:port} as the request line and C{Host} carry it, host as sent.
+    """
     return f"{case.host}:{port}"
 
 
@@ -140,6 +143,9 @@ def probes(case: Case, socks: bool) -> List[str]:
 
 
 def request_for(case: Case, probe: str, port: int) -> bytes:
+    """
+    The bytes a client sends for one probe of C{case}.
+    """
     if probe == HTTP:
         return http_request(case, port)
     if probe == CONNECT:
@@ -148,6 +154,9 @@ def request_for(case: Case, probe: str, port: int) -> bytes:
 
 
 def judge(case: Case, probe: str, raw: bytes) -> Outcome:
+    """
+    Judge what the listener answered to one probe of C{case}.
+    """
     if probe in (HTTP, CONNECT):
         return judge_http(case, probe, raw)
     return judge_socks(case, probe, raw)

@@ -14,7 +14,6 @@ from twisted.python import usage
 
 from codex_proxy.api import NetworkProxy
 from codex_proxy.config import parse_config
-from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Protocol, ProxyRequest, Reason
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService, resolve
