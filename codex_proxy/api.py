@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, threads
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IHostnameResolver, IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -187,6 +187,7 @@ class NetworkProxyBuilder:
         self._metadata: Dict[str, str] = {}
         self._sinks: List[Sink] = []
         self._reactor: Any = None
+        self._resolver: Optional[IHostnameResolver] = None
         self._sources: Optional[Sources] = None
         self._paths = SourcePaths()
         self._environ: Mapping[str, str] = os.environ
@@ -270,6 +271,15 @@ class NetworkProxyBuilder:
         self._reactor = reactor
         return self
 
+    def resolver(self, resolver: IHostnameResolver) -> NetworkProxyBuilder:
+        """
+        Resolve allowed names through C{resolver} instead of the reactor's
+        (every answer is still vetted, SPEC §5.1): tests map names to chosen
+        addresses, C{--resolve} pins names.
+        """
+        self._resolver = resolver
+        return self
+
     def build(self) -> defer.Deferred[NetworkProxy]:
         """
         Fires with the L{NetworkProxy}, or fails with C{ValueError} when an
@@ -308,6 +318,7 @@ class NetworkProxyBuilder:
                 self._decider,
                 self._environ,
                 interception,
+                self._resolver,
             )
         )
 
@@ -328,6 +339,7 @@ class NetworkProxy:
         decider: Optional[Decider] = None,
         environ: Mapping[str, str] = os.environ,
         interception: Optional[Interception] = None,
+        resolver: Optional[IHostnameResolver] = None,
     ) -> None:
         config = effective_config(sources)
         self._interception = interception
@@ -338,7 +350,7 @@ class NetworkProxy:
         self._handle: Optional[ProxyHandle] = None
         self.policy = PolicyService(
             policy_from_config(config),
-            resolver=reactor.nameResolver,
+            resolver=resolver or reactor.nameResolver,
             clock=reactor,
             auditor=auditor,
             resolve_timeout=config.limits.connect_timeout_s,
@@ -567,11 +579,14 @@ class ProxyService(Service):
         environ: Optional[Mapping[str, str]] = None,
         interception: Optional[Interception] = None,
         exit_on_error: bool = True,
+        resolver: Optional[IHostnameResolver] = None,
     ) -> None:
         """
         @param exit_on_error: a start-up failure prints one line on stderr
             and exits 1; when false it is logged and raised (a daemonizing
             C{twistd} reports it to its waiting parent).
+        @param resolver: resolves allowed names instead of the reactor's
+            resolver (see L{NetworkProxyBuilder.resolver}).
         """
         self.config = config
         self._exit_on_error = exit_on_error
@@ -591,6 +606,8 @@ class ProxyService(Service):
             builder.environ(environ)
         if interception is not None:
             builder.interception(interception)
+        if resolver is not None:
+            builder.resolver(resolver)
         self._builder = builder
 
     def startService(self) -> None:

@@ -8,7 +8,11 @@ running the proxy (SPEC §10, issue 7).
     one request, and which config line would change that, without sending
     traffic or resolving names;
   - C{env [--shell sh|fish|json] [--config F] [--ports-file P]}: the
-    variables that point a child process at the proxy.
+    variables that point a child process at the proxy;
+  - C{selftest --proxy URL [--socks H:P] [--port N] [--with-resolve]}:
+    replay the bypass corpus against a running proxy (the one command that
+    sends traffic); C{selftest --print-resolve} prints the C{--resolve}
+    options its resolver cases need.
 
 Exit status: 0 ok (valid, allowed, printed), 1 blocked or invalid, 2 usage.
 """
@@ -26,7 +30,9 @@ from urllib.parse import urlsplit
 import attrs
 from cryptography.hazmat.primitives import hashes
 
+from codex_proxy import selftest
 from codex_proxy.api import load_interception, policy_from_config
+from codex_proxy.bypass import BypassError, load_corpus
 from codex_proxy.ca import CAError, system_roots_file, write_bundle
 from codex_proxy.childenv import EnvError, child_env
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
@@ -357,6 +363,29 @@ def run_ca(bundle: Optional[str], out: TextIO) -> int:
     return EXIT_OK
 
 
+# selftest
+
+
+def run_selftest(args: argparse.Namespace, out: TextIO) -> int:
+    corpus = load_corpus()
+    if args.print_resolve:
+        out.write(" ".join(selftest.resolve_options(corpus)) + "\n")
+        return EXIT_OK
+    if args.proxy is None:
+        raise UsageError("--proxy is required (or --print-resolve)")
+    try:
+        target = selftest.Target(
+            http=selftest.parse_address(args.proxy, "--proxy"),
+            socks=None if args.socks is None else selftest.parse_address(args.socks, "--socks"),
+            port=args.port,
+            timeout=args.timeout,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _, failed = selftest.run(corpus, target, args.with_resolve, out)
+    return EXIT_BLOCKED if failed else EXIT_OK
+
+
 # the command
 
 
@@ -364,8 +393,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="codexproxy",
         description="Inspect a codex-proxy configuration without running the"
-        " proxy (run the proxy itself with: twistd codexproxy). See codexproxy(1).",
-        epilog="Exit status: 0 ok, 1 blocked or invalid, 2 usage.",
+        " proxy (run the proxy itself with: twistd codexproxy), or test a"
+        " running one (selftest). See codexproxy(1).",
+        epilog="Exit status: 0 ok, 1 blocked, invalid or a selftest case failed, 2 usage.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser(
@@ -418,6 +448,39 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write the client bundle (system roots + the CA) to PATH",
     )
+    test = commands.add_parser(
+        "selftest",
+        help="replay the bypass corpus against a running proxy",
+        description="Send every case of the bypass corpus (local and private"
+        " destinations in every spelling) through a running proxy: HTTP"
+        " absolute-form, CONNECT and, with --socks, SOCKS5 by name and by"
+        " address. One line per case, then 'N passed, N failed'. Exit 0 if"
+        " every case was refused as expected, 1 otherwise.",
+    )
+    test.add_argument("--proxy", metavar="URL", help="the HTTP listener (http://127.0.0.1:3128)")
+    test.add_argument("--socks", metavar="HOST:PORT", help="the SOCKS5 listener")
+    test.add_argument(
+        "--port",
+        type=int,
+        default=80,
+        metavar="N",
+        help="destination port of every request (default 80); point it at a"
+        " local port you watch: nothing may arrive there",
+    )
+    test.add_argument(
+        "--with-resolve",
+        action="store_true",
+        help="also run the cases that need resolver answers; the proxy must"
+        " run with the --print-resolve options and allowlist **.bypass.test",
+    )
+    test.add_argument(
+        "--print-resolve",
+        action="store_true",
+        help="print the twistd codexproxy --resolve options the resolver cases need",
+    )
+    test.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="per request (default 10)"
+    )
     return parser
 
 
@@ -444,6 +507,8 @@ def main(
             return run_explain(args.config, args.target, args.method, out)
         if args.command == "ca":
             return run_ca(args.bundle, out)
+        if args.command == "selftest":
+            return run_selftest(args, out)
         return run_env(args.config, args.ports_file, args.shell, out, err)
     except UsageError as e:
         err.write(f"codexproxy {args.command}: {e}\n")
@@ -451,7 +516,7 @@ def main(
     except ConfigError as e:
         err.write(f"codexproxy: config error: {e}\n")
         return EXIT_BLOCKED
-    except EnvError as e:
+    except (EnvError, BypassError) as e:
         err.write(f"codexproxy: {e}\n")
         return EXIT_BLOCKED
     except (CAError, OSError) as e:

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -23,6 +23,7 @@ from codex_proxy.api import Interception, ProxyService, load_interception
 from codex_proxy.audit import JSONLinesLog, Sink, otel_sink
 from codex_proxy.ca import CAError
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path
+from codex_proxy.resolver import ResolveEntryError, parse_resolve_entry, resolver_with
 from codex_proxy.rules import SourcePaths, Sources, effective_config, load_sources, rules_path
 
 _log = Logger()
@@ -67,6 +68,21 @@ class Options(usage.Options):
 
     config: ProxyConfig
     paths: SourcePaths
+    resolve: Tuple[str, ...] = ()
+
+    def opt_resolve(self, entry: str) -> None:
+        """
+        NAME=ADDR[,ADDR...]: answer NAME with these addresses instead of
+        asking DNS (repeatable; like curl's --resolve, without a port). The
+        answers are vetted like DNS answers: a private address is refused
+        unless allow_local_binding = true.
+        """
+        try:
+            parse_resolve_entry(entry)
+        except ResolveEntryError as e:
+            raise usage.UsageError(f"--resolve: {e}") from None
+        self.resolve = (*self.resolve, entry)
+
     sources: Sources
     interception: Optional[Interception]
 
@@ -221,6 +237,7 @@ def assemble(
     interception: Optional[Interception] = None,
     daemon: bool = False,
     own_signals: bool = False,
+    resolve: Sequence[str] = (),
 ) -> MultiService:
     """
     The services of one C{twistd codexproxy}, started in order (audit sinks,
@@ -234,6 +251,8 @@ def assemble(
 
     @param sources: the parsed files C{config} was computed from; with
         C{paths}, the policy reloads from them on SIGHUP.
+    @param resolve: C{--resolve} entries (already validated): these names
+        are answered from a table, the others by the reactor's resolver.
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
@@ -256,7 +275,10 @@ def assemble(
         environ=environ,
         interception=interception,
         exit_on_error=not daemon,
+        resolver=resolver_with(resolve, reactor.nameResolver),
     )
+    for entry in resolve:
+        _log.info("--resolve {entry}: answered without DNS, vetted like DNS", entry=entry)
     proxy.setServiceParent(top)
     if paths is not None:
         _ReloadOnHangup(reactor, proxy).setServiceParent(top)
@@ -278,4 +300,5 @@ def makeService(options: Options) -> MultiService:
         interception=options.interception,
         daemon=server is not None and not server["nodaemon"],
         own_signals=server is not None,
+        resolve=options.resolve,
     )

@@ -7,34 +7,27 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Type
 
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import (
-    IAddress,
-    IHostnameResolver,
-    IHostResolution,
-    IResolutionReceiver,
-)
-from twisted.internet._resolver import HostResolution
-from zope.interface import implementer
+from twisted.internet.interfaces import IAddress, IHostResolution, IResolutionReceiver
 
 from codex_proxy.audit import Auditor
-from codex_proxy.model import Verdict
+from codex_proxy.model import IPAddress, Verdict
+from codex_proxy.resolver import TableResolver
 
 
-@implementer(IHostnameResolver)
-class StaticResolver:
+class StaticResolver(TableResolver):
     """
-    Resolves names from a fixed table, synchronously. Unknown names resolve
-    to nothing (a DNS failure). Every looked-up name is recorded in
-    C{lookups}, so tests can check which names were never resolved.
+    Resolves names from a fixed table of address strings, synchronously.
+    Unknown names resolve to nothing (a DNS failure). Every looked-up name
+    is recorded in C{lookups}, so tests can check which names were never
+    resolved.
     """
 
     def __init__(self, table: Mapping[str, Iterable[str]]) -> None:
-        self._table: Dict[str, List[str]] = {k: list(v) for k, v in table.items()}
+        super().__init__({name: _ips(found) for name, found in table.items()})
         self.lookups: List[str] = []
 
-    def set(self, name: str, addresses: Iterable[str]) -> None:
-        self._table[name] = list(addresses)
+    def set(self, name: str, addresses: Iterable[str]) -> None:  # type: ignore[override]
+        super().set(name, _ips(addresses))
 
     def resolveHostName(
         self,
@@ -45,14 +38,13 @@ class StaticResolver:
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
         self.lookups.append(hostName)
-        resolution = HostResolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        for text in self._table.get(hostName, ()):
-            ip = ipaddress.ip_address(text)
-            cls = IPv4Address if ip.version == 4 else IPv6Address
-            resolutionReceiver.addressResolved(cls("TCP", str(ip), portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
+        return super().resolveHostName(
+            resolutionReceiver, hostName, portNumber, addressTypes, transportSemantics
+        )
+
+
+def _ips(texts: Iterable[str]) -> List[IPAddress]:
+    return [ipaddress.ip_address(text) for text in texts]
 
 
 class RecordingAuditor(Auditor):

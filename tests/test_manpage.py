@@ -36,6 +36,10 @@ def _plugin_flags() -> list[str]:
         names.append(f"--{long}")
         if short:
             names.append(f"-{short}")
+    # Options given as opt_ methods (repeatable ones), minus usage's own.
+    for attribute in dir(options):
+        if attribute.startswith("opt_") and attribute not in ("opt_help", "opt_version"):
+            names.append("--" + attribute[4:].replace("_", "-"))
     return names
 
 
