@@ -16,73 +16,17 @@ does) and measures, in one run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
 import http.server
-import importlib.util
-import ipaddress
 import socket
 import ssl
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-_PROXYPROC = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "proxyproc.py"
-
-
-def _load_proxyproc():
-    name = "codex_e2e_proxyproc"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PROXYPROC)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-proxyproc = _load_proxyproc()
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """
-    A certificate for C{localhost} and 127.0.0.1, and its key.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "origin.pem", directory / "origin.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+from bench import proxyproc
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -151,7 +95,7 @@ def measure(hosts: int = 40, gets: int = 2000) -> dict[str, float]:
     """
     with tempfile.TemporaryDirectory(prefix="bench-mitm-") as tmp:
         workdir = Path(tmp)
-        cert, key = self_signed(workdir)
+        cert, key = proxyproc.self_signed_localhost(workdir)
         origin = tls_origin(cert, key)
         port = origin.server_address[1]
         # One listener per loopback address: each is a host the proxy has

@@ -14,32 +14,14 @@ under 8 KiB).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
 import socket
 import struct
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
-_PROXYPROC = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "proxyproc.py"
-
-
-def _load_proxyproc():
-    """
-    Import C{proxyproc.py} by path under the name the e2e conftest uses.
-    """
-    name = "codex_e2e_proxyproc"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PROXYPROC)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-proxyproc = _load_proxyproc()
+from bench import proxyproc
 
 KIB = 1 << 10
 

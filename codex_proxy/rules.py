@@ -24,6 +24,7 @@ import attrs
 
 from codex_proxy import config as _config
 from codex_proxy.config import (
+    ConfigError,
     ProxyConfig,
     Requirements,
     load_config,

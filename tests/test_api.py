@@ -255,3 +255,45 @@ def test_proxy_service_runs_and_stops():
     assert len(reactor.tcpServers) == 1
     d = service.stopService()
     assert d.called
+
+
+def test_reload_without_files_keeps_the_policy_and_says_why():
+    reactor = _InlineThreadsReactor()
+    proxy = NetworkProxy.builder().config(CONFIG).reactor(reactor).build().result
+    errors: List[str] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_format", "").startswith("policy reload failed"):
+            errors.append(event["error"])
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        outcome = []
+        proxy.reload().addCallback(outcome.append)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert outcome == [False]
+    assert errors and "config object, not a file" in errors[0]
+    assert proxy.config.allowed_domains == ("127.0.0.1",)
+
+
+class _InlineThreadsReactor(MemoryReactorClock):
+    """
+    Runs "thread pool" work and its hand-back at once.
+    """
+
+    def getThreadPool(self):
+        return _InlinePool()
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class _InlinePool:
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException as e:
+            onResult(False, e)
+        else:
+            onResult(True, result)

@@ -6,10 +6,10 @@ once whole and once fed one byte at a time.
 from __future__ import annotations
 
 import json
-from typing import Iterable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock, StringTransport

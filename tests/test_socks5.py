@@ -10,7 +10,7 @@ import struct
 from typing import Any, List, Optional, Tuple
 
 import pytest
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock, StringTransport

@@ -8,11 +8,9 @@ report.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import http.server
 import importlib.util
-import ipaddress
 import json
 import shutil
 import socket
@@ -26,10 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def _load_proxyproc():
@@ -314,42 +308,8 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     A self-signed P-256 certificate for DNS C{localhost} and IP 127.0.0.1,
     usable as C{curl --cacert}.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    directory = tmp_path_factory.mktemp("tls")
-    files = TLSFiles(directory / "cert.pem", directory / "key.pem")
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = _proc.self_signed_localhost(tmp_path_factory.mktemp("tls"))
+    files = TLSFiles(cert, key)
     return files
 
 

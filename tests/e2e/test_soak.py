@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any, List
 
-import pytest
 
 LONG = os.environ.get("CODEX_SOAK") == "1"
 
