@@ -333,7 +333,7 @@ class NetworkProxy:
         self._interception = interception
         self.parents = parents_from_config(config, environ)
         self._reactor = reactor
-        self._connections = Connections()
+        self._connections = Connections(config.limits.max_connections)
         self._ports: List[IListeningPort] = []
         self._handle: Optional[ProxyHandle] = None
         self.policy = PolicyService(

@@ -215,6 +215,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._pending = b""
         self._work: Optional[defer.Deferred[Any]] = None
         self._clientEOF = False
+        self._overloaded = False
         # The current exchange.
         self._head: Optional[_httphead.RequestHead] = None
         self._request: Optional[ProxyRequest] = None
@@ -242,7 +243,8 @@ class HTTPProxyProtocol(Protocol, Sink):
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.factory.connections.opened(self.transport)
+        # Over limits.max_connections: the first request is answered 503.
+        self._overloaded = not self.factory.connections.admit(self.transport)
         _noDelay(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         peer = self.transport.getPeer()
@@ -361,6 +363,12 @@ class HTTPProxyProtocol(Protocol, Sink):
             return
         self._request = request
         self._closeAfter = not head.keep_alive or self._clientEOF
+        if self._overloaded:
+            self._closeAfter = True
+            self._sendBlocked(
+                self.factory.policy.refuse(request, Reason.TOO_MANY_CONNECTIONS)
+            )
+            return
         self._state = DECIDING
         if self._tunnel is not None:
             d = self.factory.policy.check_pinned(request, self._tunnel)
