@@ -426,6 +426,7 @@ class NetworkProxy:
             tunnel_idle=config.limits.tunnel_idle_s,
             header_timeout=config.limits.header_timeout_s,
             keepalive_idle=config.limits.keepalive_idle_s,
+            response_timeout=config.limits.response_timeout_s,
             connections=self._connections,
             mitm=self._interceptor(),
         )
