@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/config.toml
 
-.PHONY: run test bench venv sysdeps benchdeps clean
+.PHONY: run test soak fuzz bench venv sysdeps benchdeps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,27 @@ run: venv
 test: venv sysdeps
 	$(BIN)/python -m pytest -q tests
 
+# The long load tests of issue 9 (20,000 connections, 50,000 requests,
+# 2,000 tunnels across 20 reloads); `make test` runs short versions.
+soak: venv sysdeps
+	CODEX_SOAK=1 $(BIN)/python -m pytest -q tests/e2e/test_soak.py tests/e2e/test_shutdown.py
+
+# Hypothesis on the HTTP head parser, chunked reader and SOCKS5 parsers,
+# in rounds of 20,000 examples per test, each round a fresh random seed,
+# for FUZZ_SECONDS (10 minutes); `make test` runs a few hundred per test.
+FUZZ_SECONDS ?= 600
+FUZZ_TESTS := tests/test_httphead.py tests/test_socks5wire.py -k "fuzz or random or round_trip"
+fuzz: venv
+	@end=$$(( $$(date +%s) + $(FUZZ_SECONDS) )); rounds=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+	  rounds=$$((rounds + 1)); \
+	  CODEX_FUZZ=1 $(BIN)/python -m pytest -q --hypothesis-show-statistics $(FUZZ_TESTS) \
+	    > .fuzz-round.log 2>&1 || { cat .fuzz-round.log; exit 1; }; \
+	  grep -o '[0-9]* passing,' .fuzz-round.log | awk '{n += $$1} END {print n}' >> .fuzz-counts; \
+	done; \
+	echo "fuzz: $$rounds rounds, $$(awk '{n += $$1} END {print n}' .fuzz-counts) examples passed, no failure"; \
+	rm -f .fuzz-round.log .fuzz-counts
+
 # Load tools for the benchmark; PEERS="squid tinyproxy" adds those proxies.
 benchdeps:
 	@command -v wrk >/dev/null && test -x /usr/sbin/nginx && command -v gcc >/dev/null && \
@@ -41,4 +62,4 @@ bench: venv sysdeps benchdeps
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PEERS),--peers "$(PEERS)")
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .hypothesis .fuzz-round.log .fuzz-counts

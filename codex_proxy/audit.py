@@ -16,8 +16,9 @@ import datetime
 import functools
 import importlib
 import json
+import os
 import time
-from typing import IO, Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -115,11 +116,30 @@ class Auditor:
         self._seconds = seconds
         self.metadata = dict(metadata or {})
         self.sinks: List[Sink] = list(sinks or [])
+        self._failing: Set[int] = set()
 
     def record(self, verdict: Verdict) -> Dict[str, Any]:
+        """
+        Hand the event to every sink and the log. A sink that raises (a
+        full disk, a broken exporter) loses that event, is reported once
+        until it works again, and never stops the request or the other
+        sinks: the decision is made, and still logged.
+        """
         fields = decision_fields(verdict, self._seconds(), self.metadata)
         for sink in self.sinks:
-            sink(fields)
+            try:
+                sink(fields)
+            except Exception as e:
+                if id(sink) not in self._failing:
+                    self._failing.add(id(sink))
+                    _ownLog.error(
+                        "audit sink {sink!r} failed: {error}; its events are"
+                        " dropped until it works again",
+                        sink=sink,
+                        error=e,
+                    )
+            else:
+                self._failing.discard(id(sink))
         if verdict.allowed:
             # Allowed decisions are the bulk of the traffic: the structured
             # event still reaches every observer, but carries no text, so the
@@ -144,9 +164,14 @@ class JSONLinesLog:
     The C{--audit-log} file: one JSON object per decision and line, nothing
     else. Lines are buffered and written at most C{interval} seconds after
     the first of them (or as soon as C{limit} bytes wait), and on L{close},
-    so a busy proxy does one write per interval, not one per request. A
-    write error is logged once; the lines it failed to write are dropped
-    and the proxy carries on.
+    so a busy proxy does one write per interval, not one per request.
+
+    A write that fails (a full disk) is cut back off the file, so the file
+    only ever holds whole lines; those lines are dropped, the error is
+    logged once, and the proxy carries on. When writing works again, how
+    many lines were lost is logged.
+
+    @param write: C{os.write}, or a stand-in that fails like a full disk.
     """
 
     def __init__(
@@ -155,16 +180,19 @@ class JSONLinesLog:
         clock: IReactorTime,
         interval: float = 1.0,
         limit: int = 1 << 16,
+        write: Callable[[int, bytes], int] = os.write,
     ) -> None:
         self.path = path
         self._clock = clock
         self._interval = interval
         self._limit = limit
-        self._file: Optional[IO[str]] = None
+        self._write = write
+        self._fd: Optional[int] = None
+        self._end = 0
         self._lines: List[str] = []
         self._size = 0
         self._timer: Optional[IDelayedCall] = None
-        self._failed = False
+        self._dropped = 0
 
     def open(self) -> None:
         """
@@ -172,7 +200,10 @@ class JSONLinesLog:
 
         @raise OSError: it cannot be opened.
         """
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
+        )
+        self._end = os.fstat(self._fd).st_size
 
     def __call__(self, fields: Dict[str, Any]) -> None:
         line = json.dumps(fields, separators=(",", ":")) + "\n"
@@ -192,32 +223,50 @@ class JSONLinesLog:
                 self._timer.cancel()
             self._timer = None
         lines, self._lines, self._size = self._lines, [], 0
-        if not lines or self._file is None:
+        fd = self._fd
+        if not lines or fd is None:
             return
+        data = memoryview("".join(lines).encode("utf-8"))
         try:
-            self._file.write("".join(lines))
-            self._file.flush()
-        except (OSError, ValueError) as e:
-            if not self._failed:
-                self._failed = True
-                _ownLog.error(
-                    "cannot write the audit log {path}: {error};"
-                    " audit lines that fail to be written are dropped",
-                    path=self.path,
-                    error=e,
-                )
+            while data:
+                data = data[self._write(fd, data) :]
+        except OSError as e:
+            self._failed(fd, len(lines), e)
+            return
+        self._end = os.fstat(fd).st_size
+        if self._dropped:
+            _ownLog.warn(
+                "the audit log {path} is writable again; {count} lines were dropped",
+                path=self.path,
+                count=self._dropped,
+            )
+            self._dropped = 0
+
+    def _failed(self, fd: int, count: int, e: OSError) -> None:
+        """
+        Cut a partly written batch off the file and count its lines as lost.
+        """
+        try:
+            os.ftruncate(fd, self._end)
+        except OSError:
+            pass
+        if not self._dropped:
+            _ownLog.error(
+                "cannot write the audit log {path}: {error};"
+                " audit lines are dropped until writing works again",
+                path=self.path,
+                error=e,
+            )
+        self._dropped += count
 
     def close(self) -> None:
         """
         Flush and close the file.
         """
         self.flush()
-        f, self._file = self._file, None
-        if f is not None:
-            try:
-                f.close()
-            except OSError:
-                pass
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class OTelSink:

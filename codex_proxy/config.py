@@ -172,6 +172,7 @@ class Limits:
     connect_timeout_s: float = 10
     socks_handshake_timeout_s: float = 10
     tunnel_idle_s: float = 3600
+    response_timeout_s: float = 300
     max_connections: int = 4096
     max_udp_associations: int = 256
     decider_timeout_s: float = 30

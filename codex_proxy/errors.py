@@ -86,6 +86,12 @@ REPLIES: Dict[Reason, Reply] = {
     Reason.PROXY_DISABLED: Reply(
         503, "proxy-disabled", SOCKS_NOT_ALLOWED, "The network proxy is disabled."
     ),
+    Reason.TOO_MANY_CONNECTIONS: Reply(
+        503,
+        "proxy-overloaded",
+        SOCKS_GENERAL_FAILURE,
+        "The proxy has limits.max_connections client connections open; try again later.",
+    ),
     Reason.INVALID_HOST: Reply(
         400, "invalid-host", SOCKS_GENERAL_FAILURE, "The destination host is invalid."
     ),

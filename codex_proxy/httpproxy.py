@@ -188,7 +188,13 @@ class HTTPProxyFactory(Factory):
         keepalive_idle: float = 120.0,
         connections: Optional[Connections] = None,
         mitm: Optional[Interceptor] = None,
+        response_timeout: float = 300.0,
     ) -> None:
+        """
+        @param response_timeout: how long a plain exchange may go without a
+            byte in either direction (a destination that accepted and never
+            answers): 504 before the response began, else both closed.
+        """
         self.policy = policy
         self.upstream = upstream
         self.clock = clock
@@ -196,6 +202,7 @@ class HTTPProxyFactory(Factory):
         self.tunnel_idle = tunnel_idle
         self.header_timeout = header_timeout
         self.keepalive_idle = keepalive_idle
+        self.response_timeout = response_timeout
         self.connections = connections if connections is not None else Connections()
         self.mitm = mitm
 
@@ -219,6 +226,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._pending = b""
         self._work: Optional[defer.Deferred[Any]] = None
         self._clientEOF = False
+        self._overloaded = False
         # The current exchange.
         self._head: Optional[_httphead.RequestHead] = None
         self._request: Optional[ProxyRequest] = None
@@ -235,9 +243,14 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._outKey: Optional[Route] = None
         self._relay: Optional[Relay] = None
         # One timer while waiting for a head: keep-alive idle (close quietly)
-        # until a byte arrives, then the header timeout (408).
+        # until a byte arrives, then the header timeout (408); during an
+        # exchange, the response timeout, which compares C{_moved} (chunks
+        # relayed either way) between checks.
         self._timer: Optional[IDelayedCall] = None
         self._idle = False
+        self._moved = 0
+        self._seen = 0
+        self._lastActive = 0.0
         # The allowed verdict of the CONNECT being set up, then of the
         # intercepted tunnel this connection has become.
         self._verdict: Optional[Verdict] = None
@@ -246,7 +259,8 @@ class HTTPProxyProtocol(Protocol, Sink):
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.factory.connections.opened(self.transport)
+        # Over limits.max_connections: the first request is answered 503.
+        self._overloaded = not self.factory.connections.admit(self.transport)
         _noDelay(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         peer = self.transport.getPeer()
@@ -333,6 +347,51 @@ class HTTPProxyProtocol(Protocol, Sink):
         if timer is not None and timer.active():
             timer.cancel()
 
+    def _watchExchange(self) -> None:
+        """
+        Start the response timeout of the exchange just begun.
+        """
+        self._stopTimer()
+        clock = self.factory.clock
+        self._seen = self._moved
+        self._lastActive = clock.seconds()
+        self._timer = clock.callLater(self.factory.response_timeout / 4, self._checkExchange)
+
+    def _checkExchange(self) -> None:
+        # A quarter period at a time, like the relay's idle check: the hot
+        # path only counts chunks, and a silent exchange ends between 1 and
+        # 1.25 periods after its last byte.
+        self._timer = None
+        if self._state is not EXCHANGE:
+            return
+        clock = self.factory.clock
+        timeout = self.factory.response_timeout
+        now = clock.seconds()
+        if self._moved != self._seen:
+            self._seen = self._moved
+            self._lastActive = now
+        elif now - self._lastActive >= timeout:
+            self._exchangeTimedOut()
+            return
+        self._timer = clock.callLater(timeout / 4, self._checkExchange)
+
+    def _exchangeTimedOut(self) -> None:
+        """
+        Nothing moved for C{response_timeout} seconds: the destination is
+        dropped; a client still waiting for a response head gets 504.
+        """
+        if self._respStarted:
+            self._abort()
+            return
+        self._dropOutbound()
+        request = self._request
+        assert request is not None
+        self._sendFailure(
+            Reason.UPSTREAM_TIMEOUT,
+            f"{request.host}:{request.port} sent no response within"
+            f" {self.factory.response_timeout:g}s",
+        )
+
     def _idleTimeout(self) -> None:
         self._timer = None
         self._state = CLOSED
@@ -369,6 +428,12 @@ class HTTPProxyProtocol(Protocol, Sink):
             return
         self._request = request
         self._closeAfter = not head.keep_alive or self._clientEOF
+        if self._overloaded:
+            self._closeAfter = True
+            self._sendBlocked(
+                self.factory.policy.refuse(request, Reason.TOO_MANY_CONNECTIONS)
+            )
+            return
         self._state = DECIDING
         if self._tunnel is not None:
             d = self.factory.policy.check_pinned(request, self._tunnel)
@@ -639,6 +704,7 @@ class HTTPProxyProtocol(Protocol, Sink):
             headers += ((b"Connection", b"close"),)
         out = self._out.transport
         out.write(_httphead.serialize_request_head(head.method, target, headers))
+        self._watchExchange()
         self._respParser = _httphead.ResponseHeadParser(head.method, self.factory.head_limits)
         self._respReader = None
         self._respStarted = False
@@ -679,6 +745,7 @@ class HTTPProxyProtocol(Protocol, Sink):
 
     def _feedRequestBody(self, data: bytes) -> None:
         assert self._reqReader is not None and self._out is not None
+        self._moved += 1
         try:
             chunk, done, rest = self._reqReader.feed(data)
         except ProtocolError as e:
@@ -741,6 +808,7 @@ class HTTPProxyProtocol(Protocol, Sink):
             self._abort()
 
     def _feedResponse(self, data: bytes) -> None:
+        self._moved += 1
         while self._respReader is None:
             assert self._respParser is not None
             try:

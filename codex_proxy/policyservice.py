@@ -36,6 +36,7 @@ from codex_proxy.decider import (
     NetworkPolicyRequest,
     consult,
 )
+from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
 from codex_proxy.policy import Policy, admit, decide, is_local_target
@@ -208,6 +209,26 @@ class PolicyService:
             lambda failure: self._resolutionFailed(verdict, failure),
         )
         return d
+
+    def refuse(self, request: ProxyRequest, reason: Reason) -> Verdict:
+        """
+        Deny C{request} for a reason of the proxy's own state (C{reason} is
+        L{Reason.TOO_MANY_CONNECTIONS}), without consulting the policy:
+        one C{proxy_state} audit event, as for L{check}.
+        """
+        try:
+            host = normalize_host(request.host)
+        except InvalidHost:
+            host = request.host
+        return self._record(
+            Verdict(
+                request=request,
+                host=host,
+                decision=Decision.DENY,
+                source=Source.PROXY_STATE,
+                reason=reason,
+            )
+        )
 
     def check_pinned(self, request: ProxyRequest, tunnel: Verdict) -> defer.Deferred[Verdict]:
         """

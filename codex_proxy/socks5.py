@@ -120,11 +120,13 @@ class SOCKS5Protocol(Protocol, Sink):
         self._identity: Optional[str] = None
         self._client: Optional[str] = None
         self._clientEOF = False
+        self._overloaded = False
 
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.factory.connections.opened(self.transport)
+        # Over limits.max_connections: the request is answered 0x01.
+        self._overloaded = not self.factory.connections.admit(self.transport)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         self._client = f"{host}:{peer.port}" if host else None
@@ -245,7 +247,9 @@ class SOCKS5Protocol(Protocol, Sink):
     def _request(self, request: wire.Request) -> None:
         self._cancelTimer()
         self.transport.pauseProducing()
-        if request.command == wire.CMD_CONNECT:
+        if self._overloaded:
+            self._overload(request)
+        elif request.command == wire.CMD_CONNECT:
             self._connect(request)
         elif request.command == wire.CMD_UDP_ASSOCIATE and self.factory.enable_udp:
             self._associate(request)
@@ -255,6 +259,25 @@ class SOCKS5Protocol(Protocol, Sink):
     def _refuse(self, reply: int) -> None:
         self.transport.write(wire.encode_reply(reply))
         self._close()
+
+    def _overload(self, request: wire.Request) -> None:
+        """
+        Refuse the request of a connection beyond C{limits.max_connections},
+        with its audit event.
+        """
+        udp = request.command == wire.CMD_UDP_ASSOCIATE
+        verdict = self.factory.policy.refuse(
+            ProxyRequest(
+                protocol=Proto.SOCKS5_UDP if udp else Proto.SOCKS5_TCP,
+                host=request.host,
+                port=request.port,
+                client=self._client,
+                command=self._identity,
+            ),
+            Reason.TOO_MANY_CONNECTIONS,
+        )
+        assert verdict.reason is not None
+        self._refuse(reply_for(verdict.reason).socks)
 
     # -- CONNECT ----------------------------------------------------------
 

@@ -185,6 +185,10 @@ class _CleanExitOnSignals(Service):
 
     def startService(self) -> None:
         super().startService()
+        # Now, for a signal that comes before the reactor runs (the ports
+        # file is already written), and again once the reactor has put its
+        # own handlers in place.
+        self._install()
         self._reactor.addSystemEventTrigger("after", "startup", self._install)
 
     def _install(self) -> None:
@@ -241,7 +245,8 @@ def assemble(
 ) -> MultiService:
     """
     The services of one C{twistd codexproxy}, started in order (audit sinks,
-    the proxy, SIGHUP reloading, the ports file) and stopped in reverse.
+    the proxy, SIGHUP reloading, SIGTERM/SIGINT handling, the ports file)
+    and stopped in reverse.
 
     @param daemon: C{twistd} daemonizes: a start-up failure is raised (its
         waiting parent prints it and exits 1) instead of C{SystemExit},
@@ -282,10 +287,11 @@ def assemble(
     proxy.setServiceParent(top)
     if paths is not None:
         _ReloadOnHangup(reactor, proxy).setServiceParent(top)
+    if own_signals:
+        # Before the ports file: a client that sees it may signal at once.
+        _CleanExitOnSignals(reactor).setServiceParent(top)
     if ports_file is not None:
         _PortsFile(ports_file, proxy).setServiceParent(top)
-    if own_signals:
-        _CleanExitOnSignals(reactor).setServiceParent(top)
     return top
 
 

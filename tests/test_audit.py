@@ -6,6 +6,7 @@ JSON-lines file and the OpenTelemetry sink.
 from __future__ import annotations
 
 import json
+import os
 import re
 import types
 from typing import Any, Dict, List
@@ -198,35 +199,54 @@ def test_json_lines_flush_early_when_the_buffer_is_full(tmp_path):
     log.close()
 
 
-def test_a_write_error_is_logged_once_and_does_not_raise(tmp_path):
-    errors: List[Dict[str, Any]] = []
+class FullDisk:
+    """
+    C{os.write} on a disk that fills up after C{room} more bytes: a write
+    that does not fit writes what fits, the next one fails with ENOSPC.
+    """
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        n = min(self.room, len(data))
+        self.room -= n
+        return os.write(fd, bytes(data[:n]))
+
+
+def test_a_full_disk_keeps_whole_lines_logs_once_and_recovers(tmp_path):
+    messages: List[str] = []
 
     def observer(event: Dict[str, Any]) -> None:
-        if "cannot write the audit log" in event.get("log_format", ""):
-            errors.append(event)
-
-    class Full:
-        def write(self, text: str) -> None:
-            raise OSError(28, "No space left on device")
-
-        def flush(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
+        if "audit log" in event.get("log_format", ""):
+            messages.append(event["log_format"])
 
     clock = MemoryReactorClock()
-    log = JSONLinesLog(str(tmp_path / "a.jsonl"), clock)
-    log._file = Full()  # type: ignore[assignment]
+    path = tmp_path / "a.jsonl"
+    disk = FullDisk(room=30)
+    log = JSONLinesLog(str(path), clock, write=disk)
+    log.open()
     globalLogPublisher.addObserver(observer)
     try:
-        for _ in range(3):
-            log({"a": 1})
+        log({"n": 1})
+        clock.advance(1.0)
+        for n in (2, 3, 4):  # half of line 2 fits, then the disk is full
+            log({"n": n, "pad": "x" * 10})
             clock.advance(1.0)
+        assert [json.loads(line) for line in path.read_text().splitlines()] == [{"n": 1}]
+        disk.room = 1 << 20  # space freed
+        log({"n": 5})
         log.close()
     finally:
         globalLogPublisher.removeObserver(observer)
-    assert len(errors) == 1
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 5]
+    assert path.read_text().endswith("}\n")
+    assert [m.split(":")[0] for m in messages] == [
+        "cannot write the audit log {path}",
+        "the audit log {path} is writable again; {count} lines were dropped",
+    ]
 
 
 def test_otel_sink_only_with_an_endpoint_and_the_package():

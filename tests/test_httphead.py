@@ -6,7 +6,7 @@ and once fed one byte at a time.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from codex_proxy._httphead import (
@@ -27,6 +27,7 @@ from codex_proxy._httphead import (
     strip_hop_by_hop,
 )
 from codex_proxy.errors import ProtocolError
+from fuzzing import fuzz_settings
 
 
 def _splits(data: bytes) -> list[list[bytes]]:
@@ -725,14 +726,14 @@ def _drive_head(parser, pieces: list[bytes]) -> tuple[list, bool]:
     return heads, False
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(payloads, cuts)
 def test_fuzz_request_parser(data, cut):
     whole = _drive_head(RequestHeadParser(FUZZ_LIMITS), [data])
     assert _drive_head(RequestHeadParser(FUZZ_LIMITS), _split(data, cut)) == whole
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(payloads, cuts, st.sampled_from(["GET", "HEAD", "CONNECT"]))
 def test_fuzz_response_parser(data, cut, method):
     data = data.replace(b"POST http://example.com:8080/a?b", b"HTTP/1.1 200", 1)
@@ -740,7 +741,7 @@ def test_fuzz_response_parser(data, cut, method):
     assert _drive_head(ResponseHeadParser(method, FUZZ_LIMITS), _split(data, cut)) == whole
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(payloads, cuts, st.booleans())
 def test_fuzz_chunked_reader(data, cut, decode):
     body = data.partition(b"\r\n\r\n")[2] or data
@@ -759,7 +760,7 @@ extensions = st.sampled_from([b"", b";a", b" ; a = b", b';q="x\\"y"', b";a=1;b"]
 trailers = st.lists(st.sampled_from([b"X: 1", b"Y-Z:", b"T:\tv a l\t"]), max_size=3)
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(
     st.lists(st.tuples(st.binary(min_size=1, max_size=40), extensions), max_size=5),
     trailers,

@@ -8,7 +8,7 @@ anything else nor leave a full-size buffer unparsed.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy.errors import (
@@ -16,6 +16,7 @@ from codex_proxy.errors import (
     SOCKS_GENERAL_FAILURE,
     ProtocolError,
 )
+from fuzzing import fuzz_settings
 
 
 def _prefixes_incomplete(parse, data: bytes) -> None:
@@ -126,7 +127,7 @@ _PARSERS = [
 ]
 
 
-@settings(max_examples=400, deadline=None)
+@fuzz_settings(400)
 @given(st.binary(max_size=600), st.sampled_from(range(len(_PARSERS))))
 def test_random_bytes_only_raise_protocol_errors(data, which):
     parse, limit = _PARSERS[which]
@@ -141,7 +142,7 @@ def test_random_bytes_only_raise_protocol_errors(data, which):
         assert len(result[1]) < len(data)
 
 
-@settings(max_examples=400, deadline=None)
+@fuzz_settings(400)
 @given(st.binary(max_size=300))
 def test_random_datagrams_only_raise_protocol_errors(data):
     try:
@@ -151,7 +152,7 @@ def test_random_datagrams_only_raise_protocol_errors(data):
     assert len(datagram.payload) < len(data)
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(
     st.one_of(st.just(b"\x05\x01\x00"), st.just(b"\x05\x01\x00\x03")),
     st.binary(max_size=300),

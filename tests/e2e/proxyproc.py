@@ -272,18 +272,22 @@ class RunningProxy:
         )
         self._reader.start()
 
-    def wait_for_line(self, needle: str, timeout: float = 30.0) -> str:
+    def wait_for_line(self, needle: str, timeout: float = 30.0, nth: int = 1) -> str:
         """
-        Block until a line containing C{needle} was printed; fail with the
-        whole output if the process ends first or the deadline passes.
+        Block until the C{nth} line containing C{needle} was printed; fail
+        with the whole output if the process ends first or the deadline
+        passes.
         """
         deadline = time.monotonic() + timeout
         seen = 0
+        found = 0
         with self._changed:
             while True:
                 for line in self.output_lines[seen:]:
                     if needle in line:
-                        return line
+                        found += 1
+                        if found == nth:
+                            return line
                 seen = len(self.output_lines)
                 if self._eof:
                     self.process.wait(timeout)
@@ -539,6 +543,50 @@ class StreamingOrigin:
                 conn.shutdown(socket.SHUT_WR)
             except OSError as error:
                 self.errors.append(error)
+
+
+class HoldingOrigin:
+    """
+    A raw TCP server thread that accepts connections and holds them open,
+    echoing what it reads: the far end of many idle tunnels.
+    """
+
+    def __init__(self, backlog: int = 1024) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port = self._listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, name="holding-origin", daemon=True)
+
+    def __enter__(self) -> HoldingOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        self._thread.join(60)
+        for conn in self.accepted:
+            conn.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            pass
 
 
 def read_head(sock: socket.socket, limit: int = 65536) -> tuple[bytes, bytes]:

@@ -9,6 +9,7 @@ Synchronisation is by round trips through the proxy, never by sleeping.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from typing import Any, List
@@ -81,3 +82,31 @@ def test_memory_is_flat_over_many_requests(proxy, origin, proxyproc):
             get(s, proxyproc, origin)
         after = proxyproc.read_rss(proxy.pid)
     assert after - before < 5 * 1024 * 1024, (before, after)
+
+
+def test_tunnels_survive_sighup_reloads(proxy, proxyproc):
+    tunnels, reloads = (2_000, 20) if LONG else (500, 3)
+    open_: List[socket.socket] = []
+    with proxyproc.HoldingOrigin() as origin:
+        target = f"127.0.0.1:{origin.port}"
+        try:
+            for _ in range(tunnels):
+                open_.append(proxyproc.open_tunnel(proxy.http_addr, target)[0])
+            for n in range(1, reloads + 1):
+                os.kill(proxy.pid, signal.SIGHUP)
+                proxy.wait_for_line("policy reloaded", nth=n)
+            for index, sock in enumerate(open_):
+                payload = b"%d" % index
+                sock.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    piece = sock.recv(64)
+                    assert piece, f"tunnel {index} closed by a reload"
+                    got += piece
+                assert got == payload
+            # The reloaded policy still admits new tunnels.
+            sock, _ = proxyproc.open_tunnel(proxy.http_addr, target)
+            open_.append(sock)
+        finally:
+            for sock in open_:
+                sock.close()

@@ -1,0 +1,66 @@
+"""
+limits.max_connections on the real process: the client connections of both
+listeners count together; a client beyond the limit gets 503
+C{proxy-overloaded} (HTTP) or REP 0x01 (SOCKS5), with an audit line, and
+is served again once a connection is freed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+
+def test_clients_beyond_max_connections_are_refused_then_served(
+    proxy_factory, origin, curl, tmp_path
+):
+    audit = tmp_path / "audit.jsonl"
+    proxy = proxy_factory(
+        {"enable_socks5": True, "limits": {"max_connections": 2}},
+        args=("--audit-log", str(audit)),
+    )
+    held = [
+        socket.create_connection(proxy.http_addr, timeout=10),
+        socket.create_connection(proxy.socks_addr, timeout=10),
+    ]
+    try:
+        # A round trip on each held connection: both are admitted by now.
+        held[0].sendall(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (origin.port, origin.port))
+        assert held[0].recv(12) == b"HTTP/1.1 200"
+        held[1].sendall(b"\x05\x01\x00")
+        assert held[1].recv(2) == b"\x05\x00"
+        refused = curl.run(origin.url("/over"), proxy=proxy.http_url)
+        assert refused.status == 503
+        assert refused.headers["x-proxy-error"] == "proxy-overloaded"
+        assert refused.json()["reason"] == "too_many_connections"
+        with socket.create_connection(proxy.socks_addr, timeout=10) as s:
+            s.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + origin.port.to_bytes(2, "big"))
+            got = b""
+            while len(got) < 12:
+                piece = s.recv(64)
+                if not piece:
+                    break
+                got += piece
+            assert got[:4] == b"\x05\x00\x05\x01"  # method chosen, then REP 0x01
+            assert s.recv(64) == b""  # and closed
+        # Half-close both and read to EOF: the proxy closes its side only
+        # after it has forgotten the connection, so the count is down.
+        for s in held:
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+    finally:
+        for s in held:
+            s.close()
+    # Freed: the next client is served.
+    served = curl.run(origin.url("/after"), proxy=proxy.http_url)
+    assert served.status == 200
+    proxy.stop()
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    refusals = [
+        (e["network.transport.protocol"], e["network.policy.source"], e["network.policy.scope"])
+        for e in events
+        if e["network.policy.reason"] == "too_many_connections"
+    ]
+    assert refusals == [("http", "proxy_state", "non_domain"), ("socks5_tcp", "proxy_state", "non_domain")]
+    assert [s.path for s in origin.requests] == ["/", "/after"]
