@@ -4,7 +4,8 @@ C{twistd codexproxy}: command-line options and service assembly.
 The config is loaded and validated while the options are parsed, so a bad
 config stops C{twistd} with a one-line message and a non-zero exit before
 anything is bound. Binding itself is L{codex_proxy.api.ProxyService}'s; this
-module adds what only the command has: the ports file and the audit log.
+module adds what only the command has: the ports file, the audit log,
+C{--resolve}, SIGHUP reloading and a clean exit status on SIGTERM.
 """
 
 from __future__ import annotations
@@ -253,7 +254,6 @@ def assemble(
         which would leave that parent waiting forever.
     @param own_signals: the services are the process (C{twistd}): SIGTERM
         and SIGINT stop it with exit status 0.
-
     @param sources: the parsed files C{config} was computed from; with
         C{paths}, the policy reloads from them on SIGHUP.
     @param resolve: C{--resolve} entries (already validated): these names
