@@ -49,7 +49,7 @@ from codex_proxy.decider import Decider
 from codex_proxy.errors import ProxyError
 from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.live import Connections
-from codex_proxy.mitm import Interceptor, UpstreamTrust, trust_files
+from codex_proxy.mitm import Interceptor, OriginTLS, UpstreamTrust, trust_files
 from codex_proxy.model import Verdict
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
@@ -353,6 +353,7 @@ class NetworkProxy:
     ) -> None:
         config = effective_config(sources)
         self._interception = interception
+        self._environ = environ
         self.parents = parents_from_config(config, environ)
         self._reactor = reactor
         self._connections = Connections(config.limits.max_connections)
@@ -440,6 +441,7 @@ class NetworkProxy:
         upstream = Upstream(
             reactor, config.limits.connect_timeout_s, self._connections, parents=self.parents
         )
+        interceptor = self._interceptor()
         http = HTTPProxyFactory(
             self.policy,
             upstream,
@@ -450,7 +452,8 @@ class NetworkProxy:
             keepalive_idle=config.limits.keepalive_idle_s,
             response_timeout=config.limits.response_timeout_s,
             connections=self._connections,
-            mitm=self._interceptor(),
+            mitm=interceptor,
+            origin_tls=interceptor or self._originTLS(),
         )
         listeners: List[Tuple[str, str, ListenAddress, Factory]] = [
             ("http", "proxy_url", config.http_listen, http)
@@ -477,6 +480,19 @@ class NetworkProxy:
         if i is None:
             return None
         return Interceptor(i.ca, i.trust, self._reactor.seconds)
+
+    def _originTLS(self) -> Optional[OriginTLS]:
+        """
+        Client TLS for absolute-form C{https://} requests: the system roots
+        plus C{SSL_CERT_FILE} (SPEC §7). A trust store that cannot be read
+        leaves such requests failing with C{upstream-tls-failed}.
+        """
+        try:
+            trust = UpstreamTrust.from_files(trust_files(self._environ, system_roots_file()))
+        except ValueError as e:
+            _log.warn("no trust store for https:// requests: {error}", error=str(e))
+            return None
+        return OriginTLS(trust)
 
     def _listen(self, key: str, address: ListenAddress, factory: Factory) -> str:
         result: List[Any] = []

@@ -44,7 +44,7 @@ from codex_proxy import _httphead
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError, UpstreamError, reply_for
 from codex_proxy.live import Connections
-from codex_proxy.mitm import Interceptor, is_tls_failure
+from codex_proxy.mitm import Interceptor, OriginTLS, is_tls_failure
 from codex_proxy.model import (
     UNIX_SOCKET_HOST,
     Protocol as Proto,
@@ -65,7 +65,7 @@ EXCHANGE = "EXCHANGE"
 TUNNEL = "TUNNEL"
 CLOSED = "CLOSED"
 
-_DEFAULT_PORTS = {"http": 80, "ws": 80}
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443}
 _HTTPS_PORT = 443
 _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 #: Client bytes kept while a request is decided or served before reading
@@ -189,8 +189,12 @@ class HTTPProxyFactory(Factory):
         connections: Optional[Connections] = None,
         mitm: Optional[Interceptor] = None,
         response_timeout: float = 300.0,
+        origin_tls: Optional[OriginTLS] = None,
     ) -> None:
         """
+        @param origin_tls: client TLS toward origins for absolute-form
+            C{https://} requests (default: the interceptor's, if any); without
+            either such requests fail with C{upstream-tls-failed}.
         @param response_timeout: how long a plain exchange may go without a
             byte in either direction (a destination that accepted and never
             answers): 504 before the response began, else both closed.
@@ -205,6 +209,7 @@ class HTTPProxyFactory(Factory):
         self.response_timeout = response_timeout
         self.connections = connections if connections is not None else Connections()
         self.mitm = mitm
+        self.origin_tls: Optional[OriginTLS] = origin_tls if origin_tls is not None else mitm
 
     def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
@@ -241,6 +246,8 @@ class HTTPProxyProtocol(Protocol, Sink):
         # The destination connection, kept across exchanges when possible.
         self._out: Optional[Outbound] = None
         self._outKey: Optional[Route] = None
+        # The host the destination connection's TLS was opened for, if any.
+        self._outTLS: Optional[str] = None
         self._relay: Optional[Relay] = None
         # One timer while waiting for a head: keep-alive idle (close quietly)
         # until a byte arrives, then the header timeout (408); during an
@@ -453,10 +460,12 @@ class HTTPProxyProtocol(Protocol, Sink):
             if head.scheme not in _DEFAULT_PORTS:
                 raise ProtocolError(
                     f"unsupported scheme {head.scheme!r} in absolute-form request"
-                    " (use CONNECT for https)"
+                    " (use CONNECT for wss)"
                 )
             assert head.host is not None and head.port is not None
-            protocol, host, port = Proto.HTTP, head.host, head.port
+            # https://: plain HTTP to us, TLS from us to the origin.
+            protocol = Proto.HTTPS if head.scheme == "https" else Proto.HTTP
+            host, port = head.host, head.port
             self._checkHostHeader(head, host, port)
         elif head.form == "origin":
             value = head.header(b"host")
@@ -557,13 +566,22 @@ class HTTPProxyProtocol(Protocol, Sink):
             self._abort()
             return
         self._verdict = verdict
+        if self._tlsHost() is not None and self.factory.origin_tls is None:
+            self._sendFailure(
+                Reason.UPSTREAM_TLS_FAILED, "no trust store for TLS to the destination"
+            )
+            return
         # TLS targets (CONNECT, and the upstream leg of an intercepted
         # tunnel) reach a parent proxy through a chained CONNECT.
         key = self.factory.upstream.route(
             verdict, tunnel=self._request.protocol in (Proto.HTTPS_CONNECT, Proto.HTTPS)
         )
         if self._out is not None:
-            if self._outKey == key and self._request.protocol is not Proto.HTTPS_CONNECT:
+            if (
+                self._outKey == key
+                and self._outTLS == self._tlsHost()
+                and self._request.protocol is not Proto.HTTPS_CONNECT
+            ):
                 self._reused = True
                 self._startExchange()
                 return
@@ -614,8 +632,9 @@ class HTTPProxyProtocol(Protocol, Sink):
             else:
                 self._startTunnel(out)
             return
-        if self._tunnel is not None:
-            self._upstreamTLS(out, self._tunnel)
+        tls = self._tlsHost()
+        if tls is not None:
+            self._upstreamTLS(out, tls)
         out.transport.registerProducer(_UpstreamBackpressure(self), True)
         self._startExchange()
 
@@ -661,7 +680,7 @@ class HTTPProxyProtocol(Protocol, Sink):
         mitm = self.factory.mitm
         assert mitm is not None
         self._tunnel = verdict
-        self._upstreamTLS(out, verdict)
+        self._upstreamTLS(out, verdict.host)
         out.transport.registerProducer(_UpstreamBackpressure(self), True)
         self.transport.write(_CONNECT_OK)
         # Bytes that came with the CONNECT belong to the TLS handshake: hand
@@ -673,9 +692,25 @@ class HTTPProxyProtocol(Protocol, Sink):
         self._closeAfter = self._clientEOF
         self._exchangeDone()
 
-    def _upstreamTLS(self, out: Outbound, tunnel: Verdict) -> None:
-        assert self.factory.mitm is not None
-        out.transport.startTLS(self.factory.mitm.client_tls(tunnel.host))
+    def _tlsHost(self) -> Optional[str]:
+        """
+        The origin this exchange speaks TLS with: the host of an intercepted
+        tunnel, or of an absolute-form C{https://} request; else C{None}.
+        """
+        if self._tunnel is not None:
+            return self._tunnel.host
+        if self._request is not None and self._request.protocol is Proto.HTTPS:
+            assert self._verdict is not None
+            return self._verdict.host
+        return None
+
+    def _upstreamTLS(self, out: Outbound, host: str) -> None:
+        """
+        Client TLS over the dialled connection, checked against the origin
+        trust store and C{host} (SPEC §6, §7).
+        """
+        out.transport.startTLS(self.factory.origin_tls.client_tls(host))
+        self._outTLS = host
 
     # -- plain HTTP exchange ----------------------------------------------
 
@@ -781,18 +816,19 @@ class HTTPProxyProtocol(Protocol, Sink):
         if state is TUNNEL:
             self._relay.serverLost()  # type: ignore[union-attr]
             return
-        key = self._outKey
+        key, tls = self._outKey, self._outTLS
         self._out = None
         self._outKey = None
+        self._outTLS = None
         if state is not EXCHANGE:
             return
         assert self._head is not None and key is not None
         if isinstance(self._respReader, _httphead.UntilCloseReader):
             self._responseDone(b"", reusable=False)
-        elif not self._respStarted and self._tunnel is not None and is_tls_failure(reason):
+        elif not self._respStarted and tls is not None and is_tls_failure(reason):
             self._sendFailure(
                 Reason.UPSTREAM_TLS_FAILED,
-                f"TLS with {self._tunnel.host}:{self._tunnel.port} failed:"
+                f"TLS with {tls}:{self._request.port if self._request else 443} failed:"
                 f" {reason.getErrorMessage()}",
             )
         elif not self._respStarted and self._reused and self._head.framing is _httphead.NO_BODY:
@@ -939,6 +975,7 @@ class HTTPProxyProtocol(Protocol, Sink):
     def _dropOutbound(self) -> None:
         out, self._out = self._out, None
         self._outKey = None
+        self._outTLS = None
         if out is not None:
             out.sink = None
             out.transport.loseConnection()

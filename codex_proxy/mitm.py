@@ -114,7 +114,7 @@ class UpstreamTrust:
 
     @classmethod
     def from_files(
-        cls, paths: Iterable[Optional[str]], exclude: x509.Certificate
+        cls, paths: Iterable[Optional[str]], exclude: Optional[x509.Certificate] = None
     ) -> "UpstreamTrust":
         """
         Every certificate of the PEM files in C{paths} (C{None}s skipped),
@@ -159,37 +159,19 @@ def is_tls_failure(reason: Failure) -> bool:
     return reason.check(SSL.Error, VerificationError) is not None
 
 
-class Interceptor:
+class OriginTLS:
     """
-    What the HTTP listener needs to intercept tunnels: C{server_tls(host)}
-    for the client side and C{client_tls(host)} for the upstream leg, both
-    built once per host and cached (LRU).
+    Client TLS toward origins (the upstream leg of an intercepted tunnel,
+    and absolute-form C{https://} requests): the given trust store with
+    host name checks, TLS 1.2+, one connection creator per host (LRU).
     """
 
-    def __init__(
-        self,
-        ca: CertificateAuthority,
-        trust: UpstreamTrust,
-        clock: Clock,
-        key_source: KeySource = new_p256_key,
-        cache_size: int = 1024,
-    ) -> None:
-        self.ca = ca
-        self.leaves: LeafCache[ServerTLS] = LeafCache(
-            ca,
-            lambda cert, key, host: ServerTLS(server_context(cert, key, host)),
-            clock,
-            key_source,
-            cache_size,
-        )
+    def __init__(self, trust: UpstreamTrust, cache_size: int = 1024) -> None:
         self._trust = trust
         self._size = cache_size
         self._clients: OrderedDict[str, IOpenSSLClientConnectionCreator] = (
             collections.OrderedDict()
         )
-
-    def server_tls(self, host: str) -> ServerTLS:
-        return self.leaves.get(host)
 
     def client_tls(self, host: str) -> IOpenSSLClientConnectionCreator:
         creator = self._clients.get(host)
@@ -206,3 +188,32 @@ class Interceptor:
         else:
             self._clients.move_to_end(host)
         return creator
+
+
+class Interceptor(OriginTLS):
+    """
+    What the HTTP listener needs to intercept tunnels: C{server_tls(host)}
+    for the client side and C{client_tls(host)} for the upstream leg, both
+    built once per host and cached (LRU).
+    """
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        trust: UpstreamTrust,
+        clock: Clock,
+        key_source: KeySource = new_p256_key,
+        cache_size: int = 1024,
+    ) -> None:
+        super().__init__(trust, cache_size)
+        self.ca = ca
+        self.leaves: LeafCache[ServerTLS] = LeafCache(
+            ca,
+            lambda cert, key, host: ServerTLS(server_context(cert, key, host)),
+            clock,
+            key_source,
+            cache_size,
+        )
+
+    def server_tls(self, host: str) -> ServerTLS:
+        return self.leaves.get(host)

@@ -29,13 +29,17 @@ ALLOW = ["origin.test", "**.example.com", "127.0.0.1"]
 
 class HalfCloseTransport(StringTransport):
     """
-    A StringTransport that records a write-side half-close.
+    A StringTransport that records a write-side half-close and C{startTLS}.
     """
 
     halfClosed = False
+    tls = None
 
     def loseWriteConnection(self) -> None:
         self.halfClosed = True
+
+    def startTLS(self, creator) -> None:
+        self.tls = creator
 
 
 class Harness:
@@ -384,7 +388,6 @@ def test_disabled_proxy_answers_503(trickle):
         (b"GET http://u:p@origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n", 400),
         (b"GET http://origin.test/ HTTP/1.1\nHost: origin.test\n\n", 400),
         (b"GET / HTTP/1.1\r\n\r\n", 400),
-        (b"GET https://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n", 400),
     ],
 )
 def test_malformed_requests_are_refused_and_never_forwarded(trickle, request_bytes, status):
@@ -624,3 +627,46 @@ def test_bytes_arriving_while_deciding_are_kept_up_to_a_bound():
     assert h.client.producerState == "producing"
     h.send(b"x" * (1 << 16))
     assert h.client.producerState == "paused"  # a flood stops being read
+
+
+class RecordingOriginTLS:
+    """
+    Stands in for L{codex_proxy.mitm.OriginTLS}: names the host asked for.
+    """
+
+    def client_tls(self, host):
+        return ("client-tls-for", host)
+
+
+def test_absolute_https_is_forwarded_over_tls_to_the_origin(trickle):
+    h = make(trickle)
+    h.factory.origin_tls = RecordingOriginTLS()
+    h.send(b"GET https://origin.test/x?y HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    assert h.dials() == [(PUBLIC, 443)]
+    server, upstream = h.accept()
+    assert upstream.tls == ("client-tls-for", "origin.test")
+    assert upstream.value().startswith(b"GET /x?y HTTP/1.1\r\n")
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.response()[0::2] == (200, b"ok")
+    assert h.auditor.events[-1]["network.transport.protocol"] == "https"
+    # The TLS connection is not reused for a plain http:// request to port 443.
+    h.send(b"GET http://origin.test:443/ HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    assert len(h.dials()) == 2
+
+
+def test_absolute_https_without_a_trust_store_fails_closed(trickle):
+    h = make(trickle)
+    h.send(b"GET https://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    status, headers, _ = h.response()
+    assert (status, headers["x-proxy-error"]) == (502, "upstream-tls-failed")
+    assert h.dials() == []
+
+
+def test_absolute_https_in_limited_mode_is_method_checked(trickle):
+    h = make(trickle, policy=Policy.build(mode=Mode.LIMITED, allowed=ALLOW))
+    h.factory.origin_tls = RecordingOriginTLS()
+    h.send(b"POST https://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 0\r\n\r\n")
+    status, headers, body = h.response()
+    assert (status, headers["x-proxy-error"]) == (403, "blocked-by-method-policy")
+    assert json.loads(body)["protocol"] == "https"
+    assert h.dials() == []
