@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from twisted.internet.interfaces import IAddress, IHostResolution, IResolutionReceiver
 
 from codex_proxy.audit import Auditor
+from codex_proxy.decider import NetworkPolicyRequest
 from codex_proxy.model import IPAddress, Verdict
 from codex_proxy.resolver import TableResolver
 
@@ -60,3 +61,19 @@ class RecordingAuditor(Auditor):
         fields = super().record(verdict)
         self.events.append(fields)
         return fields
+
+
+class RecordingDecider:
+    """
+    A policy decider (SPEC §9.2) that records every request it is asked
+    about in C{asked} and answers with C{answer(request)}: a decision, a
+    Deferred or a coroutine, exactly like a real decider may.
+    """
+
+    def __init__(self, answer: Callable[[NetworkPolicyRequest], Any]) -> None:
+        self._answer = answer
+        self.asked: List[NetworkPolicyRequest] = []
+
+    def __call__(self, request: NetworkPolicyRequest) -> Any:
+        self.asked.append(request)
+        return self._answer(request)

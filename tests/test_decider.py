@@ -19,7 +19,7 @@ from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.model import Mode, Protocol
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
-from codex_proxy.testing import RecordingAuditor, StaticResolver
+from codex_proxy.testing import RecordingAuditor, RecordingDecider, StaticResolver
 from codex_proxy.upstream import Upstream
 
 PUBLIC = "203.0.114.10"
@@ -34,7 +34,7 @@ class Proxy:
     def __init__(self, decider: Optional[Callable[..., Any]], trickle: bool, **policy: Any):
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_700_000_000)
-        self.asked: List[NetworkPolicyRequest] = []
+        self.decider = RecordingDecider(decider) if decider is not None else None
         self.resolver = StaticResolver(
             {"miss.test": [PUBLIC], "allowed.test": [PUBLIC], "rebind.test": ["10.0.0.1"]}
         )
@@ -42,16 +42,12 @@ class Proxy:
         policy.setdefault("allowed", ["allowed.test"])
         policy.setdefault("denied", ["denied.test"])
 
-        def recording(request: NetworkPolicyRequest) -> Any:
-            self.asked.append(request)
-            return decider(request)  # type: ignore[misc]
-
         self.service = PolicyService(
             Policy.build(**policy),
             resolver=self.resolver,
             clock=self.reactor,
             auditor=self.auditor,
-            decider=recording if decider is not None else None,
+            decider=self.decider,
             decider_timeout=TIMEOUT,
         )
         factory = HTTPProxyFactory(self.service, Upstream(self.reactor, 10), self.reactor)
@@ -59,6 +55,10 @@ class Proxy:
         self.client = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
         self.proto.makeConnection(self.client)
         self.trickle = trickle
+
+    @property
+    def asked(self) -> List[NetworkPolicyRequest]:
+        return self.decider.asked if self.decider is not None else []
 
     def send(self, data: bytes) -> None:
         pieces = [data[i : i + 1] for i in range(len(data))] if self.trickle else [data]
