@@ -18,44 +18,11 @@ import resource
 import socket
 import struct
 import tempfile
-import threading
 from pathlib import Path
 
 from bench import proxyproc
 
 KIB = 1 << 10
-
-
-class HoldingOrigin:
-    """
-    A loopback TCP server thread that accepts connections and keeps them
-    open until closed.
-    """
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.port = self._listener.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        self._thread.join(10)
-        for conn in self.held:
-            conn.close()
 
 
 def open_socks_tunnel(socks: tuple[str, int], port: int) -> socket.socket:
@@ -93,20 +60,19 @@ def main(argv: list[str] | None = None) -> None:
         proxy = proxyproc.start_proxy(
             {"enable_socks5": True, "socks_url": "127.0.0.1:0"}, Path(workdir)
         )
-        origin = HoldingOrigin()
         tunnels: list[socket.socket] = []
         try:
-            # Warm up code paths and allocator pools, then measure from there.
-            for sock in [open_socks_tunnel(proxy.socks_addr, origin.port) for _ in range(args.warmup)]:
-                sock.close()
-            baseline = proxy.rss_bytes()
-            for _ in range(args.tunnels):
-                tunnels.append(open_socks_tunnel(proxy.socks_addr, origin.port))
-            after = proxy.rss_bytes()
+            with proxyproc.HoldingOrigin() as origin:
+                # Warm up code paths and allocator pools, then measure from there.
+                for _ in range(args.warmup):
+                    open_socks_tunnel(proxy.socks_addr, origin.port).close()
+                baseline = proxy.rss_bytes()
+                for _ in range(args.tunnels):
+                    tunnels.append(open_socks_tunnel(proxy.socks_addr, origin.port))
+                after = proxy.rss_bytes()
         finally:
             for sock in tunnels:
                 sock.close()
-            origin.close()
             proxy.stop()
 
     growth = after - baseline
