@@ -472,7 +472,7 @@ def _version(raw: bytes, status: int, unsupported_status: int) -> tuple[int, int
     return version
 
 
-def _authority(authority: str, port_required: bool) -> tuple[str, int | None]:
+def split_authority(authority: str, port_required: bool) -> tuple[str, int | None]:
     """
     Split C{host[:port]}; reject userinfo, an empty host and bad ports.
     """
@@ -500,7 +500,7 @@ def _target_form(
     path).
     """
     if method == "CONNECT":
-        host, port = _authority(target, port_required=True)
+        host, port = split_authority(target, port_required=True)
         return "authority", None, host, port, ""
     if target.startswith("/"):
         return "origin", None, None, None, target
@@ -514,7 +514,7 @@ def _target_form(
             raise ProtocolError("authority-form target on a method other than CONNECT", 400)
         raise ProtocolError("invalid request target", 400)
     scheme = match[1].lower()
-    host, port = _authority(match[2], port_required=False)
+    host, port = split_authority(match[2], port_required=False)
     if port is None:
         port = _DEFAULT_PORTS.get(scheme)
     path = (match[3] or "/") + (match[4] or "")

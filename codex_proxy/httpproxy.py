@@ -95,28 +95,14 @@ def _phrase(status: int) -> bytes:
 
 def _split_host_header(value: bytes, default_port: int) -> Tuple[str, int]:
     """
-    Split a C{Host} header into normalised host and port.
+    Split a C{Host} header into normalised host and port, with the request
+    target's authority rules (L{_httphead.split_authority}).
     """
     text = value.decode("ascii", "replace").strip()
-    port = default_port
-    hostpart = text
-    if text.startswith("["):
-        end = text.find("]")
-        if end == -1:
-            raise ProtocolError(f"malformed Host header {text!r}")
-        hostpart, rest = text[: end + 1], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ProtocolError(f"malformed Host header {text!r}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        hostpart, portText = text.split(":")
-        if not portText.isdigit():
-            raise ProtocolError(f"malformed Host header {text!r}")
-        port = int(portText)
     try:
-        return normalize_host(hostpart), port
-    except InvalidHost as e:
+        host, port = _httphead.split_authority(text, port_required=False)
+        return normalize_host(host), default_port if port is None else port
+    except (ProtocolError, InvalidHost) as e:
         raise ProtocolError(f"malformed Host header {text!r}: {e}")
 
 

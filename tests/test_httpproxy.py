@@ -388,6 +388,10 @@ def test_disabled_proxy_answers_503(trickle):
         (b"GET http://u:p@origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n", 400),
         (b"GET http://origin.test/ HTTP/1.1\nHost: origin.test\n\n", 400),
         (b"GET / HTTP/1.1\r\n\r\n", 400),
+        # Malformed Host headers (origin-form takes its target from them).
+        (b"GET /x HTTP/1.1\r\nHost: origin.test:8o\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: u@origin.test\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
     ],
 )
 def test_malformed_requests_are_refused_and_never_forwarded(trickle, request_bytes, status):

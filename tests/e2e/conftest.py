@@ -271,6 +271,8 @@ class UnixOriginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
     daemon_threads = True
     record = OriginServer.record
     handle_error = OriginServer.handle_error
+    start = OriginServer.start
+    stop = OriginServer.stop
 
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), _OriginHandler)
@@ -278,15 +280,6 @@ class UnixOriginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
         self.requests: list[SeenRequest] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    def start(self) -> UnixOriginServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(10)
 
 
 @pytest.fixture
