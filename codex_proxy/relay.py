@@ -10,7 +10,6 @@ traffic in either direction for C{idle_timeout} seconds is closed.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime, ITransport
 
@@ -38,7 +37,6 @@ class Relay:
         server: ITransport,
         clock: IReactorTime,
         idle_timeout: float,
-        on_close: Optional[Callable[["Relay"], None]] = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -47,7 +45,6 @@ class Relay:
         self._clientEOF = False
         self._serverEOF = False
         self._closed = False
-        self._on_close = on_close
         self._clock = clock
         self._idle = idle_timeout
         self._seen = 0
@@ -103,8 +100,6 @@ class Relay:
             self._timer.cancel()
         self.client.loseConnection()
         self.server.loseConnection()
-        if self._on_close is not None:
-            self._on_close(self)
 
     def _checkIdle(self) -> None:
         # One timer per tunnel, checking a quarter period at a time instead of
