@@ -10,7 +10,6 @@ traffic in either direction for C{idle_timeout} seconds is closed.
 
 from __future__ import annotations
 
-
 from twisted.internet.interfaces import IReactorTime, ITransport
 
 
