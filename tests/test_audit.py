@@ -17,7 +17,7 @@ from twisted.logger import globalLogPublisher
 
 from codex_proxy.audit import JSONLinesLog, otel_sink
 from codex_proxy.decider import Allow
-from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Source, Verdict
+from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Reason, Source, Verdict
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.testing import RecordingAuditor, StaticResolver
@@ -297,3 +297,34 @@ def test_otel_sink_emits_one_record_per_event_and_shuts_down():
     assert record.attributes == fields
     assert record.timestamp == 1_700_000_000_250_000_000
     assert calls == ["processor:otlp", "logger:codex_otel.network_proxy", "shutdown"]
+
+
+def test_process_log_text_is_for_blocks_only():
+    """
+    Every decision reaches twisted.logger with its fields; only blocked ones
+    carry a text line for the process log (allowed ones would cost a
+    formatted line per request).
+    """
+    from codex_proxy.audit import NAMESPACE
+    from twisted.logger import formatEvent
+
+    seen: List[Dict[str, Any]] = []
+
+    def observer(event: Dict[str, Any]) -> None:
+        if event.get("log_namespace") == NAMESPACE:
+            seen.append(event)
+
+    auditor = RecordingAuditor(lambda: NOW)
+    allowed = Verdict(http("a.test"), "a.test", Decision.ALLOW, Source.BASELINE_POLICY)
+    denied = Verdict(
+        http("b.test"), "b.test", Decision.DENY, Source.BASELINE_POLICY, Reason.NOT_ALLOWED
+    )
+    globalLogPublisher.addObserver(observer)
+    try:
+        auditor.record(allowed)
+        auditor.record(denied)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [e["audit"]["server.address"] for e in seen] == ["a.test", "b.test"]
+    assert seen[0].get("log_format") is None
+    assert formatEvent(seen[1]) == "policy decision deny (not_allowed) for http b.test:80"
