@@ -1,7 +1,7 @@
 """
 Cost of HTTPS interception.
 
-Starts real proxies (with C{tests/e2e/proxyproc.py}, as C{rss_tunnel.py}
+Starts real proxies (with C{tests/support/proxyproc.py}, as C{rss_tunnel.py}
 does) and measures, in one run:
 
 - CONNECT + client TLS handshake through a limited-mode MITM proxy to a host

@@ -1,7 +1,7 @@
 """
 Memory of a CONNECT tunnel under a slow reader.
 
-Starts a real proxy (with the end-to-end layer's C{tests/e2e/proxyproc.py},
+Starts a real proxy (with the end-to-end layer's C{tests/support/proxyproc.py},
 so start-up and synchronisation exist once), streams C{--size-mib} through a
 tunnel to a reader that sleeps between small reads, and prints the proxy's
 baseline and peak RSS, the growth, the throughput, and the same reader's

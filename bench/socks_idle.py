@@ -2,7 +2,7 @@
 Memory of idle SOCKS5 tunnels.
 
 Starts a real proxy with its SOCKS5 listener (through the end-to-end layer's
-C{tests/e2e/proxyproc.py}, like C{bench/rss_tunnel.py}), opens C{--tunnels}
+C{tests/support/proxyproc.py}, like C{bench/rss_tunnel.py}), opens C{--tunnels}
 SOCKS5 CONNECT tunnels (each answered REP 0x00 only once the proxy has
 connected to the origin) to a local origin that accepts and holds every
 connection, and prints the proxy's RSS growth per open tunnel (the target is

@@ -36,7 +36,7 @@ from codex_proxy.ca import (
     system_roots_file,
     write_bundle,
 )
-from codex_proxy.chain import ParentProxies, from_environ
+from codex_proxy.parents import ParentProxies, from_environ
 from codex_proxy.childenv import child_env
 from codex_proxy.config import (
     ConfigError,
@@ -48,7 +48,7 @@ from codex_proxy.config import (
 from codex_proxy.decider import Decider
 from codex_proxy.errors import ProxyError
 from codex_proxy.httpproxy import HTTPProxyFactory
-from codex_proxy.live import Connections
+from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS, UpstreamTrust, trust_files
 from codex_proxy.model import Verdict
 from codex_proxy.policy import Policy

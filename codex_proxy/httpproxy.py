@@ -43,7 +43,7 @@ from zope.interface import implementer
 from codex_proxy import _httphead
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError, UpstreamError, reply_for
-from codex_proxy.live import Connections
+from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS, is_tls_failure
 from codex_proxy.model import (
     UNIX_SOCKET_HOST,

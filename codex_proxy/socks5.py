@@ -34,7 +34,7 @@ from codex_proxy.errors import (
     UpstreamError,
     reply_for,
 )
-from codex_proxy.live import Connections
+from codex_proxy.connections import Connections
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policy import mode_guard
 from codex_proxy.policyservice import PolicyService

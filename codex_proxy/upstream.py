@@ -27,9 +27,9 @@ from zope.interface import implementer
 
 from codex_proxy import _httphead
 from codex_proxy.addresses import parse_ip_literal
-from codex_proxy.chain import ParentProxies, ParentProxy
+from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError
-from codex_proxy.live import Connections
+from codex_proxy.connections import Connections
 from codex_proxy.model import IPAddress, Reason, Verdict
 
 

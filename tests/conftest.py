@@ -42,3 +42,11 @@ def no_logged_errors():
                 for e in found
             )
         )
+
+
+@pytest.fixture(params=[False, True], ids=["whole", "trickle"])
+def trickle(request) -> bool:
+    """
+    Run a wire test twice: data fed whole, and one byte at a time.
+    """
+    return request.param

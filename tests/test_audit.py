@@ -6,7 +6,6 @@ JSON-lines file and the OpenTelemetry sink.
 from __future__ import annotations
 
 import json
-import os
 import re
 import types
 from typing import Any, Dict, List
@@ -21,6 +20,7 @@ from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Reason, So
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.testing import RecordingAuditor, StaticResolver
+from support.disk import FullDisk
 
 NOW = 1_700_000_000.25
 STAMP = "2023-11-14T22:13:20.250Z"
@@ -197,23 +197,6 @@ def test_json_lines_flush_early_when_the_buffer_is_full(tmp_path):
     log({"x": "y" * 120})
     assert len(path.read_text().splitlines()) == 1
     log.close()
-
-
-class FullDisk:
-    """
-    C{os.write} on a disk that fills up after C{room} more bytes: a write
-    that does not fit writes what fits, the next one fails with ENOSPC.
-    """
-
-    def __init__(self, room: int) -> None:
-        self.room = room
-
-    def __call__(self, fd: int, data: bytes) -> int:
-        if self.room <= 0:
-            raise OSError(28, "No space left on device")
-        n = min(self.room, len(data))
-        self.room -= n
-        return os.write(fd, bytes(data[:n]))
 
 
 def test_a_full_disk_keeps_whole_lines_logs_once_and_recovers(tmp_path):

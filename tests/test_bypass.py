@@ -13,9 +13,9 @@ import io
 from typing import Dict, List, Tuple
 
 import pytest
-from test_httpproxy import HalfCloseTransport as HTTPTransport
-from test_httpproxy import Harness as HTTPHarness
-from test_socks5 import Harness as SOCKSHarness
+from support.http import HalfCloseTransport as HTTPTransport
+from support.http import Harness as HTTPHarness
+from support.socks import Harness as SOCKSHarness
 from twisted.internet.address import IPv4Address
 
 from codex_proxy import cli, selftest

@@ -81,11 +81,6 @@ class Proxy:
         return [(host, port) for host, port, *_ in self.reactor.tcpClients]
 
 
-@pytest.fixture(params=[False, True], ids=["whole", "trickle"])
-def trickle(request) -> bool:
-    return request.param
-
-
 def _blocked_by_decider(proxy: Proxy, decision: str) -> None:
     status, headers, body = proxy.response()
     assert status == 403

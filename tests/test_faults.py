@@ -19,16 +19,11 @@ from zope.interface import implementer
 
 from codex_proxy.audit import JSONLinesLog
 from codex_proxy.decider import Allow
-from test_audit import FullDisk
-from test_httpproxy import HalfCloseTransport, Harness
+from support.disk import FullDisk
+from support.http import HalfCloseTransport, Harness
 
 GET = b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-@pytest.fixture(params=[False, True], ids=["whole", "trickle"])
-def trickle(request) -> bool:
-    return request.param
 
 
 def events(h: Harness) -> List[tuple]:

@@ -27,7 +27,7 @@ from codex_proxy._httphead import (
     strip_hop_by_hop,
 )
 from codex_proxy.errors import ProtocolError
-from fuzzing import fuzz_settings
+from support.fuzzing import fuzz_settings
 
 
 def _splits(data: bytes) -> list[list[bytes]]:

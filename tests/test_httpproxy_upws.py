@@ -12,11 +12,11 @@ import pytest
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from codex_proxy.chain import from_environ
+from codex_proxy.parents import from_environ
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
 from codex_proxy.upstream import Upstream
-from test_httpproxy import ALLOW, PUBLIC, HalfCloseTransport, make
+from support.http import ALLOW, PUBLIC, HalfCloseTransport, Harness
 
 UPGRADE = (
     b"GET ws://origin.test/chat HTTP/1.1\r\nHost: origin.test\r\n"
@@ -29,11 +29,6 @@ SWITCHED = (
 )
 
 
-@pytest.fixture(params=[False, True], ids=["whole", "trickle"])
-def trickle(request) -> bool:
-    return request.param
-
-
 def with_parents(h, environ):
     h.factory.upstream = Upstream(h.reactor, 10, parents=from_environ(environ))
     return h
@@ -43,7 +38,7 @@ def with_parents(h, environ):
 
 
 def test_websocket_upgrade_becomes_a_tunnel_both_ways(trickle):
-    h = make(trickle)
+    h = Harness(trickle)
     h.send(UPGRADE)
     assert h.dials() == [(PUBLIC, 80)]
     server, upstream = h.accept()
@@ -66,7 +61,7 @@ def test_websocket_upgrade_becomes_a_tunnel_both_ways(trickle):
 
 
 def test_http_scheme_upgrade_and_pipelined_frames_are_relayed(trickle):
-    h = make(trickle)
+    h = Harness(trickle)
     h.send(UPGRADE.replace(b"ws://", b"http://") + b"early-frame")
     server, upstream = h.accept()
     assert b"early-frame" not in upstream.value()
@@ -75,7 +70,7 @@ def test_http_scheme_upgrade_and_pipelined_frames_are_relayed(trickle):
 
 
 def test_refused_upgrade_is_an_ordinary_response(trickle):
-    h = make(trickle)
+    h = Harness(trickle)
     h.send(UPGRADE)
     server, upstream = h.accept()
     h.answer(server, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\nno")
@@ -84,7 +79,7 @@ def test_refused_upgrade_is_an_ordinary_response(trickle):
 
 
 def test_101_without_a_websocket_request_is_502(trickle):
-    h = make(trickle)
+    h = Harness(trickle)
     h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nUpgrade: h2c\r\n\r\n")
     server, upstream = h.accept()
     assert b"upgrade" not in upstream.value().lower()
@@ -94,7 +89,7 @@ def test_101_without_a_websocket_request_is_502(trickle):
 
 
 def test_limited_mode_blocks_the_upgrade(trickle):
-    h = make(trickle, policy=Policy.build(mode=Mode.LIMITED, allowed=ALLOW))
+    h = Harness(trickle, policy=Policy.build(mode=Mode.LIMITED, allowed=ALLOW))
     h.send(UPGRADE)
     status, headers, body = h.response()
     assert (status, headers["x-proxy-error"]) == (403, "blocked-by-method-policy")
@@ -110,7 +105,7 @@ def unix_policy(tmp_path, **kw):
 
 
 def test_allowed_unix_socket_ignores_the_domain_lists(trickle, tmp_path):
-    h = make(trickle, policy=unix_policy(tmp_path, denied=["local"]))
+    h = Harness(trickle, policy=unix_policy(tmp_path, denied=["local"]))
     (tmp_path / "link.sock").symlink_to(tmp_path / "ok.sock")
     h.send(
         b"GET http://local/v1/info HTTP/1.1\r\nHost: local\r\nX-Unix-Socket: "
@@ -136,7 +131,7 @@ def test_allowed_unix_socket_ignores_the_domain_lists(trickle, tmp_path):
 
 @pytest.mark.parametrize("path", ["/elsewhere.sock", "ok.sock", ""])
 def test_unix_socket_not_allowed_is_403(trickle, tmp_path, path):
-    h = make(trickle, policy=unix_policy(tmp_path))
+    h = Harness(trickle, policy=unix_policy(tmp_path))
     h.send(b"GET http://allowed.test/ HTTP/1.1\r\nx-unix-socket: " + path.encode() + b"\r\n\r\n")
     status, headers, body = h.response()
     assert (status, headers["x-proxy-error"]) == (403, "blocked-by-allowlist")
@@ -146,16 +141,16 @@ def test_unix_socket_not_allowed_is_403(trickle, tmp_path, path):
 
 
 def test_dangerous_flag_allows_any_socket_and_limited_mode_still_applies(trickle, tmp_path):
-    h = make(trickle, policy=unix_policy(tmp_path, all_unix_sockets=True, mode=Mode.LIMITED))
+    h = Harness(trickle, policy=unix_policy(tmp_path, all_unix_sockets=True, mode=Mode.LIMITED))
     h.send(b"POST http://x/ HTTP/1.1\r\nx-unix-socket: /run/any.sock\r\nContent-Length: 0\r\n\r\n")
     assert h.response()[1]["x-proxy-error"] == "blocked-by-method-policy"
-    h = make(trickle, policy=unix_policy(tmp_path, all_unix_sockets=True, mode=Mode.LIMITED))
+    h = Harness(trickle, policy=unix_policy(tmp_path, all_unix_sockets=True, mode=Mode.LIMITED))
     h.send(b"GET http://x/ HTTP/1.1\r\nx-unix-socket: /run/any.sock\r\n\r\n")
     assert [c[0] for c in h.reactor.unixClients] == ["/run/any.sock"]
 
 
 def test_unix_socket_that_refuses_is_502(trickle, tmp_path):
-    h = make(trickle, policy=unix_policy(tmp_path))
+    h = Harness(trickle, policy=unix_policy(tmp_path))
     h.send(b"GET http://x/ HTTP/1.1\r\nx-unix-socket: " + str(tmp_path / "ok.sock").encode() + b"\r\n\r\n")
     h.reactor.unixClients[0][1].clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
     assert h.response()[1]["x-proxy-error"] == "upstream-connect-failed"
@@ -171,7 +166,7 @@ PARENT_ENV = {
 
 
 def test_plain_request_goes_to_the_parent_in_absolute_form(trickle):
-    h = with_parents(make(trickle), PARENT_ENV)
+    h = with_parents(Harness(trickle), PARENT_ENV)
     h.send(
         b"GET http://origin.test/p?q HTTP/1.1\r\nHost: origin.test\r\n"
         b"Proxy-Authorization: Basic Y2xpZW50OnNlY3JldA==\r\n\r\n"
@@ -195,7 +190,7 @@ def test_plain_request_goes_to_the_parent_in_absolute_form(trickle):
 
 
 def test_no_proxy_and_blocks_never_reach_the_parent(trickle):
-    h = with_parents(make(trickle), PARENT_ENV)
+    h = with_parents(Harness(trickle), PARENT_ENV)
     h.send(b"GET http://bad.example.com/ HTTP/1.1\r\nHost: bad.example.com\r\n\r\n")
     assert h.response()[0] == 403 and h.dials() == []
     h.resolver.set("direct.example.com", [PUBLIC])
@@ -204,7 +199,7 @@ def test_no_proxy_and_blocks_never_reach_the_parent(trickle):
 
 
 def test_connect_is_chained_through_the_parent(trickle):
-    h = with_parents(make(trickle), PARENT_ENV)
+    h = with_parents(Harness(trickle), PARENT_ENV)
     h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\nhello")
     assert h.dials() == [("127.0.0.9", 3129)]
     server, upstream = h.accept()
@@ -219,7 +214,7 @@ def test_connect_is_chained_through_the_parent(trickle):
 
 @pytest.mark.parametrize("status", [403, 407, 502])
 def test_parent_refusing_connect_is_502_with_its_status(trickle, status):
-    h = with_parents(make(trickle), PARENT_ENV)
+    h = with_parents(Harness(trickle), PARENT_ENV)
     h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
     server, upstream = h.accept()
     h.answer(server, b"HTTP/1.1 %d Nope\r\nContent-Length: 0\r\n\r\n" % status)
@@ -230,7 +225,7 @@ def test_parent_refusing_connect_is_502_with_its_status(trickle, status):
 
 
 def test_parent_closing_before_answering_connect_is_502(trickle):
-    h = with_parents(make(trickle), PARENT_ENV)
+    h = with_parents(Harness(trickle), PARENT_ENV)
     h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
     server, _ = h.accept()
     server.connectionLost(Failure(error.ConnectionDone()))
@@ -238,7 +233,7 @@ def test_parent_closing_before_answering_connect_is_502(trickle):
 
 
 def test_client_leaving_during_the_parent_handshake_closes_it():
-    h = with_parents(make(False), PARENT_ENV)
+    h = with_parents(Harness(False), PARENT_ENV)
     h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
     server, upstream = h.accept()
     h.proto.connectionLost(Failure(error.ConnectionDone()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -18,7 +17,7 @@ from twisted.python.failure import Failure
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy.httpproxy import HTTPProxyFactory
-from codex_proxy.live import Connections
+from codex_proxy.connections import Connections
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.socks5 import SOCKS5Factory
@@ -81,11 +80,6 @@ class World:
             for e in self.auditor.events
             if e["network.policy.decision"] == "deny"
         ]
-
-
-@pytest.fixture(params=[False, True], ids=["whole", "trickle"])
-def trickle(request) -> bool:
-    return request.param
 
 
 def test_http_beyond_the_limit_gets_503_and_an_audit_event(trickle):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from test_httpproxy import Harness
-from test_mitm import World
+from support.http import Harness
+from support.mitm import World
 
 #: (id, request head lines after the request line, body) on a POST/GET that
 #: would otherwise be allowed. Each is broken in exactly one way.

@@ -16,7 +16,7 @@ from codex_proxy.errors import (
     SOCKS_GENERAL_FAILURE,
     ProtocolError,
 )
-from fuzzing import fuzz_settings
+from support.fuzzing import fuzz_settings
 
 
 def _prefixes_incomplete(parse, data: bytes) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import importlib.util
 import json
 import shutil
 import socket
@@ -24,25 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import pytest
+from support import proxyproc as _proc
 
 
-def _load_proxyproc():
-    """
-    Import the sibling C{proxyproc.py} by path, the way the benchmark does,
-    so it works whatever pytest's import mode.
-    """
-    name = "codex_e2e_proxyproc"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("proxyproc.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_proc = _load_proxyproc()
 
 _PROXIES_ATTR = "_codex_e2e_proxies"
 

@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from codex_proxy.chain import NoProxy, ParentProxy, from_environ, parse_parent
+from codex_proxy.parents import NoProxy, ParentProxy, from_environ, parse_parent
 
 
 @pytest.mark.parametrize(
