@@ -56,10 +56,12 @@ benchdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    wrk nginx-light gcc util-linux $(PEERS); }
 
-# QUICK=1: one short round (under 2 minutes). bench/rss_tunnel.py and the
-# other bench/*.py scripts measure single properties on their own.
+# QUICK=1: one short round (under 2 minutes). BASELINE=DIR: also measure the
+# checkout in DIR (a git worktree of an earlier commit) as "before", in the
+# same rounds. bench/rss_tunnel.py and the other bench/*.py scripts measure
+# single properties on their own.
 bench: venv sysdeps benchdeps
-	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PEERS),--peers "$(PEERS)")
+	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PEERS),--peers "$(PEERS)") $(if $(BASELINE),--baseline "$(BASELINE)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .fuzz-round.log .fuzz-counts

@@ -50,7 +50,8 @@ def table(rows: Dict[str, Dict[str, float]], names: List[str]) -> str:
     metrics = sorted({m for r in rows.values() for m in r})
     lines = []
     header = f"{'metric':32}" + "".join(f"{n:>14}" for n in names)
-    header += f"{'codex/direct':>14}" + (f"{'codex/squid':>13}" if "squid" in names else "")
+    refs = [r for r in ("direct", "before", "squid") if r in names]
+    header += "".join(f"{'codex/' + r:>14}" for r in refs)
     lines.append(header)
     for metric in metrics:
         line = f"{metric:32}"
@@ -58,12 +59,10 @@ def table(rows: Dict[str, Dict[str, float]], names: List[str]) -> str:
             value = rows.get(name, {}).get(metric)
             line += f"{value:>14.1f}" if value is not None else f"{'-':>14}"
         codex = rows.get("codex", {}).get(metric)
-        for ref, width in (("direct", 14), ("squid", 13)):
-            if ref == "squid" and "squid" not in names:
-                continue
+        for ref in refs:
             base = rows.get(ref, {}).get(metric)
             ratio = f"{codex / base:.2f}" if codex is not None and base else "-"
-            line += f"{ratio:>{width}}"
+            line += f"{ratio:>14}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -74,6 +73,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=int, default=None)
     parser.add_argument("--peers", default="", help="comma list: squid,tinyproxy")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, metavar="TREE",
+        help="also measure the codex-proxy checkout in TREE (e.g. a git worktree of an"
+        " earlier commit) as 'before', in the same interleaved rounds",
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (2 if args.quick else 4)
@@ -85,7 +89,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         nginx = origin.Nginx(workdir)
         started.append(nginx.stop)
-        targets = [peers.direct(nginx), peers.codex(workdir, nginx)]
+        targets = [peers.direct(nginx)]
+        if args.baseline is not None:
+            targets.append(peers.codex(workdir, nginx, "before", args.baseline))
+            started.append(targets[-1].stop)
+        targets.append(peers.codex(workdir, nginx))
         started.append(targets[-1].stop)
         for name in wanted:
             target = peers.start_peer(name, workdir)

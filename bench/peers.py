@@ -38,11 +38,17 @@ def _pin(pid: int) -> None:
     os.sched_setaffinity(pid, {0})
 
 
-def codex(workdir: Path, nginx: Nginx) -> Target:
+def codex(workdir: Path, nginx: Nginx, name: str = "codex", tree: Optional[Path] = None) -> Target:
     """
     twistd codexproxy on port 0 with a realistic policy: an allowlist (the
     origin's address exactly, plus developer hosts), audit events on.
+
+    @param tree: another checkout of codex-proxy (an earlier commit) to run
+        instead of the installed one, with this environment's interpreter
+        and libraries: how C{--baseline} measures before and after in one run.
     """
+    workdir = workdir / name
+    workdir.mkdir()
     home = workdir / "codex-home"
     home.mkdir()
     config = workdir / "codex.toml"
@@ -61,6 +67,10 @@ denied_domains = ["gist.github.com"]
     log = workdir / "codex.log"
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["CODEX_HOME"] = str(home)
+    if tree is not None:
+        # Ahead of the installed package on sys.path: its codex_proxy and its
+        # twisted/plugins/codexproxy_plugin.py are the ones imported.
+        env["PYTHONPATH"] = str(tree.resolve())
     proc = subprocess.Popen(
         [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log),
          "codexproxy", "--config", str(config), "--ports-file", str(ports)],
@@ -82,7 +92,7 @@ denied_domains = ["gist.github.com"]
 
     socks = addrs.get("socks")
     return Target(
-        "codex",
+        name,
         http_port=int(addrs["http"].rsplit(":", 1)[1]),
         socks_port=int(socks.rsplit(":", 1)[1]) if socks else None,
         proxy_pid=proc.pid,
