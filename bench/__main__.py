@@ -1,9 +1,11 @@
 """
-The benchmark: codex-proxy against no proxy (and Squid/tinyproxy when
-installed), same machine, same run, interleaved rounds, medians and ratios.
+The benchmark: codex-proxy against no proxy, the floor (L{bench.floor}, a
+bare Twisted forwarder) and, when installed, Squid/tinyproxy; optionally an
+earlier checkout ("before"). Same machine, same run, interleaved rounds,
+medians and ratios.
 
-    make bench [QUICK=1] [PEERS="squid tinyproxy"]
-    .venv/bin/python -m bench [--quick] [--rounds N] [--peers squid,tinyproxy]
+    make bench [QUICK=1] [PEERS="squid tinyproxy"] [BASELINE=DIR]
+    .venv/bin/python -m bench [--quick] [--rounds N] [--peers squid,tinyproxy] [--baseline DIR]
 
 The proxy under test is pinned to core 0; the origin (nginx) and the load
 clients (wrk, bench/loadgen.c) to core 1. Full policy, audit events and DNS
@@ -50,7 +52,7 @@ def table(rows: Dict[str, Dict[str, float]], names: List[str]) -> str:
     metrics = sorted({m for r in rows.values() for m in r})
     lines = []
     header = f"{'metric':32}" + "".join(f"{n:>14}" for n in names)
-    refs = [r for r in ("direct", "before", "squid") if r in names]
+    refs = [r for r in ("direct", "before", "floor", "squid") if r in names]
     header += "".join(f"{'codex/' + r:>14}" for r in refs)
     lines.append(header)
     for metric in metrics:
@@ -94,6 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             targets.append(peers.codex(workdir, nginx, "before", args.baseline))
             started.append(targets[-1].stop)
         targets.append(peers.codex(workdir, nginx))
+        started.append(targets[-1].stop)
+        targets.append(peers.floor(workdir))
         started.append(targets[-1].stop)
         for name in wanted:
             target = peers.start_peer(name, workdir)

@@ -100,6 +100,28 @@ denied_domains = ["gist.github.com"]
     )
 
 
+def floor(workdir: Path) -> Target:
+    """
+    The floor row: L{bench.floor}, a bare Twisted forwarder with no policy,
+    on the same interpreter and core as codex-proxy.
+    """
+    ports = workdir / "floor-ports.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor", str(ports)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _pin(proc.pid)
+    end = time.monotonic() + 30
+    while not ports.exists() or not ports.read_text():
+        if proc.poll() is not None or time.monotonic() > end:
+            raise SystemExit("bench: the floor forwarder did not start")
+        time.sleep(0.05)
+    port = int(json.loads(ports.read_text())["http"].rsplit(":", 1)[1])
+    return _peer("floor", proc, port)
+
+
 def _squid(workdir: Path) -> Optional[Target]:
     squid = shutil.which("squid") or "/usr/sbin/squid"
     if not Path(squid).exists():
