@@ -325,24 +325,40 @@ class RunningProxy:
         return self.process.returncode
 
 
+#: Sets the open-file limit (soft and hard) given as the first argument,
+#: then becomes the command that follows, so the pid stays the proxy's. (A
+#: C{preexec_fn} could deadlock: the test process runs reader threads.)
+_NOFILE_LAUNCHER = r"""
+import os, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 def start_proxy(
     config: str | Mapping[str, Any],
     workdir: Path,
     timeout: float = 30.0,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    open_files: int | None = None,
 ) -> RunningProxy:
     """
     Start a proxy with C{config} (TOML text, or a network table for
     L{render_config}) and extra options C{args} in C{workdir} and return
     once its ports file exists; C{env} adds variables to the proxy's
-    (otherwise proxy-free) environment.
+    (otherwise proxy-free) environment, C{open_files} sets its soft and
+    hard C{RLIMIT_NOFILE}.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(config, workdir)
     ports_path = workdir / "ports.json"
+    command = proxy_command(config_path, ports_path, args)
+    if open_files is not None:
+        command = [sys.executable, "-c", _NOFILE_LAUNCHER, str(open_files), *command]
     process = subprocess.Popen(
-        proxy_command(config_path, ports_path, args),
+        command,
         cwd=workdir,
         env=_child_env(workdir, env),
         stdin=subprocess.DEVNULL,
