@@ -71,7 +71,8 @@ def proxy_factory(
     C{proxy_factory(config, args=(), env=None, open_files=None)} starts a
     proxy (C{config} is TOML text or a network table overriding
     L{proxyproc.DEFAULT_NETWORK}; C{args} extra plugin options; C{env} extra
-    environment variables; C{open_files} its descriptor limit) and
+    environment variables; C{open_files} its soft and hard descriptor
+    limits) and
     returns the running L{proxyproc.RunningProxy}; all of them are stopped at
     teardown, which fails the test if one logged a traceback.
     """
@@ -82,7 +83,7 @@ def proxy_factory(
         config: str | Mapping[str, Any] | None = None,
         args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
-        open_files: int | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> Any:
         workdir = tmp_path_factory.mktemp("proxy")
         proxy = _proc.start_proxy(

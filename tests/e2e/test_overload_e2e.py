@@ -2,13 +2,20 @@
 limits.max_connections on the real process: the client connections of both
 listeners count together; a client beyond the limit gets 503
 C{proxy-overloaded} (HTTP) or REP 0x01 (SOCKS5), with an audit line, and
-is served again once a connection is freed.
+is served again once a connection is freed. The limit fits the process's
+descriptor limit: the soft limit is raised as far as it needs, and where the
+hard one is too low the limit is lowered so that the 503 is still reached.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
+from pathlib import Path
+
+import pytest
 
 
 def test_clients_beyond_max_connections_are_refused_then_served(
@@ -76,7 +83,7 @@ def test_a_low_descriptor_limit_lowers_max_connections_so_the_503_is_reached(
     proxy = proxy_factory(
         {"denied_domains": ["denied.test"], "limits": {"max_connections": 4096}},
         args=("--audit-log", str(audit)),
-        open_files=256,
+        open_files=(256, 256),
     )
     clients: list[socket.socket] = []
     answers = []
@@ -109,3 +116,16 @@ def test_a_low_descriptor_limit_lowers_max_connections_so_the_503_is_reached(
         json.loads(line)["network.policy.reason"] for line in audit.read_text().splitlines()
     ]
     assert reasons == ["denied"] * 112 + ["too_many_connections"] * 18
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 10000,
+    reason="needs a hard open-file limit of 10000 for the proxy",
+)
+def test_the_soft_descriptor_limit_is_raised_as_far_as_max_connections_needs(proxy_factory):
+    proxy = proxy_factory({"limits": {"max_connections": 4096}}, open_files=(256, 10000))
+    limits = Path(f"/proc/{proxy.pid}/limits").read_text().splitlines()
+    assert [line.split()[3:5] for line in limits if line.startswith("Max open files")] == [
+        ["8224", "10000"]  # 2 x 4096 + 32
+    ]
+    assert "admitting at most" not in proxy.output
