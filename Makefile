@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/config.toml
 
-.PHONY: run test soak fuzz bench venv sysdeps benchdeps clean
+.PHONY: run test typecheck soak fuzz bench venv sysdeps benchdeps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ sysdeps:
 run: venv
 	$(BIN)/twistd -n codexproxy --config $(CONFIG)
 
-test: venv sysdeps
+# Static types: mypy with the mypy-zope plugin (settings in setup.cfg), zero errors.
+typecheck: venv
+	$(BIN)/mypy codex_proxy
+
+test: typecheck sysdeps
 	$(BIN)/python -m pytest -q tests
 
 # The long load tests of issue 9 (20,000 connections, 50,000 requests,
@@ -64,4 +68,4 @@ bench: venv sysdeps benchdeps
 	$(BIN)/python -m bench $(if $(QUICK),--quick) $(if $(PEERS),--peers "$(PEERS)") $(if $(BASELINE),--baseline "$(BASELINE)")
 
 clean:
-	rm -rf $(VENV) build *.egg-info .hypothesis .fuzz-round.log .fuzz-counts
+	rm -rf $(VENV) build *.egg-info .hypothesis .mypy_cache .fuzz-round.log .fuzz-counts

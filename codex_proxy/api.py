@@ -46,6 +46,7 @@ from codex_proxy.config import (
     parse_listen_address,
 )
 from codex_proxy.decider import Decider
+from codex_proxy.descriptors import fit_max_connections
 from codex_proxy.errors import ProxyError
 from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.connections import Connections
@@ -411,7 +412,9 @@ class NetworkProxy:
                         address=f"{parent.scheme}://{parent.address}",
                     )
         bound: Dict[str, str] = {}
-        if not config.enabled:
+        if config.enabled:
+            self._connections.max_clients = fit_max_connections(config.limits.max_connections)
+        else:
             _log.info(
                 "codex-proxy is disabled (enabled = false in {source}); no listener bound",
                 source=config.source,

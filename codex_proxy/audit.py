@@ -22,7 +22,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
+from zope.interface import implementer
 
+from codex_proxy.interfaces import IAuditor
 from codex_proxy.model import Protocol, Source, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
@@ -98,6 +100,7 @@ def decision_fields(
     return fields
 
 
+@implementer(IAuditor)
 class Auditor:
     """
     Emits decision events, stamped by an injected clock.

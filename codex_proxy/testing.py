@@ -1,5 +1,9 @@
 """
-Fakes for tests, ours and embedders': each implements the real interface.
+Fakes for tests, ours and embedders': each provides the interface of the
+seam it fills (C{tests/test_testing.py} checks every one with
+C{verifyObject}): L{StaticResolver} Twisted's C{IHostnameResolver},
+L{RecordingAuditor} L{IAuditor} (as the L{Auditor} it extends),
+L{RecordingDecider} L{IPolicyDecider}.
 """
 
 from __future__ import annotations
@@ -7,28 +11,39 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Type
 
-from twisted.internet.interfaces import IAddress, IHostResolution, IResolutionReceiver
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IResolutionReceiver,
+)
+from zope.interface import implementer
 
 from codex_proxy.audit import Auditor
 from codex_proxy.decider import NetworkPolicyRequest
+from codex_proxy.interfaces import IPolicyDecider
 from codex_proxy.model import IPAddress, Verdict
 from codex_proxy.resolver import TableResolver
 
 
-class StaticResolver(TableResolver):
+@implementer(IHostnameResolver)
+class StaticResolver:
     """
-    Resolves names from a fixed table of address strings, synchronously.
-    Unknown names resolve to nothing (a DNS failure). Every looked-up name
-    is recorded in C{lookups}, so tests can check which names were never
-    resolved.
+    Resolves names from a fixed table of address strings, synchronously,
+    like a L{TableResolver} without fallback: unknown names resolve to
+    nothing (a DNS failure). Every looked-up name is recorded in
+    C{lookups}, so tests can check which names were never resolved.
     """
 
     def __init__(self, table: Mapping[str, Iterable[str]]) -> None:
-        super().__init__({name: _ips(found) for name, found in table.items()})
+        self._table = TableResolver({name: _ips(found) for name, found in table.items()})
         self.lookups: List[str] = []
 
-    def set(self, name: str, addresses: Iterable[str]) -> None:  # type: ignore[override]
-        super().set(name, _ips(addresses))
+    def set(self, name: str, addresses: Iterable[str]) -> None:
+        """
+        Answer C{name} with C{addresses} from now on.
+        """
+        self._table.set(name, _ips(addresses))
 
     def resolveHostName(
         self,
@@ -39,7 +54,7 @@ class StaticResolver(TableResolver):
         transportSemantics: str = "TCP",
     ) -> IHostResolution:
         self.lookups.append(hostName)
-        return super().resolveHostName(
+        return self._table.resolveHostName(
             resolutionReceiver, hostName, portNumber, addressTypes, transportSemantics
         )
 
@@ -63,6 +78,7 @@ class RecordingAuditor(Auditor):
         return fields
 
 
+@implementer(IPolicyDecider)
 class RecordingDecider:
     """
     A policy decider (SPEC §9.2) that records every request it is asked

@@ -68,9 +68,11 @@ def proxy_factory(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Any]]:
     """
-    C{proxy_factory(config, args=(), env=None)} starts a proxy (C{config} is
-    TOML text or a network table overriding L{proxyproc.DEFAULT_NETWORK};
-    C{args} extra plugin options; C{env} extra environment variables) and
+    C{proxy_factory(config, args=(), env=None, open_files=None)} starts a
+    proxy (C{config} is TOML text or a network table overriding
+    L{proxyproc.DEFAULT_NETWORK}; C{args} extra plugin options; C{env} extra
+    environment variables; C{open_files} its soft and hard descriptor
+    limits) and
     returns the running L{proxyproc.RunningProxy}; all of them are stopped at
     teardown, which fails the test if one logged a traceback.
     """
@@ -81,9 +83,12 @@ def proxy_factory(
         config: str | Mapping[str, Any] | None = None,
         args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> Any:
         workdir = tmp_path_factory.mktemp("proxy")
-        proxy = _proc.start_proxy({} if config is None else config, workdir, args=args, env=env)
+        proxy = _proc.start_proxy(
+            {} if config is None else config, workdir, args=args, env=env, open_files=open_files
+        )
         started.append(proxy)
         return proxy
 

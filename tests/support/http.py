@@ -10,29 +10,29 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from codex_proxy.httpproxy import HTTPProxyFactory, HTTPProxyProtocol
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.testing import RecordingAuditor, StaticResolver
 from codex_proxy.upstream import Upstream
+from support.transports import TCPTransport
 
 PUBLIC = "203.0.114.10"  # not in any special range: a public address
 ALLOW = ["origin.test", "**.example.com", "127.0.0.1"]
 
 
-class HalfCloseTransport(StringTransport):
+@implementer(ITLSTransport)
+class HalfCloseTransport(TCPTransport):
     """
-    A StringTransport that records a write-side half-close and C{startTLS}.
+    A L{TCPTransport} that also records C{startTLS}.
     """
 
-    halfClosed = False
     tls = None
-
-    def loseWriteConnection(self) -> None:
-        self.halfClosed = True
 
     def startTLS(self, creator) -> None:
         self.tls = creator

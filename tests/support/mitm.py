@@ -16,8 +16,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from codex_proxy.ca import load_or_create_ca, mint_leaf
 from codex_proxy.httpproxy import HTTPProxyFactory
@@ -27,14 +29,16 @@ from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.testing import RecordingAuditor, StaticResolver
 from codex_proxy.upstream import Upstream
+from support.transports import TCPTransport
 
 PUBLIC = "203.0.114.10"
 KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-class TLSCapableTransport(StringTransport):
+@implementer(ITLSTransport)
+class TLSCapableTransport(TCPTransport):
     """
-    A StringTransport whose C{startTLS} puts a real TLS layer between it and
+    A L{TCPTransport} whose C{startTLS} puts a real TLS layer between it and
     its protocol (as C{twisted.internet._newtls} does for TCP): afterwards
     C{write} is encrypted into C{raw}, and ciphertext goes in through
     C{protocol.dataReceived}.
@@ -60,9 +64,6 @@ class TLSCapableTransport(StringTransport):
             self.tls.write(data)
         else:
             super().write(data)
-
-    def loseWriteConnection(self) -> None:
-        pass
 
 
 class Collector(Protocol):

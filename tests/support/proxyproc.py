@@ -325,24 +325,40 @@ class RunningProxy:
         return self.process.returncode
 
 
+#: Sets the open-file limit to the soft and hard numbers of its first two
+#: arguments, then becomes the command that follows, so the pid stays the
+#: proxy's. (A C{preexec_fn} could deadlock: the test process runs threads.)
+_NOFILE_LAUNCHER = r"""
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
 def start_proxy(
     config: str | Mapping[str, Any],
     workdir: Path,
     timeout: float = 30.0,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    open_files: tuple[int, int] | None = None,
 ) -> RunningProxy:
     """
     Start a proxy with C{config} (TOML text, or a network table for
     L{render_config}) and extra options C{args} in C{workdir} and return
     once its ports file exists; C{env} adds variables to the proxy's
-    (otherwise proxy-free) environment.
+    (otherwise proxy-free) environment, C{open_files} sets its
+    C{RLIMIT_NOFILE} to these C{(soft, hard)} numbers.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = _write_config(config, workdir)
     ports_path = workdir / "ports.json"
+    command = proxy_command(config_path, ports_path, args)
+    if open_files is not None:
+        soft, hard = open_files
+        command = [sys.executable, "-c", _NOFILE_LAUNCHER, str(soft), str(hard), *command]
     process = subprocess.Popen(
-        proxy_command(config_path, ports_path, args),
+        command,
         cwd=workdir,
         env=_child_env(workdir, env),
         stdin=subprocess.DEVNULL,

@@ -10,8 +10,8 @@ import struct
 from typing import Any, List, Optional, Tuple
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IHostnameResolver
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.interfaces import IHostnameResolver, IReactorUDP, IUDPTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -22,6 +22,7 @@ from codex_proxy.policyservice import PolicyService
 from codex_proxy.socks5 import SOCKS5Factory, SOCKS5Protocol
 from codex_proxy.testing import RecordingAuditor, StaticResolver
 from codex_proxy.upstream import Upstream
+from support.transports import TCPTransport
 
 PUBLIC = "203.0.114.10"
 PUBLIC6 = "2001:4860::8888"
@@ -44,18 +45,7 @@ def connect(host: str, port: int, command: int = wire.CMD_CONNECT) -> bytes:
     return bytes([5, command, 0]) + address + struct.pack("!H", port)
 
 
-class HalfCloseTransport(StringTransport):
-    halfClosed = False
-    aborted = False
-
-    def loseWriteConnection(self) -> None:
-        self.halfClosed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        super().abortConnection()
-
-
+@implementer(IUDPTransport)
 class FakeUDPPort:
     """
     What C{listenUDP} returns here: records what is written.
@@ -77,7 +67,17 @@ class FakeUDPPort:
     def stopListening(self) -> None:
         self.listening = False
 
+    def connect(self, host: str, port: int) -> None:
+        raise NotImplementedError("the UDP relay never connects its port")
 
+    def setBroadcastAllowed(self, enabled: bool) -> None:
+        raise NotImplementedError("the UDP relay never broadcasts")
+
+    def getBroadcastAllowed(self) -> bool:
+        return False
+
+
+@implementer(IReactorUDP)
 class Reactor(MemoryReactorClock):
     """
     A memory reactor with UDP ports too.
@@ -142,12 +142,12 @@ class Harness:
             reactor=self.reactor,
         )
         self.proto = self.connectClient()
-        self.client: HalfCloseTransport = self.proto.transport
+        self.client: TCPTransport = self.proto.transport
 
     def connectClient(self, port: int = 5555) -> SOCKS5Protocol:
         proto = self.factory.buildProtocol(None)
         proto.makeConnection(
-            HalfCloseTransport(
+            TCPTransport(
                 hostAddress=IPv4Address("TCP", "127.0.0.1", 1080),
                 peerAddress=IPv4Address("TCP", "127.0.0.1", port),
             )
@@ -165,10 +165,10 @@ class Harness:
     def dials(self) -> List[Tuple[str, int]]:
         return [(host, port) for host, port, *_ in self.reactor.tcpClients]
 
-    def accept(self) -> Tuple[Any, HalfCloseTransport]:
+    def accept(self) -> Tuple[Any, TCPTransport]:
         factory = self.reactor.tcpClients[-1][2]
         proto = factory.buildProtocol(None)
-        transport = HalfCloseTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 61000))
+        transport = TCPTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 61000))
         proto.makeConnection(transport)
         return proto, transport
 
