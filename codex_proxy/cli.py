@@ -28,17 +28,14 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 from urllib.parse import urlsplit
 
 import attrs
-from cryptography.hazmat.primitives import hashes
 
 from codex_proxy import selftest
-from codex_proxy.api import load_interception, policy_from_config
 from codex_proxy.bypass import BypassError, load_corpus
-from codex_proxy.ca import CAError, system_roots_file, write_bundle
 from codex_proxy.childenv import EnvError, child_env
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
-from codex_proxy.errors import reply_for
+from codex_proxy.errors import ProxyError, reply_for
 from codex_proxy.model import Protocol, ProxyRequest, Reason, Verdict
-from codex_proxy.policy import Policy, decide, is_local_target
+from codex_proxy.policy import Policy, decide, is_local_target, policy_from_config
 
 EXIT_OK = 0
 EXIT_BLOCKED = 1
@@ -48,7 +45,7 @@ _HTTP_SCHEMES = {"http": 80, "ws": 80}
 _TLS_SCHEMES = {"https": 443, "wss": 443}
 
 
-class UsageError(ValueError):
+class UsageError(ProxyError):
     """
     A command-line argument that cannot be used; exit status 2.
     """
@@ -284,7 +281,8 @@ def run_explain(
 ) -> int:
     config = _load(path)
     request, inner = parse_target(target, method)
-    rows, allowed = explain(config, policy_from_config(config), request, inner)
+    policy = policy_from_config(config, os.path.realpath)
+    rows, allowed = explain(config, policy, request, inner)
     out.write(f"config: {config.source} [{config.section}]\n")
     _table(out, rows)
     return EXIT_OK if allowed else EXIT_BLOCKED
@@ -307,7 +305,10 @@ def run_env(
     bundle = None
     if config.mitm:
         # The proxy makes the CA and bundle at start; make sure they exist
-        # now, so the variables never name a missing file.
+        # now, so the variables never name a missing file. TLS is loaded
+        # only by the commands that need it.
+        from codex_proxy.mitm import load_interception
+
         bundle = load_interception(os.environ).bundle
     env = child_env(config, http=bound.get("http"), socks=bound.get("socks"), ca_bundle=bundle)
     out.write(_FORMATS[shell](env))
@@ -345,6 +346,11 @@ def run_ca(bundle: Optional[str], out: TextIO) -> int:
     files, fingerprint, validity and the client bundle (also written to
     C{bundle} when given).
     """
+    from cryptography.hazmat.primitives import hashes
+
+    from codex_proxy.ca import system_roots_file, write_bundle
+    from codex_proxy.mitm import load_interception
+
     interception = load_interception(os.environ)
     ca = interception.ca
     directory = os.path.dirname(interception.bundle)
@@ -519,7 +525,7 @@ def main(
     except (EnvError, BypassError) as e:
         err.write(f"codexproxy: {e}\n")
         return EXIT_BLOCKED
-    except (CAError, OSError) as e:
+    except (ProxyError, OSError) as e:  # the CA's
         err.write(f"codexproxy {args.command}: {e}\n")
         return EXIT_BLOCKED
 

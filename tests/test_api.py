@@ -172,7 +172,7 @@ def test_env_points_children_at_the_bound_addresses():
 
 
 def test_env_with_socks_local_binding_and_a_ca_bundle():
-    from codex_proxy.api import Interception
+    from codex_proxy.mitm import Interception
 
     config = parse_config(
         b'[network]\nenabled = true\nproxy_url = "127.0.0.1:3128"\nsocks_url = "127.0.0.1:8081"\n'
@@ -249,7 +249,7 @@ def test_listen_error_names_the_address():
 
 def test_proxy_service_runs_and_stops():
     reactor = MemoryReactorClock()
-    service = ProxyService(CONFIG, reactor)
+    service = ProxyService(NetworkProxy.builder().config(CONFIG).reactor(reactor).create())
     service.startService()
     assert set(service.addresses) == {"http"}
     assert len(reactor.tcpServers) == 1
