@@ -8,10 +8,9 @@ Twisted program, hand its address to child processes, stop it.
     yield handle.shutdown()
 
 L{ProxyService} runs a L{NetworkProxy} as an C{IService} for C{.tac} files
-and C{twistd codexproxy}. Compiling the config, loading the CA and choosing
-parents are the core's and L{codex_proxy.mitm}'s; this module only puts the
-pieces together and binds the listeners, as endpoint services inside one
-C{MultiService}, so a listener that cannot be bound stops start-up.
+and C{twistd codexproxy}. Compiling the config, loading the CA, choosing
+parents and binding the listeners (L{codex_proxy.listening}) happen
+elsewhere; this module puts the pieces together.
 """
 
 from __future__ import annotations
@@ -19,105 +18,29 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import attrs
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, endpoints, threads
-from twisted.internet.interfaces import (
-    IHostnameResolver,
-    IListeningPort,
-    IProtocolFactory,
-    IStreamServerEndpoint,
-)
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from codex_proxy.audit import Auditor, Sink
-from codex_proxy.ca import system_roots_file
 from codex_proxy.childenv import child_env
-from codex_proxy.config import (
-    ConfigError,
-    ListenAddress,
-    ProxyConfig,
-    head_limits,
-    parse_listen_address,
-)
+from codex_proxy.config import ConfigError, ListenAddress, ProxyConfig, parse_listen_address
 from codex_proxy.connections import Connections
 from codex_proxy.decider import Decider
-from codex_proxy.errors import ProxyError
-from codex_proxy.httpproxy import HTTPProxyFactory
-from codex_proxy.mitm import (
-    Interception,
-    Interceptor,
-    OriginTLS,
-    UpstreamTrust,
-    load_interception,
-    trust_files,
-)
+from codex_proxy.listening import ListenError, address_text, bind, listeners
+from codex_proxy.mitm import Interception, load_interception
 from codex_proxy.model import Verdict
 from codex_proxy.parents import parents_from_config
 from codex_proxy.policy import policy_from_config
-from codex_proxy.policyservice import PolicyService
 from codex_proxy.policystate import PolicyState
-from codex_proxy.socks5 import SOCKS5Factory
+from codex_proxy.policyservice import PolicyService
 from codex_proxy.sources import SourcePaths, Sources, effective_config
-from codex_proxy.upstream import Upstream
 
 _log = Logger()
-
-#: The listen queue: a burst of connections (hundreds of clients starting
-#: at once) waits in the kernel instead of retrying dropped SYNs a second
-#: later, as it would with Twisted's default of 50.
-LISTEN_BACKLOG = 1024
-
-
-class ListenError(ProxyError):
-    """
-    A listener could not be bound; the message names the address and key.
-    """
-
-
-def _description(address: ListenAddress) -> str:
-    """
-    The endpoint string of a listener (C{serverFromString} syntax).
-    """
-    kind = "tcp6" if ":" in address.host else "tcp"
-    interface = endpoints.quoteStringArgument(address.host)
-    return f"{kind}:port={address.port}:interface={interface}:backlog={LISTEN_BACKLOG}"
-
-
-@implementer(IStreamServerEndpoint)
-@attrs.frozen
-class _Listener:
-    """
-    An endpoint that hands its port to C{bound} once listening, and turns a
-    failure to listen into a L{ListenError} naming the address and key.
-    """
-
-    endpoint: IStreamServerEndpoint
-    address: ListenAddress
-    key: str
-    bound: Callable[[IListeningPort], None]
-
-    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
-        return self.endpoint.listen(factory).addCallbacks(self._listening, self._failed)
-
-    def _listening(self, port: IListeningPort) -> IListeningPort:
-        self.bound(port)
-        return port
-
-    def _failed(self, failure: Failure) -> None:
-        raise ListenError(
-            f"cannot listen on {self.address} ({self.key}): {failure.getErrorMessage()}"
-        )
-
-
-def _text(port: IListeningPort) -> str:
-    host = port.getHost()
-    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
 
 @attrs.frozen
@@ -376,25 +299,17 @@ class NetworkProxy:
         if self._handle is not None:
             raise RuntimeError("this proxy is already running")
         self._logStart()
-        listening = MultiService()
-        ports: Dict[str, IListeningPort] = {}
-        for name, key, address, factory in self._listeners():
-            service = strports.service(_description(address), factory, self._reactor)
-            service.endpoint = _Listener(
-                service.endpoint, address, key, functools.partial(ports.__setitem__, name)
-            )
-            service.setServiceParent(listening)
-        try:
-            listening.startService()
-        except ListenError:
-            # Release what was bound; the listeners after the failed one
-            # were never started.
-            for service in listening:
-                if service.running:
-                    service.stopService()
-            raise
-        self._listening = listening
-        bound = {name: _text(port) for name, port in ports.items()}
+        wanted = listeners(
+            self.config,
+            self.policy,
+            self._reactor,
+            self._connections,
+            self.parents,
+            self._interception,
+            self._environ,
+        )
+        self._listening, ports = bind(wanted, self._reactor)
+        bound = {name: address_text(port) for name, port in ports.items()}
         for name, address in bound.items():
             _log.info(
                 "codex-proxy {name} proxy listening on {address}",
@@ -430,70 +345,6 @@ class NetworkProxy:
                 "codex-proxy is disabled (enabled = false in {source}); no listener bound",
                 source=config.source,
             )
-
-    def _listeners(self) -> List[Tuple[str, str, ListenAddress, IProtocolFactory]]:
-        """
-        What to bind: (name, config key, address, factory) per listener.
-        """
-        config = self.config
-        if not config.enabled:
-            return []
-        reactor = self._reactor
-        upstream = Upstream(
-            reactor, config.limits.connect_timeout_s, self._connections, parents=self.parents
-        )
-        interceptor = self._interceptor()
-        http = HTTPProxyFactory(
-            self.policy,
-            upstream,
-            reactor,
-            head_limits(config),
-            tunnel_idle=config.limits.tunnel_idle_s,
-            header_timeout=config.limits.header_timeout_s,
-            keepalive_idle=config.limits.keepalive_idle_s,
-            response_timeout=config.limits.response_timeout_s,
-            connections=self._connections,
-            mitm=interceptor,
-            origin_tls=interceptor or self._originTLS(),
-        )
-        listeners: List[Tuple[str, str, ListenAddress, IProtocolFactory]] = [
-            ("http", "proxy_url", config.http_listen, http)
-        ]
-        if config.enable_socks5:
-            socks = SOCKS5Factory(
-                self.policy,
-                upstream,
-                reactor,
-                config.limits,
-                enable_udp=config.enable_socks5_udp,
-                reactor=reactor,
-                connections=self._connections,
-            )
-            listeners.append(("socks", "socks_url", config.socks_listen, socks))
-        return listeners
-
-    def _interceptor(self) -> Optional[Interceptor]:
-        """
-        The interceptor of a proxy with a CA; without one, an intercept
-        verdict (possible only after a reload turned mitm on) is refused.
-        """
-        i = self._interception
-        if i is None:
-            return None
-        return Interceptor(i.ca, i.trust, self._reactor.seconds)
-
-    def _originTLS(self) -> Optional[OriginTLS]:
-        """
-        Client TLS for absolute-form C{https://} requests: the system roots
-        plus C{SSL_CERT_FILE} (SPEC §7). A trust store that cannot be read
-        leaves such requests failing with C{upstream-tls-failed}.
-        """
-        try:
-            trust = UpstreamTrust.from_files(trust_files(self._environ, system_roots_file()))
-        except ValueError as e:
-            _log.warn("no trust store for https:// requests: {error}", error=str(e))
-            return None
-        return OriginTLS(trust)
 
     def _shutdown(self) -> defer.Deferred[None]:
         self._handle = None

@@ -298,3 +298,13 @@ def test_reloads_run_one_at_a_time_in_order(tmp_path, log):
     assert [first.result, second.result] == [True, True]
     assert proxy.decide("m.example") == ALLOW
     assert proxy.decide("b.example") == NOT_ALLOWED
+
+
+def test_deeply_nested_toml_on_reload_is_logged_naming_the_file(tmp_path, log):
+    proxy = Proxy(tmp_path, config())
+    proxy.config_path.write_text("x = " + "[" * 3000 + "]" * 3000 + "\n")
+    assert proxy.reload() is False
+    [line] = [line for line in log if line.startswith("policy reload failed")]
+    assert line.endswith(f"{proxy.config_path}: invalid TOML: values nested too deeply")
+    assert proxy.decide("a.example") == ALLOW
+
