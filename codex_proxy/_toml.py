@@ -13,6 +13,7 @@ import difflib
 import json
 import re
 import tomllib
+from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import attrs
@@ -37,6 +38,13 @@ class ConfigError(ProxyError):
         self.message = message
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {message}")
+
+
+def readonly(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    """
+    A read-only copy of C{mapping}, for the tables of frozen values.
+    """
+    return MappingProxyType(dict(mapping))
 
 
 def is_bool(value: Any) -> bool:

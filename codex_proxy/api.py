@@ -31,7 +31,7 @@ from codex_proxy.childenv import child_env
 from codex_proxy.config import ConfigError, ListenAddress, ProxyConfig, parse_listen_address
 from codex_proxy.connections import Connections
 from codex_proxy.decider import Decider
-from codex_proxy.listening import ListenError, address_text, bind, listeners
+from codex_proxy.listening import ListenError, address_text, bind, bound_address, listeners
 from codex_proxy.mitm import Interception, load_interception
 from codex_proxy.model import Verdict
 from codex_proxy.parents import parents_from_config
@@ -154,7 +154,7 @@ class NetworkProxyBuilder:
     def interception(self, interception: Interception) -> NetworkProxyBuilder:
         """
         Use this CA and trust store for HTTPS interception (C{mitm = true})
-        instead of loading them from C{$CODEX_HOME/proxy/} at L{build}.
+        instead of loading them from C{$CODEX_HOME/proxy/} at L{create}.
         """
         self._interception = interception
         return self
@@ -203,7 +203,7 @@ class NetworkProxyBuilder:
             interception = load_interception(self._environ)
         sources = self._sources or Sources(config)
         return NetworkProxy(
-            attrs.evolve(sources, config=attrs.evolve(sources.config, **self._listens)),
+            attrs.evolve(sources, config=self._listening(sources.config)),
             self._paths,
             reactor,
             Auditor(reactor.seconds, self._metadata, self._sinks),
@@ -211,6 +211,17 @@ class NetworkProxyBuilder:
             self._environ,
             interception,
             self._resolver,
+        )
+
+    def _listening(self, config: ProxyConfig) -> ProxyConfig:
+        """
+        C{config} with the listener addresses given here.
+        """
+        listens = self._listens
+        return attrs.evolve(
+            config,
+            http_listen=listens.get("http_listen", config.http_listen),
+            socks_listen=listens.get("socks_listen", config.socks_listen),
         )
 
     def build(self) -> defer.Deferred[NetworkProxy]:
@@ -316,9 +327,7 @@ class NetworkProxy:
                 name=name.upper(),
                 address=address,
             )
-        self.policy.set_own_addresses(
-            (port.getHost().host, port.getHost().port) for port in ports.values()
-        )
+        self.policy.set_own_addresses(bound_address(port) for port in ports.values())
         self._handle = ProxyHandle(bound.get("http"), bound.get("socks"), self)
         return self._handle
 

@@ -15,13 +15,22 @@ import ipaddress
 import math
 import os
 import re
-from types import MappingProxyType
 from typing import Any, Mapping
 
 import attrs
 
 from codex_proxy import _httphead
-from codex_proxy._toml import ConfigError, Table, is_str, is_table, load_toml, quote, read_file, show
+from codex_proxy._toml import (
+    ConfigError,
+    Table,
+    is_str,
+    is_table,
+    load_toml,
+    quote,
+    read_file,
+    readonly,
+    show,
+)
 from codex_proxy.model import Mode
 
 DEFAULTS_SOURCE = "<defaults>"
@@ -77,7 +86,8 @@ def parse_listen_address(text: str) -> ListenAddress:
                 "(expected http, https, socks5 or socks5h)"
             )
         rest = rest[scheme.end() :]
-    authority, tail = re.match(r"^([^/?#]*)(.*)$", rest).groups()
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    tail = rest[len(authority) :]
     if tail not in ("", "/"):
         raise ValueError(f"unexpected {tail!r} after host:port")
     if "@" in authority:
@@ -182,7 +192,7 @@ class ProxyConfig:
     limits: Limits = Limits()
     source: str = DEFAULTS_SOURCE
     pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
+        factory=dict, converter=readonly, hash=False
     )
     warnings: tuple[str, ...] = ()
     explicit: frozenset[str] = frozenset()

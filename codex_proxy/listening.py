@@ -8,12 +8,13 @@ a L{ListenError} naming its address and config key (SPEC §2.3).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union, cast
 
 import attrs
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -150,7 +151,7 @@ class _NamedEndpoint:
         self.bound(port)
         return port
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure) -> NoReturn:
         raise ListenError(
             f"cannot listen on {self.address} ({self.key}): {failure.getErrorMessage()}"
         )
@@ -188,9 +189,17 @@ def bind(
     return service, ports
 
 
+def bound_address(port: IListeningPort) -> Tuple[str, int]:
+    """
+    The host text and port number a TCP port is bound to.
+    """
+    address = cast(Union[IPv4Address, IPv6Address], port.getHost())
+    return address.host, address.port
+
+
 def address_text(port: IListeningPort) -> str:
     """
     C{host:port} of a bound port, IPv6 in brackets.
     """
-    host = port.getHost()
-    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+    host, number = bound_address(port)
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"

@@ -13,7 +13,7 @@ disk I/O; the swap itself happens on the reactor thread.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import attrs
 from twisted.internet import defer
@@ -184,7 +184,7 @@ class PolicyState:
 
     def _add(self, pattern: str, action: Action, persist: bool) -> defer.Deferred[None]:
         text = check_addition(self._sources.requirements, pattern, action)
-        path: Optional[str] = self._paths.rules
+        path = self._paths.rules
         if persist and path is None:
             raise RuleError(f"cannot remember {text!r}: no rules file configured")
         runtime = self._runtime.add(text, action)
@@ -196,11 +196,16 @@ class PolicyState:
             pattern=text,
             remembered=f" (remembered in {path})" if persist else "",
         )
-        if not persist:
+        if not persist or path is None:
             return defer.succeed(None)
-        d = self._writes.run(self._run_in_thread, lambda: persist_rule(path, text, action))
-        d.addCallback(lambda _: None)
-        return d
+        return self._writes.run(self._persist, path, text, action)
+
+    def _persist(self, path: str, pattern: str, action: Action) -> defer.Deferred[None]:
+        """
+        Remember one rule in the file at C{path}, off the reactor thread.
+        """
+        d = self._run_in_thread(lambda: persist_rule(path, pattern, action))
+        return d.addCallback(lambda _: None)
 
 
 def keep_listeners(running: ProxyConfig, new: ProxyConfig) -> tuple[ProxyConfig, tuple[str, ...]]:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import enum
 import json
 import os
-from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
 
-from codex_proxy._toml import ConfigError, Table, load_toml, pattern_lists, read_file
+from codex_proxy._toml import ConfigError, Table, load_toml, pattern_lists, read_file, readonly
 from codex_proxy.config import ProxyConfig, codex_home, load_config
 from codex_proxy.domains import DomainSet, PatternError, PatternKind, parse_pattern
 from codex_proxy.errors import ProxyError
@@ -71,11 +70,11 @@ class Requirements:
     denied_domains: tuple[str, ...] = ()
     managed_allowed_domains_only: bool = False
     ceilings: Mapping[str, Any] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
+        factory=dict, converter=readonly, hash=False
     )
     source: str = NO_REQUIREMENTS_SOURCE
     pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
+        factory=dict, converter=readonly, hash=False
     )
 
 
@@ -227,7 +226,7 @@ class RememberedRules:
     denied_domains: tuple[str, ...] = ()
     source: str = NO_RULES_SOURCE
     pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
+        factory=dict, converter=readonly, hash=False
     )
 
     def with_rule(self, pattern: str, action: Action) -> RememberedRules:
@@ -317,7 +316,7 @@ class RuntimeRules:
     """
 
     entries: Mapping[str, Action] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
+        factory=dict, converter=readonly, hash=False
     )
 
     def add(self, pattern: str, action: Action) -> RuntimeRules:

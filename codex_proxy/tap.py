@@ -3,9 +3,10 @@ C{twistd codexproxy}: command-line options and service assembly.
 
 The config is loaded and validated while the options are parsed, so a bad
 config stops C{twistd} with a one-line message and a non-zero exit before
-anything is bound. Binding itself is L{codex_proxy.api.ProxyService}'s; this
-module adds what only the command has: the ports file, the audit log,
-C{--resolve}, SIGHUP reloading and a clean exit status on SIGTERM.
+anything is bound. The proxy itself is a L{codex_proxy.api.NetworkProxy}
+run by a L{codex_proxy.api.ProxyService}; this module adds what only the
+command has: the ports file, the audit log, C{--resolve}, SIGHUP reloading
+and a clean exit status on SIGTERM.
 """
 
 from __future__ import annotations
