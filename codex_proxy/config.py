@@ -191,9 +191,7 @@ class ProxyConfig:
     dangerously_allow_all_unix_sockets: bool = False
     limits: Limits = Limits()
     source: str = DEFAULTS_SOURCE
-    pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=readonly, hash=False
-    )
+    pattern_sources: Mapping[str, str] = attrs.field(factory=dict, converter=readonly, hash=False)
     warnings: tuple[str, ...] = ()
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)

@@ -69,13 +69,9 @@ class Requirements:
     allowed_domains: tuple[str, ...] = ()
     denied_domains: tuple[str, ...] = ()
     managed_allowed_domains_only: bool = False
-    ceilings: Mapping[str, Any] = attrs.field(
-        factory=dict, converter=readonly, hash=False
-    )
+    ceilings: Mapping[str, Any] = attrs.field(factory=dict, converter=readonly, hash=False)
     source: str = NO_REQUIREMENTS_SOURCE
-    pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=readonly, hash=False
-    )
+    pattern_sources: Mapping[str, str] = attrs.field(factory=dict, converter=readonly, hash=False)
 
 
 def parse_requirements(data: bytes, source: str) -> Requirements:
@@ -225,9 +221,7 @@ class RememberedRules:
     allowed_domains: tuple[str, ...] = ()
     denied_domains: tuple[str, ...] = ()
     source: str = NO_RULES_SOURCE
-    pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=readonly, hash=False
-    )
+    pattern_sources: Mapping[str, str] = attrs.field(factory=dict, converter=readonly, hash=False)
 
     def with_rule(self, pattern: str, action: Action) -> RememberedRules:
         """
@@ -315,9 +309,7 @@ class RuntimeRules:
     pattern again moves it to the end with its new action.
     """
 
-    entries: Mapping[str, Action] = attrs.field(
-        factory=dict, converter=readonly, hash=False
-    )
+    entries: Mapping[str, Action] = attrs.field(factory=dict, converter=readonly, hash=False)
 
     def add(self, pattern: str, action: Action) -> RuntimeRules:
         entries = {k: v for k, v in self.entries.items() if k != pattern}
