@@ -26,7 +26,7 @@ from codex_proxy.testing import RecordingAuditor, StaticResolver
 
 PUBLIC = "198.51.99.7"
 HOSTS = ("a.example", "b.example", "m.example")
-compile = functools.partial(policy_from_config, realpath=os.path.realpath)
+COMPILE = functools.partial(policy_from_config, realpath=os.path.realpath)
 
 
 @pytest.fixture
@@ -78,13 +78,13 @@ class Proxy:
         clock = MemoryReactorClock()
         self.auditor = RecordingAuditor(clock.seconds)
         self.service = PolicyService(
-            compile(effective_config(sources)),
+            COMPILE(effective_config(sources)),
             resolver=StaticResolver({host: [PUBLIC] for host in HOSTS}),
             clock=clock,
             auditor=self.auditor,
         )
         self.state = PolicyState(
-            self.service, sources, paths, compile=compile, run_in_thread=run_in_thread
+            self.service, sources, paths, compile=COMPILE, run_in_thread=run_in_thread
         )
 
     def decide(self, host: str) -> str:
