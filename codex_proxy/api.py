@@ -7,163 +7,41 @@ Twisted program, hand its address to child processes, stop it.
     ... proxy.env() ...
     yield handle.shutdown()
 
-L{ProxyService} wraps the same cycle as an C{IService} for C{.tac} files and
-C{twistd codexproxy}: this module holds the one copy of listener binding.
+L{ProxyService} runs a L{NetworkProxy} as an C{IService} for C{.tac} files
+and C{twistd codexproxy}. Compiling the config, loading the CA, choosing
+parents and binding the listeners (L{codex_proxy.listening}) happen
+elsewhere; this module puts the pieces together.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet import defer, endpoints, threads
-from twisted.internet.interfaces import IHostnameResolver, IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from codex_proxy import _httphead
 from codex_proxy.audit import Auditor, Sink
-from codex_proxy.ca import (
-    BUNDLE_FILE,
-    CAError,
-    CertificateAuthority,
-    load_or_create_ca,
-    system_roots_file,
-    write_bundle,
-)
-from codex_proxy.parents import ParentProxies, from_environ
 from codex_proxy.childenv import child_env
-from codex_proxy.config import (
-    ConfigError,
-    ListenAddress,
-    ProxyConfig,
-    codex_home,
-    parse_listen_address,
-)
+from codex_proxy.config import ConfigError, ListenAddress, ProxyConfig, parse_listen_address
+from codex_proxy.connections import Connections
 from codex_proxy.decider import Decider
 from codex_proxy.descriptors import fit_max_connections
-from codex_proxy.errors import ProxyError
-from codex_proxy.httpproxy import HTTPProxyFactory
-from codex_proxy.connections import Connections
-from codex_proxy.mitm import Interceptor, OriginTLS, UpstreamTrust, trust_files
+from codex_proxy.listening import ListenError, address_text, bind, bound_address, listeners
+from codex_proxy.mitm import Interception, load_interception
 from codex_proxy.model import Verdict
-from codex_proxy.policy import Policy
-from codex_proxy.policyservice import PolicyService
+from codex_proxy.parents import parents_from_config
+from codex_proxy.policy import policy_from_config
 from codex_proxy.policystate import PolicyState
-from codex_proxy.rules import SourcePaths, Sources, effective_config
-from codex_proxy.socks5 import SOCKS5Factory
-from codex_proxy.upstream import Upstream
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.sources import SourcePaths, Sources, effective_config
 
 _log = Logger()
-
-class ListenError(ProxyError):
-    """
-    A listener could not be bound; the message names the address and key.
-    """
-
-
-class InterceptionError(ProxyError):
-    """
-    HTTPS interception was asked for but its CA or trust store cannot be
-    used; the proxy does not start (fail closed).
-    """
-
-
-def policy_from_config(config: ProxyConfig) -> Policy:
-    """
-    Compile the policy of a config (once per load, never per request).
-    With C{mitm = true} the proxy loads its CA before it listens, or fails.
-    """
-    return Policy.build(
-        enabled=config.enabled,
-        mode=config.mode,
-        mitm=config.mitm,
-        allow_local_binding=config.allow_local_binding,
-        allowed=config.allowed_domains,
-        denied=config.denied_domains,
-        managed_allowed_domains_only=config.managed_allowed_domains_only,
-        # Symlinks of the allowed sockets are resolved once per load (the
-        # requested path is resolved per request, SPEC §8).
-        unix_sockets=[os.path.realpath(path) for path in config.allow_unix_sockets],
-        all_unix_sockets=config.dangerously_allow_all_unix_sockets,
-    )
-
-
-@attrs.frozen
-class Interception:
-    """
-    What HTTPS interception needs, loaded once at start (SPEC §6): the CA,
-    the trust store for upstream legs, and the client bundle's path.
-    """
-
-    ca: CertificateAuthority
-    trust: UpstreamTrust
-    bundle: str
-
-
-def load_interception(environ: Mapping[str, str] = os.environ) -> Interception:
-    """
-    Load or create the CA under C{$CODEX_HOME/proxy/}, write the client
-    bundle (system roots + our CA) next to it, and load the upstream trust
-    (system roots + C{SSL_CERT_FILE}, never our CA). Blocking file I/O, done
-    once before listening.
-
-    @raise CAError: the CA files are unsafe or unusable (fail closed).
-    @raise ConfigError: C{CODEX_HOME}/C{HOME} cannot be found.
-    @raise OSError: a file could not be read or written.
-    """
-    directory = os.path.join(codex_home(environ), "proxy")
-    ca = load_or_create_ca(directory, time.time)
-    roots = system_roots_file()
-    bundle = os.path.join(directory, BUNDLE_FILE)
-    write_bundle(ca, bundle, roots)
-    trust = UpstreamTrust.from_files(trust_files(environ, roots), exclude=ca.cert)
-    return Interception(ca, trust, bundle)
-
-
-def parents_from_config(
-    config: ProxyConfig, environ: Mapping[str, str]
-) -> Optional[ParentProxies]:
-    """
-    The parent proxies of the proxy's own environment, read once at start,
-    or C{None} when C{allow_upstream_proxy} is off (SPEC §7).
-    """
-    return from_environ(environ) if config.allow_upstream_proxy else None
-
-
-def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
-    limits = config.limits
-    return _httphead.HeadLimits(
-        max_request_line_bytes=limits.max_request_line_bytes,
-        max_header_bytes=limits.max_header_bytes,
-        max_header_fields=limits.max_header_fields,
-    )
-
-
-#: The listen queue: a burst of connections (hundreds of clients starting
-#: at once) waits in the kernel instead of retrying dropped SYNs a second
-#: later, as it would with Twisted's default of 50.
-LISTEN_BACKLOG = 1024
-
-
-def _endpoint(reactor: Any, address: ListenAddress) -> Any:
-    if ":" in address.host:
-        return endpoints.TCP6ServerEndpoint(
-            reactor, address.port, backlog=LISTEN_BACKLOG, interface=address.host
-        )
-    return endpoints.TCP4ServerEndpoint(
-        reactor, address.port, backlog=LISTEN_BACKLOG, interface=address.host
-    )
-
-
-def _bound(port: IListeningPort) -> str:
-    host = port.getHost()
-    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
 
 
 @attrs.frozen
@@ -176,6 +54,13 @@ class ProxyHandle:
     http_addr: Optional[str]
     socks_addr: Optional[str]
     _proxy: "NetworkProxy" = attrs.field(repr=False)
+
+    def addresses(self) -> Dict[str, str]:
+        """
+        The bound listeners by name, C{{"http": "127.0.0.1:PORT"}}.
+        """
+        named = {"http": self.http_addr, "socks": self.socks_addr}
+        return {name: address for name, address in named.items() if address is not None}
 
     def shutdown(self) -> defer.Deferred[None]:
         """
@@ -270,7 +155,7 @@ class NetworkProxyBuilder:
     def interception(self, interception: Interception) -> NetworkProxyBuilder:
         """
         Use this CA and trust store for HTTPS interception (C{mitm = true})
-        instead of loading them from C{$CODEX_HOME/proxy/} at L{build}.
+        instead of loading them from C{$CODEX_HOME/proxy/} at L{create}.
         """
         self._interception = interception
         return self
@@ -291,47 +176,64 @@ class NetworkProxyBuilder:
         self._resolver = resolver
         return self
 
-    def build(self) -> defer.Deferred[NetworkProxy]:
+    def create(self) -> NetworkProxy:
         """
-        Fires with the L{NetworkProxy}, or fails with C{ValueError} when an
-        address given here is not on loopback and the config does not allow
-        that (nothing is replaced silently in code).
+        The L{NetworkProxy}, made now (for a C{.tac} file or a
+        L{ProxyService}).
+
+        @raise ValueError: an address given here is not on loopback and the
+            config does not allow that (nothing is replaced silently in code).
+        @raise codex_proxy.mitm.InterceptionError: C{mitm = true} and the CA
+            cannot be loaded (fail closed).
         """
         config = self._config
         unix = bool(config.allow_unix_sockets) or config.dangerously_allow_all_unix_sockets
-        for field, address in self._listens.items():
+        for address in self._listens.values():
             if not address.is_loopback and (
                 unix or not config.dangerously_allow_non_loopback_proxy
             ):
-                return defer.fail(
-                    ValueError(
-                        f"listener address {address} is not on loopback"
-                        " (needs dangerously_allow_non_loopback_proxy and no unix sockets)"
-                    )
+                raise ValueError(
+                    f"listener address {address} is not on loopback"
+                    " (needs dangerously_allow_non_loopback_proxy and no unix sockets)"
                 )
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
-        sources = self._sources or Sources(config)
-        listens = self._listens
         interception = self._interception
         if config.mitm and interception is None:
-            try:
-                interception = load_interception(self._environ)
-            except (CAError, ConfigError, OSError, ValueError) as e:
-                return defer.fail(InterceptionError(f"mitm: {e}"))
-        return defer.succeed(
-            NetworkProxy(
-                attrs.evolve(sources, config=attrs.evolve(sources.config, **listens)),
-                self._paths,
-                reactor,
-                Auditor(reactor.seconds, self._metadata, self._sinks),
-                self._decider,
-                self._environ,
-                interception,
-                self._resolver,
-            )
+            interception = load_interception(self._environ)
+        sources = self._sources or Sources(config)
+        return NetworkProxy(
+            attrs.evolve(sources, config=self._listening(sources.config)),
+            self._paths,
+            reactor,
+            Auditor(reactor.seconds, self._metadata, self._sinks),
+            self._decider,
+            self._environ,
+            interception,
+            self._resolver,
         )
+
+    def _listening(self, config: ProxyConfig) -> ProxyConfig:
+        """
+        C{config} with the listener addresses given here.
+        """
+        listens = self._listens
+        return attrs.evolve(
+            config,
+            http_listen=listens.get("http_listen", config.http_listen),
+            socks_listen=listens.get("socks_listen", config.socks_listen),
+        )
+
+    def build(self) -> defer.Deferred[NetworkProxy]:
+        """
+        L{create} as SPEC §9.1 has it: a Deferred firing with the proxy, or
+        failing with what L{create} raises.
+        """
+        return defer.maybeDeferred(self.create)
+
+
+_compile = functools.partial(policy_from_config, realpath=os.path.realpath)
 
 
 class NetworkProxy:
@@ -358,10 +260,10 @@ class NetworkProxy:
         self.parents = parents_from_config(config, environ)
         self._reactor = reactor
         self._connections = Connections(config.limits.max_connections)
-        self._ports: List[IListeningPort] = []
+        self._listening: Optional[MultiService] = None
         self._handle: Optional[ProxyHandle] = None
         self.policy = PolicyService(
-            policy_from_config(config),
+            _compile(config),
             resolver=resolver or reactor.nameResolver,
             clock=reactor,
             auditor=auditor,
@@ -373,7 +275,7 @@ class NetworkProxy:
             self.policy,
             sources,
             paths,
-            compile=policy_from_config,
+            compile=_compile,
             run_in_thread=lambda f: threads.deferToThreadPool(
                 reactor, reactor.getThreadPool(), f
             ),
@@ -392,12 +294,53 @@ class NetworkProxy:
 
     def run(self) -> defer.Deferred[ProxyHandle]:
         """
-        Bind the listeners of an enabled config (none of a disabled one).
-        Fails with L{ListenError} when one cannot be bound, after releasing
-        any already bound.
+        L{listen} as SPEC §9.1 has it: a Deferred firing with the handle, or
+        failing with what L{listen} raises.
+        """
+        return defer.maybeDeferred(self.listen)
+
+    def listen(self) -> ProxyHandle:
+        """
+        Bind the listeners of an enabled config (none of a disabled one) and
+        tell the policy service their addresses, so that the proxy never
+        dials itself.
+
+        @raise ListenError: a listener cannot be bound; the ones already
+            bound are released.
         """
         if self._handle is not None:
-            return defer.fail(RuntimeError("this proxy is already running"))
+            raise RuntimeError("this proxy is already running")
+        self._logStart()
+        if self.config.enabled:
+            self._connections.max_clients = fit_max_connections(
+                self.config.limits.max_connections
+            )
+        wanted = listeners(
+            self.config,
+            self.policy,
+            self._reactor,
+            self._connections,
+            self.parents,
+            self._interception,
+            self._environ,
+        )
+        self._listening, ports = bind(wanted, self._reactor)
+        bound = {name: address_text(port) for name, port in ports.items()}
+        for name, address in bound.items():
+            _log.info(
+                "codex-proxy {name} proxy listening on {address}",
+                name=name.upper(),
+                address=address,
+            )
+        self.policy.set_own_addresses(bound_address(port) for port in ports.values())
+        self._handle = ProxyHandle(bound.get("http"), bound.get("socks"), self)
+        return self._handle
+
+    def _logStart(self) -> None:
+        """
+        Log what the proxy starts with: config warnings, upstream proxies,
+        or that it is disabled.
+        """
         config = self.config
         for warning in config.warnings:
             _log.warn("{warning}", warning=warning)
@@ -411,118 +354,20 @@ class NetworkProxy:
                         kind=kind,
                         address=f"{parent.scheme}://{parent.address}",
                     )
-        bound: Dict[str, str] = {}
-        if config.enabled:
-            self._connections.max_clients = fit_max_connections(config.limits.max_connections)
-        else:
+        if not config.enabled:
             _log.info(
                 "codex-proxy is disabled (enabled = false in {source}); no listener bound",
                 source=config.source,
             )
-        for name, key, address, factory in self._listeners():
-            try:
-                bound[name] = self._listen(key, address, factory)
-            except ListenError:
-                self._stopListening()
-                return defer.fail()
-            _log.info(
-                "codex-proxy {name} proxy listening on {address}",
-                name=name.upper(),
-                address=bound[name],
-            )
-        self._handle = ProxyHandle(bound.get("http"), bound.get("socks"), self)
-        return defer.succeed(self._handle)
-
-    def _listeners(self) -> List[Tuple[str, str, ListenAddress, Factory]]:
-        """
-        What to bind: (name, config key, address, factory) per listener.
-        """
-        config = self.config
-        if not config.enabled:
-            return []
-        reactor = self._reactor
-        upstream = Upstream(
-            reactor, config.limits.connect_timeout_s, self._connections, parents=self.parents
-        )
-        interceptor = self._interceptor()
-        http = HTTPProxyFactory(
-            self.policy,
-            upstream,
-            reactor,
-            head_limits(config),
-            tunnel_idle=config.limits.tunnel_idle_s,
-            header_timeout=config.limits.header_timeout_s,
-            keepalive_idle=config.limits.keepalive_idle_s,
-            response_timeout=config.limits.response_timeout_s,
-            connections=self._connections,
-            mitm=interceptor,
-            origin_tls=interceptor or self._originTLS(),
-        )
-        listeners: List[Tuple[str, str, ListenAddress, Factory]] = [
-            ("http", "proxy_url", config.http_listen, http)
-        ]
-        if config.enable_socks5:
-            socks = SOCKS5Factory(
-                self.policy,
-                upstream,
-                reactor,
-                config.limits,
-                enable_udp=config.enable_socks5_udp,
-                reactor=reactor,
-                connections=self._connections,
-            )
-            listeners.append(("socks", "socks_url", config.socks_listen, socks))
-        return listeners
-
-    def _interceptor(self) -> Optional[Interceptor]:
-        """
-        The interceptor of a proxy with a CA; without one, an intercept
-        verdict (possible only after a reload turned mitm on) is refused.
-        """
-        i = self._interception
-        if i is None:
-            return None
-        return Interceptor(i.ca, i.trust, self._reactor.seconds)
-
-    def _originTLS(self) -> Optional[OriginTLS]:
-        """
-        Client TLS for absolute-form C{https://} requests: the system roots
-        plus C{SSL_CERT_FILE} (SPEC §7). A trust store that cannot be read
-        leaves such requests failing with C{upstream-tls-failed}.
-        """
-        try:
-            trust = UpstreamTrust.from_files(trust_files(self._environ, system_roots_file()))
-        except ValueError as e:
-            _log.warn("no trust store for https:// requests: {error}", error=str(e))
-            return None
-        return OriginTLS(trust)
-
-    def _listen(self, key: str, address: ListenAddress, factory: Factory) -> str:
-        result: List[Any] = []
-        # TCP endpoints bind synchronously: the Deferred has fired on return.
-        _endpoint(self._reactor, address).listen(factory).addBoth(result.append)
-        (outcome,) = result
-        if isinstance(outcome, Failure):
-            raise ListenError(
-                f"cannot listen on {address} ({key}): {outcome.getErrorMessage()}"
-            )
-        self._ports.append(outcome)
-        return _bound(outcome)
-
-    def _stopListening(self) -> defer.Deferred[Any]:
-        ports, self._ports = self._ports, []
-        return defer.gatherResults(
-            [defer.maybeDeferred(port.stopListening) for port in ports],
-            consumeErrors=True,
-        )
 
     def _shutdown(self) -> defer.Deferred[None]:
         self._handle = None
-        stopped = self._stopListening()
+        listening, self._listening = self._listening, None
+        stopped = defer.maybeDeferred(listening.stopService) if listening else None
         closed = self._connections.closeAll()
-        return defer.gatherResults([stopped, closed], consumeErrors=True).addCallback(
-            lambda _: None
-        )
+        return defer.gatherResults(
+            [d for d in (stopped, closed) if d is not None], consumeErrors=True
+        ).addCallback(lambda _: None)
 
     def env(self) -> Dict[str, str]:
         """
@@ -573,7 +418,7 @@ class NetworkProxy:
         denylist; with C{persist}, remember it in
         C{$CODEX_HOME/proxy/network-rules.toml} across restarts.
 
-        @raise codex_proxy.rules.RuleError: invalid, or forbidden by managed
+        @raise codex_proxy.sources.RuleError: invalid, or forbidden by managed
             requirements; nothing changed.
         """
         return self._state.add_allowed_domain(pattern, persist)
@@ -592,78 +437,39 @@ class ProxyService(Service):
     (connections included) on stop. A listener that cannot be bound stops
     start-up with one line on stderr and exit status 1.
 
-    @ivar proxy: the proxy, once started.
+    @ivar proxy: the proxy.
     @ivar addresses: the bound listeners, C{{"http": "127.0.0.1:PORT"}}.
     """
 
-    def __init__(
-        self,
-        config: ProxyConfig,
-        reactor: Any = None,
-        *,
-        decider: Optional[Decider] = None,
-        audit_metadata: Optional[Mapping[str, str]] = None,
-        audit_sinks: Tuple[Sink, ...] = (),
-        sources: Optional[Sources] = None,
-        paths: Optional[SourcePaths] = None,
-        environ: Optional[Mapping[str, str]] = None,
-        interception: Optional[Interception] = None,
-        exit_on_error: bool = True,
-        resolver: Optional[IHostnameResolver] = None,
-    ) -> None:
+    def __init__(self, proxy: NetworkProxy, *, exit_on_error: bool = True) -> None:
         """
         @param exit_on_error: a start-up failure prints one line on stderr
             and exits 1; when false it is logged and raised (a daemonizing
             C{twistd} reports it to its waiting parent).
-        @param resolver: resolves allowed names instead of the reactor's
-            resolver (see L{NetworkProxyBuilder.resolver}).
         """
-        self.config = config
+        self.proxy = proxy
         self._exit_on_error = exit_on_error
-        self.proxy: Optional[NetworkProxy] = None
         self.addresses: Dict[str, str] = {}
         self._handle: Optional[ProxyHandle] = None
-        builder = NetworkProxy.builder().config(config).audit_metadata(audit_metadata or {})
-        if reactor is not None:
-            builder.reactor(reactor)
-        if decider is not None:
-            builder.policy_decider(decider)
-        for sink in audit_sinks:
-            builder.audit_sink(sink)
-        if sources is not None:
-            builder.sources(sources, paths or SourcePaths())
-        if environ is not None:
-            builder.environ(environ)
-        if interception is not None:
-            builder.interception(interception)
-        if resolver is not None:
-            builder.resolver(resolver)
-        self._builder = builder
+
+    @property
+    def config(self) -> ProxyConfig:
+        """
+        The effective config of the proxy in force.
+        """
+        return self.proxy.config
 
     def startService(self) -> None:
         super().startService()
-        outcome: List[Any] = []
-        self._builder.build().addCallback(self._run).addBoth(outcome.append)
-        (result,) = outcome
-        if isinstance(result, Failure):
-            result.trap(ListenError, InterceptionError, ValueError)
+        try:
+            self._handle = self.proxy.listen()
+        except ListenError as e:
             if not self._exit_on_error:
-                _log.error("codexproxy: {message}", message=result.getErrorMessage())
-                result.raiseException()
-            sys.stderr.write(f"codexproxy: {result.getErrorMessage()}\n")
+                _log.error("codexproxy: {message}", message=str(e))
+                raise
+            sys.stderr.write(f"codexproxy: {e}\n")
             raise SystemExit(1)
-
-    def _run(self, proxy: NetworkProxy) -> defer.Deferred[None]:
-        self.proxy = proxy
-
-        def running(handle: ProxyHandle) -> None:
-            self._handle = handle
-            if handle.http_addr is not None:
-                self.addresses["http"] = handle.http_addr
-            if handle.socks_addr is not None:
-                self.addresses["socks"] = handle.socks_addr
-
-        return proxy.run().addCallback(running)
+        self.addresses = self._handle.addresses()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -674,14 +480,9 @@ class ProxyService(Service):
 
 
 __all__ = [
-    "Interception",
-    "InterceptionError",
     "ListenError",
     "NetworkProxy",
     "NetworkProxyBuilder",
     "ProxyHandle",
     "ProxyService",
-    "head_limits",
-    "load_interception",
-    "policy_from_config",
 ]

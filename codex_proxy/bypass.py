@@ -20,6 +20,7 @@ import attrs
 
 from codex_proxy.addresses import is_public, parse_ip_literal
 from codex_proxy.domains import InvalidHost, normalize_host
+from codex_proxy.errors import ProxyError
 from codex_proxy.model import IPAddress
 
 #: HTTP 403 with this x-proxy-error, SOCKS5 REP 0x02.
@@ -35,7 +36,7 @@ _CASE_KEYS = ("name", "host", "why", "answers", "rebind_to", "expect")
 _TOP_KEYS = ("allowed_domains", "case")
 
 
-class BypassError(ValueError):
+class BypassError(ProxyError, ValueError):
     """
     The corpus is malformed; the message names the file, the case and the key.
     """

@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from codex_proxy.errors import ProxyError
+
 #: File names inside C{$CODEX_HOME/proxy/}.
 CERT_FILE = "ca.pem"
 KEY_FILE = "ca.key"
@@ -50,7 +52,7 @@ def new_p256_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-class CAError(Exception):
+class CAError(ProxyError):
     """
     The CA files are missing, half-present, unsafe or unreadable. The message
     names the file and what is wrong with it.

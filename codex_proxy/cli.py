@@ -6,7 +6,7 @@ running the proxy (SPEC §10, issue 7).
     each entry came from;
   - C{explain [--config F] [--method M] TARGET}: what the policy says about
     one request, and which config line would change that, without sending
-    traffic or resolving names;
+    traffic or resolving names (L{codex_proxy.explain});
   - C{env [--shell sh|fish|json] [--config F] [--ports-file P]}: the
     variables that point a child process at the proxy;
   - C{selftest --proxy URL [--socks H:P] [--port N] [--with-resolve]}:
@@ -25,33 +25,20 @@ import os
 import shlex
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
-from urllib.parse import urlsplit
 
 import attrs
-from cryptography.hazmat.primitives import hashes
 
 from codex_proxy import selftest
-from codex_proxy.api import load_interception, policy_from_config
 from codex_proxy.bypass import BypassError, load_corpus
-from codex_proxy.ca import CAError, system_roots_file, write_bundle
 from codex_proxy.childenv import EnvError, child_env
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
-from codex_proxy.errors import reply_for
-from codex_proxy.model import Protocol, ProxyRequest, Reason, Verdict
-from codex_proxy.policy import Policy, decide, is_local_target
+from codex_proxy.errors import ProxyError
+from codex_proxy.explain import UsageError, explain, parse_target
+from codex_proxy.policy import policy_from_config
 
 EXIT_OK = 0
 EXIT_BLOCKED = 1
 EXIT_USAGE = 2
-
-_HTTP_SCHEMES = {"http": 80, "ws": 80}
-_TLS_SCHEMES = {"https": 443, "wss": 443}
-
-
-class UsageError(ValueError):
-    """
-    A command-line argument that cannot be used; exit status 2.
-    """
 
 
 def _load(path: Optional[str]) -> ProxyConfig:
@@ -130,161 +117,13 @@ def _table(out: TextIO, rows: Sequence[Tuple[str, str]]) -> None:
 # explain
 
 
-def parse_target(text: str, method: Optional[str]) -> Tuple[ProxyRequest, str]:
-    """
-    The request a client would send for C{text}, and the method of a request
-    inside the tunnel (used only when the tunnel would be intercepted).
-
-    A URL is requested the way proxy-aware clients do: C{http://} and
-    C{ws://} as a plain proxy request (C{method}, default C{GET}),
-    C{https://} and C{wss://} as a C{CONNECT} tunnel. A bare C{host:port} is
-    a C{CONNECT} tunnel, or a plain request when C{method} is another one.
-
-    @raise UsageError: C{text} is neither a URL nor C{host:port}.
-    """
-    method = method.upper() if method else None
-    inner = method if method and method != "CONNECT" else "GET"
-    if "://" in text:
-        parts = urlsplit(text)
-        scheme = parts.scheme.lower()
-        try:
-            port = parts.port
-        except ValueError:
-            raise UsageError(f"invalid port in URL {text!r}") from None
-        host = parts.hostname or ""
-        if scheme in _HTTP_SCHEMES:
-            return _plain(host, port or _HTTP_SCHEMES[scheme], method or "GET"), inner
-        if scheme in _TLS_SCHEMES:
-            return _tunnel(host, port or _TLS_SCHEMES[scheme]), inner
-        raise UsageError(
-            f"unsupported scheme {parts.scheme!r} in {text!r}"
-            " (expected http, https, ws or wss)"
-        )
-    host, port = _host_port(text)
-    if method is None or method == "CONNECT":
-        return _tunnel(host, port), inner
-    return _plain(host, port, method), inner
-
-
-def _host_port(text: str) -> Tuple[str, int]:
-    if text.startswith("["):
-        host, _, rest = text.partition("]")
-        host, port = host + "]", rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = text.rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()):
-        raise UsageError(
-            f"expected a URL (http://host/path) or host:port, got {text!r}"
-        )
-    return host, int(port)
-
-
-def _plain(host: str, port: int, method: str) -> ProxyRequest:
-    return ProxyRequest(Protocol.HTTP, host, port, method=method)
-
-
-def _tunnel(host: str, port: int) -> ProxyRequest:
-    return ProxyRequest(Protocol.HTTPS_CONNECT, host, port, method="CONNECT")
-
-
-def explain(
-    config: ProxyConfig, policy: Policy, request: ProxyRequest, inner_method: str
-) -> Tuple[List[Tuple[str, str]], bool]:
-    """
-    What C{policy} says about C{request}, as labelled lines, and whether it
-    is allowed. Only the synchronous decision runs: no DNS, no decider.
-    """
-    verdict = decide(policy, request)
-    rows = [("request", _describe(request))]
-    if verdict.intercept:
-        rows.append(
-            ("tunnel", "intercepted (mitm): each request inside is checked again")
-        )
-        request = ProxyRequest(
-            Protocol.HTTPS, request.host, request.port, method=inner_method
-        )
-        verdict = decide(policy, request)
-        rows.append(("inside", _describe(request)))
-    rows.append(("decision", verdict.decision.value))
-    if verdict.reason is not None:
-        reply = reply_for(verdict.reason)
-        rows += [
-            ("reason", f"{verdict.reason.value} ({reply.message})"),
-            ("source", verdict.source.value),
-            ("x-proxy-error", f"{reply.header} (HTTP {reply.status})"),
-        ]
-    rows.append(("matched", _matched(config, verdict)))
-    rows.append(("to change", _change(config, verdict)))
-    if verdict.allowed and not config.allow_local_binding and not is_local_target(
-        verdict.host
-    ):
-        rows.append(
-            (
-                "not checked",
-                "resolution-time checks are not evaluated (explain does not"
-                f" resolve names): the proxy still blocks {verdict.host} with"
-                " not_allowed_local if any address it resolves to is loopback,"
-                " private or link-local",
-            )
-        )
-    if verdict.reason is Reason.NOT_ALLOWED:
-        rows.append(
-            ("not checked", "a policy decider (library API) may allow an allowlist miss")
-        )
-    return rows, verdict.allowed
-
-
-def _describe(request: ProxyRequest) -> str:
-    host = f"[{request.host}]" if ":" in request.host else request.host
-    return f"{request.method} {host}:{request.port} (protocol {request.protocol.value})"
-
-
-def _matched(config: ProxyConfig, verdict: Verdict) -> str:
-    if verdict.matched is None:
-        return "no pattern"
-    listed = "denied_domains" if verdict.reason is Reason.DENIED else "allowed_domains"
-    where = config.pattern_sources.get(verdict.matched, config.source)
-    return f'{listed} pattern "{verdict.matched}" ({where})'
-
-
-def _change(config: ProxyConfig, verdict: Verdict) -> str:
-    """
-    The config edit that would turn the decision around.
-    """
-    table = f"in [{config.section}] of {config.source}"
-    host = verdict.host
-    if verdict.allowed:
-        where = config.pattern_sources.get(verdict.matched or "", "its allowlist entry")
-        return f'remove {where}, or add "{host}" to denied_domains {table}'
-    suggestions: Dict[Reason, Callable[[], str]] = {
-        Reason.PROXY_DISABLED: lambda: f"set enabled = true {table}",
-        Reason.INVALID_HOST: lambda: (
-            "no config change: the host or port is not valid"
-        ),
-        Reason.DENIED: lambda: (
-            f'remove {config.pattern_sources.get(verdict.matched or "", "the entry")}'
-            f' ("{verdict.matched}"); the allowlist then decides'
-        ),
-        Reason.NOT_ALLOWED_LOCAL: lambda: (
-            f'add the exact entry "{host}" to allowed_domains {table} (wildcards'
-            " never unlock local targets), or set allow_local_binding = true"
-        ),
-        Reason.NOT_ALLOWED: lambda: f'add "{host}" to allowed_domains {table}',
-        Reason.METHOD_NOT_ALLOWED: lambda: f'set mode = "full" {table}',
-        Reason.MITM_REQUIRED: lambda: (
-            f'set mitm = true (HTTPS interception) or mode = "full" {table}'
-        ),
-    }
-    assert verdict.reason is not None
-    return suggestions[verdict.reason]()
-
-
 def run_explain(
     path: Optional[str], target: str, method: Optional[str], out: TextIO
 ) -> int:
     config = _load(path)
     request, inner = parse_target(target, method)
-    rows, allowed = explain(config, policy_from_config(config), request, inner)
+    policy = policy_from_config(config, os.path.realpath)
+    rows, allowed = explain(config, policy, request, inner)
     out.write(f"config: {config.source} [{config.section}]\n")
     _table(out, rows)
     return EXIT_OK if allowed else EXIT_BLOCKED
@@ -307,7 +146,10 @@ def run_env(
     bundle = None
     if config.mitm:
         # The proxy makes the CA and bundle at start; make sure they exist
-        # now, so the variables never name a missing file.
+        # now, so the variables never name a missing file. TLS is loaded
+        # only by the commands that need it.
+        from codex_proxy.mitm import load_interception
+
         bundle = load_interception(os.environ).bundle
     env = child_env(config, http=bound.get("http"), socks=bound.get("socks"), ca_bundle=bundle)
     out.write(_FORMATS[shell](env))
@@ -345,6 +187,11 @@ def run_ca(bundle: Optional[str], out: TextIO) -> int:
     files, fingerprint, validity and the client bundle (also written to
     C{bundle} when given).
     """
+    from cryptography.hazmat.primitives import hashes
+
+    from codex_proxy.ca import system_roots_file, write_bundle
+    from codex_proxy.mitm import load_interception
+
     interception = load_interception(os.environ)
     ca = interception.ca
     directory = os.path.dirname(interception.bundle)
@@ -519,7 +366,7 @@ def main(
     except (EnvError, BypassError) as e:
         err.write(f"codexproxy: {e}\n")
         return EXIT_BLOCKED
-    except (CAError, OSError) as e:
+    except (ProxyError, OSError) as e:  # the CA's
         err.write(f"codexproxy {args.command}: {e}\n")
         return EXIT_BLOCKED
 

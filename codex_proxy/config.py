@@ -1,49 +1,39 @@
 """
 The network section of codex's C{config.toml}, read into a frozen
-L{ProxyConfig} (SPEC §2.1, §2.2, §2.3, §2.6), and the managed requirements
-of C{--requirements} merged into it (SPEC §2.4).
+L{ProxyConfig} (SPEC §2.1, §2.2, §2.3, §2.6).
 
 Pure core: bytes in, value out, no I/O except in L{load_config}. Every
 mistake becomes one L{ConfigError} line naming the file, the dotted key and
-the bad value, so a user can fix it without reading a traceback.
+the bad value (the checks shared with the other policy files are in
+L{codex_proxy._toml}); managed requirements and remembered rules are
+L{codex_proxy.sources}'.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import json
 import math
 import os
 import re
-import tomllib
-from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Mapping
 
 import attrs
 
-from codex_proxy import domains
-from codex_proxy.errors import ProxyError
+from codex_proxy import _httphead
+from codex_proxy._toml import (
+    ConfigError,
+    Table,
+    is_str,
+    is_table,
+    load_toml,
+    quote,
+    read_file,
+    readonly,
+    show,
+)
 from codex_proxy.model import Mode
 
 DEFAULTS_SOURCE = "<defaults>"
-
-
-class ConfigError(ProxyError):
-    """
-    The configuration is unusable; C{str()} is one line for people.
-
-    @ivar source: the file name (or C{"<defaults>"}, C{"<environment>"}).
-    @ivar key: the dotted key at fault, or C{None} for the file as a whole.
-    @ivar message: what is wrong with it.
-    """
-
-    def __init__(self, source: str, key: Optional[str], message: str) -> None:
-        self.source = source
-        self.key = key
-        self.message = message
-        where = f"{source}: {key}" if key else source
-        super().__init__(f"{where}: {message}")
 
 
 @attrs.frozen
@@ -96,7 +86,8 @@ def parse_listen_address(text: str) -> ListenAddress:
                 "(expected http, https, socks5 or socks5h)"
             )
         rest = rest[scheme.end() :]
-    authority, tail = re.match(r"^([^/?#]*)(.*)$", rest).groups()
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    tail = rest[len(authority) :]
     if tail not in ("", "/"):
         raise ValueError(f"unexpected {tail!r} after host:port")
     if "@" in authority:
@@ -127,22 +118,6 @@ def parse_listen_address(text: str) -> ListenAddress:
     if address.version != version:
         raise ValueError("an IPv6 address must be in brackets: [::1]:port")
     return ListenAddress(str(address), int(port))
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
-
-
-def _is_list(value: Any) -> bool:
-    return isinstance(value, list)
-
-
-def _is_table(value: Any) -> bool:
-    return isinstance(value, dict)
 
 
 def _positive_number(value: Any) -> bool:
@@ -216,9 +191,7 @@ class ProxyConfig:
     dangerously_allow_all_unix_sockets: bool = False
     limits: Limits = Limits()
     source: str = DEFAULTS_SOURCE
-    pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
-    )
+    pattern_sources: Mapping[str, str] = attrs.field(factory=dict, converter=readonly, hash=False)
     warnings: tuple[str, ...] = ()
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)
@@ -258,123 +231,30 @@ _NETWORK_KEYS = (
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
 
-def _quote(name: str) -> str:
-    """
-    A TOML key as the user would write it: bare when possible.
-    """
-    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        return name
-    return json.dumps(name, ensure_ascii=False)
-
-
-def _show(value: Any) -> str:
-    """
-    A value as TOML would spell it, prefixed by its TOML type.
-    """
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    names = {int: "integer", float: "float", str: "string", list: "array"}
-    kind = names.get(type(value), "table" if isinstance(value, dict) else "datetime")
-    return f"{kind} {value!r}"
-
-
-@attrs.frozen
-class _Table:
-    """
-    A TOML table being validated, with where it sits for messages.
-    """
-
-    values: Mapping[str, Any]
-    source: str
-    path: str
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{_quote(name)}" if self.path else _quote(name)
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.source, key, message)
-
-    def check_keys(self, known: Iterable[str]) -> None:
-        """
-        Refuse unknown keys, suggesting the closest known one.
-        """
-        known = tuple(known)
-        for name in self.values:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = (
-                    f"did you mean {close[0]!r}?"
-                    if close
-                    else "known keys: " + ", ".join(known)
-                )
-                raise self.error(self.key(name), f"unknown key ({hint})")
-
-    def get(
-        self, name: str, default: Any, accept: Callable[[Any], bool], expected: str
-    ) -> Any:
-        """
-        The value of C{name} if C{accept(value)}, C{default} if absent.
-        """
-        if name not in self.values:
-            return default
-        value = self.values[name]
-        if not accept(value):
-            raise self.error(self.key(name), f"expected {expected}, got {_show(value)}")
-        return value
-
-    def strings(self, name: str) -> list[tuple[str, str]]:
-        """
-        A list of strings, each with its dotted key and index.
-        """
-        values = self.get(name, [], _is_list, "an array of strings")
-        key = self.key(name)
-        for index, value in enumerate(values):
-            if not isinstance(value, str):
-                raise self.error(
-                    f"{key}[{index}]", f"expected a string, got {_show(value)}"
-                )
-        return [(value, f"{key}[{index}]") for index, value in enumerate(values)]
-
-    def table(self, name: str) -> _Table:
-        values = self.get(name, {}, _is_table, "a table")
-        return _Table(values, self.source, self.key(name))
-
-
-def _pattern(text: str, key: str, table: _Table) -> str:
-    try:
-        return domains.parse_pattern(text).text
-    except domains.PatternError as e:
-        reason = str(e)
-        if repr(text) not in reason:
-            reason = f"invalid pattern {text!r}: {reason}"
-        raise table.error(key, reason) from None
-
-
-def _domain_lists(network: _Table) -> tuple[dict[str, str], dict[str, str]]:
+def _domain_lists(network: Table) -> tuple[dict[str, str], dict[str, str]]:
     """
     Merge the two lists and the C{domains} map into allowed and denied
     pattern texts, each mapped to where it first appeared.
     """
     allowed: dict[str, str] = {}
     denied: dict[str, str] = {}
-    for name, into in (("allowed_domains", allowed), ("denied_domains", denied)):
-        for text, key in network.strings(name):
-            into.setdefault(_pattern(text, key, network), f"{network.source}: {key}")
+    network.patterns("allowed_domains", allowed)
+    network.patterns("denied_domains", denied)
     mapping = network.table("domains")
     for text, action in mapping.values.items():
         key = mapping.key(text)
         if not isinstance(action, str):
-            raise mapping.error(key, f"expected a string, got {_show(action)}")
+            raise mapping.error(key, f"expected a string, got {show(action)}")
         if action not in ("allow", "deny"):
             raise mapping.error(
                 key, f"unknown value {action!r} (expected 'allow' or 'deny')"
             )
         into = allowed if action == "allow" else denied
-        into.setdefault(_pattern(text, key, mapping), f"{network.source}: {key}")
+        into.setdefault(mapping.pattern(text, key), f"{network.source}: {key}")
     return allowed, denied
 
 
-def _unix_sockets(network: _Table) -> tuple[str, ...]:
+def _unix_sockets(network: Table) -> tuple[str, ...]:
     """
     The allowed socket paths, without duplicates; they may not exist yet,
     but must be absolute so their meaning does not depend on a directory.
@@ -389,7 +269,7 @@ def _unix_sockets(network: _Table) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def _limits(network: _Table) -> Limits:
+def _limits(network: Table) -> Limits:
     table = network.table("limits")
     table.check_keys(_LIMIT_KEYS)
     values = {}
@@ -403,7 +283,7 @@ def _limits(network: _Table) -> Limits:
 
 
 def _clamp(
-    network: _Table, listens: dict[str, ListenAddress], dangerous: bool, unix: bool
+    network: Table, listens: dict[str, ListenAddress], dangerous: bool, unix: bool
 ) -> tuple[dict[str, ListenAddress], tuple[str, ...]]:
     """
     Force non-loopback listeners back to 127.0.0.1 unless the user took the
@@ -438,21 +318,13 @@ def _clamp(
     return clamped, tuple(warnings)
 
 
-def _network_config(network: _Table) -> ProxyConfig:
+def _network_config(network: Table) -> ProxyConfig:
     network.check_keys(_NETWORK_KEYS)
-    flags = {
-        name: network.get(name, getattr(_DEFAULT_CONFIG, name), _is_bool, "a boolean")
-        for name in _BOOL_KEYS
-    }
-    mode = network.get("mode", "full", _is_str, "a string")
-    if mode not in ("full", "limited"):
-        raise network.error(
-            network.key("mode"),
-            f"unknown value {mode!r} (expected 'full' or 'limited')",
-        )
+    flags = {name: network.boolean(name, getattr(_DEFAULT_CONFIG, name)) for name in _BOOL_KEYS}
+    mode = network.mode("mode") or Mode.FULL
     listens = {}
     for name, field in _LISTEN_KEYS.items():
-        text = network.get(name, None, _is_str, "a string")
+        text = network.get(name, None, is_str, "a string")
         if text is None:
             listens[name] = getattr(_DEFAULT_CONFIG, field)
             continue
@@ -475,7 +347,7 @@ def _network_config(network: _Table) -> ProxyConfig:
         **flags,
         http_listen=listens["proxy_url"],
         socks_listen=listens["socks_url"],
-        mode=Mode(mode),
+        mode=mode,
         allowed_domains=tuple(allowed),
         denied_domains=tuple(denied),
         allow_unix_sockets=unix_sockets,
@@ -488,17 +360,17 @@ def _network_config(network: _Table) -> ProxyConfig:
     )
 
 
-def _network_section(document: Mapping[str, Any], source: str) -> _Table:
+def _network_section(document: Mapping[str, Any], source: str) -> Table:
     """
     Find the network table (SPEC §2.1): the selected permissions profile,
     else the legacy C{[network]}, else an empty table.
     """
-    top = _Table(document, source, "")
+    top = Table(document, source, "")
     if "default_permissions" in document:
         name = document["default_permissions"]
         if not isinstance(name, str):
             raise top.error(
-                "default_permissions", f"expected a string, got {_show(name)}"
+                "default_permissions", f"expected a string, got {show(name)}"
             )
         profiles = document.get("permissions")
         if not isinstance(profiles, dict):
@@ -510,12 +382,12 @@ def _network_section(document: Mapping[str, Any], source: str) -> _Table:
             raise top.error(
                 "default_permissions",
                 f"profile {name!r} is not defined "
-                f"(no [permissions.{_quote(name)}] table)",
+                f"(no [permissions.{quote(name)}] table)",
             )
-        profile = _Table(profiles, source, "permissions").get(
-            name, {}, _is_table, "a table"
+        profile = Table(profiles, source, "permissions").get(
+            name, {}, is_table, "a table"
         )
-        return _Table(profile, source, f"permissions.{_quote(name)}").table("network")
+        return Table(profile, source, f"permissions.{quote(name)}").table("network")
     return top.table("network")
 
 
@@ -528,34 +400,6 @@ def parse_config(data: bytes, source: str) -> ProxyConfig:
     @raise ConfigError: on any mistake, naming C{source}.
     """
     return _network_config(_network_section(load_toml(data, source), source))
-
-
-def read_file(path: str, what: str) -> bytes:
-    """
-    The bytes of the file at C{path}.
-
-    @param what: what the file is, for the message (C{"config file"}).
-    @raise ConfigError: the file cannot be read, naming it.
-    """
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ConfigError(path, None, f"cannot read {what}: {e.strerror}") from None
-
-
-def load_toml(data: bytes, source: str) -> dict[str, Any]:
-    """
-    Decode a TOML document.
-
-    @raise ConfigError: it is not UTF-8 or not TOML, naming C{source}.
-    """
-    try:
-        return tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(source, None, f"not valid UTF-8: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(source, None, f"invalid TOML: {e}") from None
 
 
 def load_config(path: str) -> ProxyConfig:
@@ -590,202 +434,13 @@ def default_config_path(environ: Mapping[str, str]) -> str:
     return os.path.join(codex_home(environ), "config.toml")
 
 
-NO_REQUIREMENTS_SOURCE = "<no requirements>"
-_REQUIREMENTS_TABLE = "experimental_network"
-#: The keys a requirements file may cap, with the value that exceeds a cap.
-_CEILING_KEYS = (
-    "enabled",
-    "allow_upstream_proxy",
-    "dangerously_allow_non_loopback_proxy",
-    "allow_local_binding",
-    "dangerously_allow_all_unix_sockets",
-    "mode",
-)
-_REQUIREMENTS_KEYS = (
-    "allowed_domains",
-    "denied_domains",
-    "managed_allowed_domains_only",
-    *_CEILING_KEYS,
-)
-
-
-@attrs.frozen
-class Requirements:
+def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
     """
-    Managed requirements (SPEC §2.4): what an organisation imposes on every
-    user config.
-
-    @ivar allowed_domains: canonical patterns every user gets allowed, without
-        the ones the requirements also deny.
-    @ivar denied_domains: canonical patterns no user can lift.
-    @ivar managed_allowed_domains_only: the allowlist is exactly
-        C{allowed_domains}; user additions are ignored, misses hard-denied.
-    @ivar ceilings: config key -> the most a user may set it to (C{False},
-        or L{Mode.LIMITED}); keys absent are not capped.
-    @ivar source: the requirements file name, or C{"<no requirements>"}.
-    @ivar pattern_sources: pattern -> C{"file: dotted.key[index]"}.
+    The head parser limits of C{config} (SPEC §2.6), built once per listener.
     """
-
-    allowed_domains: tuple[str, ...] = ()
-    denied_domains: tuple[str, ...] = ()
-    managed_allowed_domains_only: bool = False
-    ceilings: Mapping[str, Any] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
-    )
-    source: str = NO_REQUIREMENTS_SOURCE
-    pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
-    )
-
-
-def parse_requirements(data: bytes, source: str) -> Requirements:
-    """
-    Read a requirements file: its C{[experimental_network]} table is
-    validated as strictly as the network section; other tables belong to
-    codex. A file without the table imposes nothing.
-
-    @raise ConfigError: on any mistake, naming C{source}, the dotted key and
-        the value.
-    """
-    document = load_toml(data, source)
-    table = _Table(document, source, "").table(_REQUIREMENTS_TABLE)
-    table.check_keys(_REQUIREMENTS_KEYS)
-    allowed, denied = _pattern_lists(table)
-    ceilings: dict[str, Any] = {}
-    for name in _CEILING_KEYS:
-        if name == "mode":
-            mode = table.get(name, None, _is_str, "a string")
-            if mode is None:
-                continue
-            if mode not in ("full", "limited"):
-                raise table.error(
-                    table.key(name),
-                    f"unknown value {mode!r} (expected 'full' or 'limited')",
-                )
-            ceilings[name] = Mode(mode)
-        elif name in table.values:
-            ceilings[name] = table.get(name, None, _is_bool, "a boolean")
-    return Requirements(
-        allowed_domains=tuple(allowed),
-        denied_domains=tuple(denied),
-        managed_allowed_domains_only=table.get(
-            "managed_allowed_domains_only", False, _is_bool, "a boolean"
-        ),
-        ceilings=ceilings,
-        source=source,
-        pattern_sources={**allowed, **denied},
-    )
-
-
-def _pattern_lists(table: _Table) -> tuple[dict[str, str], dict[str, str]]:
-    """
-    The C{allowed_domains} and C{denied_domains} arrays of C{table} as
-    canonical pattern -> where it first appeared; a pattern in both lists is
-    kept only as denied.
-    """
-    allowed: dict[str, str] = {}
-    denied: dict[str, str] = {}
-    for name, into in (("allowed_domains", allowed), ("denied_domains", denied)):
-        for text, key in table.strings(name):
-            into.setdefault(_pattern(text, key, table), f"{table.source}: {key}")
-    allowed = {text: where for text, where in allowed.items() if text not in denied}
-    return allowed, denied
-
-
-def parse_domain_lists(data: bytes, source: str) -> tuple[dict[str, str], dict[str, str]]:
-    """
-    A file of nothing but top-level C{allowed_domains} and C{denied_domains}
-    arrays (the remembered approvals of SPEC §2.5), validated like the
-    network section: see L{_pattern_lists}.
-
-    @raise ConfigError: naming C{source}, the key and the value.
-    """
-    table = _Table(load_toml(data, source), source, "")
-    table.check_keys(("allowed_domains", "denied_domains"))
-    return _pattern_lists(table)
-
-
-def load_requirements(path: str) -> Requirements:
-    """
-    Read and parse the requirements file at C{path}.
-
-    @raise ConfigError: the file cannot be read or is invalid.
-    """
-    return parse_requirements(read_file(path, "requirements file"), path)
-
-
-def _exceeds(value: Any, ceiling: Any) -> bool:
-    if isinstance(ceiling, Mode):
-        return ceiling is Mode.LIMITED and value is Mode.FULL
-    return bool(value) and not ceiling
-
-
-def _spell(value: Any) -> str:
-    """
-    A ceiling-checked value as TOML spells it.
-    """
-    if isinstance(value, Mode):
-        return json.dumps(value.value)
-    return str(value).lower()
-
-
-def merge_requirements(config: ProxyConfig, requirements: Requirements) -> ProxyConfig:
-    """
-    The effective config of a user config under managed requirements
-    (SPEC §2.4): domain lists merged (deny from every source wins), the
-    allowlist pinned to the managed one when C{managed_allowed_domains_only},
-    and every ceiling applied.
-
-    @raise ConfigError: the user config sets a key above its ceiling
-        explicitly; the message names both files and keys.
-    """
-    changes: dict[str, Any] = {}
-    for name, ceiling in requirements.ceilings.items():
-        value = getattr(config, name)
-        if not _exceeds(value, ceiling):
-            continue
-        if name in config.explicit:
-            raise ConfigError(
-                config.source,
-                f"{config.section}.{name}",
-                f"{_spell(value)} exceeds the managed ceiling "
-                f"{requirements.source}: {_REQUIREMENTS_TABLE}.{name} = {_spell(ceiling)}",
-            )
-        changes[name] = ceiling
-    denied = dict.fromkeys((*requirements.denied_domains, *config.denied_domains))
-    warnings = config.warnings
-    if requirements.managed_allowed_domains_only:
-        ignored = [
-            text
-            for text in config.allowed_domains
-            if text not in requirements.allowed_domains
-        ]
-        if ignored:
-            warnings += (
-                f"{requirements.source}: {_REQUIREMENTS_TABLE}."
-                "managed_allowed_domains_only = true: ignoring allowed patterns "
-                "not in the managed allowlist: "
-                + ", ".join(f"{text} ({config.pattern_sources[text]})" for text in ignored),
-            )
-        allowed = dict.fromkeys(requirements.allowed_domains)
-    else:
-        allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
-    allowed_domains = tuple(text for text in allowed if text not in denied)
-    managed = requirements.pattern_sources
-    sources = {
-        text: managed[text] if text in requirements.allowed_domains else config.pattern_sources[text]
-        for text in allowed_domains
-    }
-    for text in denied:
-        sources[text] = (
-            managed[text] if text in requirements.denied_domains else config.pattern_sources[text]
-        )
-    return attrs.evolve(
-        config,
-        **changes,
-        allowed_domains=allowed_domains,
-        denied_domains=tuple(denied),
-        pattern_sources=sources,
-        warnings=warnings,
-        managed_allowed_domains_only=requirements.managed_allowed_domains_only,
+    limits = config.limits
+    return _httphead.HeadLimits(
+        max_request_line_bytes=limits.max_request_line_bytes,
+        max_header_bytes=limits.max_header_bytes,
+        max_header_fields=limits.max_header_fields,
     )

@@ -18,6 +18,7 @@ import attrs
 import idna
 
 from codex_proxy.addresses import ip_text, parse_ip_literal
+from codex_proxy.errors import ProxyError
 
 _MAX_NAME = 253
 _MAX_LABEL = 63
@@ -27,13 +28,13 @@ _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _PORT = re.compile(r"[0-9]+")
 
 
-class InvalidHost(ValueError):
+class InvalidHost(ProxyError, ValueError):
     """
     A host that is not a hostname or an IP literal.
     """
 
 
-class PatternError(ValueError):
+class PatternError(ProxyError, ValueError):
     """
     A domain pattern that cannot be used; the message says what is wrong.
     """

@@ -15,9 +15,12 @@ creators for C{startTLS}, and never imports it.
 from __future__ import annotations
 
 import collections
+import os
+import time
 import warnings
 from typing import Iterable, List, Mapping, Optional, OrderedDict
 
+import attrs
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,12 +32,24 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from codex_proxy.ca import CertificateAuthority, Clock, KeySource, LeafCache, new_p256_key
+from codex_proxy.ca import (
+    BUNDLE_FILE,
+    CAError,
+    CertificateAuthority,
+    Clock,
+    KeySource,
+    LeafCache,
+    load_or_create_ca,
+    new_p256_key,
+    system_roots_file,
+    write_bundle,
+)
+from codex_proxy.config import ConfigError, codex_home
 from codex_proxy.domains import InvalidHost, normalize_host
+from codex_proxy.errors import ProxyError
 
 ALPN = b"http/1.1"
 
@@ -102,15 +117,19 @@ class ServerTLS:
         return connection
 
 
-@implementer(IOpenSSLTrustRoot)
 class UpstreamTrust:
     """
     The certificates an upstream leg trusts, parsed once.
+
+    @ivar root: the same certificates as Twisted's trust root, for
+        C{optionsForClientTLS}.
     """
 
     def __init__(self, certs: Iterable[x509.Certificate]) -> None:
         self.certs = tuple(certs)
-        self._openssl = [X509.from_cryptography(c) for c in self.certs]
+        self.root = tssl.trustRootFromCertificates(
+            [tssl.Certificate(X509.from_cryptography(c)) for c in self.certs]
+        )
 
     @classmethod
     def from_files(
@@ -137,18 +156,54 @@ class UpstreamTrust:
             certs.extend(c for c in found if c != exclude and c not in certs)
         return cls(certs)
 
-    def _addCACertsToContext(self, context: SSL.Context) -> None:
-        store = context.get_cert_store()
-        assert store is not None
-        for cert in self._openssl:
-            store.add_cert(cert)
-
 
 def trust_files(environ: Mapping[str, str], system_roots: Optional[str]) -> List[Optional[str]]:
     """
     The system roots, plus C{SSL_CERT_FILE} of C{environ} when set (SPEC §6).
     """
     return [system_roots, environ.get("SSL_CERT_FILE") or None]
+
+
+class InterceptionError(ProxyError):
+    """
+    HTTPS interception was asked for but its CA or trust store cannot be
+    used; the proxy does not start (fail closed).
+    """
+
+
+@attrs.frozen
+class Interception:
+    """
+    What HTTPS interception needs, loaded once at start (SPEC §6): the CA,
+    the trust store for upstream legs, and the client bundle's path.
+    """
+
+    ca: CertificateAuthority
+    trust: UpstreamTrust
+    bundle: str
+
+
+def load_interception(environ: Mapping[str, str] = os.environ) -> Interception:
+    """
+    Load or create the CA under C{$CODEX_HOME/proxy/}, write the client
+    bundle (system roots + our CA) next to it, and load the upstream trust
+    (system roots + C{SSL_CERT_FILE}, never our CA). Blocking file I/O, done
+    once before listening.
+
+    @raise InterceptionError: the CA files are unsafe or unusable, a file
+        cannot be read or written, or C{CODEX_HOME}/C{HOME} cannot be found
+        (fail closed); the message says which.
+    """
+    try:
+        directory = os.path.join(codex_home(environ), "proxy")
+        ca = load_or_create_ca(directory, time.time)
+        roots = system_roots_file()
+        bundle = os.path.join(directory, BUNDLE_FILE)
+        write_bundle(ca, bundle, roots)
+        trust = UpstreamTrust.from_files(trust_files(environ, roots), exclude=ca.cert)
+    except (CAError, ConfigError, OSError, ValueError) as e:
+        raise InterceptionError(f"mitm: {e}") from None
+    return Interception(ca, trust, bundle)
 
 
 def is_tls_failure(reason: Failure) -> bool:
@@ -178,7 +233,7 @@ class OriginTLS:
         if creator is None:
             creator = tssl.optionsForClientTLS(
                 host,
-                trustRoot=self._trust,
+                trustRoot=self._trust.root,
                 acceptableProtocols=[ALPN],
                 extraCertificateOptions={"raiseMinimumTo": tssl.TLSVersion.TLSv1_2},
             )

@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Tuple, Union
 import attrs
 
 from codex_proxy.addresses import parse_ip_literal
+from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import InvalidHost, normalize_host
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -208,3 +209,13 @@ def from_environ(environ: Mapping[str, str]) -> ParentProxies:
         no_proxy=NoProxy.parse(no_proxy or ""),
         warnings=tuple(warnings),
     )
+
+
+def parents_from_config(
+    config: ProxyConfig, environ: Mapping[str, str]
+) -> Optional[ParentProxies]:
+    """
+    The parent proxies of the proxy's own environment, read once at start,
+    or C{None} when C{allow_upstream_proxy} is off (SPEC §7).
+    """
+    return from_environ(environ) if config.allow_upstream_proxy else None

@@ -4,17 +4,19 @@ guard of SPEC §4.4.
 
 L{decide} is total and pure. Resolution (step 7), the decider and auditing
 are the policy service's job; this module only says what the configuration
-alone says.
+alone says; L{policy_from_config} compiles a loaded config into the
+L{Policy} it reads.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import FrozenSet, Iterable, Optional
+from typing import Callable, FrozenSet, Iterable, Optional
 
 import attrs
 
 from codex_proxy.addresses import is_local_name, is_public, parse_ip_literal
+from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import DomainSet, InvalidHost, normalize_host, parse_pattern
 from codex_proxy.model import (
     READ_ONLY_METHODS,
@@ -80,6 +82,28 @@ class Policy:
             unix_sockets=frozenset(unix_sockets),
             all_unix_sockets=all_unix_sockets,
         )
+
+
+def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> Policy:
+    """
+    Compile the policy of an effective config (once per load, never per
+    request).
+
+    @param realpath: resolves the symlinks of an allowed socket path
+        (C{os.path.realpath}; the requested path is resolved per request,
+        SPEC §8). Passed in because it reads the file system.
+    """
+    return Policy.build(
+        enabled=config.enabled,
+        mode=config.mode,
+        mitm=config.mitm,
+        allow_local_binding=config.allow_local_binding,
+        allowed=config.allowed_domains,
+        denied=config.denied_domains,
+        managed_allowed_domains_only=config.managed_allowed_domains_only,
+        unix_sockets=[realpath(path) for path in config.allow_unix_sockets],
+        all_unix_sockets=config.dangerously_allow_all_unix_sockets,
+    )
 
 
 @functools.lru_cache(maxsize=4096)

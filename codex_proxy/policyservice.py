@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Deque, List, Optional
+from typing import Deque, Iterable, List, Optional, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -133,6 +133,12 @@ class PolicyService:
 
     def reload(self, policy: Policy) -> None:
         self.policy = policy
+
+    def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
+        """
+        The proxy's own listening addresses (host text, port), once bound.
+        """
+        self.own_addresses = frozenset(addresses)
 
     def blocked(self) -> List[Verdict]:
         """

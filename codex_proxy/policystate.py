@@ -1,7 +1,9 @@
 """
 The live policy of a running proxy: reload from its files and runtime
 additions (SPEC §2.5), both swapping the compiled policy of a
-L{PolicyService} atomically for decisions started afterwards.
+L{PolicyService} atomically for decisions started afterwards. Where a
+policy comes from is L{codex_proxy.sources}'; this module is the swap, what
+a reload may change, and what it reports.
 
 Files are read through an injected C{run_in_thread} (the reactor's thread
 pool in a real process), so a reload never blocks the reactor thread on
@@ -10,26 +12,25 @@ disk I/O; the swap itself happens on the reactor thread.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, TypeVar
+import enum
+from typing import Any, Callable, TypeVar
 
 import attrs
-
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from codex_proxy.config import ConfigError, ProxyConfig
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
-from codex_proxy.rules import (
+from codex_proxy.sources import (
     Action,
     RuleError,
     RuntimeRules,
     SourcePaths,
     Sources,
     check_addition,
-    describe_changes,
     effective_config,
-    keep_listeners,
     load_sources,
     persist_rule,
 )
@@ -38,6 +39,25 @@ _T = TypeVar("_T")
 RunInThread = Callable[[Callable[[], _T]], "defer.Deferred[_T]"]
 
 _log = Logger()
+
+#: Keys fixed for the life of a process (SPEC §2.5), as ProxyConfig fields.
+LISTENER_FIELDS = (
+    "enabled",
+    "http_listen",
+    "socks_listen",
+    "enable_socks5",
+    "enable_socks5_udp",
+)
+#: Fields whose change a reload reports, besides the domain lists.
+_REPORTED_FIELDS = (
+    "mode",
+    "mitm",
+    "allow_local_binding",
+    "allow_upstream_proxy",
+    "managed_allowed_domains_only",
+    "allow_unix_sockets",
+    "dangerously_allow_all_unix_sockets",
+)
 
 
 class PolicyState:
@@ -116,12 +136,19 @@ class PolicyState:
         )
         return True
 
-    def _reloadFailed(self, failure: Any) -> bool:
-        failure.trap(ConfigError)
-        _log.error(
-            "policy reload failed, previous policy kept: {error}",
-            error=str(failure.value),
-        )
+    def _reloadFailed(self, failure: Failure) -> bool:
+        """
+        Log why a reload failed, whatever it was, and keep the old policy: a
+        file's mistake in one line naming it, anything else with its
+        traceback.
+        """
+        if failure.check(ConfigError):
+            _log.error(
+                "policy reload failed, previous policy kept: {error}",
+                error=str(failure.value),
+            )
+        else:
+            _log.failure("policy reload failed, previous policy kept", failure)
         return False
 
     def _apply(
@@ -157,7 +184,7 @@ class PolicyState:
 
     def _add(self, pattern: str, action: Action, persist: bool) -> defer.Deferred[None]:
         text = check_addition(self._sources.requirements, pattern, action)
-        path: Optional[str] = self._paths.rules
+        path = self._paths.rules
         if persist and path is None:
             raise RuleError(f"cannot remember {text!r}: no rules file configured")
         runtime = self._runtime.add(text, action)
@@ -169,8 +196,63 @@ class PolicyState:
             pattern=text,
             remembered=f" (remembered in {path})" if persist else "",
         )
-        if not persist:
+        if not persist or path is None:
             return defer.succeed(None)
-        d = self._writes.run(self._run_in_thread, lambda: persist_rule(path, text, action))
-        d.addCallback(lambda _: None)
-        return d
+        return self._writes.run(self._persist, path, text, action)
+
+    def _persist(self, path: str, pattern: str, action: Action) -> defer.Deferred[None]:
+        """
+        Remember one rule in the file at C{path}, off the reactor thread.
+        """
+        d = self._run_in_thread(lambda: persist_rule(path, pattern, action))
+        return d.addCallback(lambda _: None)
+
+
+def keep_listeners(running: ProxyConfig, new: ProxyConfig) -> tuple[ProxyConfig, tuple[str, ...]]:
+    """
+    C{new} with the listener keys and limits of the C{running} config, which
+    cannot change without a restart, and one warning per key that tried.
+    """
+    kept: dict[str, Any] = {}
+    warnings = []
+    for name in (*LISTENER_FIELDS, "limits"):
+        old, wanted = getattr(running, name), getattr(new, name)
+        if old != wanted:
+            kept[name] = old
+            warnings.append(
+                f"{new.source}: {new.section}.{_field_key(name)}: changed to "
+                f"{_show(wanted)}, but it cannot change on a running proxy; "
+                f"keeping {_show(old)} until restart"
+            )
+    return attrs.evolve(new, **kept), tuple(warnings)
+
+
+def _field_key(name: str) -> str:
+    return {"http_listen": "proxy_url", "socks_listen": "socks_url"}.get(name, name)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, enum.Enum):
+        return repr(value.value)
+    return str(value)
+
+
+def describe_changes(old: ProxyConfig, new: ProxyConfig) -> tuple[str, ...]:
+    """
+    What differs between two effective configs, one phrase per list or
+    key: C{"allowed_domains +a.test -b.test"}, C{"mode 'full' -> 'limited'"}.
+    """
+    changes = []
+    for name in ("allowed_domains", "denied_domains"):
+        before, after = getattr(old, name), getattr(new, name)
+        added = [f"+{text}" for text in after if text not in before]
+        removed = [f"-{text}" for text in before if text not in after]
+        if added or removed:
+            changes.append(" ".join([name, *added, *removed]))
+    for name in _REPORTED_FIELDS:
+        before, after = getattr(old, name), getattr(new, name)
+        if before != after:
+            changes.append(f"{name} {_show(before)} -> {_show(after)}")
+    return tuple(changes)

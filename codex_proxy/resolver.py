@@ -27,10 +27,11 @@ from zope.interface import implementer
 
 from codex_proxy.addresses import parse_ip_literal
 from codex_proxy.domains import InvalidHost, normalize_host
+from codex_proxy.errors import ProxyError
 from codex_proxy.model import IPAddress
 
 
-class ResolveEntryError(ValueError):
+class ResolveEntryError(ProxyError, ValueError):
     """
     A C{NAME=ADDR[,ADDR...]} entry that cannot be used; the message quotes it.
     """

@@ -3,9 +3,10 @@ C{twistd codexproxy}: command-line options and service assembly.
 
 The config is loaded and validated while the options are parsed, so a bad
 config stops C{twistd} with a one-line message and a non-zero exit before
-anything is bound. Binding itself is L{codex_proxy.api.ProxyService}'s; this
-module adds what only the command has: the ports file, the audit log,
-C{--resolve}, SIGHUP reloading and a clean exit status on SIGTERM.
+anything is bound. The proxy itself is a L{codex_proxy.api.NetworkProxy}
+run by a L{codex_proxy.api.ProxyService}; this module adds what only the
+command has: the ports file, the audit log, C{--resolve}, SIGHUP reloading
+and a clean exit status on SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from codex_proxy.api import Interception, ProxyService, load_interception
+from codex_proxy.api import NetworkProxy, ProxyService
 from codex_proxy.audit import JSONLinesLog, Sink, otel_sink
-from codex_proxy.ca import CAError
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path
+from codex_proxy.mitm import Interception, InterceptionError, load_interception
 from codex_proxy.resolver import ResolveEntryError, parse_resolve_entry, resolver_with
-from codex_proxy.rules import SourcePaths, Sources, effective_config, load_sources, rules_path
+from codex_proxy.sources import SourcePaths, Sources, effective_config, load_sources, rules_path
 
 _log = Logger()
 
@@ -104,8 +105,8 @@ class Options(usage.Options):
         if self.config.enabled and self.config.mitm:
             try:
                 self.interception = load_interception(os.environ)
-            except (CAError, ConfigError, OSError, ValueError) as e:
-                sys.stderr.write(f"codexproxy: mitm: {e}\n")
+            except InterceptionError as e:
+                sys.stderr.write(f"codexproxy: {e}\n")
                 raise SystemExit(1)
 
 
@@ -221,8 +222,7 @@ class _ReloadOnHangup(Service):
         self._previous = signal.signal(signal.SIGHUP, handler)
 
     def _reload(self) -> None:
-        if self._proxy.proxy is not None:
-            self._proxy.proxy.reload()
+        self._proxy.proxy.reload()
 
     def stopService(self) -> None:
         super().stopService()
@@ -271,17 +271,20 @@ def assemble(
     if exporter is not None:
         _AuditSink(exporter.close).setServiceParent(top)
         sinks.append(exporter)
-    proxy = ProxyService(
-        config,
-        reactor,
-        audit_sinks=tuple(sinks),
-        sources=sources,
-        paths=paths,
-        environ=environ,
-        interception=interception,
-        exit_on_error=not daemon,
-        resolver=resolver_with(resolve, reactor.nameResolver),
+    builder = (
+        NetworkProxy.builder()
+        .config(config)
+        .reactor(reactor)
+        .environ(environ)
+        .resolver(resolver_with(resolve, reactor.nameResolver))
     )
+    for sink in sinks:
+        builder.audit_sink(sink)
+    if sources is not None:
+        builder.sources(sources, paths or SourcePaths())
+    if interception is not None:
+        builder.interception(interception)
+    proxy = ProxyService(builder.create(), exit_on_error=not daemon)
     for entry in resolve:
         _log.info("--resolve {entry}: answered without DNS, vetted like DNS", entry=entry)
     proxy.setServiceParent(top)

@@ -13,7 +13,7 @@ import os
 
 from twisted.application.service import Application
 
-from codex_proxy.api import ProxyService
+from codex_proxy.api import NetworkProxy, ProxyService
 from codex_proxy.config import load_config
 from codex_proxy.decider import Ask
 
@@ -25,6 +25,11 @@ def decider(request):
 
 config = load_config(os.environ.get("CODEX_PROXY_CONFIG", "examples/config.toml"))
 application = Application("codex-proxy-embedded")
-ProxyService(
-    config, decider=decider, audit_metadata={"app.version": "embed-example"}
-).setServiceParent(application)
+proxy = (
+    NetworkProxy.builder()
+    .config(config)
+    .policy_decider(decider)
+    .audit_metadata({"app.version": "embed-example"})
+    .create()
+)
+ProxyService(proxy).setServiceParent(application)

@@ -353,3 +353,34 @@ def test_module_entry_point_exit_statuses(config_file):
     assert status("explain", "-c", path, "http://api.github.test/") == 0
     assert status("explain", "-c", path, "http://example.test/") == 1
     assert status("explain") == 2
+
+
+#: A value nested deeper than the TOML parser can follow (issue 15, item 7).
+NESTED = "x = " + "[" * 3000 + "]" * 3000 + "\n"
+
+
+def test_check_config_of_a_deeply_nested_value_is_one_line_naming_the_file(config_file):
+    path = config_file(text=NESTED)
+    code, out, err = run("check-config", path)
+    assert code == 1
+    assert err == f"codexproxy: config error: {path}: invalid TOML: values nested too deeply\n"
+
+
+def test_importing_the_command_loads_no_listener_and_no_tls():
+    """
+    The command reads configs; it must not pay for (or depend on) the
+    listeners, Twisted or pyOpenSSL just to start.
+    """
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import codex_proxy.cli, sys; print(' '.join(sorted(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "codex_proxy.cli" in loaded
+    for module in ("codex_proxy.httpproxy", "codex_proxy.socks5", "OpenSSL", "twisted.internet.reactor"):
+        assert module not in loaded

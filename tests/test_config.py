@@ -550,6 +550,15 @@ def test_listener_url_bad(url, reason, key):
     assert reason in message.split(repr(url), 1)[1]
 
 
+
+def test_listener_url_with_a_line_break_after_the_path_is_a_config_error():
+    message = assert_error(
+        '[network]\nproxy_url = "127.0.0.1:3128/\\nx"\n',
+        "network.proxy_url",
+        "'127.0.0.1:3128/\\nx'",
+    )
+    assert "unexpected '/\\nx' after host:port" in message
+
 def test_clamp_non_loopback():
     """
     A non-loopback listener is moved to 127.0.0.1 on the same port, with a

@@ -6,6 +6,8 @@ and remembered approvals surviving a restart (SPEC §2.5).
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -18,12 +20,13 @@ from codex_proxy.config import ListenAddress
 from codex_proxy.model import Protocol, ProxyRequest
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.policystate import PolicyState
-from codex_proxy.rules import RuleError, SourcePaths, effective_config, load_rules, load_sources
-from codex_proxy.api import policy_from_config
+from codex_proxy.policy import policy_from_config
+from codex_proxy.sources import RuleError, SourcePaths, effective_config, load_rules, load_sources
 from codex_proxy.testing import RecordingAuditor, StaticResolver
 
 PUBLIC = "198.51.99.7"
 HOSTS = ("a.example", "b.example", "m.example")
+COMPILE = functools.partial(policy_from_config, realpath=os.path.realpath)
 
 
 @pytest.fixture
@@ -75,13 +78,13 @@ class Proxy:
         clock = MemoryReactorClock()
         self.auditor = RecordingAuditor(clock.seconds)
         self.service = PolicyService(
-            policy_from_config(effective_config(sources)),
+            COMPILE(effective_config(sources)),
             resolver=StaticResolver({host: [PUBLIC] for host in HOSTS}),
             clock=clock,
             auditor=self.auditor,
         )
         self.state = PolicyState(
-            self.service, sources, paths, compile=policy_from_config, run_in_thread=run_in_thread
+            self.service, sources, paths, compile=COMPILE, run_in_thread=run_in_thread
         )
 
     def decide(self, host: str) -> str:
@@ -295,3 +298,13 @@ def test_reloads_run_one_at_a_time_in_order(tmp_path, log):
     assert [first.result, second.result] == [True, True]
     assert proxy.decide("m.example") == ALLOW
     assert proxy.decide("b.example") == NOT_ALLOWED
+
+
+def test_deeply_nested_toml_on_reload_is_logged_naming_the_file(tmp_path, log):
+    proxy = Proxy(tmp_path, config())
+    proxy.config_path.write_text("x = " + "[" * 3000 + "]" * 3000 + "\n")
+    assert proxy.reload() is False
+    [line] = [line for line in log if line.startswith("policy reload failed")]
+    assert line.endswith(f"{proxy.config_path}: invalid TOML: values nested too deeply")
+    assert proxy.decide("a.example") == ALLOW
+

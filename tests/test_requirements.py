@@ -5,19 +5,19 @@ file and its merge with a user config.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from codex_proxy.config import (
-    ConfigError,
+from codex_proxy.config import ConfigError, parse_config
+from codex_proxy.model import Mode, Protocol, ProxyRequest, Reason
+from codex_proxy.policy import decide, policy_from_config
+from codex_proxy.sources import (
     Requirements,
     load_requirements,
     merge_requirements,
-    parse_config,
     parse_requirements,
 )
-from codex_proxy.model import Mode, Protocol, ProxyRequest, Reason
-from codex_proxy.policy import decide
-from codex_proxy.api import policy_from_config
 
 
 def user(body: str):
@@ -38,7 +38,7 @@ def merged(user_body: str, managed_body: str):
 
 def reason(config, host: str):
     request = ProxyRequest(Protocol.HTTP, host, 80, method="GET")
-    return decide(policy_from_config(config), request).reason
+    return decide(policy_from_config(config, os.path.realpath), request).reason
 
 
 def test_parse_every_key():
@@ -174,7 +174,7 @@ def test_managed_only_warns_about_ignored_user_patterns_and_sets_the_flag():
         'allowed_domains = ["m.example"]\nmanaged_allowed_domains_only = true',
     )
     assert config.managed_allowed_domains_only is True
-    assert policy_from_config(config).managed_allowed_domains_only is True
+    assert policy_from_config(config, os.path.realpath).managed_allowed_domains_only is True
     [warning] = config.warnings
     assert warning.startswith("req.toml: experimental_network.managed_allowed_domains_only")
     assert "u.example (config.toml: network.allowed_domains[1])" in warning

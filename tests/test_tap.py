@@ -230,3 +230,25 @@ def test_makeService_knows_whether_twistd_daemonizes(tmp_path, argv, daemon):
     top = makeService(server.subOptions)
     (proxy,) = [child for child in top if hasattr(child, "addresses")]
     assert proxy._exit_on_error is not daemon
+
+
+NESTED = "x = " + "[" * 3000 + "]" * 3000 + "\n"
+
+
+@pytest.mark.parametrize("nested", ["config", "requirements"])
+def test_deeply_nested_toml_exits_1_naming_the_file(tmp_path, capsys, nested):
+    """
+    A value nested deeper than the parser follows is a config error like
+    any other: one line naming the file, no RecursionError traceback.
+    """
+    files = {"config": tmp_path / "c.toml", "requirements": tmp_path / "r.toml"}
+    files["config"].write_bytes(ENABLED)
+    files["requirements"].write_text("[experimental_network]\n")
+    files[nested].write_text(NESTED)
+    with pytest.raises(SystemExit) as exc:
+        Options().parseOptions(
+            ["--config", str(files["config"]), "--requirements", str(files["requirements"])]
+        )
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err == f"codexproxy: config error: {files[nested]}: invalid TOML: values nested too deeply\n"

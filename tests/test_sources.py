@@ -1,5 +1,5 @@
 """
-Tests for L{codex_proxy.rules}: the remembered-rules file, the layering of
+Tests for L{codex_proxy.sources}: the remembered-rules file, the layering of
 user sources under managed requirements, the checks on runtime additions,
 and what a reload reports (SPEC §2.4, §2.5).
 """
@@ -10,9 +10,10 @@ import os
 
 import pytest
 
-from codex_proxy.config import ConfigError, ListenAddress, parse_config, parse_requirements
+from codex_proxy.config import ConfigError, ListenAddress, parse_config
 from codex_proxy.model import Mode
-from codex_proxy.rules import (
+from codex_proxy.policystate import describe_changes, keep_listeners
+from codex_proxy.sources import (
     Action,
     RememberedRules,
     RuleError,
@@ -20,11 +21,10 @@ from codex_proxy.rules import (
     SourcePaths,
     Sources,
     check_addition,
-    describe_changes,
     effective_config,
-    keep_listeners,
     load_rules,
     load_sources,
+    parse_requirements,
     parse_rules,
     persist_rule,
     rules_path,

@@ -1,10 +1,12 @@
 """
-Where the effective policy comes from (SPEC §2.4, §2.5): the user config,
-the managed requirements, the remembered approvals of
+Where the effective policy comes from (SPEC §2.4, §2.5), and how the layers
+combine: the user config, the managed requirements of C{--requirements}
+and their ceilings, the remembered approvals of
 C{$CODEX_HOME/proxy/network-rules.toml}, and additions made at run time.
 
 Pure core apart from the small file helpers (L{load_sources},
-L{load_rules}, L{write_rules}), which callers run off the reactor thread.
+L{load_requirements}, L{load_rules}, L{write_rules}, L{persist_rule}),
+which a running proxy calls off the reactor thread.
 
 User-side entries are layered in order: config file, then remembered rules,
 then runtime additions. A later layer's entry removes the same pattern from
@@ -16,45 +18,179 @@ never removed, and a deny from any source still wins at match time.
 from __future__ import annotations
 
 import enum
+import json
 import os
-from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional
 
 import attrs
 
-from codex_proxy import config as _config
-from codex_proxy.config import (
-    ConfigError,
-    ProxyConfig,
-    Requirements,
-    load_config,
-    load_requirements,
-    merge_requirements,
-)
+from codex_proxy._toml import ConfigError, Table, load_toml, pattern_lists, read_file, readonly
+from codex_proxy.config import ProxyConfig, codex_home, load_config
 from codex_proxy.domains import DomainSet, PatternError, PatternKind, parse_pattern
 from codex_proxy.errors import ProxyError
+from codex_proxy.model import Mode
+
+NO_REQUIREMENTS_SOURCE = "<no requirements>"
+_REQUIREMENTS_TABLE = "experimental_network"
+#: The keys a requirements file may cap, with the value that exceeds a cap.
+_CEILING_KEYS = (
+    "enabled",
+    "allow_upstream_proxy",
+    "dangerously_allow_non_loopback_proxy",
+    "allow_local_binding",
+    "dangerously_allow_all_unix_sockets",
+    "mode",
+)
+_REQUIREMENTS_KEYS = (
+    "allowed_domains",
+    "denied_domains",
+    "managed_allowed_domains_only",
+    *_CEILING_KEYS,
+)
+
+
+@attrs.frozen
+class Requirements:
+    """
+    Managed requirements (SPEC §2.4): what an organisation imposes on every
+    user config.
+
+    @ivar allowed_domains: canonical patterns every user gets allowed, without
+        the ones the requirements also deny.
+    @ivar denied_domains: canonical patterns no user can lift.
+    @ivar managed_allowed_domains_only: the allowlist is exactly
+        C{allowed_domains}; user additions are ignored, misses hard-denied.
+    @ivar ceilings: config key -> the most a user may set it to (C{False},
+        or L{Mode.LIMITED}); keys absent are not capped.
+    @ivar source: the requirements file name, or C{"<no requirements>"}.
+    @ivar pattern_sources: pattern -> C{"file: dotted.key[index]"}.
+    """
+
+    allowed_domains: tuple[str, ...] = ()
+    denied_domains: tuple[str, ...] = ()
+    managed_allowed_domains_only: bool = False
+    ceilings: Mapping[str, Any] = attrs.field(factory=dict, converter=readonly, hash=False)
+    source: str = NO_REQUIREMENTS_SOURCE
+    pattern_sources: Mapping[str, str] = attrs.field(factory=dict, converter=readonly, hash=False)
+
+
+def parse_requirements(data: bytes, source: str) -> Requirements:
+    """
+    Read a requirements file: its C{[experimental_network]} table is
+    validated as strictly as the network section; other tables belong to
+    codex. A file without the table imposes nothing.
+
+    @raise ConfigError: on any mistake, naming C{source}, the dotted key and
+        the value.
+    """
+    document = load_toml(data, source)
+    table = Table(document, source, "").table(_REQUIREMENTS_TABLE)
+    table.check_keys(_REQUIREMENTS_KEYS)
+    allowed, denied = pattern_lists(table)
+    ceilings: dict[str, Any] = {}
+    for name in _CEILING_KEYS:
+        value = table.mode(name) if name == "mode" else table.boolean(name, None)
+        if value is not None:
+            ceilings[name] = value
+    return Requirements(
+        allowed_domains=tuple(allowed),
+        denied_domains=tuple(denied),
+        managed_allowed_domains_only=table.boolean("managed_allowed_domains_only", False),
+        ceilings=ceilings,
+        source=source,
+        pattern_sources={**allowed, **denied},
+    )
+
+
+def load_requirements(path: str) -> Requirements:
+    """
+    Read and parse the requirements file at C{path}.
+
+    @raise ConfigError: the file cannot be read or is invalid.
+    """
+    return parse_requirements(read_file(path, "requirements file"), path)
+
+
+def _exceeds(value: Any, ceiling: Any) -> bool:
+    if isinstance(ceiling, Mode):
+        return ceiling is Mode.LIMITED and value is Mode.FULL
+    return bool(value) and not ceiling
+
+
+def _spell(value: Any) -> str:
+    """
+    A ceiling-checked value as TOML spells it.
+    """
+    if isinstance(value, Mode):
+        return json.dumps(value.value)
+    return str(value).lower()
+
+
+def merge_requirements(config: ProxyConfig, requirements: Requirements) -> ProxyConfig:
+    """
+    The effective config of a user config under managed requirements
+    (SPEC §2.4): domain lists merged (deny from every source wins), the
+    allowlist pinned to the managed one when C{managed_allowed_domains_only},
+    and every ceiling applied.
+
+    @raise ConfigError: the user config sets a key above its ceiling
+        explicitly; the message names both files and keys.
+    """
+    changes: dict[str, Any] = {}
+    for name, ceiling in requirements.ceilings.items():
+        value = getattr(config, name)
+        if not _exceeds(value, ceiling):
+            continue
+        if name in config.explicit:
+            raise ConfigError(
+                config.source,
+                f"{config.section}.{name}",
+                f"{_spell(value)} exceeds the managed ceiling "
+                f"{requirements.source}: {_REQUIREMENTS_TABLE}.{name} = {_spell(ceiling)}",
+            )
+        changes[name] = ceiling
+    denied = dict.fromkeys((*requirements.denied_domains, *config.denied_domains))
+    warnings = config.warnings
+    if requirements.managed_allowed_domains_only:
+        ignored = [
+            text
+            for text in config.allowed_domains
+            if text not in requirements.allowed_domains
+        ]
+        if ignored:
+            warnings += (
+                f"{requirements.source}: {_REQUIREMENTS_TABLE}."
+                "managed_allowed_domains_only = true: ignoring allowed patterns "
+                "not in the managed allowlist: "
+                + ", ".join(f"{text} ({config.pattern_sources[text]})" for text in ignored),
+            )
+        allowed = dict.fromkeys(requirements.allowed_domains)
+    else:
+        allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
+    allowed_domains = tuple(text for text in allowed if text not in denied)
+    managed = requirements.pattern_sources
+    sources = {
+        text: managed[text] if text in requirements.allowed_domains else config.pattern_sources[text]
+        for text in allowed_domains
+    }
+    for text in denied:
+        sources[text] = (
+            managed[text] if text in requirements.denied_domains else config.pattern_sources[text]
+        )
+    return attrs.evolve(
+        config,
+        **changes,
+        allowed_domains=allowed_domains,
+        denied_domains=tuple(denied),
+        pattern_sources=sources,
+        warnings=warnings,
+        managed_allowed_domains_only=requirements.managed_allowed_domains_only,
+    )
+
 
 RULES_FILE = os.path.join("proxy", "network-rules.toml")
 RUNTIME_SOURCE = "<runtime>"
 NO_RULES_SOURCE = "<no remembered rules>"
-#: Keys fixed for the life of a process (SPEC §2.5), as ProxyConfig fields.
-LISTENER_FIELDS = (
-    "enabled",
-    "http_listen",
-    "socks_listen",
-    "enable_socks5",
-    "enable_socks5_udp",
-)
-#: Fields whose change a reload reports, besides the domain lists.
-_REPORTED_FIELDS = (
-    "mode",
-    "mitm",
-    "allow_local_binding",
-    "allow_upstream_proxy",
-    "managed_allowed_domains_only",
-    "allow_unix_sockets",
-    "dangerously_allow_all_unix_sockets",
-)
 
 
 class RuleError(ProxyError):
@@ -72,7 +208,7 @@ def rules_path(environ: Mapping[str, str]) -> str:
     """
     C{$CODEX_HOME/proxy/network-rules.toml}.
     """
-    return os.path.join(_config.codex_home(environ), RULES_FILE)
+    return os.path.join(codex_home(environ), RULES_FILE)
 
 
 @attrs.frozen
@@ -85,9 +221,7 @@ class RememberedRules:
     allowed_domains: tuple[str, ...] = ()
     denied_domains: tuple[str, ...] = ()
     source: str = NO_RULES_SOURCE
-    pattern_sources: Mapping[str, str] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
-    )
+    pattern_sources: Mapping[str, str] = attrs.field(factory=dict, converter=readonly, hash=False)
 
     def with_rule(self, pattern: str, action: Action) -> RememberedRules:
         """
@@ -107,7 +241,9 @@ def parse_rules(data: bytes, source: str) -> RememberedRules:
 
     @raise ConfigError: naming C{source}, the dotted key and the value.
     """
-    allowed, denied = _config.parse_domain_lists(data, source)
+    table = Table(load_toml(data, source), source, "")
+    table.check_keys(("allowed_domains", "denied_domains"))
+    allowed, denied = pattern_lists(table)
     return RememberedRules(tuple(allowed), tuple(denied), source, {**allowed, **denied})
 
 
@@ -119,7 +255,7 @@ def load_rules(path: str) -> RememberedRules:
     """
     if not os.path.lexists(path):
         return RememberedRules(source=path)
-    return parse_rules(_config.read_file(path, "remembered rules file"), path)
+    return parse_rules(read_file(path, "remembered rules file"), path)
 
 
 def _toml_strings(values: Iterable[str]) -> str:
@@ -173,9 +309,7 @@ class RuntimeRules:
     pattern again moves it to the end with its new action.
     """
 
-    entries: Mapping[str, Action] = attrs.field(
-        factory=dict, converter=MappingProxyType, hash=False
-    )
+    entries: Mapping[str, Action] = attrs.field(factory=dict, converter=readonly, hash=False)
 
     def add(self, pattern: str, action: Action) -> RuntimeRules:
         entries = {k: v for k, v in self.entries.items() if k != pattern}
@@ -322,54 +456,3 @@ def _covering_deny(managed: DomainSet, kind: PatternKind, domain: str) -> Option
     else:
         found = below if apex is not None else None
     return None if found is None else found.text
-
-
-def keep_listeners(running: ProxyConfig, new: ProxyConfig) -> tuple[ProxyConfig, tuple[str, ...]]:
-    """
-    C{new} with the listener keys and limits of the C{running} config, which
-    cannot change without a restart, and one warning per key that tried.
-    """
-    kept: dict[str, Any] = {}
-    warnings = []
-    for name in (*LISTENER_FIELDS, "limits"):
-        old, wanted = getattr(running, name), getattr(new, name)
-        if old != wanted:
-            kept[name] = old
-            warnings.append(
-                f"{new.source}: {new.section}.{_field_key(name)}: changed to "
-                f"{_show(wanted)}, but it cannot change on a running proxy; "
-                f"keeping {_show(old)} until restart"
-            )
-    return attrs.evolve(new, **kept), tuple(warnings)
-
-
-def _field_key(name: str) -> str:
-    return {"http_listen": "proxy_url", "socks_listen": "socks_url"}.get(name, name)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, enum.Enum):
-        return repr(value.value)
-    return str(value)
-
-
-def describe_changes(old: ProxyConfig, new: ProxyConfig) -> tuple[str, ...]:
-    """
-    What differs between two effective configs, one phrase per list or
-    key: C{"allowed_domains +a.test -b.test"}, C{"mode 'full' -> 'limited'"}.
-    """
-    changes = []
-    for name in ("allowed_domains", "denied_domains"):
-        before, after = getattr(old, name), getattr(new, name)
-        added = [f"+{text}" for text in after if text not in before]
-        removed = [f"-{text}" for text in before if text not in after]
-        if added or removed:
-            changes.append(" ".join([name, *added, *removed]))
-    for name in _REPORTED_FIELDS:
-        before, after = getattr(old, name), getattr(new, name)
-        if before != after:
-            changes.append(f"{name} {_show(before)} -> {_show(after)}")
-    return tuple(changes)
-
