@@ -92,6 +92,12 @@ REPLIES: Dict[Reason, Reply] = {
         SOCKS_GENERAL_FAILURE,
         "The proxy has limits.max_connections client connections open; try again later.",
     ),
+    Reason.TOO_MANY_UDP_ASSOCIATIONS: Reply(
+        503,
+        "proxy-overloaded",
+        SOCKS_GENERAL_FAILURE,
+        "The proxy has limits.max_udp_associations UDP associations open; try again later.",
+    ),
     Reason.INVALID_HOST: Reply(
         400, "invalid-host", SOCKS_GENERAL_FAILURE, "The destination host is invalid."
     ),

@@ -49,8 +49,10 @@ class Reason(str, enum.Enum):
     MITM_REQUIRED = "mitm_required"
     POLICY_DENIED = "policy_denied"
     UNIX_SOCKET_NOT_ALLOWED = "unix_socket_not_allowed"
-    # The proxy's own state (SPEC §2.6): limits.max_connections reached.
+    # The proxy's own state (SPEC §2.6): limits.max_connections or
+    # limits.max_udp_associations reached.
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_MANY_UDP_ASSOCIATIONS = "too_many_udp_associations"
     # Transport outcomes (SPEC §4.3).
     UPSTREAM_DNS_FAILED = "upstream_dns_failed"
     UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"

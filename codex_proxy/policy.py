@@ -146,6 +146,26 @@ def decide_unix_socket(policy: Policy, request: ProxyRequest) -> Verdict:
     )
 
 
+def decide_association(policy: Policy, request: ProxyRequest) -> Verdict:
+    """
+    Judge a SOCKS5 UDP ASSOCIATE (SPEC §6a): refused by a disabled proxy
+    and in limited mode (SPEC §4.4). Its C{host} and C{port} are the
+    client's own declared address, judged by nothing here: each destination
+    of the association is decided per datagram.
+    """
+    if not policy.enabled:
+        return _deny(request, None, Reason.PROXY_DISABLED, Source.PROXY_STATE)
+    refusal = mode_guard(policy, request)
+    if refusal is not None:
+        return _deny(request, None, refusal, Source.MODE_GUARD)
+    return Verdict(
+        request=request,
+        host=request.host,
+        decision=Decision.ALLOW,
+        source=Source.BASELINE_POLICY,
+    )
+
+
 def admit(
     policy: Policy,
     request: ProxyRequest,

@@ -39,7 +39,7 @@ from codex_proxy.decider import (
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
-from codex_proxy.policy import Policy, admit, decide, is_local_target
+from codex_proxy.policy import Policy, admit, decide, decide_association, is_local_target
 
 #: How many blocked decisions L{PolicyService.blocked} remembers.
 BLOCKED_HISTORY = 200
@@ -229,6 +229,24 @@ class PolicyService:
                 reason=reason,
             )
         )
+
+    def check_association(self, request: ProxyRequest, *, full: bool) -> Verdict:
+        """
+        Decide a SOCKS5 UDP ASSOCIATE (SPEC §6a): refused by a disabled
+        proxy, in limited mode, or when C{full} (the listener holds
+        C{limits.max_udp_associations} already), with one audit event. An
+        allowed association is not audited: it names no destination, and
+        each of its destinations is decided and audited by L{check}.
+        """
+        verdict = decide_association(self.policy, request)
+        if verdict.allowed and full:
+            verdict = attrs.evolve(
+                verdict,
+                decision=Decision.DENY,
+                source=Source.PROXY_STATE,
+                reason=Reason.TOO_MANY_UDP_ASSOCIATIONS,
+            )
+        return verdict if verdict.allowed else self._record(verdict)
 
     def check_pinned(self, request: ProxyRequest, tunnel: Verdict) -> defer.Deferred[Verdict]:
         """

@@ -36,7 +36,6 @@ from codex_proxy.errors import (
 )
 from codex_proxy.connections import Connections
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
-from codex_proxy.policy import mode_guard
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.relay import Relay
 from codex_proxy.socks5udp import UDPAssociation
@@ -89,17 +88,6 @@ class SOCKS5Factory(Factory):
         proto = SOCKS5Protocol()
         proto.factory = self
         return proto
-
-
-def _association_refusal(policy: PolicyService) -> Optional[Reason]:
-    """
-    Why UDP ASSOCIATE itself is refused: a disabled proxy, or limited mode
-    (SPEC §4.1 step 1, §4.4). Destinations are decided per datagram.
-    """
-    current = policy.policy
-    if not current.enabled:
-        return Reason.PROXY_DISABLED
-    return mode_guard(current, ProxyRequest(protocol=Proto.SOCKS5_UDP, host="", port=0))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -260,38 +248,37 @@ class SOCKS5Protocol(Protocol, Sink):
         self.transport.write(wire.encode_reply(reply))
         self._close()
 
+    def _proxyRequest(self, request: wire.Request) -> ProxyRequest:
+        """
+        What the policy service decides about C{request}.
+        """
+        udp = request.command == wire.CMD_UDP_ASSOCIATE
+        return ProxyRequest(
+            protocol=Proto.SOCKS5_UDP if udp else Proto.SOCKS5_TCP,
+            host=request.host,
+            port=request.port,
+            client=self._client,
+            command=self._identity,
+        )
+
+    def _refuseFor(self, verdict: Verdict) -> None:
+        assert verdict.reason is not None
+        self._refuse(reply_for(verdict.reason).socks)
+
     def _overload(self, request: wire.Request) -> None:
         """
         Refuse the request of a connection beyond C{limits.max_connections},
         with its audit event.
         """
-        udp = request.command == wire.CMD_UDP_ASSOCIATE
-        verdict = self.factory.policy.refuse(
-            ProxyRequest(
-                protocol=Proto.SOCKS5_UDP if udp else Proto.SOCKS5_TCP,
-                host=request.host,
-                port=request.port,
-                client=self._client,
-                command=self._identity,
-            ),
-            Reason.TOO_MANY_CONNECTIONS,
+        self._refuseFor(
+            self.factory.policy.refuse(self._proxyRequest(request), Reason.TOO_MANY_CONNECTIONS)
         )
-        assert verdict.reason is not None
-        self._refuse(reply_for(verdict.reason).socks)
 
     # -- CONNECT ----------------------------------------------------------
 
     def _connect(self, request: wire.Request) -> None:
         self._state = DECIDING
-        d = self.factory.policy.check(
-            ProxyRequest(
-                protocol=Proto.SOCKS5_TCP,
-                host=request.host,
-                port=request.port,
-                client=self._client,
-                command=self._identity,
-            )
-        )
+        d = self.factory.policy.check(self._proxyRequest(request))
         self._work = d
         d.addCallbacks(self._decided, self._failed)
         d.addErrback(self._internalError)
@@ -301,8 +288,7 @@ class SOCKS5Protocol(Protocol, Sink):
         if self._state is CLOSED:
             return
         if not verdict.allowed:
-            assert verdict.reason is not None
-            self._refuse(reply_for(verdict.reason).socks)
+            self._refuseFor(verdict)
             return
         self._state = DIALLING
         d = self.factory.upstream.connect(verdict.addresses, verdict.port)
@@ -353,12 +339,12 @@ class SOCKS5Protocol(Protocol, Sink):
 
     def _associate(self, request: wire.Request) -> None:
         factory = self.factory
-        refusal = _association_refusal(factory.policy)
-        if refusal is not None:
-            self._refuse(reply_for(refusal).socks)
-            return
-        if factory.associations >= factory.limits.max_udp_associations:
-            self._refuse(SOCKS_GENERAL_FAILURE)
+        verdict = factory.policy.check_association(
+            self._proxyRequest(request),
+            full=factory.associations >= factory.limits.max_udp_associations,
+        )
+        if not verdict.allowed:
+            self._refuseFor(verdict)
             return
         local = self.transport.getHost()
         udp = UDPAssociation(

@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.audit import rfc3339
 from codex_proxy.errors import UpstreamError
-from codex_proxy.model import Protocol, ProxyRequest, Reason
+from codex_proxy.model import Mode, Protocol, ProxyRequest, Reason
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import BLOCKED_HISTORY, PolicyService
 from codex_proxy.testing import RecordingAuditor, StaticResolver
@@ -134,3 +134,26 @@ def test_reload_swaps_the_policy_for_new_decisions():
 )
 def test_rfc3339_rounding(seconds, text):
     assert rfc3339(seconds) == text
+
+
+@pytest.mark.parametrize(
+    "policy, full, reason",
+    [
+        ({}, False, None),
+        ({}, True, "too_many_udp_associations"),
+        ({"mode": Mode.LIMITED}, False, "method_not_allowed"),
+        ({"mode": Mode.LIMITED}, True, "method_not_allowed"),
+        ({"enabled": False}, True, "proxy_disabled"),
+    ],
+)
+def test_udp_associations_are_decided_and_refusals_audited_once(policy, full, reason):
+    svc, auditor = service(StaticResolver({}), **policy)
+    request = ProxyRequest(Protocol.SOCKS5_UDP, "0.0.0.0", 7000, client="127.0.0.1:5000")
+    verdict = svc.check_association(request, full=full)
+    if reason is None:
+        assert verdict.allowed
+        assert auditor.events == []
+    else:
+        assert verdict.reason.value == reason
+        assert [e["network.policy.reason"] for e in auditor.events] == [reason]
+        assert svc.blocked() == [verdict]
