@@ -109,6 +109,9 @@ class PolicyService:
     atomically for decisions started afterwards.
 
     @ivar decider: the embedder's policy decider, or C{None}.
+    @ivar generation: how many times the policy was swapped; a verdict
+        kept for reuse (a UDP destination's, SPEC §6a) holds only while
+        this is unchanged.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class PolicyService:
         decider_timeout: float = 30.0,
     ) -> None:
         self.policy = policy
+        self.generation = 0
         self.decider = decider
         self._resolver = resolver
         self._clock = clock
@@ -132,7 +136,11 @@ class PolicyService:
         self._blocked: Deque[Verdict] = collections.deque(maxlen=BLOCKED_HISTORY)
 
     def reload(self, policy: Policy) -> None:
+        """
+        Decide by C{policy} from now on, in a new generation.
+        """
         self.policy = policy
+        self.generation += 1
 
     def blocked(self) -> List[Verdict]:
         """

@@ -15,7 +15,7 @@ from codex_proxy import _socks5wire as wire
 from codex_proxy.config import Limits
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
-from support.socks import ALLOW, NO_AUTH, PUBLIC, Harness, connect
+from support.socks import ALLOW, NO_AUTH, PUBLIC, Harness, PendingResolver, connect
 
 
 def reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
@@ -64,3 +64,76 @@ def test_udp_associate_on_a_disabled_proxy_is_audited_once(trickle):
     assert h.client.value() == b"\x05\x00" + reply(0x02)
     assert h.reasons() == ["proxy_disabled"]
     assert h.reactor.udp == []
+
+
+# -- a reload reaches open associations ------------------------------------------
+
+
+def datagram(host: str, port: int, payload: bytes) -> bytes:
+    return b"\x00\x00\x00" + connect(host, port)[3:] + payload
+
+
+def associate(h: Harness) -> Tuple[Any, Any]:
+    h.send(udp_associate(7000))
+    client_side = h.reactor.udp[0]
+    return client_side, client_side.protocol
+
+
+def test_reload_re_decides_an_open_association_s_destination(trickle):
+    h = Harness(trickle)
+    client_side, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"before"), ("127.0.0.1", 7000))
+    out = h.reactor.udp[1]
+    h.service.reload(Policy.build(allowed=["127.0.0.1"]))
+    proto.datagramReceived(datagram("origin.test", 53, b"after"), ("127.0.0.1", 7000))
+    proto.datagramReceived(datagram("origin.test", 53, b"again"), ("127.0.0.1", 7000))
+    assert out.written == [(b"before", (PUBLIC, 53))]
+    assert h.reasons() == ["allowed", "not_allowed"]
+    # Nor does the destination reach the client any more.
+    out.protocol.datagramReceived(b"late", (PUBLIC, 53))
+    assert client_side.written == []
+    # The association stays, for what the new policy allows.
+    proto.datagramReceived(datagram("127.0.0.1", 53, b"z"), ("127.0.0.1", 7000))
+    assert out.written[-1] == (b"z", ("127.0.0.1", 53))
+
+
+def test_reload_allowing_a_destination_again_audits_it_again(trickle):
+    h = Harness(trickle)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"1"), ("127.0.0.1", 7000))
+    h.service.reload(Policy.build(allowed=ALLOW))
+    proto.datagramReceived(datagram("origin.test", 53, b"2"), ("127.0.0.1", 7000))
+    proto.datagramReceived(datagram("origin.test", 53, b"3"), ("127.0.0.1", 7000))
+    assert [data for data, _ in h.reactor.udp[1].written] == [b"1", b"2", b"3"]
+    assert h.reasons() == ["allowed", "allowed"]
+    assert h.resolver.lookups == ["origin.test", "origin.test"]
+
+
+def test_reload_while_a_destination_is_pending_re_decides_the_next_datagram(trickle):
+    resolver = PendingResolver()
+    h = Harness(trickle, resolver=resolver)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"1"), ("127.0.0.1", 7000))
+    h.service.reload(Policy.build(allowed=["127.0.0.1"]))
+    proto.datagramReceived(datagram("origin.test", 53, b"2"), ("127.0.0.1", 7000))
+    # The new policy denied the destination at once, the datagram that
+    # waited included; the earlier decision, started under the old policy,
+    # was abandoned unaudited.
+    resolver.answer(PUBLIC)
+    assert h.reasons() == ["not_allowed"]
+    assert h.reactor.udp[1:] == []
+    assert h.reactor.getDelayedCalls() == []
+
+
+def test_datagrams_waiting_across_a_reload_go_out_under_the_new_decision(trickle):
+    resolver = PendingResolver()
+    h = Harness(trickle, resolver=resolver)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"1"), ("127.0.0.1", 7000))
+    h.service.reload(Policy.build(allowed=ALLOW))
+    proto.datagramReceived(datagram("origin.test", 53, b"2"), ("127.0.0.1", 7000))
+    resolver.answer(PUBLIC)  # the abandoned lookup: nothing follows from it
+    assert h.reactor.udp[1:] == [] and h.auditor.events == []
+    resolver.answer(PUBLIC)
+    assert h.reactor.udp[1].written == [(b"1", (PUBLIC, 53)), (b"2", (PUBLIC, 53))]
+    assert h.reasons() == ["allowed"]
