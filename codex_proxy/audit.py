@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 
+from codex_proxy._text import escape
 from codex_proxy.model import Protocol, Source, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
@@ -152,7 +153,7 @@ class Auditor:
                 decision=fields["network.policy.decision"],
                 reason=fields["network.policy.reason"],
                 protocol=fields["network.transport.protocol"],
-                host=fields["server.address"],
+                host=escape(fields["server.address"]),
                 port=fields["server.port"],
                 audit=fields,
             )

@@ -19,9 +19,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from codex_proxy._text import escape
 from codex_proxy.model import Protocol
 
 _log = Logger()
+
 
 @attrs.frozen
 class NetworkPolicyRequest:
@@ -136,12 +138,13 @@ def _broken(request: NetworkPolicyRequest, why: str) -> Deny:
     """
     A deny for a decider that did not decide, logged as a warning for the
     embedder (the request itself fails closed, so it is no error of ours).
+    The decider's error may echo the request: the line is escaped.
     """
     _log.warn(
         "{why}; denying {protocol} {host}:{port}",
-        why=why,
+        why=escape(why),
         protocol=request.protocol.value,
-        host=request.host,
+        host=escape(request.host),
         port=request.port,
     )
     return Deny(why)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
-from twisted.python.failure import Failure
-from twisted.internet import error
+import pytest
+from twisted.logger import capturedLogs, formatEvent
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy.config import Limits
@@ -137,3 +137,29 @@ def test_datagrams_waiting_across_a_reload_go_out_under_the_new_decision(trickle
     resolver.answer(PUBLIC)
     assert h.reactor.udp[1].written == [(b"1", (PUBLIC, 53)), (b"2", (PUBLIC, 53))]
     assert h.reasons() == ["allowed"]
+
+
+# -- hosts that are no host names ------------------------------------------------
+
+
+def domain_request(name: str, port: int = 80) -> bytes:
+    raw = name.encode("utf-8")
+    return b"\x05\x01\x00\x03" + bytes([len(raw)]) + raw + port.to_bytes(2, "big")
+
+
+@pytest.mark.parametrize(
+    "unsafe", ["\r", "\n", "\x1b[2J", "\x00", "\u2028", "\u0085"], ids=repr
+)
+def test_control_characters_of_a_domain_never_reach_the_log_text(trickle, unsafe):
+    h = Harness(trickle)
+    name = f"origin.test{unsafe}fake log line"
+    with capturedLogs() as events:
+        h.send(NO_AUTH + domain_request(name))
+    assert h.client.value() == b"\x05\x00" + reply(0x01)
+    assert h.reasons() == ["invalid_host"]
+    assert h.auditor.events[0]["server.address"] == name  # the JSON log escapes it
+    lines = [formatEvent(event) for event in events]
+    assert any("fake log line" in line for line in lines)
+    for line in lines:
+        for char in ("\r", "\n", "\x1b", "\x00", "\u2028", "\u0085"):
+            assert char not in line
