@@ -29,6 +29,10 @@ from codex_proxy.model import (
 
 _MAX_PORT = 65535
 
+#: Protocols whose host arrives as a field of its own: a port, brackets or
+#: surrounding space in it make it no host name (SPEC §4.3).
+_BARE_HOSTS = frozenset({Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP})
+
 
 @attrs.frozen
 class Policy:
@@ -100,10 +104,7 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
     carries the address to dial when the host is an IP literal, and no
     address for a name (the caller resolves and vets it).
     """
-    try:
-        host: Optional[str] = normalize_host(request.host)
-    except InvalidHost:
-        host = None
+    host = _normalize(request)
     if not policy.enabled:
         return _deny(request, host, Reason.PROXY_DISABLED, Source.PROXY_STATE)
     if request.unix_socket is not None:
@@ -123,6 +124,23 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
     if allowed is None:
         return _deny(request, host, Reason.NOT_ALLOWED)
     return admit(policy, request, host, matched=allowed.text)
+
+
+def _normalize(request: ProxyRequest) -> Optional[str]:
+    """
+    The normalised host of C{request}, or C{None} when it is invalid.
+    """
+    raw = request.host
+    try:
+        host = normalize_host(raw)
+    except InvalidHost:
+        return None
+    if request.protocol in _BARE_HOSTS and (
+        raw != raw.strip() or raw.startswith("[") or (":" in raw and ":" not in host)
+    ):
+        # Only an IPv6 literal keeps its colons through normalisation.
+        return None
+    return host
 
 
 def decide_unix_socket(policy: Policy, request: ProxyRequest) -> Verdict:

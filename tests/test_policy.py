@@ -303,3 +303,22 @@ _SOME_POLICY = Policy.build(allowed=["**.example.com", "::1"])
 def test_decide_is_total(host, port):
     verdict = decide(_SOME_POLICY, _request(host, port))
     assert verdict.decision in (Decision.ALLOW, Decision.DENY)
+
+
+@pytest.mark.parametrize("protocol", [Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP])
+@pytest.mark.parametrize(
+    "host, reason",
+    [
+        ("example.com:443", Reason.INVALID_HOST),
+        ("[::1]", Reason.INVALID_HOST),
+        ("example.com\r\n", Reason.INVALID_HOST),
+        ("example.com", None),
+        ("2001:4860::8888", None),
+    ],
+)
+def test_socks_hosts_are_bare_names_or_addresses(protocol, host, reason):
+    policy = Policy.build(allowed=["example.com", "2001:4860::8888", "::1"])
+    verdict = decide(policy, _request(host, protocol=protocol))
+    assert verdict.reason is reason
+    if reason is not None:
+        assert verdict.host == host

@@ -163,3 +163,30 @@ def test_control_characters_of_a_domain_never_reach_the_log_text(trickle, unsafe
     for line in lines:
         for char in ("\r", "\n", "\x1b", "\x00", "\u2028", "\u0085"):
             assert char not in line
+
+
+@pytest.mark.parametrize(
+    "name", ["origin.test:443", "origin.test:", "[2001:4860::8888]", " origin.test", "origin.test\t"]
+)
+def test_a_domain_that_is_no_bare_host_name_is_invalid(trickle, name):
+    h = Harness(trickle)
+    h.send(NO_AUTH + domain_request(name, 443))
+    assert h.client.value() == b"\x05\x00" + reply(0x01)
+    assert h.reasons() == ["invalid_host"]
+    assert h.dials() == [] and h.resolver.lookups == []
+
+
+def test_a_udp_destination_with_a_port_in_its_name_is_invalid(trickle):
+    h = Harness(trickle)
+    _, proto = associate(h)
+    name = b"origin.test:53"
+    header = b"\x00\x00\x00\x03" + bytes([len(name)]) + name + (53).to_bytes(2, "big")
+    proto.datagramReceived(header + b"x", ("127.0.0.1", 7000))
+    assert h.reasons() == ["invalid_host"]
+    assert h.reactor.udp[1:] == [] and h.resolver.lookups == []
+
+
+def test_an_ipv6_literal_sent_as_a_domain_is_still_judged_as_the_address(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH + domain_request("2001:4860::8888", 443))
+    assert h.dials() == [("2001:4860::8888", 443)]
