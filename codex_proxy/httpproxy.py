@@ -52,6 +52,7 @@ from codex_proxy.model import (
     Reason,
     Verdict,
 )
+from codex_proxy.policy import method_overrides
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.relay import Relay
 from codex_proxy.upstream import Outbound, Route, Sink, Upstream
@@ -473,6 +474,7 @@ class HTTPProxyProtocol(Protocol, Sink):
             method=head.method,
             has_body=head.framing is not _httphead.NO_BODY,
             upgrade=head.upgrade,
+            override_methods=method_overrides(head.headers, head.path),
             client=self._client,
             unix_socket=unix_socket,
         )
@@ -516,6 +518,7 @@ class HTTPProxyProtocol(Protocol, Sink):
             method=head.method,
             has_body=head.framing is not _httphead.NO_BODY,
             upgrade=head.upgrade,
+            override_methods=method_overrides(head.headers, head.path),
             client=self._client,
         )
 

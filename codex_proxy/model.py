@@ -89,6 +89,9 @@ class ProxyRequest:
     @ivar method: the HTTP method, or C{None} for SOCKS.
     @ivar has_body: the request carries a body (limited mode blocks it).
     @ivar upgrade: the request asks for a protocol upgrade.
+    @ivar override_methods: the methods the request names in place of its
+        own, upper-cased: method-override header fields and C{_method}
+        query parameters (limited mode blocks any but a read-only one).
     @ivar client: the client's address as C{"ip:port"}, or C{None}.
     @ivar command: the client identity (SOCKS username) or other context.
     @ivar unix_socket: the symlink-resolved path of an C{x-unix-socket}
@@ -102,6 +105,7 @@ class ProxyRequest:
     method: Optional[str] = None
     has_body: bool = False
     upgrade: bool = False
+    override_methods: Tuple[str, ...] = ()
     client: Optional[str] = None
     command: Optional[str] = None
     unix_socket: Optional[str] = None

@@ -270,9 +270,8 @@ class SOCKS5Protocol(Protocol, Sink):
         Refuse the request of a connection beyond C{limits.max_connections},
         with its audit event.
         """
-        self._refuseFor(
-            self.factory.policy.refuse(self._proxyRequest(request), Reason.TOO_MANY_CONNECTIONS)
-        )
+        asked = self._proxyRequest(request)
+        self._refuseFor(self.factory.policy.refuse(asked, Reason.TOO_MANY_CONNECTIONS))
 
     # -- CONNECT ----------------------------------------------------------
 

@@ -166,7 +166,8 @@ def test_control_characters_of_a_domain_never_reach_the_log_text(trickle, unsafe
 
 
 @pytest.mark.parametrize(
-    "name", ["origin.test:443", "origin.test:", "[2001:4860::8888]", " origin.test", "origin.test\t"]
+    "name",
+    ["origin.test:443", "origin.test:", "[2001:4860::8888]:443", " origin.test", "origin.test\t"],
 )
 def test_a_domain_that_is_no_bare_host_name_is_invalid(trickle, name):
     h = Harness(trickle)
@@ -186,7 +187,8 @@ def test_a_udp_destination_with_a_port_in_its_name_is_invalid(trickle):
     assert h.reactor.udp[1:] == [] and h.resolver.lookups == []
 
 
-def test_an_ipv6_literal_sent_as_a_domain_is_still_judged_as_the_address(trickle):
+@pytest.mark.parametrize("name", ["2001:4860::8888", "[2001:4860::8888]"])
+def test_an_ipv6_literal_sent_as_a_domain_is_still_judged_as_the_address(trickle, name):
     h = Harness(trickle)
-    h.send(NO_AUTH + domain_request("2001:4860::8888", 443))
+    h.send(NO_AUTH + domain_request(name, 443))
     assert h.dials() == [("2001:4860::8888", 443)]
