@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Deque, List, Optional
+from typing import Deque, FrozenSet, Iterable, List, Optional, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -103,6 +103,30 @@ def resolve(
     return d
 
 
+def _own_form(ip: IPAddress) -> IPAddress:
+    """
+    The address a connection to C{ip} reaches: an IPv4-mapped IPv6 address
+    reaches its IPv4 address.
+    """
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip if mapped is None else mapped
+
+
+def _not_allowed_local(verdict: Verdict) -> Verdict:
+    """
+    C{verdict} refused as a local destination, with no address to dial.
+    """
+    return attrs.evolve(
+        verdict,
+        decision=Decision.DENY,
+        source=Source.BASELINE_POLICY,
+        reason=Reason.NOT_ALLOWED_LOCAL,
+        addresses=(),
+        intercept=False,
+        override=False,
+    )
+
+
 class PolicyService:
     """
     Decides requests against the current policy; C{reload} swaps the policy
@@ -134,6 +158,32 @@ class PolicyService:
         self._resolve_timeout = resolve_timeout
         self._decider_timeout = decider_timeout
         self._blocked: Deque[Verdict] = collections.deque(maxlen=BLOCKED_HISTORY)
+        self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
+        self._ownAnywhere: FrozenSet[int] = frozenset()
+        self._ownPorts: FrozenSet[int] = frozenset()
+
+    def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
+        """
+        Name the proxy's own listening addresses (the IP as bound, the
+        port): from now on a vetted destination that is one of them is
+        refused C{not_allowed_local}, whatever the policy says, so the proxy
+        never dials itself (SPEC §4.2b). A wildcard listener (C{0.0.0.0},
+        C{::}) stands for every address of this machine on its port: any
+        non-public address matches it.
+
+        @raise ValueError: a host is not an IP address.
+        """
+        exact = set()
+        anywhere = set()
+        for host, port in addresses:
+            ip = _own_form(ipaddress.ip_address(host.split("%", 1)[0]))
+            if ip.is_unspecified:
+                anywhere.add(port)
+            else:
+                exact.add((ip, port))
+        self._own = frozenset(exact)
+        self._ownAnywhere = frozenset(anywhere)
+        self._ownPorts = frozenset(port for _, port in exact) | self._ownAnywhere
 
     def reload(self, policy: Policy) -> None:
         """
@@ -204,7 +254,7 @@ class PolicyService:
         """
         request = verdict.request
         if not verdict.allowed or verdict.addresses or request.unix_socket is not None:
-            return defer.succeed(self._record(verdict))
+            return defer.succeed(self._record(self._notSelf(verdict)))
         d = resolve(
             self._resolver,
             self._clock,
@@ -270,7 +320,7 @@ class PolicyService:
         if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
             verdict = admit(policy, request, verdict.host, override=True)
         if verdict.allowed:
-            verdict = attrs.evolve(verdict, addresses=tunnel.addresses)
+            verdict = self._notSelf(attrs.evolve(verdict, addresses=tunnel.addresses))
         return defer.succeed(self._record(verdict))
 
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
@@ -278,16 +328,24 @@ class PolicyService:
         # any other name with one non-public answer is refused whole.
         if not (policy.allow_local_binding or is_local_target(verdict.host)):
             if not all(_addresses.is_public(ip) for ip in found):
-                verdict = attrs.evolve(
-                    verdict,
-                    decision=Decision.DENY,
-                    source=Source.BASELINE_POLICY,
-                    reason=Reason.NOT_ALLOWED_LOCAL,
-                    intercept=False,
-                    override=False,
-                )
-                return self._record(verdict)
-        return self._record(attrs.evolve(verdict, addresses=tuple(found)))
+                return self._record(_not_allowed_local(verdict))
+        return self._record(self._notSelf(attrs.evolve(verdict, addresses=tuple(found))))
+
+    def _notSelf(self, verdict: Verdict) -> Verdict:
+        """
+        C{verdict}, refused C{not_allowed_local} when one of its vetted
+        addresses is one of the proxy's own listening addresses.
+        """
+        port = verdict.port
+        if port not in self._ownPorts:
+            return verdict
+        for ip in verdict.addresses:
+            if port in self._ownAnywhere and not _addresses.is_public(ip):
+                return _not_allowed_local(verdict)
+            ip = _own_form(ip)
+            if ip.is_unspecified or (ip, port) in self._own:
+                return _not_allowed_local(verdict)
+        return verdict
 
     def _resolutionFailed(self, verdict: Verdict, failure):  # type: ignore[no-untyped-def]
         failure.trap(UpstreamError)

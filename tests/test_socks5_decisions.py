@@ -192,3 +192,27 @@ def test_an_ipv6_literal_sent_as_a_domain_is_still_judged_as_the_address(trickle
     h = Harness(trickle)
     h.send(NO_AUTH + domain_request(name, 443))
     assert h.dials() == [("2001:4860::8888", 443)]
+
+
+# -- the proxy never dials itself (SPEC §4.2b) -------------------------------------
+
+
+def test_connect_to_the_proxy_s_own_address_is_not_allowed_local(trickle):
+    h = Harness(trickle, policy=Policy.build(allowed=ALLOW, allow_local_binding=True))
+    h.service.set_own_addresses([("127.0.0.1", 1080), ("127.0.0.1", 3128)])
+    h.send(NO_AUTH + connect("127.0.0.1", 1080))
+    assert h.client.value() == b"\x05\x00" + reply(0x02)
+    assert h.reasons() == ["not_allowed_local"]
+    assert h.dials() == []
+    other = h.connectClient(5556)
+    h.send(NO_AUTH + connect("127.0.0.1", 8080), other)
+    assert h.dials() == [("127.0.0.1", 8080)]
+
+
+def test_udp_datagram_to_the_proxy_s_own_address_is_dropped(trickle):
+    h = Harness(trickle)
+    h.service.set_own_addresses([("0.0.0.0", 1080)])
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("127.0.0.1", 1080, b"loop"), ("127.0.0.1", 7000))
+    assert h.reasons() == ["not_allowed_local"]
+    assert h.reactor.udp[1:] == []
