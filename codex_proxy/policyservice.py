@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Deque, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Deque, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -173,8 +173,8 @@ class PolicyService:
 
         @raise ValueError: a host is not an IP address.
         """
-        exact = set()
-        anywhere = set()
+        exact: Set[Tuple[IPAddress, int]] = set()
+        anywhere: Set[int] = set()
         for host, port in addresses:
             ip = _own_form(ipaddress.ip_address(host.split("%", 1)[0]))
             if ip.is_unspecified:
