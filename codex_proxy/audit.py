@@ -181,7 +181,7 @@ class JSONLinesLog:
         clock: IReactorTime,
         interval: float = 1.0,
         limit: int = 1 << 16,
-        write: Callable[[int, bytes], int] = os.write,
+        write: Callable[[int, memoryview], int] = os.write,
     ) -> None:
         self.path = path
         self._clock = clock

@@ -103,7 +103,7 @@ def consult(
     if isinstance(answer, defer.Deferred):
         d = answer
     elif inspect.isawaitable(answer):
-        d = defer.ensureDeferred(answer)
+        d = defer.ensureDeferred(_awaited(answer))
     else:
         d = defer.succeed(answer)
     d.addTimeout(timeout, clock)
@@ -127,10 +127,17 @@ def consult(
     return d
 
 
+async def _awaited(answer: Awaitable[Any]) -> Any:
+    """
+    A coroutine of any awaitable (a future too), for C{ensureDeferred}.
+    """
+    return await answer
+
+
 def _failed(request: NetworkPolicyRequest, failure: Failure) -> Deny:
     return _broken(
         request,
-        f"policy decider raised {failure.type.__name__}: {failure.getErrorMessage()}",
+        f"policy decider raised {type(failure.value).__name__}: {failure.getErrorMessage()}",
     )
 
 

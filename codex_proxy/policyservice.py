@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
 )
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import addresses as _addresses
@@ -93,7 +94,7 @@ def resolve(
             )
         return found
 
-    def timedOut(failure):  # type: ignore[no-untyped-def]
+    def timedOut(failure: Failure) -> List[IPAddress]:
         failure.trap(defer.TimeoutError)
         raise UpstreamError(
             Reason.UPSTREAM_DNS_FAILED, f"resolving {name} timed out after {timeout}s"
@@ -222,9 +223,9 @@ class PolicyService:
                 method=request.method,
                 command=request.command,
             )
-            d = consult(decider, asked, self._clock, self._decider_timeout)
-            d.addCallback(lambda decision: self._overruled(policy, verdict, decision))
-            return d
+            return consult(decider, asked, self._clock, self._decider_timeout).addCallback(
+                lambda decision: self._overruled(policy, verdict, decision)
+            )
         return self._settle(policy, verdict)
 
     def _overruled(
@@ -262,11 +263,10 @@ class PolicyService:
             request.port,
             self._resolve_timeout,
         )
-        d.addCallbacks(
+        return d.addCallbacks(
             lambda found: self._vet(policy, verdict, found),
             lambda failure: self._resolutionFailed(verdict, failure),
         )
-        return d
 
     def refuse(self, request: ProxyRequest, reason: Reason) -> Verdict:
         """
@@ -347,12 +347,14 @@ class PolicyService:
                 return _not_allowed_local(verdict)
         return verdict
 
-    def _resolutionFailed(self, verdict: Verdict, failure):  # type: ignore[no-untyped-def]
-        failure.trap(UpstreamError)
+    def _resolutionFailed(self, verdict: Verdict, failure: Failure) -> Failure:
+        error = failure.value
+        if not isinstance(error, UpstreamError):
+            return failure
         failed = attrs.evolve(
             verdict,
             decision=Decision.DENY,
-            reason=failure.value.reason,
+            reason=error.reason,
             intercept=False,
             override=False,
         )

@@ -117,7 +117,8 @@ class UDPAssociation:
         self._clientSide = self._reactor.listenUDP(
             0, _ClientSide(self), interface=self._listenIP, maxPacketSize=MAX_DATAGRAM
         )
-        return self._clientSide.getHost().port
+        port: int = self._clientSide.getHost().port
+        return port
 
     def close(self) -> None:
         """
@@ -227,7 +228,7 @@ class UDPAssociation:
             self.dropped += 1
             return
         family = 6 if ":" in target[0] else 4
-        port = self._outbound.get(family)
+        port: Any = self._outbound.get(family)
         try:
             if port is None:
                 port = self._reactor.listenUDP(

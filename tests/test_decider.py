@@ -190,6 +190,25 @@ def test_a_coroutine_decider_is_awaited():
     _blocked_by_decider(proxy, "ask")
 
 
+class _Ready:
+    """
+    An awaitable that is no coroutine (as a future is), already done.
+    """
+
+    def __init__(self, decision: Any) -> None:
+        self._decision = decision
+
+    def __await__(self) -> Any:
+        yield from ()
+        return self._decision
+
+
+def test_any_awaitable_decider_answer_is_awaited():
+    proxy = Proxy(lambda request: _Ready(Allow()), trickle=False)
+    proxy.get("miss.test")
+    assert proxy.dials() == [(PUBLIC, 80)]
+
+
 def test_a_client_leaving_cancels_the_pending_decider():
     cancelled: List[bool] = []
     proxy = Proxy(lambda r: defer.Deferred(lambda d: cancelled.append(True)), trickle=False)
