@@ -51,6 +51,8 @@ class Reason(str, enum.Enum):
     UNIX_SOCKET_NOT_ALLOWED = "unix_socket_not_allowed"
     # The proxy's own state (SPEC §2.6): limits.max_connections reached.
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    # A request that already passed through this proxy (SPEC §4.2b).
+    PROXY_LOOP = "proxy_loop"
     # Transport outcomes (SPEC §4.3).
     UPSTREAM_DNS_FAILED = "upstream_dns_failed"
     UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
