@@ -1,8 +1,8 @@
 """
-A strict sans-IO parser for HTTP/1.x message heads and bodies (RFC 9112).
+A strict sans-IO parser for HTTP/1.x message heads (RFC 9112); the bodies
+that follow are delimited by L{codex_proxy._httpbody}.
 
-The HTTP listener feeds bytes in and gets back frozen heads, body bytes and
-leftovers.  Every shape that two implementations could read differently (the
+The HTTP listener feeds bytes in and gets back frozen heads and leftovers.  Every shape that two implementations could read differently (the
 raw material of request smuggling) is a L{ProtocolError}, so the proxy never
 forwards it.  Errors from L{ResponseHeadParser} carry status 502: that is
 what the proxy answers its client when an upstream breaks the wire format.
@@ -10,7 +10,6 @@ what the proxy answers its client when an upstream breaks the wire format.
 
 from __future__ import annotations
 
-import abc
 import re
 from typing import Iterable, Literal
 
@@ -92,12 +91,6 @@ _STATUS_LINE = re.compile(
     rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?"
 )
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
-_CHUNK_SIZE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})"
-    rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-    rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
-)
 _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^?#]*)(\?[^#]*)?(?:#.*)?")
 _AUTHORITY = re.compile(
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::([0-9]{1,5}))?"
@@ -125,9 +118,6 @@ HOP_BY_HOP = frozenset(
 # A Connection header naming these must not make us drop the message's
 # routing or length: that would desynchronise the upstream (smuggling).
 _NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
-
-# The longest chunk-size line (size and extensions) a ChunkedReader holds.
-_MAX_CHUNK_LINE = 4096
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:
@@ -204,7 +194,7 @@ class ResponseHead:
         return _first(self.headers, name)
 
 
-def _parse_field(line: bytes, status: int) -> tuple[bytes, bytes]:
+def parse_field(line: bytes, status: int) -> tuple[bytes, bytes]:
     """
     Validate one C{name: value} line; return the name and the stripped value.
     """
@@ -237,7 +227,7 @@ def _parse_fields(
     if _FIELD_BLOCK.fullmatch(block):
         headers = _FIELD.findall(block)
     else:
-        headers = [_parse_field(line, status) for line in lines]
+        headers = [parse_field(line, status) for line in lines]
     seen: dict[bytes, list[bytes]] = {}
     for name, value in headers:
         key = name.lower()
@@ -582,183 +572,6 @@ class ResponseHeadParser(_HeadParser):
             framing=framing,
             keep_alive=framing != UNTIL_CLOSE and _keep_alive(seen, version),
         )
-
-
-class BodyReader(abc.ABC):
-    """
-    Delimit one message body in a byte stream.
-    """
-
-    @abc.abstractmethod
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        """
-        Consume C{data}: return (bytes to forward, message complete?, bytes
-        after the body).
-
-        @raise ProtocolError: the body framing is broken.
-        """
-
-
-class LengthReader(BodyReader):
-    """
-    A body of a known number of bytes.
-    """
-
-    def __init__(self, length: int) -> None:
-        self._remaining = length
-
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        remaining = self._remaining
-        if len(data) < remaining:
-            self._remaining = remaining - len(data)
-            return data, False, b""
-        self._remaining = 0
-        if len(data) == remaining:
-            return data, True, b""
-        return data[:remaining], True, data[remaining:]
-
-
-class UntilCloseReader(BodyReader):
-    """
-    A body that ends when the connection does: every byte is body.
-    """
-
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        return data, False, b""
-
-
-_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
-
-
-class ChunkedReader(BodyReader):
-    """
-    A chunked body (RFC 9112 §7.1), validated as it streams.
-
-    With C{decode=False} the validated wire bytes are forwarded as they are
-    (the head forwarded with them must say C{Transfer-Encoding: chunked});
-    with C{decode=True} only the payload is, and trailers are dropped.  Only
-    an unfinished size or trailer line is held back, never chunk data.
-    """
-
-    def __init__(self, decode: bool = False, limits: HeadLimits = HeadLimits()) -> None:
-        self._decode = decode
-        self._limits = limits
-        self._state = _SIZE
-        self._remaining = 0
-        self._held = bytearray()
-        self._trailer_bytes = 0
-        self._trailer_fields = 0
-
-    @property
-    def buffered(self) -> int:
-        """
-        Bytes of an unfinished line held until it can be validated.
-        """
-        return len(self._held)
-
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        if self._state == _DONE:
-            return b"", True, data
-        held = old_held = self._held
-        payload: list[bytes] = []
-        pos = validated = 0
-        end = len(data)
-        while pos < end:
-            state = self._state
-            if state == _DATA:
-                take = min(self._remaining, end - pos)
-                if self._decode:
-                    payload.append(data[pos : pos + take])
-                pos = validated = pos + take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _DATA_END
-            elif state == _DATA_END:
-                need = b"\r\n"[len(held) :]
-                got = data[pos : pos + len(need)]
-                if not need.startswith(got):
-                    raise ProtocolError("chunk data not followed by CRLF", 400)
-                pos += len(got)
-                if got != need:
-                    held = bytearray(got)
-                    break
-                held = bytearray()
-                validated = pos
-                self._state = _SIZE
-            else:
-                lf = data.find(b"\n", pos)
-                if lf < 0:
-                    # Every completed element replaced held, so this never
-                    # grows bytes that are about to be forwarded.
-                    held += memoryview(data)[pos:]
-                    if len(held) > self._line_room():
-                        raise ProtocolError("chunked body line too long", 400)
-                    break
-                line = bytes(held) + data[pos:lf] if held else data[pos:lf]
-                held = bytearray()
-                pos = lf + 1
-                if not line.endswith(b"\r"):
-                    raise ProtocolError("bare LF in a chunked body", 400)
-                if state == _SIZE:
-                    self._size_line(line[:-1])
-                else:
-                    self._trailer_line(line[:-1])
-                validated = pos
-                if self._state == _DONE:
-                    break
-        self._held = held
-        done = self._state == _DONE
-        leftover = data[pos:] if done else b""
-        if self._decode:
-            forward = payload[0] if len(payload) == 1 else b"".join(payload)
-        elif not validated:
-            forward = b""
-        elif old_held:
-            forward = bytes(old_held) + data[:validated]
-        else:
-            forward = data[:validated]
-        return forward, done, leftover
-
-    def _line_room(self) -> int:
-        """
-        How long the unfinished line may grow.
-        """
-        if self._state == _SIZE:
-            return _MAX_CHUNK_LINE
-        return self._limits.max_header_bytes - self._trailer_bytes
-
-    def _size_line(self, line: bytes) -> None:
-        match = _CHUNK_SIZE.fullmatch(line)
-        if match is None:
-            raise ProtocolError("invalid chunk size line", 400)
-        self._remaining = int(match[1], 16)
-        self._state = _DATA if self._remaining else _TRAILER
-
-    def _trailer_line(self, line: bytes) -> None:
-        if not line:
-            self._state = _DONE
-            return
-        _parse_field(line, 400)
-        self._trailer_bytes += len(line) + 2
-        self._trailer_fields += 1
-        if self._trailer_bytes > self._limits.max_header_bytes:
-            raise ProtocolError("trailer section too large", 400)
-        if self._trailer_fields > self._limits.max_header_fields:
-            raise ProtocolError("too many trailer fields", 400)
-
-
-def body_reader(framing: Framing, *, decode_chunked: bool = False) -> BodyReader | None:
-    """
-    The reader for a body framed as C{framing}; C{None} when there is none.
-    """
-    match framing:
-        case Length(n):
-            return LengthReader(n)
-        case Chunked():
-            return ChunkedReader(decode=decode_chunked)
-        case UntilClose():
-            return UntilCloseReader()
-    return None
 
 
 def strip_hop_by_hop(headers: Headers) -> Headers:

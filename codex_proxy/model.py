@@ -53,6 +53,8 @@ class Reason(str, enum.Enum):
     # limits.max_udp_associations reached.
     TOO_MANY_CONNECTIONS = "too_many_connections"
     TOO_MANY_UDP_ASSOCIATIONS = "too_many_udp_associations"
+    # A request that already passed through this proxy (SPEC §4.2b).
+    PROXY_LOOP = "proxy_loop"
     # Transport outcomes (SPEC §4.3).
     UPSTREAM_DNS_FAILED = "upstream_dns_failed"
     UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"

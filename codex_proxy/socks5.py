@@ -39,7 +39,7 @@ from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.relay import Relay
 from codex_proxy.socks5udp import UDPAssociation
-from codex_proxy.upstream import Outbound, Sink, Upstream
+from codex_proxy.upstream import ISink, Outbound, Upstream
 
 _log = Logger()
 
@@ -90,8 +90,8 @@ class SOCKS5Factory(Factory):
         return proto
 
 
-@implementer(IHalfCloseableProtocol)
-class SOCKS5Protocol(Protocol, Sink):
+@implementer(IHalfCloseableProtocol, ISink)
+class SOCKS5Protocol(Protocol):
     """
     One client connection of the SOCKS5 listener.
     """
@@ -326,13 +326,13 @@ class SOCKS5Protocol(Protocol, Sink):
             self._relay.clientEOF()
 
     def outboundData(self, data: bytes) -> None:
-        self._relay.fromServer(data)  # type: ignore[union-attr]
+        self._relay.outboundData(data)  # type: ignore[union-attr]
 
     def outboundEOF(self) -> None:
-        self._relay.serverEOF()  # type: ignore[union-attr]
+        self._relay.outboundEOF()  # type: ignore[union-attr]
 
     def outboundLost(self, reason: Failure) -> None:
-        self._relay.serverLost()  # type: ignore[union-attr]
+        self._relay.outboundLost(reason)  # type: ignore[union-attr]
 
     # -- UDP ASSOCIATE ----------------------------------------------------
 

@@ -1,5 +1,5 @@
 """
-Tests for L{codex_proxy._httphead}: every wire case runs twice, once whole
+Tests for L{codex_proxy._httphead} and L{codex_proxy._httpbody}: every wire case runs twice, once whole
 and once fed one byte at a time.
 """
 
@@ -14,20 +14,33 @@ from codex_proxy._httphead import (
     HOP_BY_HOP,
     NO_BODY,
     UNTIL_CLOSE,
-    ChunkedReader,
     HeadLimits,
     Length,
-    LengthReader,
     RequestHeadParser,
     ResponseHeadParser,
-    UntilCloseReader,
-    body_reader,
     serialize_request_head,
     serialize_response_head,
     strip_hop_by_hop,
 )
+from codex_proxy._httpbody import (
+    ChunkedReader as _ChunkedReader,
+    LengthReader,
+    UntilCloseReader,
+    body_reader as _body_reader,
+)
 from codex_proxy.errors import ProtocolError
 from support.fuzzing import fuzz_settings
+
+
+def ChunkedReader(decode: bool = False, limits: HeadLimits = HeadLimits()) -> _ChunkedReader:
+    """
+    A chunked reader with the default head limits unless told otherwise.
+    """
+    return _ChunkedReader(limits, decode=decode)
+
+
+def body_reader(framing, **kw):
+    return _body_reader(framing, HeadLimits(), **kw)
 
 
 def _splits(data: bytes) -> list[list[bytes]]:
