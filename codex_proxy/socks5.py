@@ -20,13 +20,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _socks5wire as wire
+from codex_proxy._connection import ClientConnection
 from codex_proxy.config import Limits
 from codex_proxy.errors import (
     SOCKS_COMMAND_NOT_SUPPORTED,
@@ -37,9 +38,8 @@ from codex_proxy.errors import (
 from codex_proxy.connections import Connections
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
-from codex_proxy.relay import Relay
 from codex_proxy.socks5udp import UDPAssociation
-from codex_proxy.upstream import ISink, Outbound, Upstream
+from codex_proxy.upstream import Outbound, Upstream
 
 _log = Logger()
 
@@ -90,43 +90,36 @@ class SOCKS5Factory(Factory):
         return proto
 
 
-@implementer(IHalfCloseableProtocol, ISink)
-class SOCKS5Protocol(Protocol):
+@implementer(IHalfCloseableProtocol)
+class SOCKS5Protocol(ClientConnection):
     """
     One client connection of the SOCKS5 listener.
     """
 
+    listener = "socks5"
     factory: SOCKS5Factory
-
-    def __init__(self) -> None:
-        self._state = GREETING
-        self._buffer = b""
-        self._work: Optional[defer.Deferred[Any]] = None
-        self._timer: Any = None
-        self._relay: Optional[Relay] = None
-        self._udp: Optional[UDPAssociation] = None
-        self._identity: Optional[str] = None
-        self._client: Optional[str] = None
-        self._clientEOF = False
-        self._overloaded = False
 
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
-        # Over limits.max_connections: the request is answered 0x01.
-        self._overloaded = not self.factory.connections.admit(self.transport)
-        peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        self._client = f"{host}:{peer.port}" if host else None
-        self._timer = self.factory.clock.callLater(
+        super().connectionMade()
+        self._state = GREETING
+        self._buffer = b""
+        self._work: Optional[defer.Deferred[Any]] = None
+        self._udp: Optional[UDPAssociation] = None
+        self._identity: Optional[str] = None
+        self._clientEOF = False
+        self._timer: Optional[IDelayedCall] = self.factory.clock.callLater(
             self.factory.limits.socks_handshake_timeout_s, self._handshakeTimedOut
         )
 
     def dataReceived(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.fromClient(data)
+            return
         state = self._state
-        if state is RELAYING:
-            self._relay.fromClient(data)  # type: ignore[union-attr]
-        elif state in _HANDSHAKE:
+        if state in _HANDSHAKE:
             self._buffer += data
             self._advance()
         elif state is DECIDING or state is DIALLING:
@@ -136,42 +129,34 @@ class SOCKS5Protocol(Protocol):
 
     def readConnectionLost(self) -> None:
         self._clientEOF = True
-        if self._state is RELAYING:
-            self._relay.clientEOF()  # type: ignore[union-attr]
+        if self.relay is not None:
+            self.relay.clientEOF()
         elif self._state is not DECIDING and self._state is not DIALLING:
             # A handshake that can now never end, or the end of an association.
-            self._close()
+            self.close()
 
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
-        self.factory.connections.closed(self.transport)
+    def abandon(self) -> None:
         self._state = CLOSED
         self._cancelTimer()
         work, self._work = self._work, None
         if work is not None:
             work.cancel()
-        if self._relay is not None:
-            self._relay.clientLost()
-        if self._udp is not None:
-            udp, self._udp = self._udp, None
+        udp, self._udp = self._udp, None
+        if udp is not None:
             udp.close()
             self.factory.associations -= 1
 
     def _handshakeTimedOut(self) -> None:
         self._timer = None
-        self._state = CLOSED
-        self.transport.abortConnection()
+        self.abort("timeout")
 
     def _cancelTimer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
-
-    def _close(self) -> None:
-        self._state = CLOSED
-        self.transport.loseConnection()
 
     # -- handshake --------------------------------------------------------
 
@@ -195,13 +180,13 @@ class SOCKS5Protocol(Protocol):
                 else:
                     return
         except wire.SocksProtocolError as e:
+            self.noteEnd("bad_request")
             if self._state is REQUEST:
                 self._refuse(e.reply)
-            elif self._state is AUTH:
+                return
+            if self._state is AUTH:
                 self.transport.write(wire.encode_auth_status(False))
-                self._close()
-            else:
-                self._close()
+            self.close()
 
     def _greeting(self) -> bool:
         parsed = wire.parse_greeting(self._buffer)
@@ -217,7 +202,8 @@ class SOCKS5Protocol(Protocol):
             self._state = REQUEST
         else:
             self.transport.write(wire.encode_method(wire.METHOD_NO_ACCEPTABLE))
-            self._close()
+            self.noteEnd("bad_request")
+            self.close()
             return False
         return True
 
@@ -234,19 +220,20 @@ class SOCKS5Protocol(Protocol):
 
     def _request(self, request: wire.Request) -> None:
         self._cancelTimer()
-        self.transport.pauseProducing()
-        if self._overloaded:
+        self.pauseReading("request")
+        if not self.admitted:
             self._overload(request)
         elif request.command == wire.CMD_CONNECT:
             self._connect(request)
         elif request.command == wire.CMD_UDP_ASSOCIATE and self.factory.enable_udp:
             self._associate(request)
         else:
+            self.noteEnd("bad_request")
             self._refuse(SOCKS_COMMAND_NOT_SUPPORTED)
 
     def _refuse(self, reply: int) -> None:
         self.transport.write(wire.encode_reply(reply))
-        self._close()
+        self.close()
 
     def _proxyRequest(self, request: wire.Request) -> ProxyRequest:
         """
@@ -257,12 +244,13 @@ class SOCKS5Protocol(Protocol):
             protocol=Proto.SOCKS5_UDP if udp else Proto.SOCKS5_TCP,
             host=request.host,
             port=request.port,
-            client=self._client,
+            client=self.client,
             command=self._identity,
         )
 
     def _refuseFor(self, verdict: Verdict) -> None:
         assert verdict.reason is not None
+        self.noteVerdict(verdict)
         self._refuse(reply_for(verdict.reason).socks)
 
     def _overload(self, request: wire.Request) -> None:
@@ -277,62 +265,36 @@ class SOCKS5Protocol(Protocol):
 
     def _connect(self, request: wire.Request) -> None:
         self._state = DECIDING
-        d = self.factory.policy.check(self._proxyRequest(request))
-        self._work = d
-        d.addCallbacks(self._decided, self._failed)
-        d.addErrback(self._internalError)
+        d = self._work = self.factory.policy.check(self._proxyRequest(request))
+        self.expect(d, self._decided, self._failed)
 
     def _decided(self, verdict: Verdict) -> None:
         self._work = None
-        if self._state is CLOSED:
-            return
         if not verdict.allowed:
             self._refuseFor(verdict)
             return
+        self.noteVerdict(verdict)
         self._state = DIALLING
-        d = self.factory.upstream.connect(verdict.addresses, verdict.port)
-        self._work = d
-        d.addCallbacks(self._connected, self._failed)
-        d.addErrback(self._internalError)
+        d = self._work = self.factory.upstream.connect(verdict.addresses, verdict.port)
+        self.expect(d, self._connected, self._failed)
 
     def _failed(self, failure: Failure) -> None:
         self._work = None
-        if self._state is CLOSED:
-            failure.trap(defer.CancelledError, UpstreamError)
-            return
-        failure.trap(UpstreamError)
-        self._refuse(reply_for(failure.value.reason).socks)
-
-    def _internalError(self, failure: Failure) -> None:
-        _log.failure("internal error handling a SOCKS5 request", failure)
-        if self._state is not CLOSED:
-            self._state = CLOSED
-            self.transport.abortConnection()
+        e = failure.value
+        if not isinstance(e, UpstreamError):
+            failure.raiseException()
+        self.noteEnd("failed", e.reason.value)
+        self._refuse(reply_for(e.reason).socks)
 
     def _connected(self, out: Outbound) -> None:
         self._work = None
-        out.attach(self)
         bound = out.transport.getHost()
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
         self._state = RELAYING
-        self._relay = Relay(
-            self.transport, out.transport, self.factory.clock, self.factory.limits.tunnel_idle_s
-        )
-        self.transport.resumeProducing()
         pending, self._buffer = self._buffer, b""
-        if pending:
-            self._relay.fromClient(pending)
-        if self._clientEOF:
-            self._relay.clientEOF()
-
-    def outboundData(self, data: bytes) -> None:
-        self._relay.outboundData(data)  # type: ignore[union-attr]
-
-    def outboundEOF(self) -> None:
-        self._relay.outboundEOF()  # type: ignore[union-attr]
-
-    def outboundLost(self, reason: Failure) -> None:
-        self._relay.outboundLost(reason)  # type: ignore[union-attr]
+        self.joinRelay(
+            out, self.factory.limits.tunnel_idle_s, fromClient=pending, clientEOF=self._clientEOF
+        )
 
     # -- UDP ASSOCIATE ----------------------------------------------------
 
@@ -352,7 +314,7 @@ class SOCKS5Protocol(Protocol):
             client_ip=self.transport.getPeer().host,
             client_port=request.port,
             listen_ip=local.host,
-            client=self._client,
+            client=self.client,
             identity=self._identity,
         )
         try:
@@ -366,4 +328,4 @@ class SOCKS5Protocol(Protocol):
         self._state = ASSOCIATED
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, local.host, port))
         # Read on, only to notice when the client ends the association.
-        self.transport.resumeProducing()
+        self.resumeReading("request")

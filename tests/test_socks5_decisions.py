@@ -6,10 +6,12 @@ are no host names, and the proxy's own listening addresses.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import pytest
+from twisted.internet import error
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy.config import Limits
@@ -216,3 +218,52 @@ def test_udp_datagram_to_the_proxy_s_own_address_is_dropped(trickle):
     proto.datagramReceived(datagram("127.0.0.1", 1080, b"loop"), ("127.0.0.1", 7000))
     assert h.reasons() == ["not_allowed_local"]
     assert h.reactor.udp[1:] == []
+
+
+# -- one outcome event per connection ----------------------------------------------
+
+
+def outcomes_of(h: Harness) -> List[Any]:
+    seen: List[Any] = []
+    h.factory.connections.observers.append(seen.append)
+    return seen
+
+
+def test_a_relayed_connection_ends_with_one_outcome(trickle):
+    h = Harness(trickle)
+    seen = outcomes_of(h)
+    h.send(NO_AUTH + connect("origin.test", 443) + b"early")
+    server, _ = h.accept()
+    h.send(b"ping")
+    server.dataReceived(b"pong!")
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    [outcome] = seen
+    assert (outcome.listener, outcome.client, outcome.decision, outcome.outcome) == (
+        "socks5",
+        "127.0.0.1:5555",
+        "allow",
+        "closed",
+    )
+    assert (outcome.bytes_up, outcome.bytes_down) == (9, 5)
+
+
+@pytest.mark.parametrize(
+    "send, then, outcome, reason",
+    [
+        (NO_AUTH + connect("elsewhere.test", 443), None, "blocked", "not_allowed"),
+        (NO_AUTH + connect("origin.test", 443), "refuse", "failed", "upstream_refused"),
+        (NO_AUTH + connect("127.0.0.1", 80, wire.CMD_BIND), None, "bad_request", None),
+        (NO_AUTH, "wait", "timeout", None),
+    ],
+)
+def test_every_ending_is_one_outcome(trickle, send, then, outcome, reason):
+    h = Harness(trickle)
+    seen = outcomes_of(h)
+    h.send(send)
+    if then == "refuse":
+        h.fail(error.ConnectionRefusedError())
+    elif then == "wait":
+        h.reactor.advance(5)
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    [ended] = seen
+    assert (ended.outcome, ended.reason) == (outcome, reason)
