@@ -11,7 +11,10 @@ One L{SOCKS5Protocol} per client connection, an explicit state machine:
 
 The pending policy or dial Deferred is held in C{_work} so a client that
 goes away cancels it; the handshake (greeting to request) must complete
-within C{limits.socks_handshake_timeout_s}. Reply codes come from
+within C{limits.socks_handshake_timeout_s}. Admission, the read gate,
+internal errors, the relay and the outcome event are the shared
+L{codex_proxy._connection.ClientConnection}'s. Every decision, UDP
+ASSOCIATE itself included, is the policy service's; reply codes come from
 L{codex_proxy.errors}, never from a call site.
 """
 
@@ -307,6 +310,7 @@ class SOCKS5Protocol(ClientConnection):
         if not verdict.allowed:
             self._refuseFor(verdict)
             return
+        self.noteVerdict(verdict)
         local = self.transport.getHost()
         udp = UDPAssociation(
             factory.reactor,
@@ -321,6 +325,7 @@ class SOCKS5Protocol(ClientConnection):
             port = udp.start()
         except error.CannotListenError as e:
             _log.warn("cannot open a SOCKS5 UDP relay: {error}", error=e)
+            self.noteEnd("error")
             self._refuse(SOCKS_GENERAL_FAILURE)
             return
         self._udp = udp

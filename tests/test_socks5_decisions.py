@@ -267,3 +267,12 @@ def test_every_ending_is_one_outcome(trickle, send, then, outcome, reason):
     h.proto.connectionLost(Failure(error.ConnectionDone()))
     [ended] = seen
     assert (ended.outcome, ended.reason) == (outcome, reason)
+
+
+def test_an_association_ends_with_one_allowed_outcome(trickle):
+    h = Harness(trickle)
+    seen = outcomes_of(h)
+    associate(h)
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    [ended] = seen
+    assert (ended.decision, ended.outcome) == ("allow", "closed")
