@@ -276,3 +276,20 @@ def test_an_association_ends_with_one_allowed_outcome(trickle):
     h.proto.connectionLost(Failure(error.ConnectionDone()))
     [ended] = seen
     assert (ended.decision, ended.outcome) == ("allow", "closed")
+
+
+def test_a_udp_relay_that_cannot_be_bound_is_general_failure(trickle):
+    h = Harness(trickle)
+    seen = outcomes_of(h)
+
+    def cannot(*args: Any, **kwargs: Any) -> Any:
+        raise error.CannotListenError("127.0.0.1", 0, OSError(98, "in use"))
+
+    h.reactor.listenUDP = cannot  # type: ignore[method-assign]
+    with capturedLogs() as events:
+        h.send(udp_associate())
+    assert h.client.value() == b"\x05\x00" + reply(0x01)
+    assert h.factory.associations == 0
+    assert any("cannot open a SOCKS5 UDP relay" in formatEvent(e) for e in events)
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    assert [ended.outcome for ended in seen] == ["error"]
