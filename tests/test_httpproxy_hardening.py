@@ -14,7 +14,7 @@ from typing import List
 from twisted.internet import error
 from twisted.python.failure import Failure
 
-from codex_proxy._httphead import HeadLimits
+from codex_proxy._httpbody import HeadLimits
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.httpproxy import INSTANCE
 from codex_proxy.model import Mode
