@@ -28,7 +28,12 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from codex_proxy import _httpbody, _httphead
-from codex_proxy._httptarget import authority, is_websocket_upgrade
+from codex_proxy._httptarget import (
+    authority,
+    is_websocket_upgrade,
+    serialize_response_head,
+    strip_hop_by_hop,
+)
 from codex_proxy.errors import ProtocolError
 from codex_proxy.mitm import is_tls_failure
 from codex_proxy.model import ProxyRequest, Reason
@@ -138,7 +143,7 @@ class Exchange:
         head: _httphead.RequestHead,
         request: ProxyRequest,
         *,
-        limits: _httphead.HeadLimits,
+        limits: _httpbody.HeadLimits,
         clock: IReactorTime,
         timeout: float,
         reused: bool,
@@ -252,8 +257,8 @@ class Exchange:
         """
         if self._head.version >= (1, 1):
             self._client.write(
-                _httphead.serialize_response_head(
-                    (1, 1), head.status, head.reason, _httphead.strip_hop_by_hop(head.headers)
+                serialize_response_head(
+                    (1, 1), head.status, head.reason, strip_hop_by_hop(head.headers)
                 )
             )
         self._respParser = _httphead.ResponseHeadParser(self._head.method, self._limits)
@@ -268,11 +273,11 @@ class Exchange:
             self._respStarted = False
             self._upstreamBroken("unexpected 101 Switching Protocols")
             return
-        headers = _httphead.strip_hop_by_hop(head.headers) + (
+        headers = strip_hop_by_hop(head.headers) + (
             (b"Connection", b"Upgrade"),
             (b"Upgrade", upgrade),
         )
-        self._client.write(_httphead.serialize_response_head((1, 1), 101, head.reason, headers))
+        self._client.write(serialize_response_head((1, 1), 101, head.reason, headers))
         self._end()
         self._owner.upgraded(self._leg.out, rest)
 
@@ -280,12 +285,12 @@ class Exchange:
         """
         Send the response head; return whether a body follows.
         """
-        headers = _httphead.strip_hop_by_hop(head.headers)
+        headers = strip_hop_by_hop(head.headers)
         framing = head.framing
         old_client = self._head.version < (1, 1)
-        if framing is _httphead.CHUNKED and not old_client:
+        if framing is _httpbody.CHUNKED and not old_client:
             headers += ((b"Transfer-Encoding", b"chunked"),)
-        elif framing is _httphead.CHUNKED or framing is _httphead.UNTIL_CLOSE:
+        elif framing is _httpbody.CHUNKED or framing is _httpbody.UNTIL_CLOSE:
             # An HTTP/1.0 client gets the chunked payload decoded, delimited
             # by the close, like a body that runs until close.
             self.close = True
@@ -294,7 +299,7 @@ class Exchange:
             headers += ((b"Connection", b"close"),)
         elif old_client:
             headers += ((b"Connection", b"keep-alive"),)
-        self._client.write(_httphead.serialize_response_head((1, 1), head.status, head.reason, headers))
+        self._client.write(serialize_response_head((1, 1), head.status, head.reason, headers))
         self._respKeepAlive = head.keep_alive
         self._respReader = reader
         return reader is not None
@@ -337,7 +342,7 @@ class Exchange:
                 f"TLS with {authority(self._leg.tls, self._request.port)} failed:"
                 f" {reason.getErrorMessage()}",
             )
-        elif self._reused and self._head.framing is _httphead.NO_BODY:
+        elif self._reused and self._head.framing is _httpbody.NO_BODY:
             self._owner.retry(self._leg)
         else:
             self._owner.failed(

@@ -1,6 +1,8 @@
 """
-Sans-IO readers that delimit HTTP/1.x message bodies (RFC 9112 §6, §7):
-by length, chunked (validated as it streams) or until the connection closes.
+HTTP/1.x message bodies, sans-IO (RFC 9112 §6, §7): the framing a head
+declares, and the readers that delimit a body by length, chunked
+(validated as it streams, trailers included) or until the connection
+closes.
 
 Limits are always passed in: a chunked body's trailers are bounded by the
 configured head limits, never by defaults.
@@ -11,15 +13,67 @@ from __future__ import annotations
 import abc
 import re
 
-from codex_proxy._httphead import (
-    Chunked,
-    Framing,
-    HeadLimits,
-    Length,
-    UntilClose,
-    parse_field,
-)
+import attrs
+
 from codex_proxy.errors import ProtocolError
+
+#: A header name (RFC 9110 §5.6.2 token).
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
+
+
+@attrs.frozen
+class HeadLimits:
+    """
+    Size limits of one message head (SPEC §2.6).
+
+    @ivar max_request_line_bytes: longest request (or status) line, CRLF
+        excluded.
+    @ivar max_header_bytes: longest head, from the start line to the blank
+        line inclusive; also bounds a chunked body's trailer section.
+    @ivar max_header_fields: most header (or trailer) fields.
+    """
+
+    max_request_line_bytes: int = 8192
+    max_header_bytes: int = 65536
+    max_header_fields: int = 100
+
+
+@attrs.frozen
+class NoBody:
+    """
+    The message ends with its head.
+    """
+
+
+@attrs.frozen
+class Length:
+    """
+    The body is exactly C{n} bytes (C{n > 0}; a zero length is L{NoBody}).
+    """
+
+    n: int
+
+
+@attrs.frozen
+class Chunked:
+    """
+    The body uses the chunked transfer coding.
+    """
+
+
+@attrs.frozen
+class UntilClose:
+    """
+    The body runs until the server closes the connection (responses only).
+    """
+
+
+Framing = NoBody | Length | Chunked | UntilClose
+NO_BODY = NoBody()
+CHUNKED = Chunked()
+UNTIL_CLOSE = UntilClose()
 
 _CHUNK_SIZE = re.compile(
     rb"([0-9A-Fa-f]{1,16})"
@@ -29,6 +83,57 @@ _CHUNK_SIZE = re.compile(
 )
 # The longest chunk-size line (size and extensions) a ChunkedReader holds.
 _MAX_CHUNK_LINE = 4096
+
+
+def parse_field(line: bytes, status: int) -> tuple[bytes, bytes]:
+    """
+    Validate one C{name: value} line; return the name and the stripped value.
+    """
+    if line[0] in b" \t":
+        raise ProtocolError("obsolete line folding in a header", status)
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise ProtocolError("header line without a colon", status)
+    if not TOKEN.fullmatch(name):
+        if name.rstrip(b" \t") != name:
+            raise ProtocolError("whitespace between header name and colon", status)
+        raise ProtocolError("invalid header name", status)
+    value = value.strip(b" \t")
+    if _BAD_VALUE.search(value):
+        raise ProtocolError("control character in a header value", status)
+    return name, value
+
+
+def declared_framing(
+    seen: dict[bytes, list[bytes]],
+    version: tuple[int, int],
+    status: int,
+    unsupported_status: int,
+) -> Framing | None:
+    """
+    The framing C{Content-Length}/C{Transfer-Encoding} declare, or C{None}
+    when neither is present; every ambiguous combination is rejected.
+    """
+    lengths = seen.get(b"content-length", ())
+    codings = seen.get(b"transfer-encoding", ())
+    if len(lengths) > 1:
+        raise ProtocolError("more than one Content-Length", status)
+    if lengths and codings:
+        raise ProtocolError("both Content-Length and Transfer-Encoding", status)
+    if codings:
+        if version < (1, 1):
+            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 message", status)
+        if len(codings) > 1 or codings[0].lower() != b"chunked":
+            raise ProtocolError(
+                "Transfer-Encoding other than chunked", unsupported_status
+            )
+        return CHUNKED
+    if lengths:
+        if not _CONTENT_LENGTH.fullmatch(lengths[0]):
+            raise ProtocolError("invalid Content-Length", status)
+        length = int(lengths[0])
+        return Length(length) if length else NO_BODY
+    return None
 
 
 class BodyReader(abc.ABC):

@@ -1,20 +1,40 @@
 """
 From a parsed request head to what the proxy decides and forwards (pure):
 the L{ProxyRequest} a head asks for (request-target forms, C{Host} checks,
-default ports, unix-socket targets), the head written to the destination
-(origin-form or, toward a parent proxy, absolute-form), and the one
-C{host:port} formatter of the package.
+default ports, unix-socket targets), the heads written onward (hop-by-hop
+fields dropped; requests in origin-form or, toward a parent proxy,
+absolute-form), and the one C{host:port} formatter of the package.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-from codex_proxy import _httphead
+from codex_proxy import _httpbody, _httphead
+from codex_proxy._httphead import Headers
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
 from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest
 from codex_proxy.policy import method_overrides
+
+#: Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# A Connection header naming these must not make us drop the message's
+# routing or length: that would desynchronise the upstream (smuggling).
+_NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
+
 
 #: The port each scheme a client may send in absolute-form defaults to.
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443}
@@ -112,7 +132,7 @@ def request_for(
         host=host,
         port=port,
         method=head.method,
-        has_body=head.framing is not _httphead.NO_BODY,
+        has_body=head.framing is not _httpbody.NO_BODY,
         upgrade=head.upgrade,
         override_methods=method_overrides(head.headers, head.path),
         client=client,
@@ -155,7 +175,7 @@ def inner_request(
         host=host,
         port=port,
         method=head.method,
-        has_body=head.framing is not _httphead.NO_BODY,
+        has_body=head.framing is not _httpbody.NO_BODY,
         upgrade=head.upgrade,
         override_methods=method_overrides(head.headers, head.path),
         client=client,
@@ -167,7 +187,7 @@ def is_websocket_upgrade(head: _httphead.RequestHead) -> bool:
     A body-less GET asking to upgrade to websocket: the only upgrade we pass
     on (SPEC §1); every other C{Upgrade} is dropped as hop-by-hop.
     """
-    if head.method != "GET" or not head.upgrade or head.framing is not _httphead.NO_BODY:
+    if head.method != "GET" or not head.upgrade or head.framing is not _httpbody.NO_BODY:
         return False
     value = head.header(b"upgrade") or b""
     return b"websocket" in [token.strip().lower() for token in value.split(b",")]
@@ -210,12 +230,12 @@ def outgoing_head(
     origin-form, or in absolute-form with our credentials toward a parent
     proxy (SPEC §7); a websocket upgrade keeps its C{Upgrade}.
     """
-    headers = _httphead.strip_hop_by_hop(head.headers)
+    headers = strip_hop_by_hop(head.headers)
     if head.header(b"host") is None:
         assert head.host is not None and head.port is not None
         default = DEFAULT_PORTS.get(head.scheme or "http", 80)
         headers += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
-    if head.framing is _httphead.CHUNKED:
+    if head.framing is _httpbody.CHUNKED:
         headers += ((b"Transfer-Encoding", b"chunked"),)
     if request.unix_socket is not None:
         headers = tuple((k, v) for k, v in headers if k.lower() != UNIX_SOCKET_HEADER)
@@ -232,4 +252,46 @@ def outgoing_head(
         )
     elif close:
         headers += ((b"Connection", b"close"),)
-    return _httphead.serialize_request_head(head.method, target, headers)
+    return serialize_request_head(head.method, target, headers)
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """
+    Drop L{HOP_BY_HOP} fields and those the C{Connection} fields name
+    (except C{Host} and C{Content-Length}, which keep the message routable
+    and delimited).
+    """
+    listed = _httphead.connection_tokens(v for n, v in headers if n.lower() == b"connection")
+    drop = HOP_BY_HOP | (listed - _NOT_CONNECTION_LISTABLE)
+    return tuple((n, v) for n, v in headers if n.lower() not in drop)
+
+
+def _serialize(start: bytes, headers: Headers) -> bytes:
+    """
+    Join a start line and fields into a head; refuse CR/LF smuggled inside.
+    """
+    lines = [start]
+    lines.extend(name + b": " + value for name, value in headers)
+    lines += (b"", b"")
+    head = b"\r\n".join(lines)
+    if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
+        raise ValueError("CR or LF inside a start line or header")
+    return head
+
+
+def serialize_request_head(method: str, target: str, headers: Headers) -> bytes:
+    """
+    Encode an HTTP/1.1 request head.
+    """
+    start = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))
+    return _serialize(start, headers)
+
+
+def serialize_response_head(
+    version: tuple[int, int], status: int, reason: bytes, headers: Headers
+) -> bytes:
+    """
+    Encode a response head.
+    """
+    start = b"HTTP/%d.%d %03d %s" % (version[0], version[1], status, reason)
+    return _serialize(start, headers)

@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from codex_proxy import _httphead, _httptarget, errors
+from codex_proxy import _httpbody, _httphead, _httptarget, errors
 from codex_proxy._connection import ClientConnection, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
 from codex_proxy._text import escape
@@ -198,7 +198,7 @@ class HTTPProxyFactory(Factory):
         policy: PolicyService,
         upstream: Upstream,
         clock: IReactorTime,
-        head_limits: _httphead.HeadLimits = _httphead.HeadLimits(),
+        head_limits: _httpbody.HeadLimits = _httpbody.HeadLimits(),
         tunnel_idle: float = 3600.0,
         header_timeout: float = 30.0,
         keepalive_idle: float = 120.0,
@@ -594,7 +594,7 @@ class HTTPProxyProtocol(ClientConnection):
         Answer the current request ourselves. The connection stays open only
         when the request had no body we would have to skip, and was no CONNECT.
         """
-        keep = not close and head is not None and head.framing is _httphead.NO_BODY and head.form != "authority"
+        keep = not close and head is not None and head.framing is _httpbody.NO_BODY and head.form != "authority"
         with_body = head is None or head.method != "HEAD"
         self.transport.write(errors.render(reply.status, reply.header, fields, keep_alive=keep, with_body=with_body))
         self._next(kept, keep)

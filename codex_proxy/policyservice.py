@@ -312,7 +312,8 @@ class PolicyService:
         resolving again: the host was resolved and vetted when C{tunnel} was
         allowed, and an allowed verdict carries the tunnel's addresses. The
         current policy still applies (a reload can block an open tunnel's
-        next request); a decider's approval of the tunnel covers its inner
+        next request, and the pinned addresses are vetted again under it,
+        SPEC §2.5); a decider's approval of the tunnel covers its inner
         allowlist misses. Exactly one audit event, as for L{check}.
         """
         policy = self.policy
@@ -320,7 +321,7 @@ class PolicyService:
         if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
             verdict = admit(policy, request, verdict.host, override=True)
         if verdict.allowed:
-            verdict = self._notSelf(attrs.evolve(verdict, addresses=tunnel.addresses))
+            return defer.succeed(self._vet(policy, verdict, list(tunnel.addresses)))
         return defer.succeed(self._record(verdict))
 
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from codex_proxy import _httphead
-from codex_proxy._httptarget import authority
+from codex_proxy._httptarget import authority, serialize_request_head
 from codex_proxy.addresses import parse_ip_literal
 from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError
@@ -157,7 +157,7 @@ class _ParentConnect:
         if parent.authorization is not None:
             headers += ((b"Proxy-Authorization", parent.authorization),)
         out._handshake = self
-        out.transport.write(_httphead.serialize_request_head("CONNECT", target, headers))
+        out.transport.write(serialize_request_head("CONNECT", target, headers))
 
     def received(self, data: bytes) -> None:
         try:

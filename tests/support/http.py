@@ -13,7 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from codex_proxy._httphead import HeadLimits
+from codex_proxy._httpbody import HeadLimits
 from codex_proxy.httpproxy import HTTPProxyFactory, HTTPProxyProtocol
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
