@@ -1,7 +1,8 @@
 """
 What every client connection shares, whichever listener accepted it:
 admission against C{limits.max_connections}, the client's address, a read
-gate, pending work that a departing client cancels, internal-error
+gate, client bytes kept for later, back-pressure on the connection's own
+replies, pending work that a departing client cancels, internal-error
 handling, joining a L{Relay}, and the one outcome event per connection
 (L{codex_proxy.connections.ConnectionOutcome}).
 
@@ -15,9 +16,11 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Set, TypeVar
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from codex_proxy._httptarget import authority
 from codex_proxy.connections import ConnectionOutcome
@@ -28,6 +31,11 @@ from codex_proxy.upstream import Outbound
 
 _log = Logger()
 T = TypeVar("T")
+
+#: Client bytes kept while a request is decided or served before reading
+#: pauses. Reading is not paused per request: that costs two epoll calls
+#: per request, and a client that does not pipeline sends nothing meanwhile.
+PENDING_LIMIT = 1 << 16
 
 
 def no_delay(transport: Any) -> None:
@@ -54,6 +62,8 @@ class ClientConnection(Protocol):
     @ivar relay: the relay once the connection has become a tunnel.
     @ivar bytesUp: bytes forwarded client to destination outside a relay.
     @ivar bytesDown: bytes forwarded destination to client outside a relay.
+    @ivar pending: client bytes kept for later (L{keep}).
+    @ivar clientEOF: the client has half-closed its side.
     """
 
     listener = "client"
@@ -65,7 +75,10 @@ class ClientConnection(Protocol):
         self.relay: Optional[Relay] = None
         self.bytesUp = 0
         self.bytesDown = 0
+        self.pending = b""
+        self.clientEOF = False
         self._paused: Set[str] = set()
+        self._writeGate = _WriteGate(self)
         self._started = self.factory.clock.seconds()
         self._decision: Optional[str] = None
         self._reason: Optional[str] = None
@@ -134,12 +147,51 @@ class ClientConnection(Protocol):
         self._paused.add(why)
 
     def resumeReading(self, why: str) -> None:
+        if why not in self._paused:
+            return
         self._paused.discard(why)
         if not self._paused and not self.closing:
             self.transport.resumeProducing()
 
     def readingPaused(self, why: str) -> bool:
         return why in self._paused
+
+    def keep(self, data: bytes) -> None:
+        """
+        Keep client bytes that arrived while a request is decided or served
+        (its body, the next request); past L{PENDING_LIMIT}, reading pauses.
+        """
+        self.pending += data
+        if len(self.pending) >= PENDING_LIMIT:
+            self.pauseReading("pending")
+
+    def takePending(self) -> bytes:
+        """
+        The bytes kept so far, which are no longer held against the bound.
+        """
+        data, self.pending = self.pending, b""
+        self.resumeReading("pending")
+        return data
+
+    def watchWrites(self) -> None:
+        """
+        Count what the connection writes itself against back-pressure: a
+        gate becomes the client transport's producer, and reading pauses
+        while the transport's write buffer is above its high-water mark;
+        L{writesDrained} runs once it is below again. A relay or exchange
+        registers its own producer while it runs: call this again after.
+        """
+        transport = self.transport
+        if transport.producer is not self._writeGate:
+            if transport.producer is not None:
+                transport.unregisterProducer()
+            transport.registerProducer(self._writeGate, True)
+
+    def writesDrained(self) -> None:
+        """
+        The client read what was written: override to go on with work held
+        back meanwhile.
+        """
 
     # -- pending work and endings -------------------------------------------
 
@@ -222,3 +274,24 @@ class ClientConnection(Protocol):
         if clientEOF:
             relay.clientEOF()
         return relay
+
+
+@implementer(IPushProducer)
+class _WriteGate:
+    """
+    The client transport's producer between relays and exchanges (see
+    L{ClientConnection.watchWrites}).
+    """
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self._connection = connection
+
+    def pauseProducing(self) -> None:
+        self._connection.pauseReading("write")
+
+    def resumeProducing(self) -> None:
+        self._connection.resumeReading("write")
+        self._connection.writesDrained()
+
+    def stopProducing(self) -> None:
+        pass

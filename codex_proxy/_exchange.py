@@ -31,6 +31,7 @@ from codex_proxy import _httpbody, _httphead
 from codex_proxy._httptarget import (
     authority,
     is_websocket_upgrade,
+    outgoing_head,
     serialize_response_head,
     strip_hop_by_hop,
 )
@@ -93,6 +94,7 @@ class Leg:
         self.route = route
         self.tls = tls
         self.open = True
+        self._dropped = False
         self._owner = owner
         out.attach(self)
         out.transport.registerProducer(self, True)
@@ -102,6 +104,9 @@ class Leg:
         Close the connection; detached first, so bytes it still reads (a
         TLS leg reads on until close_notify) reach no client.
         """
+        if self._dropped:
+            return
+        self._dropped = True
         self.open = False
         self.out.detach()
         self.out.transport.loseConnection()
@@ -168,14 +173,24 @@ class Exchange:
         self._reqReader = _httpbody.body_reader(head.framing, limits)
         self._watch = IdleWatch(clock, timeout, self._moved, self._timedOut)
 
-    def start(self, forward: bytes) -> None:
+    def start(self, via: bytes) -> None:
         """
-        Write the request head C{forward}; the destination becomes the
-        producer of the client transport (a slow client pauses it).
+        Forward the request head, with our C{via}; the destination becomes
+        the producer of the client transport (a slow client pauses it).
         """
         out = self._leg.out
+        route = self._leg.route
         out.attach(self)
-        out.transport.write(forward)
+        out.transport.write(
+            outgoing_head(
+                self._head,
+                self._request,
+                via,
+                close=self.close,
+                parent_authorization=route.parent.authorization if route.parent else None,
+                absolute_form=route.absolute_form,
+            )
+        )
         if self._client.producer is not None:
             self._client.unregisterProducer()
         self._client.registerProducer(out.transport, True)

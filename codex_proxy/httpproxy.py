@@ -3,47 +3,43 @@ The HTTP proxy listener: absolute-form forwarding, CONNECT tunnels, websocket
 upgrades, unix-socket targets and intercepted (MITM) tunnels.
 
 One L{HTTPProxyProtocol} per client connection, a state machine. Each
-state holds what may be pending in it, and nothing else; leaving a state
-for L{_Closing} releases exactly that:
+state holds what may be pending in it, and nothing else; closing releases
+exactly that (C{abandon}):
 
-    state            holds                             leaves by
-    _ReadingHead     timer, next-head step, kept leg   head ─▶ _Deciding;
-                                                       bad bytes, 408 ─▶ _Closing;
-                                                       idle, EOF ─▶ _Closing
-    _Deciding        policy Deferred, kept leg         deny ─▶ reply ─▶ _ReadingHead | _Closing;
-                                                       allow ─▶ _Dialling, or
-                                                       _Exchanging on the kept leg
-    _Dialling        dial Deferred                     failed ─▶ reply ─▶ _ReadingHead | _Closing;
-                                                       CONNECT ─▶ _Tunnelling;
-                                                       CONNECT, intercept ─▶ _ReadingHead (TLS);
-                                                       request ─▶ _Exchanging
-    _Exchanging      the L{Exchange} (its leg, timer)  done ─▶ _ReadingHead | _Closing;
-                                                       failed ─▶ reply; broken ─▶ _Closing;
-                                                       101 ─▶ _Tunnelling; retry ─▶ _Dialling
-    _Tunnelling      (the relay, on the connection)    either side closes ─▶ _Closing
-    _Closing         nothing
+    state          holds                            leaves by
+    ReadingHead    timer, next-head step, kept leg  head ─▶ _Deciding; bad bytes, 408 ─▶ reply, close;
+     (_pipelining)                                  idle, EOF ─▶ _Closing
+    _Deciding      policy Deferred, kept leg        deny ─▶ reply ─▶ ReadingHead | _Closing;
+                                                    allow ─▶ _Dialling, or _Exchanging on the kept leg
+    _Dialling      dial Deferred                    failed ─▶ reply ─▶ ReadingHead | _Closing;
+                                                    CONNECT ─▶ _Tunnelling;
+                                                    CONNECT, intercept ─▶ ReadingHead (inside TLS);
+                                                    request ─▶ _Exchanging
+    _Exchanging    the Exchange (its leg, timer)    done ─▶ ReadingHead | _Closing; failed ─▶ reply;
+                                                    broken ─▶ _Closing; 101 ─▶ _Tunnelling;
+                                                    retry ─▶ _Dialling
+    _Tunnelling    (the relay, on the connection)   either side closes ─▶ _Closing
+    _Closing       nothing
 
 Intercepting is the connection's C{_tunnel} context: after C{200} the
 client's TLS is terminated here and inner requests take the same states
 with protocol C{https}, the target pinned to the tunnel's host, port and
-vetted addresses, decided again under the current policy.
+vetted addresses, decided and vetted again under the current policy.
 
-A reply of our own (a block, a failure) leads back to C{_ReadingHead};
-bytes the client pipelined behind it are read from the reactor
-(C{callLater(0)}), never from inside the reply, and only while the
-client's write buffer is below its high-water mark: our replies count
-against back-pressure like forwarded data. Bodies stream both ways.
+Our own replies lead back to C{ReadingHead}, which reads pipelined bytes
+from the reactor, never from inside the reply, and only while the client's
+write buffer is below its high-water mark. Bodies stream both ways.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +48,7 @@ from zope.interface import implementer
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
 from codex_proxy._connection import ClientConnection, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
+from codex_proxy._pipelining import IHeadOwner, ReadingHead
 from codex_proxy._text import escape
 from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
@@ -62,10 +59,6 @@ from codex_proxy.upstream import Outbound, Route, Upstream
 _log = Logger()
 
 _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
-#: Client bytes kept while a request is decided or served before reading
-#: pauses. Reading is not paused per request: that costs two epoll calls
-#: per request, and a client that does not pipeline sends nothing meanwhile.
-_PENDING_LIMIT = 1 << 16
 #: This process's C{Via} pseudonym (SPEC §4.2b): a request carrying it
 #: went round a loop.
 INSTANCE = secrets.token_hex(8)
@@ -73,10 +66,9 @@ INSTANCE = secrets.token_hex(8)
 
 def _resolve_socket(path: str) -> str:
     """
-    An absolute C{x-unix-socket} path with symlinks resolved, so it
-    compares with the allowed paths resolved at load (SPEC §8). A blocking
-    filesystem call: a few local C{lstat}s per unix-socket request,
-    accepted rather than a thread hop per request.
+    An absolute C{x-unix-socket} path with symlinks resolved, to compare with
+    the allowed paths resolved at load (SPEC §8). It blocks for a few local
+    C{lstat}s per unix-socket request, cheaper than a thread hop.
     """
     return os.path.realpath(path)
 
@@ -84,8 +76,8 @@ def _resolve_socket(path: str) -> str:
 @attrs.define
 class _Job:
     """
-    The request being served: its head, what it asks for, whether the
-    connection closes after it, and the verdict once decided.
+    The request being served, whether the connection closes after it, and
+    its verdict once decided.
     """
 
     head: _httphead.RequestHead
@@ -94,36 +86,11 @@ class _Job:
     verdict: Optional[Verdict] = None
 
 
-class _State:
+class _Deciding:
     """
-    Base of the states: L{release} gives up what the state holds.
+    The policy is deciding C{job}; holds its Deferred and the kept leg.
     """
 
-    def release(self) -> None:
-        pass
-
-
-class _ReadingHead(_State):
-    def __init__(self, kept: Optional[Leg]) -> None:
-        self.kept = kept
-        self.timer: Optional[IDelayedCall] = None
-        self.step: Optional[IDelayedCall] = None
-        self.idle = False
-
-    def stopTimer(self) -> None:
-        for call in (self.timer, self.step):
-            if call is not None and call.active():
-                call.cancel()
-        self.timer = self.step = None
-
-    def release(self) -> None:
-        self.stopTimer()
-        kept, self.kept = self.kept, None
-        if kept is not None:
-            kept.drop()
-
-
-class _Deciding(_State):
     def __init__(self, job: _Job, work: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
         self.job, self.work, self.kept = job, work, kept
 
@@ -134,7 +101,11 @@ class _Deciding(_State):
             kept.drop()
 
 
-class _Dialling(_State):
+class _Dialling:
+    """
+    Connecting for C{job}; holds the dial's Deferred.
+    """
+
     def __init__(self, job: _Job, work: defer.Deferred[Outbound], route: Route, tls: Optional[str]) -> None:
         self.job, self.work, self.route, self.tls = job, work, route, tls
 
@@ -142,7 +113,11 @@ class _Dialling(_State):
         self.work.cancel()
 
 
-class _Exchanging(_State):
+class _Exchanging:
+    """
+    Serving C{job} over an L{Exchange}, which holds the leg and its timer.
+    """
+
     def __init__(self, job: _Job, exchange: Exchange) -> None:
         self.job, self.exchange = job, exchange
 
@@ -150,37 +125,22 @@ class _Exchanging(_State):
         self.exchange.cancel()
 
 
-class _Tunnelling(_State):
-    pass
+class _Tunnelling:
+    """A byte tunnel; the relay is the connection's (C{relay})."""
 
-
-class _Closing(_State):
-    pass
-
-
-_CLOSING = _Closing()
-
-
-@implementer(IPushProducer)
-class _ReplyGate:
-    """
-    The client transport's producer between exchanges: when the replies
-    we write fill its buffer past the high-water mark, reading (and the
-    next pipelined head) waits until the client has read them.
-    """
-
-    def __init__(self, proto: "HTTPProxyProtocol") -> None:
-        self._proto = proto
-
-    def pauseProducing(self) -> None:
-        self._proto.pauseReading("write")
-
-    def resumeProducing(self) -> None:
-        self._proto.resumeReading("write")
-        self._proto._stepSoon()
-
-    def stopProducing(self) -> None:
+    def release(self) -> None:
         pass
+
+
+class _Closing:
+    """Closed, or closing: nothing is pending."""
+
+    def release(self) -> None:
+        pass
+
+
+_State = Union[ReadingHead, _Deciding, _Dialling, _Exchanging, _Tunnelling, _Closing]
+_CLOSING = _Closing()
 
 
 class HTTPProxyFactory(Factory):
@@ -236,7 +196,7 @@ class HTTPProxyFactory(Factory):
         return proto
 
 
-@implementer(IHalfCloseableProtocol, IExchangeOwner)
+@implementer(IHalfCloseableProtocol, IExchangeOwner, IHeadOwner)
 class HTTPProxyProtocol(ClientConnection):
     """
     One client connection of the HTTP listener.
@@ -249,11 +209,8 @@ class HTTPProxyProtocol(ClientConnection):
         super().connectionMade()
         no_delay(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
-        self._pending = b""
-        self._clientEOF = False
         # The verdict of the intercepted tunnel this connection has become.
         self._tunnel: Optional[Verdict] = None
-        self._gate = _ReplyGate(self)
         self._state: _State = _CLOSING
         self._readHead(None, idle=False)
 
@@ -266,34 +223,31 @@ class HTTPProxyProtocol(ClientConnection):
         if isinstance(state, _Exchanging) and state.exchange.wantsBody:
             rest = state.exchange.fromClient(data)
             if rest:
-                self._keep(rest)
-        elif isinstance(state, _ReadingHead) and not (
-            self._pending or state.step or self.readingPaused("write")
-        ):
-            if state.idle:
-                self._armTimer(state, idle=False)
-            self._feedHead(state, data)
+                self.keep(rest)
+        elif isinstance(state, ReadingHead):
+            state.fromClient(data)
         elif not self.closing:
             # The next request, or bytes that arrive while one is decided or
             # served: kept, up to a bound.
-            self._keep(data)
+            self.keep(data)
 
     def readConnectionLost(self) -> None:
-        self._clientEOF = True
+        self.clientEOF = True
         state = self._state
         if self.relay is not None:
             self.relay.clientEOF()
-        elif isinstance(state, _ReadingHead):
-            if not self._pending:
-                # Between requests, or inside a head that can now never end.
-                self.close()
+        elif isinstance(state, _Exchanging) and state.exchange.wantsBody:
+            # The request body was cut short: nothing sensible can follow.
+            self.abort("bad_request")
+        elif self.pending:
+            # Pipelined requests are still to be answered; the last closes.
+            return
+        elif isinstance(state, ReadingHead):
+            # Between requests, or inside a head that can now never end.
+            self.close()
         elif isinstance(state, _Exchanging):
-            if state.exchange.wantsBody:
-                # The request body was cut short: nothing sensible can follow.
-                self.abort("bad_request")
-            elif not self._pending:
-                state.exchange.close = True
-        elif isinstance(state, (_Deciding, _Dialling)) and not self._pending:
+            state.exchange.close = True
+        elif isinstance(state, (_Deciding, _Dialling)):
             state.job.close = True
 
     def writeConnectionLost(self) -> None:
@@ -303,140 +257,84 @@ class HTTPProxyProtocol(ClientConnection):
         state, self._state = self._state, _CLOSING
         state.release()
 
-    def _keep(self, data: bytes) -> None:
-        self._pending += data
-        if len(self._pending) >= _PENDING_LIMIT:
-            self.pauseReading("pending")
+    def writesDrained(self) -> None:
+        if isinstance(self._state, ReadingHead):
+            self._state.stepSoon()
 
-    # -- reading heads ----------------------------------------------------
+    # -- reading heads --------------------------------------------------------
 
     def _readHead(self, kept: Optional[Leg], idle: bool = True) -> None:
         """
-        Wait for the next request head, keeping C{kept} for it; pipelined
-        bytes already here are read from the reactor, not from this stack.
+        Wait for the next request head, keeping C{kept} for it.
         """
-        if self._clientEOF and not self._pending:
+        if self.clientEOF and not self.pending:
             if kept is not None:
                 kept.drop()
             self.close()
             return
-        state = self._state = _ReadingHead(kept)
-        transport = self.transport
-        if transport.producer is not self._gate:
-            if transport.producer is not None:
-                transport.unregisterProducer()
-            transport.registerProducer(self._gate, True)
-        self._armTimer(state, idle=idle and not self._pending)
-        self._stepSoon()
-
-    def _armTimer(self, state: _ReadingHead, idle: bool) -> None:
-        """
-        The one timer of a head: between requests the keep-alive idle
-        limit (close quietly), once a head has begun the header timeout.
-        """
-        if state.timer is not None and state.timer.active():
-            state.timer.cancel()
-        state.idle = idle
+        self.watchWrites()
         factory = self.factory
-        if idle:
-            state.timer = factory.clock.callLater(factory.keepalive_idle, self.close)
-        else:
-            state.timer = factory.clock.callLater(factory.header_timeout, self._headerTimeout)
-
-    def _stepSoon(self) -> None:
-        state = self._state
-        if (
-            isinstance(state, _ReadingHead)
-            and self._pending
-            and state.step is None
-            and not self.readingPaused("write")
-        ):
-            state.step = self.factory.clock.callLater(0, self._nextHead)
-
-    def _nextHead(self) -> None:
-        state = self._state
-        assert isinstance(state, _ReadingHead)
-        state.step = None
-        if self.readingPaused("write"):
-            return
-        data, self._pending = self._pending, b""
-        self.resumeReading("pending")
-        self._feedHead(state, data)
-
-    def _headerTimeout(self) -> None:
-        seconds = self.factory.header_timeout
-        self._badRequest(
-            None, errors.ProtocolError(f"the request head did not arrive within {seconds:g}s", status=408)
+        self._state = ReadingHead(
+            self, self._parser, factory.clock, factory.keepalive_idle, factory.header_timeout, kept, idle
         )
 
-    def _feedHead(self, state: _ReadingHead, data: bytes) -> None:
+    def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
         try:
-            result = self._parser.feed(data)
-        except errors.ProtocolError as e:
-            self._badRequest(None, e)
-            return
-        if result is None:
-            return
-        head, rest = result
-        self._pending = rest + self._pending
-        if len(self._pending) >= _PENDING_LIMIT:
-            self.pauseReading("pending")
-        state.stopTimer()
-        kept, state.kept = state.kept, None
-        factory = self.factory
-        try:
-            if self._tunnel is not None:
-                request = _httptarget.inner_request(head, self._tunnel.host, self._tunnel.port, self.client)
-            else:
-                request = _httptarget.request_for(head, self.client, _resolve_socket)
+            request = self._requestFor(head)
         except errors.ProtocolError as e:
             if kept is not None:
                 kept.drop()
-            self._badRequest(head, e)
+            self.refuseHead(head, e)
             return
-        job = _Job(head, request, close=not head.keep_alive or (self._clientEOF and not self._pending))
+        job = _Job(head, request, close=not head.keep_alive or (self.clientEOF and not self.pending))
+        factory = self.factory
         if not self.admitted or _httptarget.came_through(head, factory.via):
             job.close = job.close or not self.admitted
             reason = Reason.PROXY_LOOP if self.admitted else Reason.TOO_MANY_CONNECTIONS
             self._blocked(job, factory.policy.refuse(request, reason), kept)
-            return
-        if self._tunnel is not None:
-            d = factory.policy.check_pinned(request, self._tunnel)
+        elif self._tunnel is not None:
+            self._decide(job, factory.policy.check_pinned(request, self._tunnel), kept)
         else:
-            d = factory.policy.check(request)
+            self._decide(job, factory.policy.check(request), kept)
+
+    def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            return _httptarget.inner_request(head, tunnel.host, tunnel.port, self.client)
+        return _httptarget.request_for(head, self.client, _resolve_socket)
+
+    # -- deciding and dialling ------------------------------------------------
+
+    def _decide(self, job: _Job, d: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
         self._state = _Deciding(job, d, kept)
         self.expect(d, self._decided, self._failed)
-
-    # -- deciding and dialling ----------------------------------------------
 
     def _decided(self, verdict: Verdict) -> None:
         state = self._state
         assert isinstance(state, _Deciding)
-        job, kept = state.job, state.kept
-        state.kept = None
+        job = state.job
         job.verdict = verdict
         self.noteVerdict(verdict)
         factory = self.factory
-        request = job.request
-        if not verdict.allowed:
-            self._blocked(job, verdict, kept)
-            return
+        protocol = job.request.protocol
         if verdict.intercept and factory.mitm is None:
             # The policy asked for interception that this listener cannot do.
             _log.error("refusing an intercepted CONNECT to {host}: no MITM configured", host=escape(verdict.host))
-            if kept is not None:
-                kept.drop()
             self.abort("error")
             return
-        tls = self._tunnel.host if self._tunnel else verdict.host if request.protocol is Proto.HTTPS else None
+        kept, state.kept = state.kept, None
+        if not verdict.allowed:
+            self._blocked(job, verdict, kept)
+            return
+        tls = self._tunnel.host if self._tunnel else verdict.host if protocol is Proto.HTTPS else None
         if tls is not None and factory.origin_tls is None:
             self._failure(job, Reason.UPSTREAM_TLS_FAILED, "no trust store for TLS to the destination", kept)
             return
         # TLS targets (CONNECT, and the upstream leg of an intercepted
         # tunnel) reach a parent proxy through a chained CONNECT.
-        route = factory.upstream.route(verdict, tunnel=request.protocol in (Proto.HTTPS_CONNECT, Proto.HTTPS))
+        route = factory.upstream.route(verdict, tunnel=protocol in (Proto.HTTPS_CONNECT, Proto.HTTPS))
         if kept is not None:
-            if kept.open and (kept.route, kept.tls) == (route, tls) and request.protocol is not Proto.HTTPS_CONNECT:
+            if kept.open and (kept.route, kept.tls) == (route, tls) and protocol is not Proto.HTTPS_CONNECT:
                 self._exchange(job, kept, reused=True)
                 return
             kept.drop()
@@ -451,32 +349,32 @@ class HTTPProxyProtocol(ClientConnection):
         failure.trap(errors.UpstreamError)
         state = self._state
         assert isinstance(state, (_Deciding, _Dialling))
-        kept = state.kept if isinstance(state, _Deciding) else None
+        kept = None
+        if isinstance(state, _Deciding):
+            kept, state.kept = state.kept, None
         e = failure.value
         self._failure(state.job, e.reason, e.message, kept, e.upstream_status)
 
     def _connected(self, out: Outbound) -> None:
         state = self._state
         assert isinstance(state, _Dialling)
-        job = state.job
+        job, verdict = state.job, state.job.verdict
+        assert verdict is not None
         no_delay(out.transport)
-        if job.request.protocol is Proto.HTTPS_CONNECT:
-            assert job.verdict is not None
-            if job.verdict.intercept:
-                self._intercept(job.verdict, out, state.route)
-            else:
-                self.transport.write(_CONNECT_OK)
-                self._relayTo(out, out.early)
-            return
-        if state.tls is not None:
-            assert self.factory.origin_tls is not None
-            out.transport.startTLS(self.factory.origin_tls.client_tls(state.tls))
-        self._exchange(job, Leg(out, state.route, state.tls, self), reused=False)
+        if job.request.protocol is Proto.HTTPS_CONNECT and verdict.intercept:
+            self._intercept(verdict, out, state.route)
+        elif job.request.protocol is Proto.HTTPS_CONNECT:
+            self.transport.write(_CONNECT_OK)
+            self._relayTo(out, out.early)
+        else:
+            if state.tls is not None:
+                assert self.factory.origin_tls is not None
+                out.transport.startTLS(self.factory.origin_tls.client_tls(state.tls))
+            self._exchange(job, Leg(out, state.route, state.tls, self), reused=False)
 
     def _relayTo(self, out: Outbound, fromServer: bytes) -> None:
         self._state = _Tunnelling()
-        pending, self._pending = self._pending, b""
-        self.joinRelay(out, self.factory.tunnel_idle, fromServer, pending, self._clientEOF)
+        self.joinRelay(out, self.factory.tunnel_idle, fromServer, self.takePending(), self.clientEOF)
 
     def _intercept(self, verdict: Verdict, out: Outbound, route: Route) -> None:
         """
@@ -492,13 +390,13 @@ class HTTPProxyProtocol(ClientConnection):
         self.transport.write(_CONNECT_OK)
         # Bytes that came with the CONNECT belong to the TLS handshake: they
         # go to the TLS layer startTLS puts under this protocol.
-        pending, self._pending = self._pending, b""
+        handshake = self.takePending()
         self.transport.startTLS(factory.mitm.server_tls(verdict.host))
         self._readHead(leg)
-        if pending:
-            self.transport.protocol.dataReceived(pending)
+        if handshake:
+            self.transport.protocol.dataReceived(handshake)
 
-    # -- exchanges ----------------------------------------------------------
+    # -- exchanges --------------------------------------------------------------
 
     def _exchange(self, job: _Job, leg: Leg, reused: bool) -> None:
         factory = self.factory
@@ -514,24 +412,13 @@ class HTTPProxyProtocol(ClientConnection):
             reused=reused,
             close=job.close,
         )
-        state = self._state = _Exchanging(job, exchange)
-        parent = leg.route.parent
-        exchange.start(
-            _httptarget.outgoing_head(
-                job.head,
-                job.request,
-                factory.via,
-                close=job.close,
-                parent_authorization=parent.authorization if parent is not None else None,
-                absolute_form=leg.route.absolute_form,
-            )
-        )
-        pending, self._pending = self._pending, b""
+        self._state = _Exchanging(job, exchange)
+        exchange.start(factory.via)
+        pending = self.takePending()
         if pending and exchange.wantsBody:
             pending = exchange.fromClient(pending)
-        self._pending = pending
-        if self._state is state and len(pending) < _PENDING_LIMIT:
-            self.resumeReading("pending")
+        if pending:
+            self.keep(pending)
 
     def done(self, leg: Optional[Leg], close: bool) -> None:
         self._next(leg, keep=not close)
@@ -555,29 +442,27 @@ class HTTPProxyProtocol(ClientConnection):
     def badRequest(self, error: errors.ProtocolError) -> None:
         state = self._state
         assert isinstance(state, _Exchanging)
-        self._badRequest(state.job.head, error)
+        self.refuseHead(state.job.head, error)
 
-    # -- replies of our own ---------------------------------------------------
+    # -- replies of our own -------------------------------------------------------
 
     def _blocked(self, job: _Job, verdict: Verdict, kept: Optional[Leg]) -> None:
         assert verdict.reason is not None
         self.noteVerdict(verdict)
-        reply = errors.reply_for(verdict.reason)
-        self._reply(job.head, job.close, reply, errors.blocked_fields(verdict), kept)
+        self._reply(job.head, job.close, errors.reply_for(verdict.reason), errors.blocked_fields(verdict), kept)
 
     def _failure(
-        self,
-        job: _Job,
-        reason: Reason,
-        message: str,
-        kept: Optional[Leg],
-        upstream_status: Optional[int] = None,
+        self, job: _Job, reason: Reason, message: str, kept: Optional[Leg], upstream_status: Optional[int] = None
     ) -> None:
         self.noteEnd("failed", reason.value)
         fields = errors.failure_fields(reason, message, job.request, upstream_status)
         self._reply(job.head, job.close, errors.reply_for(reason), fields, kept)
 
-    def _badRequest(self, head: Optional[_httphead.RequestHead], e: errors.ProtocolError) -> None:
+    def refuseHead(self, head: Optional[_httphead.RequestHead], e: errors.ProtocolError) -> None:
+        """
+        Answer a request that breaks the wire format (C{head} when it was
+        complete), and close.
+        """
         self.noteEnd("bad_request")
         reply = attrs.evolve(errors.BAD_REQUEST, status=e.status)
         self._reply(head, True, reply, errors.bad_request_fields(e), None)
