@@ -111,7 +111,6 @@ class SOCKS5Protocol(ClientConnection):
         self._work: Optional[defer.Deferred[Any]] = None
         self._udp: Optional[UDPAssociation] = None
         self._identity: Optional[str] = None
-        self._clientEOF = False
         self._timer: Optional[IDelayedCall] = self.factory.clock.callLater(
             self.factory.limits.socks_handshake_timeout_s, self._handshakeTimedOut
         )
@@ -127,11 +126,11 @@ class SOCKS5Protocol(ClientConnection):
             self._advance()
         elif state is DECIDING or state is DIALLING:
             # Bytes that raced our pause: the tunnel's first bytes.
-            self._buffer += data
+            self.keep(data)
         # ASSOCIATED: the control connection carries nothing; CLOSED: ignore.
 
     def readConnectionLost(self) -> None:
-        self._clientEOF = True
+        self.clientEOF = True
         if self.relay is not None:
             self.relay.clientEOF()
         elif self._state is not DECIDING and self._state is not DIALLING:
@@ -177,7 +176,9 @@ class SOCKS5Protocol(ClientConnection):
                     parsed = wire.parse_request(self._buffer)
                     if parsed is None:
                         return
-                    request, self._buffer = parsed
+                    request, rest = parsed
+                    self._buffer = b""
+                    self.keep(rest)
                     self._request(request)
                     return
                 else:
@@ -294,9 +295,11 @@ class SOCKS5Protocol(ClientConnection):
         bound = out.transport.getHost()
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
         self._state = RELAYING
-        pending, self._buffer = self._buffer, b""
         self.joinRelay(
-            out, self.factory.limits.tunnel_idle_s, fromClient=pending, clientEOF=self._clientEOF
+            out,
+            self.factory.limits.tunnel_idle_s,
+            fromClient=self.takePending(),
+            clientEOF=self.clientEOF,
         )
 
     # -- UDP ASSOCIATE ----------------------------------------------------
@@ -332,5 +335,7 @@ class SOCKS5Protocol(ClientConnection):
         factory.associations += 1
         self._state = ASSOCIATED
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, local.host, port))
-        # Read on, only to notice when the client ends the association.
+        # Read on, only to notice when the client ends the association: the
+        # control connection carries nothing, so what came along is dropped.
+        self.takePending()
         self.resumeReading("request")

@@ -293,3 +293,11 @@ def test_a_udp_relay_that_cannot_be_bound_is_general_failure(trickle):
     assert any("cannot open a SOCKS5 UDP relay" in formatEvent(e) for e in events)
     h.proto.connectionLost(Failure(error.ConnectionDone()))
     assert [ended.outcome for ended in seen] == ["error"]
+
+
+def test_bytes_behind_a_udp_associate_never_stop_the_control_connection():
+    h = Harness(False)
+    h.send(udp_associate() + b"x" * (1 << 17))
+    assert h.client.producerState == "producing"
+    h.proto.readConnectionLost()
+    assert h.client.disconnecting
