@@ -137,6 +137,8 @@ class PolicyService:
     @ivar generation: how many times the policy was swapped; a verdict
         kept for reuse (a UDP destination's, SPEC §6a) holds only while
         this is unchanged.
+    @ivar own_addresses: the proxy's listening addresses as last given to
+        L{set_own_addresses}: C{(host, port)} pairs.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class PolicyService:
         self._resolve_timeout = resolve_timeout
         self._decider_timeout = decider_timeout
         self._blocked: Deque[Verdict] = collections.deque(maxlen=BLOCKED_HISTORY)
+        self.own_addresses: FrozenSet[Tuple[str, int]] = frozenset()
         self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
         self._ownAnywhere: FrozenSet[int] = frozenset()
         self._ownPorts: FrozenSet[int] = frozenset()
@@ -174,14 +177,16 @@ class PolicyService:
 
         @raise ValueError: a host is not an IP address.
         """
+        given = frozenset(addresses)
         exact: Set[Tuple[IPAddress, int]] = set()
         anywhere: Set[int] = set()
-        for host, port in addresses:
+        for host, port in given:
             ip = _own_form(ipaddress.ip_address(host.split("%", 1)[0]))
             if ip.is_unspecified:
                 anywhere.add(port)
             else:
                 exact.add((ip, port))
+        self.own_addresses = given
         self._own = frozenset(exact)
         self._ownAnywhere = frozenset(anywhere)
         self._ownPorts = frozenset(port for _, port in exact) | self._ownAnywhere

@@ -198,7 +198,8 @@ def test_own_listening_address_literal_is_not_allowed_local(own, host, port, ref
 def test_own_listening_address_among_the_answers_refuses_the_name():
     resolver = StaticResolver({"a.example.com": ["203.0.114.1", "127.0.0.1"]})
     svc, auditor = _own_service(resolver, allow_local_binding=True)
-    svc.set_own_addresses([("127.0.0.1", 3128), ("127.0.0.1", 8081)])
+    svc.set_own_addresses(iter([("127.0.0.1", 3128), ("127.0.0.1", 8081)]))
+    assert svc.own_addresses == {("127.0.0.1", 3128), ("127.0.0.1", 8081)}
     verdict = check(svc, "a.example.com", 8081)
     assert verdict.reason is Reason.NOT_ALLOWED_LOCAL
     assert [e["network.policy.reason"] for e in auditor.events] == ["not_allowed_local"]
