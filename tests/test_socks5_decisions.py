@@ -301,3 +301,20 @@ def test_bytes_behind_a_udp_associate_never_stop_the_control_connection():
     assert h.client.producerState == "producing"
     h.proto.readConnectionLost()
     assert h.client.disconnecting
+
+
+@pytest.mark.parametrize(
+    "policy, reason",
+    [
+        (Policy.build(mode=Mode.LIMITED, allowed=ALLOW), "method_not_allowed"),
+        (Policy.build(enabled=False, allowed=ALLOW), "proxy_disabled"),
+    ],
+)
+def test_reload_to_limited_mode_or_disabled_stops_an_open_association(policy, reason):
+    h = Harness(False)
+    _, proto = associate(h)
+    proto.datagramReceived(datagram("origin.test", 53, b"1"), ("127.0.0.1", 7000))
+    h.service.reload(policy)
+    proto.datagramReceived(datagram("origin.test", 53, b"2"), ("127.0.0.1", 7000))
+    assert [data for data, _ in h.reactor.udp[1].written] == [b"1"]
+    assert h.reasons() == ["allowed", reason]
