@@ -169,7 +169,13 @@ def test_control_characters_of_a_domain_never_reach_the_log_text(trickle, unsafe
 
 @pytest.mark.parametrize(
     "name",
-    ["origin.test:443", "origin.test:", "[2001:4860::8888]:443", " origin.test", "origin.test\t"],
+    [
+        "origin.test:443",
+        "origin.test:",
+        "[2001:4860::8888]:443",
+        " origin.test",
+        "origin.test\t",
+    ],
 )
 def test_a_domain_that_is_no_bare_host_name_is_invalid(trickle, name):
     h = Harness(trickle)
