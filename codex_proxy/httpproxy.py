@@ -54,7 +54,7 @@ from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
-from codex_proxy.upstream import Outbound, Route, Upstream
+from codex_proxy.upstream import IUpstream, Outbound, Route
 
 _log = Logger()
 
@@ -156,7 +156,7 @@ class HTTPProxyFactory(Factory):
     def __init__(
         self,
         policy: PolicyService,
-        upstream: Upstream,
+        upstream: IUpstream,
         clock: IReactorTime,
         head_limits: _httpbody.HeadLimits = _httpbody.HeadLimits(),
         tunnel_idle: float = 3600.0,

@@ -214,6 +214,48 @@ def _classify(failure: Failure, where: str) -> UpstreamError:
     )
 
 
+class IUpstream(Interface):
+    """
+    The upstream connector: how the listeners open every outbound
+    connection (L{Upstream}; L{codex_proxy.testing.MemoryUpstream} in
+    tests).
+    """
+
+    def route(verdict: Verdict, tunnel: bool) -> Route:
+        """
+        The route for an allowed C{verdict}; C{tunnel} for a CONNECT (or any
+        TLS) target, which a parent proxy gets as a chained C{CONNECT}.
+        """
+
+    def dial(route: Route) -> defer.Deferred[Outbound]:
+        """
+        Connect along C{route}: fires with the attached-to-nothing
+        L{Outbound}, or fails with L{UpstreamError}; cancelling stops it.
+        """
+
+    def connect(addresses: Sequence[IPAddress], port: int) -> defer.Deferred[Outbound]:
+        """
+        Connect directly to the first of C{addresses} that accepts.
+        """
+
+
+def route_for(verdict: Verdict, tunnel: bool, parents: Optional[ParentProxies]) -> Route:
+    """
+    The route for an allowed C{verdict} (see L{IUpstream.route}), through
+    one of C{parents} when they name one for it.
+    """
+    request = verdict.request
+    if request.unix_socket is not None:
+        return Route(unix=request.unix_socket)
+    parent = parents.parent_for(verdict.host, verdict.port, tunnel) if parents is not None else None
+    if parent is None:
+        return Route(addresses=verdict.addresses, port=verdict.port)
+    if not tunnel:
+        return Route(parent=parent)
+    return Route(parent=parent, target=authority(verdict.host, verdict.port))
+
+
+@implementer(IUpstream)
 class Upstream:
     """
     Dials vetted addresses, unix sockets and parent proxies with a connect
@@ -243,23 +285,7 @@ class Upstream:
         self._parent_tls = parent_tls
 
     def route(self, verdict: Verdict, tunnel: bool) -> Route:
-        """
-        The route for an allowed C{verdict}; C{tunnel} for a CONNECT (or any
-        TLS) target, which a parent proxy gets as a chained C{CONNECT}.
-        """
-        request = verdict.request
-        if request.unix_socket is not None:
-            return Route(unix=request.unix_socket)
-        parent = (
-            self._parents.parent_for(verdict.host, verdict.port, tunnel)
-            if self._parents is not None
-            else None
-        )
-        if parent is None:
-            return Route(addresses=verdict.addresses, port=verdict.port)
-        if not tunnel:
-            return Route(parent=parent)
-        return Route(parent=parent, target=authority(verdict.host, verdict.port))
+        return route_for(verdict, tunnel, self._parents)
 
     def dial(self, route: Route) -> defer.Deferred[Outbound]:
         """
