@@ -42,7 +42,7 @@ from codex_proxy.connections import Connections
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.socks5udp import UDPAssociation
-from codex_proxy.upstream import Outbound, Upstream
+from codex_proxy.upstream import IUpstream, Outbound
 
 _log = Logger()
 
@@ -71,7 +71,7 @@ class SOCKS5Factory(Factory):
     def __init__(
         self,
         policy: PolicyService,
-        upstream: Upstream,
+        upstream: IUpstream,
         clock: IReactorTime,
         limits: Limits = Limits(),
         enable_udp: bool = True,

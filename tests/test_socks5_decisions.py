@@ -6,6 +6,7 @@ are no host names, and the proxy's own listening addresses.
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from typing import Any, List, Tuple
 
 import pytest
@@ -17,6 +18,7 @@ from codex_proxy import _socks5wire as wire
 from codex_proxy.config import Limits
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
+from codex_proxy.testing import MemoryUpstream
 from support.socks import ALLOW, NO_AUTH, PUBLIC, Harness, PendingResolver, connect
 
 
@@ -324,3 +326,22 @@ def test_reload_to_limited_mode_or_disabled_stops_an_open_association(policy, re
     proto.datagramReceived(datagram("origin.test", 53, b"2"), ("127.0.0.1", 7000))
     assert [data for data, _ in h.reactor.udp[1].written] == [b"1"]
     assert h.reasons() == ["allowed", reason]
+
+
+# -- any upstream connector ----------------------------------------------------------
+
+
+def test_the_listener_dials_through_any_upstream_connector(trickle):
+    h = Harness(trickle)
+    upstream = h.factory.upstream = MemoryUpstream()
+    h.send(NO_AUTH + connect("origin.test", 443) + b"hello")
+    [(route, _)] = upstream.dials
+    assert (route.addresses, route.port) == ((ip_address(PUBLIC),), 443)
+    out, destination = upstream.accept()
+    assert destination.value() == b"hello"
+    out.dataReceived(b"world")
+    assert h.client.value().endswith(b"world")
+    other = h.connectClient(5556)
+    h.send(NO_AUTH + connect("origin.test", 443), other)
+    upstream.refuse()
+    assert other.transport.value() == b"\x05\x00" + reply(0x05)
