@@ -1,8 +1,8 @@
 """
-A strict sans-IO parser for HTTP/1.x message heads and bodies (RFC 9112).
+A strict sans-IO parser for HTTP/1.x message heads (RFC 9112); the bodies
+that follow are delimited by L{codex_proxy._httpbody}.
 
-The HTTP listener feeds bytes in and gets back frozen heads, body bytes and
-leftovers.  Every shape that two implementations could read differently (the
+The HTTP listener feeds bytes in and gets back frozen heads and leftovers.  Every shape that two implementations could read differently (the
 raw material of request smuggling) is a L{ProtocolError}, so the proxy never
 forwards it.  Errors from L{ResponseHeadParser} carry status 502: that is
 what the proxy answers its client when an upstream breaks the wire format.
@@ -10,74 +10,28 @@ what the proxy answers its client when an upstream breaks the wire format.
 
 from __future__ import annotations
 
-import abc
 import re
 from typing import Iterable, Literal
 
 import attrs
 
+from codex_proxy._httpbody import (
+    NO_BODY,
+    TOKEN,
+    UNTIL_CLOSE,
+    Framing,
+    HeadLimits,
+    declared_framing,
+    parse_field,
+)
 from codex_proxy.errors import ProtocolError
 
 #: Header fields in order: (name exactly as received, value with OWS stripped).
 Headers = tuple[tuple[bytes, bytes], ...]
 
 
-@attrs.frozen
-class HeadLimits:
-    """
-    Size limits of one message head (SPEC §2.6).
-
-    @ivar max_request_line_bytes: longest request (or status) line, CRLF
-        excluded.
-    @ivar max_header_bytes: longest head, from the start line to the blank
-        line inclusive; also bounds a chunked body's trailer section.
-    @ivar max_header_fields: most header (or trailer) fields.
-    """
-
-    max_request_line_bytes: int = 8192
-    max_header_bytes: int = 65536
-    max_header_fields: int = 100
-
-
-@attrs.frozen
-class NoBody:
-    """
-    The message ends with its head.
-    """
-
-
-@attrs.frozen
-class Length:
-    """
-    The body is exactly C{n} bytes (C{n > 0}; a zero length is L{NoBody}).
-    """
-
-    n: int
-
-
-@attrs.frozen
-class Chunked:
-    """
-    The body uses the chunked transfer coding.
-    """
-
-
-@attrs.frozen
-class UntilClose:
-    """
-    The body runs until the server closes the connection (responses only).
-    """
-
-
-Framing = NoBody | Length | Chunked | UntilClose
 #: The request-target forms of RFC 9112 §3.2.
 Form = Literal["absolute", "authority", "origin", "asterisk"]
-NO_BODY = NoBody()
-CHUNKED = Chunked()
-UNTIL_CLOSE = UntilClose()
-
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 # One header line: a token, a colon, optional whitespace, a value without
 # control characters (its trailing whitespace not captured), CRLF.
@@ -91,13 +45,6 @@ _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _STATUS_LINE = re.compile(
     rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?"
 )
-_CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
-_CHUNK_SIZE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})"
-    rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-    rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
-)
 _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^?#]*)(\?[^#]*)?(?:#.*)?")
 _AUTHORITY = re.compile(
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::([0-9]{1,5}))?"
@@ -107,28 +54,6 @@ _DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 _FRAMING_FIELDS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
 )
-
-#: Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# A Connection header naming these must not make us drop the message's
-# routing or length: that would desynchronise the upstream (smuggling).
-_NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
-
-# The longest chunk-size line (size and extensions) a ChunkedReader holds.
-_MAX_CHUNK_LINE = 4096
-
 
 def _first(headers: Headers, name: bytes) -> bytes | None:
     """
@@ -204,25 +129,6 @@ class ResponseHead:
         return _first(self.headers, name)
 
 
-def _parse_field(line: bytes, status: int) -> tuple[bytes, bytes]:
-    """
-    Validate one C{name: value} line; return the name and the stripped value.
-    """
-    if line[0] in b" \t":
-        raise ProtocolError("obsolete line folding in a header", status)
-    name, colon, value = line.partition(b":")
-    if not colon:
-        raise ProtocolError("header line without a colon", status)
-    if not _TOKEN.fullmatch(name):
-        if name.rstrip(b" \t") != name:
-            raise ProtocolError("whitespace between header name and colon", status)
-        raise ProtocolError("invalid header name", status)
-    value = value.strip(b" \t")
-    if _BAD_VALUE.search(value):
-        raise ProtocolError("control character in a header value", status)
-    return name, value
-
-
 def _parse_fields(
     lines: list[bytes], status: int
 ) -> tuple[Headers, dict[bytes, list[bytes]]]:
@@ -237,7 +143,7 @@ def _parse_fields(
     if _FIELD_BLOCK.fullmatch(block):
         headers = _FIELD.findall(block)
     else:
-        headers = [_parse_field(line, status) for line in lines]
+        headers = [parse_field(line, status) for line in lines]
     seen: dict[bytes, list[bytes]] = {}
     for name, value in headers:
         key = name.lower()
@@ -246,7 +152,7 @@ def _parse_fields(
     return tuple(headers), seen
 
 
-def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     """
     The lower-cased options listed by C{Connection} field values.
     """
@@ -260,42 +166,10 @@ def _keep_alive(seen: dict[bytes, list[bytes]], version: tuple[int, int]) -> boo
     Persistence per RFC 9112 §9.3: HTTP/1.1 unless C{close}, HTTP/1.0 only
     with C{keep-alive}.
     """
-    tokens = _connection_tokens(seen.get(b"connection", ()))
+    tokens = connection_tokens(seen.get(b"connection", ()))
     if b"close" in tokens:
         return False
     return version >= (1, 1) or b"keep-alive" in tokens
-
-
-def _declared_framing(
-    seen: dict[bytes, list[bytes]],
-    version: tuple[int, int],
-    status: int,
-    unsupported_status: int,
-) -> Framing | None:
-    """
-    The framing C{Content-Length}/C{Transfer-Encoding} declare, or C{None}
-    when neither is present; every ambiguous combination is rejected.
-    """
-    lengths = seen.get(b"content-length", ())
-    codings = seen.get(b"transfer-encoding", ())
-    if len(lengths) > 1:
-        raise ProtocolError("more than one Content-Length", status)
-    if lengths and codings:
-        raise ProtocolError("both Content-Length and Transfer-Encoding", status)
-    if codings:
-        if version < (1, 1):
-            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 message", status)
-        if len(codings) > 1 or codings[0].lower() != b"chunked":
-            raise ProtocolError(
-                "Transfer-Encoding other than chunked", unsupported_status
-            )
-        return CHUNKED
-    if lengths:
-        if not _CONTENT_LENGTH.fullmatch(lengths[0]):
-            raise ProtocolError("invalid Content-Length", status)
-        length = int(lengths[0])
-        return Length(length) if length else NO_BODY
-    return None
 
 
 def _split_head(head: bytes, status: int) -> list[bytes]:
@@ -430,7 +304,7 @@ def _parse_request(head: bytes) -> RequestHead:
     if len(parts) != 3:
         raise ProtocolError("malformed request line", 400)
     raw_method, raw_target, raw_version = parts
-    if not _TOKEN.fullmatch(raw_method):
+    if not TOKEN.fullmatch(raw_method):
         raise ProtocolError("invalid method", 400)
     if not _TARGET.fullmatch(raw_target):
         raise ProtocolError("invalid request target", 400)
@@ -438,7 +312,7 @@ def _parse_request(head: bytes) -> RequestHead:
     headers, seen = _parse_fields(lines[1:], 400)
     if len(seen.get(b"host", ())) > 1:
         raise ProtocolError("more than one Host", 400)
-    framing = _declared_framing(seen, version, 400, 501) or NO_BODY
+    framing = declared_framing(seen, version, 400, 501) or NO_BODY
     method, target = raw_method.decode("ascii"), raw_target.decode("ascii")
     form, scheme, host, port, path = _target_form(method, target)
     return RequestHead(
@@ -565,7 +439,7 @@ class ResponseHeadParser(_HeadParser):
             raise ProtocolError("unsupported HTTP version", 502)
         status = int(match[3])
         headers, seen = _parse_fields(lines[1:], 502)
-        framing = _declared_framing(seen, version, 502, 502) or UNTIL_CLOSE
+        framing = declared_framing(seen, version, 502, 502) or UNTIL_CLOSE
         method = self._request_method
         if (
             method == "HEAD"
@@ -582,222 +456,3 @@ class ResponseHeadParser(_HeadParser):
             framing=framing,
             keep_alive=framing != UNTIL_CLOSE and _keep_alive(seen, version),
         )
-
-
-class BodyReader(abc.ABC):
-    """
-    Delimit one message body in a byte stream.
-    """
-
-    @abc.abstractmethod
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        """
-        Consume C{data}: return (bytes to forward, message complete?, bytes
-        after the body).
-
-        @raise ProtocolError: the body framing is broken.
-        """
-
-
-class LengthReader(BodyReader):
-    """
-    A body of a known number of bytes.
-    """
-
-    def __init__(self, length: int) -> None:
-        self._remaining = length
-
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        remaining = self._remaining
-        if len(data) < remaining:
-            self._remaining = remaining - len(data)
-            return data, False, b""
-        self._remaining = 0
-        if len(data) == remaining:
-            return data, True, b""
-        return data[:remaining], True, data[remaining:]
-
-
-class UntilCloseReader(BodyReader):
-    """
-    A body that ends when the connection does: every byte is body.
-    """
-
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        return data, False, b""
-
-
-_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
-
-
-class ChunkedReader(BodyReader):
-    """
-    A chunked body (RFC 9112 §7.1), validated as it streams.
-
-    With C{decode=False} the validated wire bytes are forwarded as they are
-    (the head forwarded with them must say C{Transfer-Encoding: chunked});
-    with C{decode=True} only the payload is, and trailers are dropped.  Only
-    an unfinished size or trailer line is held back, never chunk data.
-    """
-
-    def __init__(self, decode: bool = False, limits: HeadLimits = HeadLimits()) -> None:
-        self._decode = decode
-        self._limits = limits
-        self._state = _SIZE
-        self._remaining = 0
-        self._held = bytearray()
-        self._trailer_bytes = 0
-        self._trailer_fields = 0
-
-    @property
-    def buffered(self) -> int:
-        """
-        Bytes of an unfinished line held until it can be validated.
-        """
-        return len(self._held)
-
-    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
-        if self._state == _DONE:
-            return b"", True, data
-        held = old_held = self._held
-        payload: list[bytes] = []
-        pos = validated = 0
-        end = len(data)
-        while pos < end:
-            state = self._state
-            if state == _DATA:
-                take = min(self._remaining, end - pos)
-                if self._decode:
-                    payload.append(data[pos : pos + take])
-                pos = validated = pos + take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _DATA_END
-            elif state == _DATA_END:
-                need = b"\r\n"[len(held) :]
-                got = data[pos : pos + len(need)]
-                if not need.startswith(got):
-                    raise ProtocolError("chunk data not followed by CRLF", 400)
-                pos += len(got)
-                if got != need:
-                    held = bytearray(got)
-                    break
-                held = bytearray()
-                validated = pos
-                self._state = _SIZE
-            else:
-                lf = data.find(b"\n", pos)
-                if lf < 0:
-                    # Every completed element replaced held, so this never
-                    # grows bytes that are about to be forwarded.
-                    held += memoryview(data)[pos:]
-                    if len(held) > self._line_room():
-                        raise ProtocolError("chunked body line too long", 400)
-                    break
-                line = bytes(held) + data[pos:lf] if held else data[pos:lf]
-                held = bytearray()
-                pos = lf + 1
-                if not line.endswith(b"\r"):
-                    raise ProtocolError("bare LF in a chunked body", 400)
-                if state == _SIZE:
-                    self._size_line(line[:-1])
-                else:
-                    self._trailer_line(line[:-1])
-                validated = pos
-                if self._state == _DONE:
-                    break
-        self._held = held
-        done = self._state == _DONE
-        leftover = data[pos:] if done else b""
-        if self._decode:
-            forward = payload[0] if len(payload) == 1 else b"".join(payload)
-        elif not validated:
-            forward = b""
-        elif old_held:
-            forward = bytes(old_held) + data[:validated]
-        else:
-            forward = data[:validated]
-        return forward, done, leftover
-
-    def _line_room(self) -> int:
-        """
-        How long the unfinished line may grow.
-        """
-        if self._state == _SIZE:
-            return _MAX_CHUNK_LINE
-        return self._limits.max_header_bytes - self._trailer_bytes
-
-    def _size_line(self, line: bytes) -> None:
-        match = _CHUNK_SIZE.fullmatch(line)
-        if match is None:
-            raise ProtocolError("invalid chunk size line", 400)
-        self._remaining = int(match[1], 16)
-        self._state = _DATA if self._remaining else _TRAILER
-
-    def _trailer_line(self, line: bytes) -> None:
-        if not line:
-            self._state = _DONE
-            return
-        _parse_field(line, 400)
-        self._trailer_bytes += len(line) + 2
-        self._trailer_fields += 1
-        if self._trailer_bytes > self._limits.max_header_bytes:
-            raise ProtocolError("trailer section too large", 400)
-        if self._trailer_fields > self._limits.max_header_fields:
-            raise ProtocolError("too many trailer fields", 400)
-
-
-def body_reader(framing: Framing, *, decode_chunked: bool = False) -> BodyReader | None:
-    """
-    The reader for a body framed as C{framing}; C{None} when there is none.
-    """
-    match framing:
-        case Length(n):
-            return LengthReader(n)
-        case Chunked():
-            return ChunkedReader(decode=decode_chunked)
-        case UntilClose():
-            return UntilCloseReader()
-    return None
-
-
-def strip_hop_by_hop(headers: Headers) -> Headers:
-    """
-    Drop L{HOP_BY_HOP} fields and those the C{Connection} fields name
-    (except C{Host} and C{Content-Length}, which keep the message routable
-    and delimited).
-    """
-    listed = _connection_tokens(v for n, v in headers if n.lower() == b"connection")
-    drop = HOP_BY_HOP | (listed - _NOT_CONNECTION_LISTABLE)
-    return tuple((n, v) for n, v in headers if n.lower() not in drop)
-
-
-def _serialize(start: bytes, headers: Headers) -> bytes:
-    """
-    Join a start line and fields into a head; refuse CR/LF smuggled inside.
-    """
-    lines = [start]
-    lines.extend(name + b": " + value for name, value in headers)
-    lines += (b"", b"")
-    head = b"\r\n".join(lines)
-    if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
-        raise ValueError("CR or LF inside a start line or header")
-    return head
-
-
-def serialize_request_head(method: str, target: str, headers: Headers) -> bytes:
-    """
-    Encode an HTTP/1.1 request head.
-    """
-    start = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))
-    return _serialize(start, headers)
-
-
-def serialize_response_head(
-    version: tuple[int, int], status: int, reason: bytes, headers: Headers
-) -> bytes:
-    """
-    Encode a response head.
-    """
-    start = b"HTTP/%d.%d %03d %s" % (version[0], version[1], status, reason)
-    return _serialize(start, headers)

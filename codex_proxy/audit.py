@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from codex_proxy._text import escape
 from codex_proxy.interfaces import IAuditor
 from codex_proxy.model import Protocol, Source, Verdict
 
@@ -155,7 +156,7 @@ class Auditor:
                 decision=fields["network.policy.decision"],
                 reason=fields["network.policy.reason"],
                 protocol=fields["network.transport.protocol"],
-                host=fields["server.address"],
+                host=escape(fields["server.address"]),
                 port=fields["server.port"],
                 audit=fields,
             )
@@ -183,7 +184,7 @@ class JSONLinesLog:
         clock: IReactorTime,
         interval: float = 1.0,
         limit: int = 1 << 16,
-        write: Callable[[int, bytes], int] = os.write,
+        write: Callable[[int, memoryview], int] = os.write,
     ) -> None:
         self.path = path
         self._clock = clock

@@ -1,15 +1,49 @@
 """
 The open connections of one proxy, client and outbound alike, so that a
-shutdown can close every one of them and know when they are gone, and so
-that client connections beyond C{limits.max_connections} are refused.
+shutdown can close every one of them and know when they are gone, so that
+client connections beyond C{limits.max_connections} are refused, and so
+that every client connection ends with one outcome event.
 """
 
 from __future__ import annotations
 
-from typing import List, Set
+from typing import Callable, List, Optional, Set
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger, LogLevel
+
+_log = Logger()
+
+
+@attrs.frozen
+class ConnectionOutcome:
+    """
+    How one client connection ended: what metrics count and logs read.
+
+    @ivar listener: C{"http"} or C{"socks5"}.
+    @ivar client: the client's C{ip:port}, if known.
+    @ivar decision: the last policy decision on this connection
+        (C{"allow"}, C{"deny"}, C{"ask"}), or C{None} when none was made.
+    @ivar reason: the reason of the last block or failure, or C{None}.
+    @ivar outcome: how it ended: C{"closed"} (normally), C{"blocked"},
+        C{"failed"} (the destination), C{"bad_request"}, C{"timeout"},
+        C{"refused"} (over C{max_connections}) or C{"error"} (ours).
+    @ivar bytes_up: bytes forwarded client to destination (bodies and
+        tunnel bytes; heads not counted).
+    @ivar bytes_down: bytes forwarded destination to client.
+    @ivar duration: seconds from accept to close.
+    """
+
+    listener: str
+    client: Optional[str]
+    decision: Optional[str]
+    reason: Optional[str]
+    outcome: str
+    bytes_up: int
+    bytes_down: int
+    duration: float
 
 
 class Connections:
@@ -19,10 +53,13 @@ class Connections:
 
     @ivar max_clients: how many client connections (both listeners
         together) L{admit} lets in at once.
+    @ivar observers: called with each client connection's
+        L{ConnectionOutcome} when it ends (after the log event).
     """
 
     def __init__(self, max_clients: int = 4096) -> None:
         self.max_clients = max_clients
+        self.observers: List[Callable[[ConnectionOutcome], None]] = []
         self._open: Set[ITCPTransport] = set()
         self._clients: Set[ITCPTransport] = set()
         self._waiting: List[defer.Deferred[None]] = []
@@ -53,9 +90,21 @@ class Connections:
         self._clients.add(transport)
         return True
 
-    def closed(self, transport: ITCPTransport) -> None:
+    def closed(
+        self, transport: ITCPTransport, outcome: Optional[ConnectionOutcome] = None
+    ) -> None:
+        """
+        C{transport} is gone; a client connection reports its C{outcome}:
+        one structured log event without text (connections are the bulk of
+        the traffic; blocks and failures already have their own lines),
+        then each observer.
+        """
         self._open.discard(transport)
         self._clients.discard(transport)
+        if outcome is not None:
+            _log.emit(LogLevel.info, None, connection=outcome)
+            for observer in self.observers:
+                observer(outcome)
         if not self._open:
             waiting, self._waiting = self._waiting, []
             for d in waiting:

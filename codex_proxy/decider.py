@@ -19,9 +19,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from codex_proxy._text import escape
 from codex_proxy.model import Protocol
 
 _log = Logger()
+
 
 @attrs.frozen
 class NetworkPolicyRequest:
@@ -101,7 +103,7 @@ def consult(
     if isinstance(answer, defer.Deferred):
         d = answer
     elif inspect.isawaitable(answer):
-        d = defer.ensureDeferred(answer)
+        d = defer.ensureDeferred(_awaited(answer))
     else:
         d = defer.succeed(answer)
     d.addTimeout(timeout, clock)
@@ -125,10 +127,17 @@ def consult(
     return d
 
 
+async def _awaited(answer: Awaitable[Any]) -> Any:
+    """
+    A coroutine of any awaitable (a future too), for C{ensureDeferred}.
+    """
+    return await answer
+
+
 def _failed(request: NetworkPolicyRequest, failure: Failure) -> Deny:
     return _broken(
         request,
-        f"policy decider raised {failure.type.__name__}: {failure.getErrorMessage()}",
+        f"policy decider raised {type(failure.value).__name__}: {failure.getErrorMessage()}",
     )
 
 
@@ -136,12 +145,13 @@ def _broken(request: NetworkPolicyRequest, why: str) -> Deny:
     """
     A deny for a decider that did not decide, logged as a warning for the
     embedder (the request itself fails closed, so it is no error of ours).
+    The decider's error may echo the request: the line is escaped.
     """
     _log.warn(
         "{why}; denying {protocol} {host}:{port}",
-        why=why,
+        why=escape(why),
         protocol=request.protocol.value,
-        host=request.host,
+        host=escape(request.host),
         port=request.port,
     )
     return Deny(why)

@@ -7,11 +7,13 @@ reason up here (SPEC §4.2, §4.3).
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import http
+import json
+from typing import Any, Dict, Mapping, Optional
 
 import attrs
 
-from codex_proxy.model import Reason
+from codex_proxy.model import ProxyRequest, Reason, Verdict
 
 
 class ProxyError(Exception):
@@ -56,13 +58,13 @@ class Reply:
     How one reason shows on each wire.
 
     @ivar status: HTTP status code.
-    @ivar header: the C{x-proxy-error} value.
+    @ivar header: the C{x-proxy-error} value (none for a bad request).
     @ivar socks: the SOCKS5 REP code.
     @ivar message: a sentence for people.
     """
 
     status: int
-    header: str
+    header: Optional[str]
     socks: int
     message: str
 
@@ -91,6 +93,12 @@ REPLIES: Dict[Reason, Reply] = {
         "proxy-overloaded",
         SOCKS_GENERAL_FAILURE,
         "The proxy has limits.max_connections client connections open; try again later.",
+    ),
+    Reason.TOO_MANY_UDP_ASSOCIATIONS: Reply(
+        503,
+        "proxy-overloaded",
+        SOCKS_GENERAL_FAILURE,
+        "The proxy has limits.max_udp_associations UDP associations open; try again later.",
     ),
     Reason.INVALID_HOST: Reply(
         400, "invalid-host", SOCKS_GENERAL_FAILURE, "The destination host is invalid."
@@ -158,6 +166,12 @@ REPLIES: Dict[Reason, Reply] = {
         SOCKS_TTL_EXPIRED,
         "The destination did not answer in time.",
     ),
+    Reason.PROXY_LOOP: Reply(
+        508,
+        "proxy-loop-detected",
+        SOCKS_GENERAL_FAILURE,
+        "The request already passed through this proxy: a proxy loop.",
+    ),
     Reason.UPSTREAM_BAD_RESPONSE: Reply(
         502,
         "upstream-bad-response",
@@ -172,3 +186,87 @@ def reply_for(reason: Reason) -> Reply:
     The wire representation of C{reason}.
     """
     return REPLIES[reason]
+
+
+#: The row of a request that breaks the wire format: its status is the
+#: L{ProtocolError}'s (400, 408, 414, 431, ...), and it is no policy
+#: decision, so it has no C{x-proxy-error} (and is not in L{REPLIES}).
+BAD_REQUEST = Reply(400, None, SOCKS_GENERAL_FAILURE, "The request is malformed.")
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
+
+
+def render(
+    status: int,
+    header: Optional[str],
+    fields: Mapping[str, Any],
+    *,
+    keep_alive: bool,
+    with_body: bool = True,
+) -> bytes:
+    """
+    An HTTP reply of the proxy's own: C{fields} as a JSON document (SPEC
+    §4.2), C{x-proxy-error} when there is a C{header}; C{with_body} false
+    for a C{HEAD} request (the length is still the document's).
+    """
+    payload = json.dumps(fields, separators=(",", ":")).encode("utf-8") + b"\n"
+    lines = [b"HTTP/1.1 %d %s" % (status, _phrase(status))]
+    if header is not None:
+        lines.append(b"x-proxy-error: " + header.encode("ascii"))
+    lines.append(b"Content-Type: application/json")
+    lines.append(b"Content-Length: %d" % len(payload))
+    lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
+    data = b"\r\n".join(lines) + b"\r\n\r\n"
+    return data + payload if with_body else data
+
+
+def blocked_fields(verdict: Verdict) -> Dict[str, Any]:
+    """
+    The JSON document of a blocked request (SPEC §4.2).
+    """
+    assert verdict.reason is not None
+    return {
+        "status": "blocked",
+        "host": verdict.host,
+        "port": verdict.port,
+        "reason": verdict.reason.value,
+        "decision": verdict.decision.value,
+        "source": verdict.source.value,
+        "protocol": verdict.request.protocol.value,
+        "message": reply_for(verdict.reason).message,
+    }
+
+
+def failure_fields(
+    reason: Reason,
+    message: str,
+    request: Optional[ProxyRequest],
+    upstream_status: Optional[int] = None,
+) -> Dict[str, Any]:
+    """
+    The JSON document of a request that failed on its way to the
+    destination (SPEC §4.3).
+    """
+    fields: Dict[str, Any] = {
+        "status": "error",
+        "host": request.host if request else None,
+        "port": request.port if request else None,
+        "reason": reason.value,
+        "protocol": request.protocol.value if request else None,
+        "message": message,
+    }
+    if upstream_status is not None:
+        fields["upstream_status"] = upstream_status
+    return fields
+
+
+def bad_request_fields(error: ProtocolError) -> Dict[str, Any]:
+    """
+    The JSON document of a request that breaks the wire format.
+    """
+    return {"status": "error", "reason": "bad_request", "message": error.message}

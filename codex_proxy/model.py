@@ -49,8 +49,12 @@ class Reason(str, enum.Enum):
     MITM_REQUIRED = "mitm_required"
     POLICY_DENIED = "policy_denied"
     UNIX_SOCKET_NOT_ALLOWED = "unix_socket_not_allowed"
-    # The proxy's own state (SPEC §2.6): limits.max_connections reached.
+    # The proxy's own state (SPEC §2.6): limits.max_connections or
+    # limits.max_udp_associations reached.
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_MANY_UDP_ASSOCIATIONS = "too_many_udp_associations"
+    # A request that already passed through this proxy (SPEC §4.2b).
+    PROXY_LOOP = "proxy_loop"
     # Transport outcomes (SPEC §4.3).
     UPSTREAM_DNS_FAILED = "upstream_dns_failed"
     UPSTREAM_CONNECT_FAILED = "upstream_connect_failed"
@@ -87,6 +91,9 @@ class ProxyRequest:
     @ivar method: the HTTP method, or C{None} for SOCKS.
     @ivar has_body: the request carries a body (limited mode blocks it).
     @ivar upgrade: the request asks for a protocol upgrade.
+    @ivar override_methods: the methods the request names in place of its
+        own, upper-cased: method-override header fields and C{_method}
+        query parameters (limited mode blocks any but a read-only one).
     @ivar client: the client's address as C{"ip:port"}, or C{None}.
     @ivar command: the client identity (SOCKS username) or other context.
     @ivar unix_socket: the symlink-resolved path of an C{x-unix-socket}
@@ -100,6 +107,7 @@ class ProxyRequest:
     method: Optional[str] = None
     has_body: bool = False
     upgrade: bool = False
+    override_methods: Tuple[str, ...] = ()
     client: Optional[str] = None
     command: Optional[str] = None
     unix_socket: Optional[str] = None

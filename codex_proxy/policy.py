@@ -11,7 +11,9 @@ L{Policy} it reads.
 from __future__ import annotations
 
 import functools
-from typing import Callable, FrozenSet, Iterable, Optional
+import re
+from typing import Callable, FrozenSet, Iterable, Optional, Tuple
+from urllib.parse import unquote_plus
 
 import attrs
 
@@ -30,6 +32,18 @@ from codex_proxy.model import (
 )
 
 _MAX_PORT = 65535
+
+#: Protocols whose host arrives as a field of its own: a port or surrounding
+#: space in it make it no host name (SPEC §4.3).
+_BARE_HOSTS = frozenset({Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP})
+
+#: Header fields some origin frameworks take as the request's real method.
+_OVERRIDE_FIELDS = frozenset(
+    {b"x-http-method-override", b"x-http-method", b"x-method-override"}
+)
+#: The query parameter others take so (Rails, Laravel, method-override).
+_OVERRIDE_PARAMETER = "_method"
+_QUERY_SEPARATOR = re.compile("[&;]")
 
 
 @attrs.frozen
@@ -124,10 +138,7 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
     carries the address to dial when the host is an IP literal, and no
     address for a name (the caller resolves and vets it).
     """
-    try:
-        host: Optional[str] = normalize_host(request.host)
-    except InvalidHost:
-        host = None
+    host = _normalize(request)
     if not policy.enabled:
         return _deny(request, host, Reason.PROXY_DISABLED, Source.PROXY_STATE)
     if request.unix_socket is not None:
@@ -149,6 +160,26 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
     return admit(policy, request, host, matched=allowed.text)
 
 
+def _normalize(request: ProxyRequest) -> Optional[str]:
+    """
+    The normalised host of C{request}, or C{None} when it is invalid.
+    """
+    raw = request.host
+    try:
+        host = normalize_host(raw)
+    except InvalidHost:
+        return None
+    if request.protocol in _BARE_HOSTS and (
+        raw != raw.strip()
+        or (raw.startswith("[") and not raw.endswith("]"))
+        or (":" in raw and ":" not in host)
+    ):
+        # A port after a name, an IPv4 address or an IPv6 one in brackets:
+        # only an IPv6 literal keeps its colons through normalisation.
+        return None
+    return host
+
+
 def decide_unix_socket(policy: Policy, request: ProxyRequest) -> Verdict:
     """
     Judge an C{x-unix-socket} request (SPEC §8): its symlink-resolved path
@@ -167,6 +198,26 @@ def decide_unix_socket(policy: Policy, request: ProxyRequest) -> Verdict:
         return _deny(request, host, refusal, Source.MODE_GUARD)
     return Verdict(
         request=request, host=host, decision=Decision.ALLOW, source=Source.BASELINE_POLICY
+    )
+
+
+def decide_association(policy: Policy, request: ProxyRequest) -> Verdict:
+    """
+    Judge a SOCKS5 UDP ASSOCIATE (SPEC §6a): refused by a disabled proxy
+    and in limited mode (SPEC §4.4). Its C{host} and C{port} are the
+    client's own declared address, judged by nothing here: each destination
+    of the association is decided per datagram.
+    """
+    if not policy.enabled:
+        return _deny(request, None, Reason.PROXY_DISABLED, Source.PROXY_STATE)
+    refusal = mode_guard(policy, request)
+    if refusal is not None:
+        return _deny(request, None, refusal, Source.MODE_GUARD)
+    return Verdict(
+        request=request,
+        host=request.host,
+        decision=Decision.ALLOW,
+        source=Source.BASELINE_POLICY,
     )
 
 
@@ -203,7 +254,8 @@ def admit(
 def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
     """
     Why limited mode refuses C{request}, or C{None} (SPEC §4.4). Read-only
-    means read-only: a body or an upgrade is refused even on a GET.
+    means read-only: a body, an upgrade or a method override naming any
+    other method is refused even on a GET.
     """
     if policy.mode is not Mode.LIMITED:
         return None
@@ -211,9 +263,39 @@ def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
         return Reason.METHOD_NOT_ALLOWED
     if request.protocol is Protocol.HTTPS_CONNECT:
         return None if policy.mitm else Reason.MITM_REQUIRED
-    if request.method not in READ_ONLY_METHODS or request.has_body or request.upgrade:
+    if (
+        request.method not in READ_ONLY_METHODS
+        or request.has_body
+        or request.upgrade
+        or not READ_ONLY_METHODS.issuperset(request.override_methods)
+    ):
         return Reason.METHOD_NOT_ALLOWED
     return None
+
+
+def method_overrides(headers: Iterable[Tuple[bytes, bytes]], target: str) -> Tuple[str, ...]:
+    """
+    The methods a request names in place of its own, upper-cased, for
+    L{ProxyRequest.override_methods}: the values of method-override header
+    fields and of C{_method} parameters in the query of C{target} (SPEC
+    §4.4). Read as leniently as the frameworks that honour them: any case,
+    percent- or plus-encoded, C{;} or C{&} separated, comma-listed.
+    """
+    named = [
+        value.decode("latin-1") for name, value in headers if name.lower() in _OVERRIDE_FIELDS
+    ]
+    query = target.partition("?")[2].partition("#")[0]
+    if _OVERRIDE_PARAMETER in query.lower() or "%" in query:
+        for pair in _QUERY_SEPARATOR.split(query):
+            name, _, value = pair.partition("=")
+            if unquote_plus(name).strip().lower() == _OVERRIDE_PARAMETER:
+                named.append(unquote_plus(value))
+    return tuple(
+        method
+        for text in named
+        for method in (part.strip().upper() for part in text.split(","))
+        if method
+    )
 
 
 def _deny(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Deque, Iterable, List, Optional, Tuple
+from typing import Deque, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
 )
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import addresses as _addresses
@@ -39,7 +40,7 @@ from codex_proxy.decider import (
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
-from codex_proxy.policy import Policy, admit, decide, is_local_target
+from codex_proxy.policy import Policy, admit, decide, decide_association, is_local_target
 
 #: How many blocked decisions L{PolicyService.blocked} remembers.
 BLOCKED_HISTORY = 200
@@ -93,7 +94,7 @@ def resolve(
             )
         return found
 
-    def timedOut(failure):  # type: ignore[no-untyped-def]
+    def timedOut(failure: Failure) -> List[IPAddress]:
         failure.trap(defer.TimeoutError)
         raise UpstreamError(
             Reason.UPSTREAM_DNS_FAILED, f"resolving {name} timed out after {timeout}s"
@@ -103,12 +104,41 @@ def resolve(
     return d
 
 
+def _own_form(ip: IPAddress) -> IPAddress:
+    """
+    The address a connection to C{ip} reaches: an IPv4-mapped IPv6 address
+    reaches its IPv4 address.
+    """
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip if mapped is None else mapped
+
+
+def _not_allowed_local(verdict: Verdict) -> Verdict:
+    """
+    C{verdict} refused as a local destination, with no address to dial.
+    """
+    return attrs.evolve(
+        verdict,
+        decision=Decision.DENY,
+        source=Source.BASELINE_POLICY,
+        reason=Reason.NOT_ALLOWED_LOCAL,
+        addresses=(),
+        intercept=False,
+        override=False,
+    )
+
+
 class PolicyService:
     """
     Decides requests against the current policy; C{reload} swaps the policy
     atomically for decisions started afterwards.
 
     @ivar decider: the embedder's policy decider, or C{None}.
+    @ivar generation: how many times the policy was swapped; a verdict
+        kept for reuse (a UDP destination's, SPEC §6a) holds only while
+        this is unchanged.
+    @ivar own_addresses: the proxy's listening addresses as last given to
+        L{set_own_addresses}: C{(host, port)} pairs.
     """
 
     def __init__(
@@ -123,6 +153,7 @@ class PolicyService:
         decider_timeout: float = 30.0,
     ) -> None:
         self.policy = policy
+        self.generation = 0
         self.decider = decider
         self._resolver = resolver
         self._clock = clock
@@ -130,15 +161,42 @@ class PolicyService:
         self._resolve_timeout = resolve_timeout
         self._decider_timeout = decider_timeout
         self._blocked: Deque[Verdict] = collections.deque(maxlen=BLOCKED_HISTORY)
-
-    def reload(self, policy: Policy) -> None:
-        self.policy = policy
+        self.own_addresses: FrozenSet[Tuple[str, int]] = frozenset()
+        self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
+        self._ownAnywhere: FrozenSet[int] = frozenset()
+        self._ownPorts: FrozenSet[int] = frozenset()
 
     def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
         """
-        The proxy's own listening addresses (host text, port), once bound.
+        Name the proxy's own listening addresses (the IP as bound, the
+        port): from now on a vetted destination that is one of them is
+        refused C{not_allowed_local}, whatever the policy says, so the proxy
+        never dials itself (SPEC §4.2b). A wildcard listener (C{0.0.0.0},
+        C{::}) stands for every address of this machine on its port: any
+        non-public address matches it.
+
+        @raise ValueError: a host is not an IP address.
         """
-        self.own_addresses = frozenset(addresses)
+        given = frozenset(addresses)
+        exact: Set[Tuple[IPAddress, int]] = set()
+        anywhere: Set[int] = set()
+        for host, port in given:
+            ip = _own_form(ipaddress.ip_address(host.split("%", 1)[0]))
+            if ip.is_unspecified:
+                anywhere.add(port)
+            else:
+                exact.add((ip, port))
+        self.own_addresses = given
+        self._own = frozenset(exact)
+        self._ownAnywhere = frozenset(anywhere)
+        self._ownPorts = frozenset(port for _, port in exact) | self._ownAnywhere
+
+    def reload(self, policy: Policy) -> None:
+        """
+        Decide by C{policy} from now on, in a new generation.
+        """
+        self.policy = policy
+        self.generation += 1
 
     def blocked(self) -> List[Verdict]:
         """
@@ -170,9 +228,9 @@ class PolicyService:
                 method=request.method,
                 command=request.command,
             )
-            d = consult(decider, asked, self._clock, self._decider_timeout)
-            d.addCallback(lambda decision: self._overruled(policy, verdict, decision))
-            return d
+            return consult(decider, asked, self._clock, self._decider_timeout).addCallback(
+                lambda decision: self._overruled(policy, verdict, decision)
+            )
         return self._settle(policy, verdict)
 
     def _overruled(
@@ -202,7 +260,7 @@ class PolicyService:
         """
         request = verdict.request
         if not verdict.allowed or verdict.addresses or request.unix_socket is not None:
-            return defer.succeed(self._record(verdict))
+            return defer.succeed(self._record(self._notSelf(verdict)))
         d = resolve(
             self._resolver,
             self._clock,
@@ -210,11 +268,10 @@ class PolicyService:
             request.port,
             self._resolve_timeout,
         )
-        d.addCallbacks(
+        return d.addCallbacks(
             lambda found: self._vet(policy, verdict, found),
             lambda failure: self._resolutionFailed(verdict, failure),
         )
-        return d
 
     def refuse(self, request: ProxyRequest, reason: Reason) -> Verdict:
         """
@@ -236,13 +293,32 @@ class PolicyService:
             )
         )
 
+    def check_association(self, request: ProxyRequest, *, full: bool) -> Verdict:
+        """
+        Decide a SOCKS5 UDP ASSOCIATE (SPEC §6a): refused by a disabled
+        proxy, in limited mode, or when C{full} (the listener holds
+        C{limits.max_udp_associations} already), with one audit event. An
+        allowed association is not audited: it names no destination, and
+        each of its destinations is decided and audited by L{check}.
+        """
+        verdict = decide_association(self.policy, request)
+        if verdict.allowed and full:
+            verdict = attrs.evolve(
+                verdict,
+                decision=Decision.DENY,
+                source=Source.PROXY_STATE,
+                reason=Reason.TOO_MANY_UDP_ASSOCIATIONS,
+            )
+        return verdict if verdict.allowed else self._record(verdict)
+
     def check_pinned(self, request: ProxyRequest, tunnel: Verdict) -> defer.Deferred[Verdict]:
         """
         Decide an inner request of an intercepted tunnel (SPEC §6) without
         resolving again: the host was resolved and vetted when C{tunnel} was
         allowed, and an allowed verdict carries the tunnel's addresses. The
         current policy still applies (a reload can block an open tunnel's
-        next request); a decider's approval of the tunnel covers its inner
+        next request, and the pinned addresses are vetted again under it,
+        SPEC §2.5); a decider's approval of the tunnel covers its inner
         allowlist misses. Exactly one audit event, as for L{check}.
         """
         policy = self.policy
@@ -250,7 +326,7 @@ class PolicyService:
         if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
             verdict = admit(policy, request, verdict.host, override=True)
         if verdict.allowed:
-            verdict = attrs.evolve(verdict, addresses=tunnel.addresses)
+            return defer.succeed(self._vet(policy, verdict, list(tunnel.addresses)))
         return defer.succeed(self._record(verdict))
 
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
@@ -258,23 +334,33 @@ class PolicyService:
         # any other name with one non-public answer is refused whole.
         if not (policy.allow_local_binding or is_local_target(verdict.host)):
             if not all(_addresses.is_public(ip) for ip in found):
-                verdict = attrs.evolve(
-                    verdict,
-                    decision=Decision.DENY,
-                    source=Source.BASELINE_POLICY,
-                    reason=Reason.NOT_ALLOWED_LOCAL,
-                    intercept=False,
-                    override=False,
-                )
-                return self._record(verdict)
-        return self._record(attrs.evolve(verdict, addresses=tuple(found)))
+                return self._record(_not_allowed_local(verdict))
+        return self._record(self._notSelf(attrs.evolve(verdict, addresses=tuple(found))))
 
-    def _resolutionFailed(self, verdict: Verdict, failure):  # type: ignore[no-untyped-def]
-        failure.trap(UpstreamError)
+    def _notSelf(self, verdict: Verdict) -> Verdict:
+        """
+        C{verdict}, refused C{not_allowed_local} when one of its vetted
+        addresses is one of the proxy's own listening addresses.
+        """
+        port = verdict.port
+        if port not in self._ownPorts:
+            return verdict
+        for ip in verdict.addresses:
+            if port in self._ownAnywhere and not _addresses.is_public(ip):
+                return _not_allowed_local(verdict)
+            ip = _own_form(ip)
+            if ip.is_unspecified or (ip, port) in self._own:
+                return _not_allowed_local(verdict)
+        return verdict
+
+    def _resolutionFailed(self, verdict: Verdict, failure: Failure) -> Failure:
+        error = failure.value
+        if not isinstance(error, UpstreamError):
+            return failure
         failed = attrs.evolve(
             verdict,
             decision=Decision.DENY,
-            reason=failure.value.reason,
+            reason=error.reason,
             intercept=False,
             override=False,
         )

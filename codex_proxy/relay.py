@@ -1,5 +1,6 @@
 """
-The one bidirectional byte pump: CONNECT tunnels, SOCKS5 and websockets.
+The one bidirectional byte pump: CONNECT tunnels, SOCKS5 and websockets,
+and the one idle watch (used by the relay and by plain HTTP exchanges).
 
 Each transport is registered as the streaming producer of the other, so a
 slow reader on one side stops reading on the other side (the kernel buffers
@@ -10,21 +11,69 @@ traffic in either direction for C{idle_timeout} seconds is closed.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IReactorTime, ITransport
+from typing import Callable, Optional
 
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from codex_proxy.upstream import ISink
 
 #: Bytes read per call on a relayed socket (Twisted's default is 64 KiB);
 #: also the write buffer above which the other side stops being read.
 _READ_SIZE = 1 << 17
 
 
+class IdleWatch:
+    """
+    Calls C{expired} once C{progress()} has not changed for C{timeout}
+    seconds. One timer, checking a quarter period at a time instead of
+    re-arming per chunk: the hot path only adds to counters, and silence
+    ends between 1 and 1.25 periods after the last byte.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeout: float,
+        progress: Callable[[], int],
+        expired: Callable[[], None],
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._progress = progress
+        self._expired = expired
+        self._seen = progress()
+        self._lastActive = clock.seconds()
+        self._timer: Optional[IDelayedCall] = clock.callLater(timeout / 4, self._check)
+
+    def stop(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _check(self) -> None:
+        now = self._clock.seconds()
+        moved = self._progress()
+        if moved != self._seen:
+            self._seen = moved
+            self._lastActive = now
+        elif now - self._lastActive >= self._timeout:
+            self._timer = None
+            self._expired()
+            return
+        self._timer = self._clock.callLater(self._timeout / 4, self._check)
+
+
+@implementer(ISink)
 class Relay:
     """
     Joins a client transport and a server transport.
 
-    The two protocols owning the transports forward their events here:
-    C{fromClient}/C{fromServer} for data, C{clientEOF}/C{serverEOF} for a
-    half-close, C{clientLost}/C{serverLost} when a connection is gone.
+    The client's protocol forwards its events here: C{fromClient} for data,
+    C{clientEOF} for a half-close, C{clientLost} when it is gone. The
+    server's L{codex_proxy.upstream.Outbound} reports straight to the relay,
+    its sink.
 
     @ivar bytesUp: bytes relayed client to server.
     @ivar bytesDown: bytes relayed server to client.
@@ -44,23 +93,22 @@ class Relay:
         self._clientEOF = False
         self._serverEOF = False
         self._closed = False
-        self._clock = clock
-        self._idle = idle_timeout
-        self._seen = 0
-        self._lastActive = clock.seconds()
         # Larger reads for bulk transfer: fewer Python calls per byte.
         for transport in (client, server):
             if hasattr(transport, "bufferSize"):
                 transport.bufferSize = _READ_SIZE
         client.registerProducer(server, True)
         server.registerProducer(client, True)
-        self._timer = clock.callLater(idle_timeout / 4, self._checkIdle)
+        self._idle = IdleWatch(clock, idle_timeout, self._moved, self.close)
+
+    def _moved(self) -> int:
+        return self.bytesUp + self.bytesDown
 
     def fromClient(self, data: bytes) -> None:
         self.bytesUp += len(data)
         self.server.write(data)
 
-    def fromServer(self, data: bytes) -> None:
+    def outboundData(self, data: bytes) -> None:
         self.bytesDown += len(data)
         self.client.write(data)
 
@@ -68,7 +116,7 @@ class Relay:
         self._clientEOF = True
         self._halfClose(self.server, self._serverEOF)
 
-    def serverEOF(self) -> None:
+    def outboundEOF(self) -> None:
         self._serverEOF = True
         self._halfClose(self.client, self._clientEOF)
 
@@ -85,7 +133,7 @@ class Relay:
     def clientLost(self) -> None:
         self.close()
 
-    def serverLost(self) -> None:
+    def outboundLost(self, reason: Failure) -> None:
         self.close()
 
     def close(self) -> None:
@@ -95,21 +143,6 @@ class Relay:
         if self._closed:
             return
         self._closed = True
-        if self._timer.active():
-            self._timer.cancel()
+        self._idle.stop()
         self.client.loseConnection()
         self.server.loseConnection()
-
-    def _checkIdle(self) -> None:
-        # One timer per tunnel, checking a quarter period at a time instead of
-        # re-arming per chunk: the hot path only adds to two counters, and an
-        # idle tunnel closes between 1 and 1.25 idle periods after its last byte.
-        now = self._clock.seconds()
-        moved = self.bytesUp + self.bytesDown
-        if moved != self._seen:
-            self._seen = moved
-            self._lastActive = now
-        elif now - self._lastActive >= self._idle:
-            self.close()
-            return
-        self._timer = self._clock.callLater(self._idle / 4, self._checkIdle)

@@ -11,7 +11,10 @@ One L{SOCKS5Protocol} per client connection, an explicit state machine:
 
 The pending policy or dial Deferred is held in C{_work} so a client that
 goes away cancels it; the handshake (greeting to request) must complete
-within C{limits.socks_handshake_timeout_s}. Reply codes come from
+within C{limits.socks_handshake_timeout_s}. Admission, the read gate,
+internal errors, the relay and the outcome event are the shared
+L{codex_proxy._connection.ClientConnection}'s. Every decision, UDP
+ASSOCIATE itself included, is the policy service's; reply codes come from
 L{codex_proxy.errors}, never from a call site.
 """
 
@@ -20,13 +23,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _socks5wire as wire
+from codex_proxy._connection import ClientConnection
 from codex_proxy.config import Limits
 from codex_proxy.errors import (
     SOCKS_COMMAND_NOT_SUPPORTED,
@@ -36,11 +40,9 @@ from codex_proxy.errors import (
 )
 from codex_proxy.connections import Connections
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
-from codex_proxy.policy import mode_guard
 from codex_proxy.policyservice import PolicyService
-from codex_proxy.relay import Relay
 from codex_proxy.socks5udp import UDPAssociation
-from codex_proxy.upstream import Outbound, Sink, Upstream
+from codex_proxy.upstream import IUpstream, Outbound
 
 _log = Logger()
 
@@ -69,7 +71,7 @@ class SOCKS5Factory(Factory):
     def __init__(
         self,
         policy: PolicyService,
-        upstream: Upstream,
+        upstream: IUpstream,
         clock: IReactorTime,
         limits: Limits = Limits(),
         enable_udp: bool = True,
@@ -91,99 +93,72 @@ class SOCKS5Factory(Factory):
         return proto
 
 
-def _association_refusal(policy: PolicyService) -> Optional[Reason]:
-    """
-    Why UDP ASSOCIATE itself is refused: a disabled proxy, or limited mode
-    (SPEC §4.1 step 1, §4.4). Destinations are decided per datagram.
-    """
-    current = policy.policy
-    if not current.enabled:
-        return Reason.PROXY_DISABLED
-    return mode_guard(current, ProxyRequest(protocol=Proto.SOCKS5_UDP, host="", port=0))
-
-
 @implementer(IHalfCloseableProtocol)
-class SOCKS5Protocol(Protocol, Sink):
+class SOCKS5Protocol(ClientConnection):
     """
     One client connection of the SOCKS5 listener.
     """
 
+    listener = "socks5"
     factory: SOCKS5Factory
-
-    def __init__(self) -> None:
-        self._state = GREETING
-        self._buffer = b""
-        self._work: Optional[defer.Deferred[Any]] = None
-        self._timer: Any = None
-        self._relay: Optional[Relay] = None
-        self._udp: Optional[UDPAssociation] = None
-        self._identity: Optional[str] = None
-        self._client: Optional[str] = None
-        self._clientEOF = False
-        self._overloaded = False
 
     # -- connection events ------------------------------------------------
 
     def connectionMade(self) -> None:
-        # Over limits.max_connections: the request is answered 0x01.
-        self._overloaded = not self.factory.connections.admit(self.transport)
-        peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        self._client = f"{host}:{peer.port}" if host else None
-        self._timer = self.factory.clock.callLater(
+        super().connectionMade()
+        self._state = GREETING
+        self._buffer = b""
+        self._work: Optional[defer.Deferred[Any]] = None
+        self._udp: Optional[UDPAssociation] = None
+        self._identity: Optional[str] = None
+        self._timer: Optional[IDelayedCall] = self.factory.clock.callLater(
             self.factory.limits.socks_handshake_timeout_s, self._handshakeTimedOut
         )
 
     def dataReceived(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.fromClient(data)
+            return
         state = self._state
-        if state is RELAYING:
-            self._relay.fromClient(data)  # type: ignore[union-attr]
-        elif state in _HANDSHAKE:
+        if state in _HANDSHAKE:
             self._buffer += data
             self._advance()
         elif state is DECIDING or state is DIALLING:
             # Bytes that raced our pause: the tunnel's first bytes.
-            self._buffer += data
+            self.keep(data)
         # ASSOCIATED: the control connection carries nothing; CLOSED: ignore.
 
     def readConnectionLost(self) -> None:
-        self._clientEOF = True
-        if self._state is RELAYING:
-            self._relay.clientEOF()  # type: ignore[union-attr]
+        self.clientEOF = True
+        if self.relay is not None:
+            self.relay.clientEOF()
         elif self._state is not DECIDING and self._state is not DIALLING:
             # A handshake that can now never end, or the end of an association.
-            self._close()
+            self.close()
 
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
-        self.factory.connections.closed(self.transport)
+    def abandon(self) -> None:
         self._state = CLOSED
         self._cancelTimer()
         work, self._work = self._work, None
         if work is not None:
             work.cancel()
-        if self._relay is not None:
-            self._relay.clientLost()
-        if self._udp is not None:
-            udp, self._udp = self._udp, None
+        udp, self._udp = self._udp, None
+        if udp is not None:
             udp.close()
             self.factory.associations -= 1
 
     def _handshakeTimedOut(self) -> None:
         self._timer = None
-        self._state = CLOSED
-        self.transport.abortConnection()
+        self.abort("timeout")
 
     def _cancelTimer(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
-
-    def _close(self) -> None:
-        self._state = CLOSED
-        self.transport.loseConnection()
 
     # -- handshake --------------------------------------------------------
 
@@ -201,19 +176,21 @@ class SOCKS5Protocol(Protocol, Sink):
                     parsed = wire.parse_request(self._buffer)
                     if parsed is None:
                         return
-                    request, self._buffer = parsed
+                    request, rest = parsed
+                    self._buffer = b""
+                    self.keep(rest)
                     self._request(request)
                     return
                 else:
                     return
         except wire.SocksProtocolError as e:
+            self.noteEnd("bad_request")
             if self._state is REQUEST:
                 self._refuse(e.reply)
-            elif self._state is AUTH:
+                return
+            if self._state is AUTH:
                 self.transport.write(wire.encode_auth_status(False))
-                self._close()
-            else:
-                self._close()
+            self.close()
 
     def _greeting(self) -> bool:
         parsed = wire.parse_greeting(self._buffer)
@@ -229,7 +206,8 @@ class SOCKS5Protocol(Protocol, Sink):
             self._state = REQUEST
         else:
             self.transport.write(wire.encode_method(wire.METHOD_NO_ACCEPTABLE))
-            self._close()
+            self.noteEnd("bad_request")
+            self.close()
             return False
         return True
 
@@ -246,120 +224,96 @@ class SOCKS5Protocol(Protocol, Sink):
 
     def _request(self, request: wire.Request) -> None:
         self._cancelTimer()
-        self.transport.pauseProducing()
-        if self._overloaded:
+        self.pauseReading("request")
+        if not self.admitted:
             self._overload(request)
         elif request.command == wire.CMD_CONNECT:
             self._connect(request)
         elif request.command == wire.CMD_UDP_ASSOCIATE and self.factory.enable_udp:
             self._associate(request)
         else:
+            self.noteEnd("bad_request")
             self._refuse(SOCKS_COMMAND_NOT_SUPPORTED)
 
     def _refuse(self, reply: int) -> None:
         self.transport.write(wire.encode_reply(reply))
-        self._close()
+        self.close()
+
+    def _proxyRequest(self, request: wire.Request) -> ProxyRequest:
+        """
+        What the policy service decides about C{request}.
+        """
+        udp = request.command == wire.CMD_UDP_ASSOCIATE
+        return ProxyRequest(
+            protocol=Proto.SOCKS5_UDP if udp else Proto.SOCKS5_TCP,
+            host=request.host,
+            port=request.port,
+            client=self.client,
+            command=self._identity,
+        )
+
+    def _refuseFor(self, verdict: Verdict) -> None:
+        assert verdict.reason is not None
+        self.noteVerdict(verdict)
+        self._refuse(reply_for(verdict.reason).socks)
 
     def _overload(self, request: wire.Request) -> None:
         """
         Refuse the request of a connection beyond C{limits.max_connections},
         with its audit event.
         """
-        udp = request.command == wire.CMD_UDP_ASSOCIATE
-        verdict = self.factory.policy.refuse(
-            ProxyRequest(
-                protocol=Proto.SOCKS5_UDP if udp else Proto.SOCKS5_TCP,
-                host=request.host,
-                port=request.port,
-                client=self._client,
-                command=self._identity,
-            ),
-            Reason.TOO_MANY_CONNECTIONS,
-        )
-        assert verdict.reason is not None
-        self._refuse(reply_for(verdict.reason).socks)
+        asked = self._proxyRequest(request)
+        self._refuseFor(self.factory.policy.refuse(asked, Reason.TOO_MANY_CONNECTIONS))
 
     # -- CONNECT ----------------------------------------------------------
 
     def _connect(self, request: wire.Request) -> None:
         self._state = DECIDING
-        d = self.factory.policy.check(
-            ProxyRequest(
-                protocol=Proto.SOCKS5_TCP,
-                host=request.host,
-                port=request.port,
-                client=self._client,
-                command=self._identity,
-            )
-        )
-        self._work = d
-        d.addCallbacks(self._decided, self._failed)
-        d.addErrback(self._internalError)
+        d = self._work = self.factory.policy.check(self._proxyRequest(request))
+        self.expect(d, self._decided, self._failed)
 
     def _decided(self, verdict: Verdict) -> None:
         self._work = None
-        if self._state is CLOSED:
-            return
         if not verdict.allowed:
-            assert verdict.reason is not None
-            self._refuse(reply_for(verdict.reason).socks)
+            self._refuseFor(verdict)
             return
+        self.noteVerdict(verdict)
         self._state = DIALLING
-        d = self.factory.upstream.connect(verdict.addresses, verdict.port)
-        self._work = d
-        d.addCallbacks(self._connected, self._failed)
-        d.addErrback(self._internalError)
+        d = self._work = self.factory.upstream.connect(verdict.addresses, verdict.port)
+        self.expect(d, self._connected, self._failed)
 
     def _failed(self, failure: Failure) -> None:
         self._work = None
-        if self._state is CLOSED:
-            failure.trap(defer.CancelledError, UpstreamError)
-            return
-        failure.trap(UpstreamError)
-        self._refuse(reply_for(failure.value.reason).socks)
-
-    def _internalError(self, failure: Failure) -> None:
-        _log.failure("internal error handling a SOCKS5 request", failure)
-        if self._state is not CLOSED:
-            self._state = CLOSED
-            self.transport.abortConnection()
+        e = failure.value
+        if not isinstance(e, UpstreamError):
+            failure.raiseException()
+        self.noteEnd("failed", e.reason.value)
+        self._refuse(reply_for(e.reason).socks)
 
     def _connected(self, out: Outbound) -> None:
         self._work = None
-        out.attach(self)
         bound = out.transport.getHost()
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
         self._state = RELAYING
-        self._relay = Relay(
-            self.transport, out.transport, self.factory.clock, self.factory.limits.tunnel_idle_s
+        self.joinRelay(
+            out,
+            self.factory.limits.tunnel_idle_s,
+            fromClient=self.takePending(),
+            clientEOF=self.clientEOF,
         )
-        self.transport.resumeProducing()
-        pending, self._buffer = self._buffer, b""
-        if pending:
-            self._relay.fromClient(pending)
-        if self._clientEOF:
-            self._relay.clientEOF()
-
-    def outboundData(self, data: bytes) -> None:
-        self._relay.fromServer(data)  # type: ignore[union-attr]
-
-    def outboundEOF(self) -> None:
-        self._relay.serverEOF()  # type: ignore[union-attr]
-
-    def outboundLost(self, reason: Failure) -> None:
-        self._relay.serverLost()  # type: ignore[union-attr]
 
     # -- UDP ASSOCIATE ----------------------------------------------------
 
     def _associate(self, request: wire.Request) -> None:
         factory = self.factory
-        refusal = _association_refusal(factory.policy)
-        if refusal is not None:
-            self._refuse(reply_for(refusal).socks)
+        verdict = factory.policy.check_association(
+            self._proxyRequest(request),
+            full=factory.associations >= factory.limits.max_udp_associations,
+        )
+        if not verdict.allowed:
+            self._refuseFor(verdict)
             return
-        if factory.associations >= factory.limits.max_udp_associations:
-            self._refuse(SOCKS_GENERAL_FAILURE)
-            return
+        self.noteVerdict(verdict)
         local = self.transport.getHost()
         udp = UDPAssociation(
             factory.reactor,
@@ -367,18 +321,21 @@ class SOCKS5Protocol(Protocol, Sink):
             client_ip=self.transport.getPeer().host,
             client_port=request.port,
             listen_ip=local.host,
-            client=self._client,
+            client=self.client,
             identity=self._identity,
         )
         try:
             port = udp.start()
         except error.CannotListenError as e:
             _log.warn("cannot open a SOCKS5 UDP relay: {error}", error=e)
+            self.noteEnd("error")
             self._refuse(SOCKS_GENERAL_FAILURE)
             return
         self._udp = udp
         factory.associations += 1
         self._state = ASSOCIATED
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, local.host, port))
-        # Read on, only to notice when the client ends the association.
-        self.transport.resumeProducing()
+        # Read on, only to notice when the client ends the association: the
+        # control connection carries nothing, so what came along is dropped.
+        self.takePending()
+        self.resumeReading("request")

@@ -5,11 +5,12 @@ The client talks to a socket bound on the listener's IP; datagrams go out
 through a wildcard socket per address family, so a loopback listener can
 still reach public destinations. Each new destination of an association is
 decided once by the policy service (one audit event per decision) and the
-verdict is kept for the association's lifetime: later datagrams to an
+verdict is kept while the policy generation lasts: later datagrams to an
 allowed destination go to its first vetted address, datagrams to a denied
-one are dropped and counted. Datagrams arriving while the decision is
-pending wait in a short queue. Replies are accepted only from the vetted
-addresses the client has sent to.
+one are dropped and counted. After a reload the next datagram to each
+destination is decided again (SPEC §6a). Datagrams arriving while the
+decision is pending wait in a short queue. Replies are accepted only from
+the vetted addresses the client has sent to under their current verdict.
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ Address = Tuple[str, int]
 
 class _Destination:
     """
-    One destination of an association: pending (C{queue} holds datagrams)
-    or decided (C{target} is the vetted address to send to, C{None} when
-    denied).
+    One destination of an association, decided under the policy
+    C{generation}: pending (C{queue} holds datagrams) or decided (C{target}
+    is the vetted address to send to, C{None} when denied).
     """
 
-    __slots__ = ("queue", "target", "work")
+    __slots__ = ("generation", "queue", "target", "work")
 
-    def __init__(self) -> None:
-        self.queue: Optional[List[bytes]] = []
+    def __init__(self, generation: int, queue: List[bytes]) -> None:
+        self.generation = generation
+        self.queue: Optional[List[bytes]] = queue
         self.target: Optional[Address] = None
         self.work: Optional[defer.Deferred[Verdict]] = None
 
@@ -115,7 +117,8 @@ class UDPAssociation:
         self._clientSide = self._reactor.listenUDP(
             0, _ClientSide(self), interface=self._listenIP, maxPacketSize=MAX_DATAGRAM
         )
-        return self._clientSide.getHost().port
+        port: int = self._clientSide.getHost().port
+        return port
 
     def close(self) -> None:
         """
@@ -159,7 +162,9 @@ class UDPAssociation:
             if len(self._destinations) >= MAX_DESTINATIONS:
                 self.dropped += 1
                 return
-            destination = self._decide(key)
+            destination = self._decide(key, [])
+        elif destination.generation != self._policy.generation:
+            destination = self._decide(key, self._supersede(destination))
         if destination.queue is None:
             self._send(destination.target, datagram.payload)
         elif len(destination.queue) < MAX_QUEUED:
@@ -167,8 +172,22 @@ class UDPAssociation:
         else:
             self.dropped += 1
 
-    def _decide(self, key: Address) -> _Destination:
-        destination = _Destination()
+    def _supersede(self, stale: _Destination) -> List[bytes]:
+        """
+        Retire the verdict of an earlier policy generation: abandon its
+        pending decision (nothing was decided, so nothing is audited), stop
+        taking replies from its target, and hand back the datagrams it held
+        for the new decision.
+        """
+        queue, stale.queue = stale.queue or [], None
+        if stale.work is not None:
+            stale.work.cancel()
+        if stale.target is not None:
+            self._replyFrom.discard(stale.target)
+        return queue
+
+    def _decide(self, key: Address, queue: List[bytes]) -> _Destination:
+        destination = _Destination(self._policy.generation, queue)
         self._destinations[key] = destination
         request = ProxyRequest(
             protocol=Proto.SOCKS5_UDP,
@@ -196,7 +215,8 @@ class UDPAssociation:
 
     def _undecidable(self, destination: _Destination, failure: Failure) -> None:
         destination.work = None
-        if self._closed and failure.check(defer.CancelledError):
+        if failure.check(defer.CancelledError):
+            # Closed, or superseded by a decision under a newer policy.
             return
         # A DNS failure was audited by the policy service: deny, like a block.
         failure.trap(UpstreamError)
@@ -208,7 +228,7 @@ class UDPAssociation:
             self.dropped += 1
             return
         family = 6 if ":" in target[0] else 4
-        port = self._outbound.get(family)
+        port: Any = self._outbound.get(family)
         try:
             if port is None:
                 port = self._reactor.listenUDP(

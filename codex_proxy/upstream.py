@@ -15,17 +15,18 @@ protection that applies to destinations.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from codex_proxy import _httphead
+from codex_proxy._httptarget import authority, serialize_request_head
 from codex_proxy.addresses import parse_ip_literal
 from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError
@@ -33,51 +34,65 @@ from codex_proxy.connections import Connections
 from codex_proxy.model import IPAddress, Reason, Verdict
 
 
-class Sink:
+class ISink(Interface):
     """
-    What an L{Outbound} connection reports to once it is attached.
+    Where an L{Outbound} connection reports once it is attached.
     """
 
-    def outboundData(self, data: bytes) -> None:
-        raise NotImplementedError
+    def outboundData(data: bytes) -> None:
+        """
+        The destination sent C{data}.
+        """
 
-    def outboundEOF(self) -> None:
-        raise NotImplementedError
+    def outboundEOF() -> None:
+        """
+        The destination half-closed its side.
+        """
 
-    def outboundLost(self, reason: Failure) -> None:
-        raise NotImplementedError
+    def outboundLost(reason: Failure) -> None:
+        """
+        The connection is gone.
+        """
 
 
 @implementer(IHalfCloseableProtocol)
 class Outbound(Protocol):
     """
     A connection to a destination. Its events go to C{sink}, which the caller
-    attaches when the dial's Deferred fires (before any byte can arrive).
+    attaches when the dial's Deferred fires (before any byte can arrive);
+    once detached, whatever still arrives (a TLS leg reads on until
+    close_notify) goes nowhere.
 
     @ivar early: bytes a parent proxy sent right behind its answer to our
         C{CONNECT}: the first tunnel bytes, for the caller to relay.
     """
 
-    sink: Optional[Sink] = None
-    factory: "_DialFactory"
+    sink: Optional[ISink] = None
     early = b""
     _handshake: Optional["_ParentConnect"] = None
 
-    def connectionMade(self) -> None:
-        self.factory.connections.opened(self.transport)
-        self.factory.connected(self)
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
 
-    def attach(self, sink: Sink) -> None:
+    def connectionMade(self) -> None:
+        self._connections.opened(self.transport)
+
+    def attach(self, sink: ISink) -> None:
         self.sink = sink
-        # Skip one indirection per chunk on the hot path.
-        self.dataReceived = sink.outboundData  # type: ignore[method-assign]
+
+    def detach(self) -> None:
+        """
+        Stop reporting: nothing this connection still reads reaches anyone.
+        """
+        self.sink = None
 
     def dataReceived(self, data: bytes) -> None:
-        # Before attach() only the parent's answer to CONNECT is expected;
-        # the dial callback attaches synchronously, so nothing else is lost.
-        if self._handshake is None:
-            raise RuntimeError("outbound data before a sink was attached")
-        self._handshake.received(data)
+        sink = self.sink
+        if sink is not None:
+            sink.outboundData(data)
+        elif self._handshake is not None:
+            # Before attach() only the parent's answer to CONNECT arrives.
+            self._handshake.received(data)
 
     def readConnectionLost(self) -> None:
         if self.sink is not None:
@@ -89,7 +104,7 @@ class Outbound(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
-        self.factory.connections.closed(self.transport)
+        self._connections.closed(self.transport)
         if self._handshake is not None:
             self._handshake.lost(reason)
         if self.sink is not None:
@@ -142,7 +157,7 @@ class _ParentConnect:
         if parent.authorization is not None:
             headers += ((b"Proxy-Authorization", parent.authorization),)
         out._handshake = self
-        out.transport.write(_httphead.serialize_request_head("CONNECT", target, headers))
+        out.transport.write(serialize_request_head("CONNECT", target, headers))
 
     def received(self, data: bytes) -> None:
         try:
@@ -199,27 +214,48 @@ def _classify(failure: Failure, where: str) -> UpstreamError:
     )
 
 
-class _DialFactory(ClientFactory):
-    noisy = False
-    protocol = Outbound
+class IUpstream(Interface):
+    """
+    The upstream connector: how the listeners open every outbound
+    connection (L{Upstream}; L{codex_proxy.testing.MemoryUpstream} in
+    tests).
+    """
 
-    def __init__(self, deferred: Optional[defer.Deferred[Outbound]], connections: Connections) -> None:
-        self.deferred = deferred
-        self.connections = connections
+    def route(verdict: Verdict, tunnel: bool) -> Route:
+        """
+        The route for an allowed C{verdict}; C{tunnel} for a CONNECT (or any
+        TLS) target, which a parent proxy gets as a chained C{CONNECT}.
+        """
 
-    def connected(self, proto: Outbound) -> None:
-        if self.deferred is None:  # dialled through an endpoint
-            return
-        if self.deferred.called:  # cancelled meanwhile
-            proto.transport.abortConnection()
-        else:
-            self.deferred.callback(proto)
+    def dial(route: Route) -> defer.Deferred[Outbound]:
+        """
+        Connect along C{route}: fires with the attached-to-nothing
+        L{Outbound}, or fails with L{UpstreamError}; cancelling stops it.
+        """
 
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        if self.deferred is not None and not self.deferred.called:
-            self.deferred.errback(reason)
+    def connect(addresses: Sequence[IPAddress], port: int) -> defer.Deferred[Outbound]:
+        """
+        Connect directly to the first of C{addresses} that accepts.
+        """
 
 
+def route_for(verdict: Verdict, tunnel: bool, parents: Optional[ParentProxies]) -> Route:
+    """
+    The route for an allowed C{verdict} (see L{IUpstream.route}), through
+    one of C{parents} when they name one for it.
+    """
+    request = verdict.request
+    if request.unix_socket is not None:
+        return Route(unix=request.unix_socket)
+    parent = parents.parent_for(verdict.host, verdict.port, tunnel) if parents is not None else None
+    if parent is None:
+        return Route(addresses=verdict.addresses, port=verdict.port)
+    if not tunnel:
+        return Route(parent=parent)
+    return Route(parent=parent, target=authority(verdict.host, verdict.port))
+
+
+@implementer(IUpstream)
 class Upstream:
     """
     Dials vetted addresses, unix sockets and parent proxies with a connect
@@ -249,24 +285,7 @@ class Upstream:
         self._parent_tls = parent_tls
 
     def route(self, verdict: Verdict, tunnel: bool) -> Route:
-        """
-        The route for an allowed C{verdict}; C{tunnel} for a CONNECT (or any
-        TLS) target, which a parent proxy gets as a chained C{CONNECT}.
-        """
-        request = verdict.request
-        if request.unix_socket is not None:
-            return Route(unix=request.unix_socket)
-        parent = (
-            self._parents.parent_for(verdict.host, verdict.port, tunnel)
-            if self._parents is not None
-            else None
-        )
-        if parent is None:
-            return Route(addresses=verdict.addresses, port=verdict.port)
-        if not tunnel:
-            return Route(parent=parent)
-        host = f"[{verdict.host}]" if ":" in verdict.host else verdict.host
-        return Route(parent=parent, target=f"{host}:{verdict.port}")
+        return route_for(verdict, tunnel, self._parents)
 
     def dial(self, route: Route) -> defer.Deferred[Outbound]:
         """
@@ -275,7 +294,8 @@ class Upstream:
         Fails with L{UpstreamError}; cancelling stops the attempt.
         """
         if route.unix is not None:
-            return self._dialUNIX(route.unix)
+            endpoint = endpoints.UNIXClientEndpoint(self._reactor, route.unix, self._timeout)
+            return self._first([(endpoint, f"unix socket {route.unix}")])
         if route.parent is None:
             return self.connect(route.addresses, route.port)
         parent, target = route.parent, route.target
@@ -283,29 +303,6 @@ class Upstream:
         if target is not None:
             d.addCallback(lambda out: _ParentConnect(out, parent, target).deferred)
         return d
-
-    def _dialUNIX(self, path: str) -> defer.Deferred[Outbound]:
-        connector: list = []
-        result: defer.Deferred[Outbound] = defer.Deferred(
-            lambda _: connector[0].stopConnecting()
-        )
-        d: defer.Deferred[Outbound] = defer.Deferred()
-        connector.append(
-            self._reactor.connectUNIX(path, _DialFactory(d, self.connections), timeout=self._timeout)  # type: ignore[attr-defined]
-        )
-
-        def failed(failure: Failure) -> None:
-            if not result.called:
-                result.errback(_classify(failure, f"unix socket {path}"))
-
-        def succeeded(proto: Outbound) -> None:
-            if result.called:
-                proto.transport.abortConnection()
-            else:
-                result.callback(proto)
-
-        d.addCallbacks(succeeded, failed)
-        return result
 
     def _dialParent(self, parent: ParentProxy) -> defer.Deferred[Outbound]:
         ip = parse_ip_literal(parent.host)
@@ -315,14 +312,7 @@ class Upstream:
             endpoint = endpoints.HostnameEndpoint(
                 self._reactor, parent.host, parent.port, timeout=self._timeout
             )
-            d = endpoint.connect(_DialFactory(None, self.connections))
-
-            def failed(failure: Failure) -> Failure:
-                if failure.check(UpstreamError, defer.CancelledError):
-                    return failure
-                raise _classify(failure, f"the upstream proxy {parent.address}")
-
-            d.addErrback(failed)
+            d = self._first([(endpoint, f"the upstream proxy {parent.address}")])
         if parent.scheme == "https":
             d.addCallback(self._startParentTLS, parent)
         return d
@@ -343,40 +333,47 @@ class Upstream:
             return defer.fail(
                 UpstreamError(Reason.UPSTREAM_DNS_FAILED, "no address to connect to")
             )
-        result: defer.Deferred[Outbound]
-        current: list = [None]
+        return self._first(
+            [
+                (
+                    (endpoints.TCP4ClientEndpoint if ip.version == 4 else endpoints.TCP6ClientEndpoint)(
+                        self._reactor, str(ip), port, self._timeout
+                    ),
+                    authority(str(ip), port),
+                )
+                for ip in addresses
+            ]
+        )
+
+    def _first(self, attempts: Sequence[Tuple[Any, str]]) -> defer.Deferred[Outbound]:
+        """
+        The one dial path: connect an L{Outbound} through each endpoint in
+        turn until one connects; fail with L{UpstreamError} describing the
+        last failure (C{where} names it).
+        """
+        current: List[defer.Deferred[Outbound]] = []
+        cancelled = []
 
         def cancel(_: object) -> None:
-            connector = current[0]
-            if connector is not None:
-                connector.stopConnecting()
+            cancelled.append(True)
+            current[-1].cancel()
 
-        result = defer.Deferred(cancel)
+        result: defer.Deferred[Outbound] = defer.Deferred(cancel)
 
         def attempt(index: int) -> None:
-            ip = addresses[index]
-            where = f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
-            d: defer.Deferred[Outbound] = defer.Deferred()
-            current[0] = self._reactor.connectTCP(
-                str(ip), port, _DialFactory(d, self.connections), timeout=self._timeout
-            )
+            endpoint, where = attempts[index]
+            d = endpoints.connectProtocol(endpoint, Outbound(self.connections))
+            current.append(d)
 
             def failed(failure: Failure) -> None:
-                if result.called:
+                if cancelled:
                     return
-                if index + 1 < len(addresses):
+                if index + 1 < len(attempts):
                     attempt(index + 1)
                 else:
                     result.errback(_classify(failure, where))
 
-            def succeeded(proto: Outbound) -> None:
-                current[0] = None
-                if result.called:
-                    proto.transport.abortConnection()
-                else:
-                    result.callback(proto)
-
-            d.addCallbacks(succeeded, failed)
+            d.addCallbacks(result.callback, failed)
 
         attempt(0)
         return result

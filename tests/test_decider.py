@@ -13,8 +13,9 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 
-from codex_proxy.decider import Allow, Ask, Deny, NetworkPolicyRequest
+from codex_proxy.decider import Allow, Ask, Deny, NetworkPolicyRequest, consult
 from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.model import Mode, Protocol
 from codex_proxy.policy import Policy
@@ -189,6 +190,25 @@ def test_a_coroutine_decider_is_awaited():
     _blocked_by_decider(proxy, "ask")
 
 
+class _Ready:
+    """
+    An awaitable that is no coroutine (as a future is), already done.
+    """
+
+    def __init__(self, decision: Any) -> None:
+        self._decision = decision
+
+    def __await__(self) -> Any:
+        yield from ()
+        return self._decision
+
+
+def test_any_awaitable_decider_answer_is_awaited():
+    proxy = Proxy(lambda request: _Ready(Allow()), trickle=False)
+    proxy.get("miss.test")
+    assert proxy.dials() == [(PUBLIC, 80)]
+
+
 def test_a_client_leaving_cancels_the_pending_decider():
     cancelled: List[bool] = []
     proxy = Proxy(lambda r: defer.Deferred(lambda d: cancelled.append(True)), trickle=False)
@@ -243,3 +263,15 @@ def test_the_decider_is_never_asked_outside_allowlist_misses(host, method, polic
     assert proxy.asked == []
     assert status in (400, 403, 503)
     assert headers.get("x-proxy-error") == header
+
+
+def test_the_warning_about_a_broken_decider_is_one_escaped_log_line():
+    def broken(request: NetworkPolicyRequest) -> Any:
+        raise ValueError(f"cannot judge {request.host}\r\nFAKE: planted\x1b[2J")
+
+    asked = NetworkPolicyRequest(Protocol.SOCKS5_TCP, "miss.test", 22)
+    with capturedLogs() as events:
+        consult(broken, asked, MemoryReactorClock(), TIMEOUT)
+    [line] = [formatEvent(event) for event in events]
+    assert "FAKE: planted" in line and "miss.test:22" in line
+    assert not any(char in line for char in "\r\n\x1b")

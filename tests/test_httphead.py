@@ -1,5 +1,6 @@
 """
-Tests for L{codex_proxy._httphead}: every wire case runs twice, once whole
+Tests for L{codex_proxy._httphead}, L{codex_proxy._httpbody} and the head
+rewriting of L{codex_proxy._httptarget}: every wire case runs twice, once whole
 and once fed one byte at a time.
 """
 
@@ -9,25 +10,37 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from codex_proxy._httphead import (
+from codex_proxy._httpbody import (
     CHUNKED,
-    HOP_BY_HOP,
     NO_BODY,
     UNTIL_CLOSE,
-    ChunkedReader,
+    ChunkedReader as _ChunkedReader,
     HeadLimits,
     Length,
     LengthReader,
-    RequestHeadParser,
-    ResponseHeadParser,
     UntilCloseReader,
-    body_reader,
+    body_reader as _body_reader,
+)
+from codex_proxy._httphead import RequestHeadParser, ResponseHeadParser
+from codex_proxy._httptarget import (
+    HOP_BY_HOP,
     serialize_request_head,
     serialize_response_head,
     strip_hop_by_hop,
 )
 from codex_proxy.errors import ProtocolError
 from support.fuzzing import fuzz_settings
+
+
+def ChunkedReader(decode: bool = False, limits: HeadLimits = HeadLimits()) -> _ChunkedReader:
+    """
+    A chunked reader with the default head limits unless told otherwise.
+    """
+    return _ChunkedReader(limits, decode=decode)
+
+
+def body_reader(framing, **kw):
+    return _body_reader(framing, HeadLimits(), **kw)
 
 
 def _splits(data: bytes) -> list[list[bytes]]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from codex_proxy.domains import PatternError
 from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Reason, Source
-from codex_proxy.policy import Policy, admit, decide, is_local_target
+from codex_proxy.policy import Policy, admit, decide, is_local_target, method_overrides
 
 
 def _request(host, port=443, protocol=Protocol.HTTPS_CONNECT, **kwargs):
@@ -303,3 +303,68 @@ _SOME_POLICY = Policy.build(allowed=["**.example.com", "::1"])
 def test_decide_is_total(host, port):
     verdict = decide(_SOME_POLICY, _request(host, port))
     assert verdict.decision in (Decision.ALLOW, Decision.DENY)
+
+
+@pytest.mark.parametrize("protocol", [Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP])
+@pytest.mark.parametrize(
+    "host, reason",
+    [
+        ("example.com:443", Reason.INVALID_HOST),
+        ("[::1]:443", Reason.INVALID_HOST),
+        ("127.0.0.1:443", Reason.INVALID_HOST),
+        ("example.com\r\n", Reason.INVALID_HOST),
+        ("[::1]", None),
+        ("example.com", None),
+        ("2001:4860::8888", None),
+    ],
+)
+def test_socks_hosts_are_bare_names_or_addresses(protocol, host, reason):
+    policy = Policy.build(allowed=["example.com", "2001:4860::8888", "::1"])
+    verdict = decide(policy, _request(host, protocol=protocol))
+    assert verdict.reason is reason
+    if reason is not None:
+        assert verdict.host == host
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        ((), None),
+        (("GET",), None),
+        (("HEAD", "OPTIONS"), None),
+        (("POST",), Reason.METHOD_NOT_ALLOWED),
+        (("GET", "DELETE"), Reason.METHOD_NOT_ALLOWED),
+    ],
+)
+def test_limited_mode_refuses_method_overrides_naming_writes(overrides, reason):
+    verdict = decide(_LIMITED, _get("example.com", override_methods=overrides))
+    assert verdict.reason is reason
+    inner = _request("example.com", protocol=Protocol.HTTPS, method="HEAD",
+                     override_methods=overrides)
+    assert decide(_LIMITED_MITM, inner).reason is reason
+    full = Policy.build(allowed=["example.com"])
+    assert decide(full, _get("example.com", override_methods=overrides)).allowed
+
+
+@pytest.mark.parametrize(
+    "headers, target, overrides",
+    [
+        ((), "/", ()),
+        (((b"Accept", b"*/*"),), "/?a=1&b=2", ()),
+        (((b"X-HTTP-Method-Override", b"PUT"),), "/", ("PUT",)),
+        (((b"x-http-method", b" delete "),), "/", ("DELETE",)),
+        (((b"X-Method-Override", b"patch, post"),), "/", ("PATCH", "POST")),
+        (((b"X-HTTP-Method-Override", b""),), "/", ()),
+        ((), "/items?_method=DELETE", ("DELETE",)),
+        ((), "http://origin.test/items?a=1&_method=put#x", ("PUT",)),
+        ((), "/items?x=1;_method=post", ("POST",)),
+        ((), "/items?%5Fmethod=P%4FST", ("POST",)),
+        ((), "/items?_method=+delete+", ("DELETE",)),
+        ((), "/items?_METHOD=DELETE", ("DELETE",)),
+        ((), "/items?my_method=DELETE&_methods=PUT", ()),
+        ((), "/_method=DELETE", ()),
+        (((b"X-HTTP-Method-Override", b"GET"),), "/?_method=HEAD", ("GET", "HEAD")),
+    ],
+)
+def test_method_overrides_from_headers_and_query(headers, target, overrides):
+    assert method_overrides(headers, target) == overrides

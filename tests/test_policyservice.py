@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.audit import rfc3339
 from codex_proxy.errors import UpstreamError
-from codex_proxy.model import Protocol, ProxyRequest, Reason
+from codex_proxy.model import Mode, Protocol, ProxyRequest, Reason
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import BLOCKED_HISTORY, PolicyService
 from codex_proxy.testing import RecordingAuditor, StaticResolver
@@ -134,3 +134,90 @@ def test_reload_swaps_the_policy_for_new_decisions():
 )
 def test_rfc3339_rounding(seconds, text):
     assert rfc3339(seconds) == text
+
+
+@pytest.mark.parametrize(
+    "policy, full, reason",
+    [
+        ({}, False, None),
+        ({}, True, "too_many_udp_associations"),
+        ({"mode": Mode.LIMITED}, False, "method_not_allowed"),
+        ({"mode": Mode.LIMITED}, True, "method_not_allowed"),
+        ({"enabled": False}, True, "proxy_disabled"),
+    ],
+)
+def test_udp_associations_are_decided_and_refusals_audited_once(policy, full, reason):
+    svc, auditor = service(StaticResolver({}), **policy)
+    request = ProxyRequest(Protocol.SOCKS5_UDP, "0.0.0.0", 7000, client="127.0.0.1:5000")
+    verdict = svc.check_association(request, full=full)
+    if reason is None:
+        assert verdict.allowed
+        assert auditor.events == []
+    else:
+        assert verdict.reason.value == reason
+        assert [e["network.policy.reason"] for e in auditor.events] == [reason]
+        assert svc.blocked() == [verdict]
+
+
+# -- the proxy's own listening addresses (SPEC §4.2b) ---------------------------
+
+
+def _own_service(resolver=None, **policy):
+    policy.setdefault("allowed", ["127.0.0.1", "::1", "**.example.com", "10.0.0.5"])
+    svc, auditor = service(resolver or StaticResolver({}), **policy)
+    return svc, auditor
+
+
+@pytest.mark.parametrize(
+    "own, host, port, refused",
+    [
+        ([("127.0.0.1", 3128)], "127.0.0.1", 3128, True),
+        ([("127.0.0.1", 3128)], "127.0.0.1", 3129, False),
+        ([("127.0.0.1", 3128)], "::ffff:127.0.0.1", 3128, True),
+        ([("127.0.0.1", 3128)], "0.0.0.0", 3128, True),
+        ([("::1", 8081)], "::1", 8081, True),
+        ([("::1", 8081)], "127.0.0.1", 8081, False),
+        ([("0.0.0.0", 3128)], "10.0.0.5", 3128, True),
+        ([("0.0.0.0", 3128)], "127.0.0.1", 3128, True),
+        ([("::", 3128)], "127.0.0.1", 3128, True),
+        ([("0.0.0.0", 3128)], "203.0.114.1", 3128, False),
+        ([("0.0.0.0", 3128)], "10.0.0.5", 80, False),
+    ],
+)
+def test_own_listening_address_literal_is_not_allowed_local(own, host, port, refused):
+    svc, auditor = _own_service(allow_local_binding=True, allowed=[host])
+    svc.set_own_addresses(own)
+    verdict = check(svc, host, port)
+    assert verdict.allowed is not refused
+    if refused:
+        assert verdict.reason is Reason.NOT_ALLOWED_LOCAL
+        assert verdict.addresses == ()
+    assert len(auditor.events) == 1
+
+
+def test_own_listening_address_among_the_answers_refuses_the_name():
+    resolver = StaticResolver({"a.example.com": ["203.0.114.1", "127.0.0.1"]})
+    svc, auditor = _own_service(resolver, allow_local_binding=True)
+    svc.set_own_addresses(iter([("127.0.0.1", 3128), ("127.0.0.1", 8081)]))
+    assert svc.own_addresses == {("127.0.0.1", 3128), ("127.0.0.1", 8081)}
+    verdict = check(svc, "a.example.com", 8081)
+    assert verdict.reason is Reason.NOT_ALLOWED_LOCAL
+    assert [e["network.policy.reason"] for e in auditor.events] == ["not_allowed_local"]
+    assert check(svc, "a.example.com", 443).allowed
+
+
+def test_own_listening_address_pinned_by_a_tunnel_is_refused_to_inner_requests():
+    svc, auditor = _own_service(allow_local_binding=True)
+    tunnel = check(svc, "127.0.0.1", 3128)
+    assert tunnel.allowed
+    svc.set_own_addresses([("127.0.0.1", 3128)])
+    inner = ProxyRequest(Protocol.HTTPS, "127.0.0.1", 3128, method="GET")
+    results: List[object] = []
+    svc.check_pinned(inner, tunnel).addBoth(results.append)
+    [verdict] = results
+    assert verdict.reason is Reason.NOT_ALLOWED_LOCAL
+    assert verdict.addresses == ()
+    assert [e["network.policy.reason"] for e in auditor.events] == [
+        "allowed",
+        "not_allowed_local",
+    ]

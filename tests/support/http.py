@@ -11,10 +11,11 @@ from typing import List, Optional, Tuple
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from codex_proxy._httpbody import HeadLimits
 from codex_proxy.httpproxy import HTTPProxyFactory, HTTPProxyProtocol
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
@@ -39,7 +40,14 @@ class HalfCloseTransport(TCPTransport):
 
 
 class Harness:
-    def __init__(self, trickle: bool, policy: Optional[Policy] = None, resolver=None) -> None:
+    def __init__(
+        self,
+        trickle: bool,
+        policy: Optional[Policy] = None,
+        resolver=None,
+        limits: HeadLimits = HeadLimits(),
+        client: Optional[StringTransport] = None,
+    ) -> None:
         self.trickle = trickle
         self.reactor = MemoryReactorClock()
         self.resolver = resolver or StaticResolver(
@@ -53,10 +61,10 @@ class Harness:
             auditor=self.auditor,
         )
         self.factory = HTTPProxyFactory(
-            self.service, Upstream(self.reactor, 10), self.reactor, tunnel_idle=60
+            self.service, Upstream(self.reactor, 10), self.reactor, limits, tunnel_idle=60
         )
         self.proto: HTTPProxyProtocol = self.factory.buildProtocol(None)
-        self.client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        self.client = client or HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
         self.proto.makeConnection(self.client)
 
     def send(self, data: bytes) -> None:
@@ -65,6 +73,14 @@ class Harness:
                 self.proto.dataReceived(data[i : i + 1])
         else:
             self.proto.dataReceived(data)
+        self.turn()
+
+    def turn(self) -> None:
+        """
+        Let the reactor run what is due now (pipelined requests are read
+        from the reactor, not from inside the previous reply).
+        """
+        self.reactor.advance(0)
 
     def dials(self) -> List[Tuple[str, int]]:
         return [(host, port) for host, port, *_ in self.reactor.tcpClients]
@@ -89,6 +105,7 @@ class Harness:
                 server.dataReceived(data[i : i + 1])
         else:
             server.dataReceived(data)
+        self.turn()
 
     def response(self) -> Tuple[int, dict, bytes]:
         raw = self.client.value()

@@ -101,7 +101,14 @@ class World:
     C{origin.test}, all in memory.
     """
 
-    def __init__(self, tmp_path, trickle: bool, trust_origin: bool = True) -> None:
+    def __init__(
+        self,
+        tmp_path,
+        trickle: bool,
+        trust_origin: bool = True,
+        policy: Optional[Policy] = None,
+        origin_ip: str = PUBLIC,
+    ) -> None:
         self.trickle = trickle
         self.reactor = MemoryReactorClock()
         self.reactor.advance(time.time())
@@ -112,10 +119,10 @@ class World:
         self.origin_tls = ServerTLS(server_context(origin_cert, KEY, "origin.test"))
         trust = UpstreamTrust([self.origin_ca.cert] if trust_origin else [])
         self.interceptor = Interceptor(self.ca, trust, self.reactor.seconds, lambda: KEY)
-        self.resolver = StaticResolver({"origin.test": [PUBLIC]})
+        self.resolver = StaticResolver({"origin.test": [origin_ip]})
         self.auditor = RecordingAuditor(self.reactor.seconds)
-        service = PolicyService(
-            Policy.build(mode=Mode.LIMITED, mitm=True, allowed=["origin.test"]),
+        self.service = service = PolicyService(
+            policy or Policy.build(mode=Mode.LIMITED, mitm=True, allowed=["origin.test"]),
             resolver=self.resolver,
             clock=self.reactor,
             auditor=self.auditor,
@@ -175,6 +182,11 @@ class World:
             moved = False
             if len(self.reactor.tcpClients) > len(self.upstreams):
                 self.accept()
+                moved = True
+            # What the reactor runs next (the next pipelined request).
+            now = self.reactor.seconds()
+            if any(call.getTime() <= now for call in self.reactor.getDelayedCalls()):
+                self.reactor.advance(0)
                 moved = True
             for a, a_raw, b, b_raw in self.pipes():
                 if b is None or id(a_raw) in closed:

@@ -1,0 +1,403 @@
+"""
+One plain HTTP request/response exchange over one outbound leg.
+
+The listener hands an L{Exchange} the request head it decided on and a
+L{Leg}; the exchange writes the head, streams the request body up and the
+response down (each body validated by its reader as it streams, neither
+ever held whole), applies back-pressure both ways, and reports to its
+owner exactly once how it ended:
+
+    done(leg, close)      the response is complete; C{leg} is kept alive
+                          when it may carry the next request
+    failed(reason, msg)   nothing was sent to the client yet: answer it
+    broken()              the response had begun: cut the client off
+    upgraded(out, rest)   a websocket C{101}: the connection is a tunnel now
+    retry(leg)            a kept-alive leg closed before answering a
+                          body-less request: send it once more, freshly
+    badRequest(error)     the client's body broke its framing
+
+Each chunk costs a direct call in each direction: reader, write, counter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from codex_proxy import _httpbody, _httphead
+from codex_proxy._httptarget import (
+    authority,
+    is_websocket_upgrade,
+    outgoing_head,
+    serialize_response_head,
+    strip_hop_by_hop,
+)
+from codex_proxy.errors import ProtocolError
+from codex_proxy.mitm import is_tls_failure
+from codex_proxy.model import ProxyRequest, Reason
+from codex_proxy.relay import IdleWatch
+from codex_proxy.upstream import ISink, Outbound, Route
+
+
+class IExchangeOwner(Interface):
+    """
+    The client connection an L{Exchange} reports to.
+    """
+
+    bytesUp = Attribute("Bytes forwarded client to destination; the exchange adds to it.")
+    bytesDown = Attribute("Bytes forwarded destination to client; the exchange adds to it.")
+
+    def pauseReading(why: str) -> None:
+        """Stop reading the client for C{why}."""
+
+    def resumeReading(why: str) -> None:
+        """C{why} no longer holds client reading back."""
+
+    def done(leg: Optional["Leg"], close: bool) -> None:
+        """The response is complete."""
+
+    def failed(reason: Reason, message: str) -> None:
+        """The exchange failed before any response byte reached the client."""
+
+    def broken() -> None:
+        """The exchange failed after the response began."""
+
+    def upgraded(out: Outbound, rest: bytes) -> None:
+        """The destination switched protocols (websocket)."""
+
+    def retry(leg: "Leg") -> None:
+        """Send the request again on a fresh connection like C{leg}."""
+
+    def badRequest(error: ProtocolError) -> None:
+        """The request body broke its framing before the response began."""
+
+
+@implementer(ISink, IPushProducer)
+class Leg:
+    """
+    A dialled destination connection that may carry several exchanges.
+
+    Between exchanges it is its own sink: an idle destination that speaks
+    or closes is dropped. It is also the producer registered on its own
+    transport, so a full destination buffer pauses client reading.
+
+    @ivar route: where it goes; equal routes may share it.
+    @ivar tls: the host its TLS was opened for, or C{None}.
+    @ivar open: still usable.
+    """
+
+    def __init__(self, out: Outbound, route: Route, tls: Optional[str], owner: IExchangeOwner) -> None:
+        self.out = out
+        self.route = route
+        self.tls = tls
+        self.open = True
+        self._dropped = False
+        self._owner = owner
+        out.attach(self)
+        out.transport.registerProducer(self, True)
+
+    def drop(self) -> None:
+        """
+        Close the connection; detached first, so bytes it still reads (a
+        TLS leg reads on until close_notify) reach no client.
+        """
+        if self._dropped:
+            return
+        self._dropped = True
+        self.open = False
+        self.out.detach()
+        self.out.transport.loseConnection()
+        # Its back-pressure on the client ends with it.
+        self._owner.resumeReading("upstream")
+
+    def outboundData(self, data: bytes) -> None:
+        self.drop()
+
+    def outboundEOF(self) -> None:
+        self.drop()
+
+    def outboundLost(self, reason: Failure) -> None:
+        self.open = False
+
+    def pauseProducing(self) -> None:
+        self._owner.pauseReading("upstream")
+
+    def resumeProducing(self) -> None:
+        self._owner.resumeReading("upstream")
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(ISink)
+class Exchange:
+    """
+    One request and its response; the sink of the leg while it runs.
+
+    @ivar close: the client connection closes after this response.
+    """
+
+    def __init__(
+        self,
+        owner: IExchangeOwner,
+        client: ITransport,
+        leg: Leg,
+        head: _httphead.RequestHead,
+        request: ProxyRequest,
+        *,
+        limits: _httpbody.HeadLimits,
+        clock: IReactorTime,
+        timeout: float,
+        reused: bool,
+        close: bool,
+    ) -> None:
+        self._owner = owner
+        self._client = client
+        self._leg = leg
+        self._head = head
+        self._request = request
+        self._limits = limits
+        self._timeout = timeout
+        self._reused = reused
+        self.close = close
+        self._ended = False
+        self._respStarted = False
+        self._respKeepAlive = False
+        self._respParser: Optional[_httphead.ResponseHeadParser] = _httphead.ResponseHeadParser(
+            head.method, limits
+        )
+        self._respReader: Optional[_httpbody.BodyReader] = None
+        self._reqReader = _httpbody.body_reader(head.framing, limits)
+        self._watch = IdleWatch(clock, timeout, self._moved, self._timedOut)
+
+    def start(self, via: bytes) -> None:
+        """
+        Forward the request head, with our C{via}; the destination becomes
+        the producer of the client transport (a slow client pauses it).
+        """
+        out = self._leg.out
+        route = self._leg.route
+        out.attach(self)
+        out.transport.write(
+            outgoing_head(
+                self._head,
+                self._request,
+                via,
+                close=self.close,
+                parent_authorization=route.parent.authorization if route.parent else None,
+                absolute_form=route.absolute_form,
+            )
+        )
+        if self._client.producer is not None:
+            self._client.unregisterProducer()
+        self._client.registerProducer(out.transport, True)
+
+    @property
+    def wantsBody(self) -> bool:
+        """
+        The request body is still arriving.
+        """
+        return self._reqReader is not None
+
+    def _moved(self) -> int:
+        return self._owner.bytesUp + self._owner.bytesDown
+
+    # -- the request body -------------------------------------------------
+
+    def fromClient(self, data: bytes) -> bytes:
+        """
+        Body bytes from the client; returns the bytes after the body.
+        """
+        assert self._reqReader is not None
+        try:
+            chunk, done, rest = self._reqReader.feed(data)
+        except ProtocolError as e:
+            self._end()
+            self._leg.drop()
+            if self._respStarted:
+                self._owner.broken()
+            else:
+                self._owner.badRequest(e)
+            return b""
+        if chunk:
+            self._owner.bytesUp += len(chunk)
+            self._leg.out.transport.write(chunk)
+        if done:
+            self._reqReader = None
+            return rest
+        return b""
+
+    # -- the response -----------------------------------------------------
+
+    def outboundData(self, data: bytes) -> None:
+        while self._respReader is None:
+            assert self._respParser is not None
+            try:
+                result = self._respParser.feed(data)
+            except ProtocolError as e:
+                self._upstreamBroken(e.message)
+                return
+            if result is None:
+                return
+            head, data = result
+            self._respStarted = True
+            if head.status == 101:
+                self._switchProtocols(head, data)
+                return
+            if head.status < 200:
+                self._interim(head)
+                continue
+            if not self._startResponse(head):
+                self._responseDone(data, reusable=head.keep_alive)
+                return
+        if not data:
+            return
+        try:
+            chunk, done, rest = self._respReader.feed(data)
+        except ProtocolError as e:
+            self._upstreamBroken(e.message)
+            return
+        if chunk:
+            self._owner.bytesDown += len(chunk)
+            self._client.write(chunk)
+        if done:
+            self._responseDone(rest, reusable=self._respKeepAlive)
+
+    def _interim(self, head: _httphead.ResponseHead) -> None:
+        """
+        Interim responses (100 Continue) go to HTTP/1.1 clients only.
+        """
+        if self._head.version >= (1, 1):
+            self._client.write(
+                serialize_response_head(
+                    (1, 1), head.status, head.reason, strip_hop_by_hop(head.headers)
+                )
+            )
+        self._respParser = _httphead.ResponseHeadParser(self._head.method, self._limits)
+
+    def _switchProtocols(self, head: _httphead.ResponseHead, rest: bytes) -> None:
+        """
+        A C{101} answer: accepted only for a websocket upgrade we forwarded,
+        after which the connection is a tunnel both ways.
+        """
+        upgrade = head.header(b"upgrade")
+        if not is_websocket_upgrade(self._head) or upgrade is None:
+            self._respStarted = False
+            self._upstreamBroken("unexpected 101 Switching Protocols")
+            return
+        headers = strip_hop_by_hop(head.headers) + (
+            (b"Connection", b"Upgrade"),
+            (b"Upgrade", upgrade),
+        )
+        self._client.write(serialize_response_head((1, 1), 101, head.reason, headers))
+        self._end()
+        self._owner.upgraded(self._leg.out, rest)
+
+    def _startResponse(self, head: _httphead.ResponseHead) -> bool:
+        """
+        Send the response head; return whether a body follows.
+        """
+        headers = strip_hop_by_hop(head.headers)
+        framing = head.framing
+        old_client = self._head.version < (1, 1)
+        if framing is _httpbody.CHUNKED and not old_client:
+            headers += ((b"Transfer-Encoding", b"chunked"),)
+        elif framing is _httpbody.CHUNKED or framing is _httpbody.UNTIL_CLOSE:
+            # An HTTP/1.0 client gets the chunked payload decoded, delimited
+            # by the close, like a body that runs until close.
+            self.close = True
+        reader = _httpbody.body_reader(framing, self._limits, decode_chunked=old_client)
+        if self.close:
+            headers += ((b"Connection", b"close"),)
+        elif old_client:
+            headers += ((b"Connection", b"keep-alive"),)
+        self._client.write(serialize_response_head((1, 1), head.status, head.reason, headers))
+        self._respKeepAlive = head.keep_alive
+        self._respReader = reader
+        return reader is not None
+
+    def _responseDone(self, rest: bytes, reusable: bool) -> None:
+        self._end()
+        leg: Optional[Leg] = self._leg
+        if rest or not reusable or self._reqReader is not None:
+            self._leg.drop()
+            leg = None
+        else:
+            self._leg.out.attach(self._leg)
+        if self._reqReader is not None:
+            # The destination answered before the whole body was sent (e.g.
+            # 413): the client's remaining bytes cannot be resynchronised.
+            self.close = True
+        self._owner.done(leg, self.close)
+
+    def _upstreamBroken(self, message: str) -> None:
+        self._end()
+        self._leg.drop()
+        if self._respStarted and self._respReader is not None:
+            self._owner.broken()
+        else:
+            self._owner.failed(Reason.UPSTREAM_BAD_RESPONSE, message)
+
+    def outboundEOF(self) -> None:
+        self._leg.out.transport.loseConnection()
+
+    def outboundLost(self, reason: Failure) -> None:
+        self._leg.open = False
+        self._end()
+        if isinstance(self._respReader, _httpbody.UntilCloseReader):
+            self._owner.done(None, True)
+        elif self._respStarted:
+            self._owner.broken()
+        elif self._leg.tls is not None and is_tls_failure(reason):
+            self._owner.failed(
+                Reason.UPSTREAM_TLS_FAILED,
+                f"TLS with {authority(self._leg.tls, self._request.port)} failed:"
+                f" {reason.getErrorMessage()}",
+            )
+        elif self._reused and self._head.framing is _httpbody.NO_BODY:
+            self._owner.retry(self._leg)
+        else:
+            self._owner.failed(
+                Reason.UPSTREAM_BAD_RESPONSE,
+                "the destination closed the connection without a response",
+            )
+
+    # -- endings ----------------------------------------------------------
+
+    def _timedOut(self) -> None:
+        """
+        Nothing moved for the response timeout: the destination is dropped;
+        a client still waiting for a response head gets 504.
+        """
+        self._end()
+        self._leg.drop()
+        if self._respStarted:
+            self._owner.broken()
+        else:
+            self._owner.failed(
+                Reason.UPSTREAM_TIMEOUT,
+                f"{authority(self._request.host, self._request.port)} sent no response"
+                f" within {self._timeout:g}s",
+            )
+
+    def _end(self) -> None:
+        """
+        Stop the response timeout and hand client back-pressure back to the
+        owner: exactly once, whichever way the exchange ends.
+        """
+        if self._ended:
+            return
+        self._ended = True
+        self._watch.stop()
+        if self._client.producer is self._leg.out.transport:
+            self._client.unregisterProducer()
+
+    def cancel(self) -> None:
+        """
+        The client went away or the owner gave up: drop the leg.
+        """
+        self._end()
+        self._leg.drop()

@@ -1,0 +1,297 @@
+"""
+From a parsed request head to what the proxy decides and forwards (pure):
+the L{ProxyRequest} a head asks for (request-target forms, C{Host} checks,
+default ports, unix-socket targets), the heads written onward (hop-by-hop
+fields dropped; requests in origin-form or, toward a parent proxy,
+absolute-form), and the one C{host:port} formatter of the package.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from codex_proxy import _httpbody, _httphead
+from codex_proxy._httphead import Headers
+from codex_proxy.domains import InvalidHost, normalize_host
+from codex_proxy.errors import ProtocolError
+from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest
+from codex_proxy.policy import method_overrides
+
+#: Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# A Connection header naming these must not make us drop the message's
+# routing or length: that would desynchronise the upstream (smuggling).
+_NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
+
+
+#: The port each scheme a client may send in absolute-form defaults to.
+DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443}
+HTTPS_PORT = 443
+#: The header naming a unix socket to forward a plain request to (SPEC §8).
+UNIX_SOCKET_HEADER = b"x-unix-socket"
+
+
+def authority(host: str, port: int, default: Optional[int] = None) -> str:
+    """
+    C{host:port}, with an IPv6 literal in brackets (unless already), and
+    without the port when it is C{default}. Every C{host:port} the package
+    writes, on a wire or in a message, comes from here.
+    """
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return host if port == default else f"{host}:{port}"
+
+
+def split_host_header(value: bytes, default_port: int) -> tuple[str, int]:
+    """
+    Split a C{Host} header into normalised host and port, with the request
+    target's authority rules (L{_httphead.split_authority}).
+    """
+    text = value.decode("ascii", "replace").strip()
+    try:
+        host, port = _httphead.split_authority(text, port_required=False)
+        return normalize_host(host), default_port if port is None else port
+    except (ProtocolError, InvalidHost) as e:
+        raise ProtocolError(f"malformed Host header {text!r}: {e}")
+
+
+def _check_host_header(head: _httphead.RequestHead, host: str, port: int) -> None:
+    """
+    An absolute-form request's C{Host}, if any, must name its target (SPEC
+    §4.2a); default ports are equal.
+    """
+    value = head.header(b"host")
+    if value is None:
+        return
+    try:
+        target = normalize_host(host)
+    except InvalidHost:
+        return  # The policy reports the invalid target itself.
+    if split_host_header(value, DEFAULT_PORTS[head.scheme or "http"]) != (target, port):
+        raise ProtocolError(
+            f"Host header {value.decode('ascii', 'replace')!r} does not match"
+            f" the request target {authority(host, port)}"
+        )
+
+
+def request_for(
+    head: _httphead.RequestHead,
+    client: Optional[str],
+    resolve_socket: Callable[[str], str],
+) -> ProxyRequest:
+    """
+    What a head on the listener asks for. C{resolve_socket} turns an
+    absolute C{x-unix-socket} path into the one the policy compares (it
+    resolves symlinks: I/O, so the caller provides it).
+
+    @raise ProtocolError: the target cannot be served by a proxy.
+    """
+    if head.form == "authority":
+        assert head.host is not None and head.port is not None
+        protocol, host, port = Protocol.HTTPS_CONNECT, head.host, head.port
+    elif head.form == "absolute":
+        if head.scheme not in DEFAULT_PORTS:
+            raise ProtocolError(
+                f"unsupported scheme {head.scheme!r} in absolute-form request"
+                " (use CONNECT for wss)"
+            )
+        assert head.host is not None and head.port is not None
+        # https://: plain HTTP to us, TLS from us to the origin.
+        protocol = Protocol.HTTPS if head.scheme == "https" else Protocol.HTTP
+        host, port = head.host, head.port
+        _check_host_header(head, host, port)
+    elif head.form == "origin":
+        value = head.header(b"host")
+        if not value:
+            raise ProtocolError("origin-form request without a Host header")
+        host, port = split_host_header(value, 80)
+        protocol = Protocol.HTTP
+    else:
+        raise ProtocolError(f"a proxy cannot serve request target {head.target!r}")
+    unix_socket = None
+    socket_header = head.header(UNIX_SOCKET_HEADER)
+    if socket_header is not None and protocol is Protocol.HTTP:
+        path = socket_header.decode("utf-8", "surrogateescape").strip()
+        # A relative path is kept as sent, for the policy to refuse.
+        unix_socket = resolve_socket(path) if path.startswith("/") and "\0" not in path else path
+        host, port = UNIX_SOCKET_HOST, 0
+    return ProxyRequest(
+        protocol=protocol,
+        host=host,
+        port=port,
+        method=head.method,
+        has_body=head.framing is not _httpbody.NO_BODY,
+        upgrade=head.upgrade,
+        override_methods=method_overrides(head.headers, head.path),
+        client=client,
+        unix_socket=unix_socket,
+    )
+
+
+def inner_request(
+    head: _httphead.RequestHead, host: str, port: int, client: Optional[str]
+) -> ProxyRequest:
+    """
+    A request inside the intercepted tunnel to C{host:port}: its target must
+    be the tunnel's own host and port (SPEC §6), named by C{Host}.
+
+    @raise ProtocolError: it names another target (421), is a CONNECT (405)
+        or has no C{Host} (400).
+    """
+    tunnel = authority(host, port)
+    if head.form == "authority":
+        raise ProtocolError(f"CONNECT {head.target} inside the intercepted tunnel to {tunnel}", 405)
+    value = head.header(b"host")
+    if not value:
+        raise ProtocolError("request without a Host header inside an intercepted tunnel")
+    named = [split_host_header(value, HTTPS_PORT)]
+    if head.form == "absolute":
+        assert head.host is not None and head.port is not None
+        if head.scheme != "https":
+            raise ProtocolError(f"{head.scheme}:// request inside an intercepted https tunnel", 421)
+        try:
+            named.append((normalize_host(head.host), head.port))
+        except InvalidHost:
+            raise ProtocolError(f"malformed request target {head.target!r}")
+    for other in named:
+        if other != (host, port):
+            raise ProtocolError(
+                f"request for {authority(*other)} inside the tunnel to {tunnel}", 421
+            )
+    return ProxyRequest(
+        protocol=Protocol.HTTPS,
+        host=host,
+        port=port,
+        method=head.method,
+        has_body=head.framing is not _httpbody.NO_BODY,
+        upgrade=head.upgrade,
+        override_methods=method_overrides(head.headers, head.path),
+        client=client,
+    )
+
+
+def is_websocket_upgrade(head: _httphead.RequestHead) -> bool:
+    """
+    A body-less GET asking to upgrade to websocket: the only upgrade we pass
+    on (SPEC §1); every other C{Upgrade} is dropped as hop-by-hop.
+    """
+    if head.method != "GET" or not head.upgrade or head.framing is not _httpbody.NO_BODY:
+        return False
+    value = head.header(b"upgrade") or b""
+    return b"websocket" in [token.strip().lower() for token in value.split(b",")]
+
+
+def via_value(instance: str) -> bytes:
+    """
+    Our C{Via} entry (RFC 9110 §7.6.3): the pseudonym names this process.
+    """
+    return b"1.1 codex-proxy-" + instance.encode("ascii")
+
+
+def came_through(head: _httphead.RequestHead, via: bytes) -> bool:
+    """
+    Whether C{head} already passed through the proxy whose C{Via} entry is
+    C{via}: the request went round a loop.
+    """
+    pseudonym = via.split(b" ", 1)[1].lower()
+    for name, value in head.headers:
+        if name.lower() == b"via":
+            for entry in value.split(b","):
+                parts = entry.split()
+                if len(parts) >= 2 and parts[1].lower() == pseudonym:
+                    return True
+    return False
+
+
+def outgoing_head(
+    head: _httphead.RequestHead,
+    request: ProxyRequest,
+    via: bytes,
+    *,
+    close: bool,
+    parent_authorization: Optional[bytes] = None,
+    absolute_form: bool = False,
+) -> bytes:
+    """
+    The head to forward for C{head}: hop-by-hop fields dropped, C{Host}
+    added when the client left it out, our C{Via}, the target in
+    origin-form, or in absolute-form with our credentials toward a parent
+    proxy (SPEC §7); a websocket upgrade keeps its C{Upgrade}.
+    """
+    headers = strip_hop_by_hop(head.headers)
+    if head.header(b"host") is None:
+        assert head.host is not None and head.port is not None
+        default = DEFAULT_PORTS.get(head.scheme or "http", 80)
+        headers += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
+    if head.framing is _httpbody.CHUNKED:
+        headers += ((b"Transfer-Encoding", b"chunked"),)
+    if request.unix_socket is not None:
+        headers = tuple((k, v) for k, v in headers if k.lower() != UNIX_SOCKET_HEADER)
+    headers += ((b"Via", via),)
+    target = head.path if head.form == "absolute" else head.target
+    if absolute_form:
+        target = f"http://{authority(normalize_host(request.host), request.port, 80)}{target}"
+        if parent_authorization is not None:
+            headers += ((b"Proxy-Authorization", parent_authorization),)
+    if is_websocket_upgrade(head):
+        headers += (
+            (b"Connection", b"Upgrade"),
+            (b"Upgrade", head.header(b"upgrade") or b"websocket"),
+        )
+    elif close:
+        headers += ((b"Connection", b"close"),)
+    return serialize_request_head(head.method, target, headers)
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """
+    Drop L{HOP_BY_HOP} fields and those the C{Connection} fields name
+    (except C{Host} and C{Content-Length}, which keep the message routable
+    and delimited).
+    """
+    listed = _httphead.connection_tokens(v for n, v in headers if n.lower() == b"connection")
+    drop = HOP_BY_HOP | (listed - _NOT_CONNECTION_LISTABLE)
+    return tuple((n, v) for n, v in headers if n.lower() not in drop)
+
+
+def _serialize(start: bytes, headers: Headers) -> bytes:
+    """
+    Join a start line and fields into a head; refuse CR/LF smuggled inside.
+    """
+    lines = [start]
+    lines.extend(name + b": " + value for name, value in headers)
+    lines += (b"", b"")
+    head = b"\r\n".join(lines)
+    if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
+        raise ValueError("CR or LF inside a start line or header")
+    return head
+
+
+def serialize_request_head(method: str, target: str, headers: Headers) -> bytes:
+    """
+    Encode an HTTP/1.1 request head.
+    """
+    start = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))
+    return _serialize(start, headers)
+
+
+def serialize_response_head(
+    version: tuple[int, int], status: int, reason: bytes, headers: Headers
+) -> bytes:
+    """
+    Encode a response head.
+    """
+    start = b"HTTP/%d.%d %03d %s" % (version[0], version[1], status, reason)
+    return _serialize(start, headers)
