@@ -1,0 +1,339 @@
+"""
+The counters and histograms of the operations listener (SPEC §13).
+
+L{Metrics} owns its own C{prometheus_client} registry (never the global
+one, so two proxies in one process never mix their figures) and is fed by
+events, not by calls sprinkled through the listeners: every decision event
+(L{Metrics.decision} is an auditor sink), every client connection's
+opening and its one L{Outcome}, audit-log writes and reloads. Label values
+are bounded: decisions, reasons, protocols and listeners come from fixed
+vocabularies, and a client is named only when it is a configured client;
+a host name is never a label.
+
+The hot path is one dictionary lookup and one child increment per event:
+C{labels()} (slow: it validates and hashes its arguments) runs once per
+label combination, and its child is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.process_collector import ProcessCollector
+
+from codex_proxy.model import Decision, Protocol, Reason
+
+#: The listeners a connection can arrive on (the C{listener} label).
+LISTENERS = frozenset({"http", "socks5", "socks5_udp"})
+
+#: How a client connection ended (the C{outcome} label of
+#: C{codexproxy_connections_total}): C{closed} after normal use,
+#: C{refused} when the proxy said no (policy, limits, authentication),
+#: C{failed} when the upstream leg failed, C{timeout} for an idle or slow
+#: connection, C{aborted} when the client vanished or the proxy shut down,
+#: C{error} for an internal error.
+OUTCOMES = frozenset({"closed", "refused", "failed", "timeout", "aborted", "error"})
+
+#: What a decision event's C{client.identity} becomes without one.
+ANONYMOUS = "anonymous"
+
+#: The label value standing in for anything outside a bounded vocabulary.
+OTHER = "other"
+
+_DECISIONS = frozenset(d.value for d in Decision)
+_REASONS = frozenset(r.value for r in Reason) | {"allowed"}
+_PROTOCOLS = frozenset(p.value for p in Protocol)
+
+#: Policy decisions take microseconds; the tail is DNS resolution and a
+#: decider, up to their timeouts.
+DECISION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+#: A TCP (or parent CONNECT) handshake: loopback to another continent, up
+#: to the connect timeout.
+CONNECT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+@attrs.frozen
+class Outcome:
+    """
+    How one client connection ended: the one outcome event per connection
+    that metrics and logs read.
+
+    @ivar listener: where it arrived (one of L{LISTENERS}).
+    @ivar outcome: how it ended (one of L{OUTCOMES}).
+    @ivar decision: the last policy decision on it (C{allow}, C{deny},
+        C{ask}), or C{none} when nothing was decided.
+    @ivar reason: that decision's C{network.policy.reason}, or C{none}.
+    @ivar bytes_up: bytes relayed from the client towards upstream.
+    @ivar bytes_down: bytes relayed from upstream towards the client.
+    @ivar duration: seconds from accept to close.
+    @ivar tunnel: the connection became a tunnel (CONNECT or SOCKS5), so
+        it was counted by L{Metrics.tunnel_opened}.
+    @ivar client: the authenticated client name, if any.
+    """
+
+    listener: str
+    outcome: str
+    decision: str = "none"
+    reason: str = "none"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    duration: float = 0.0
+    tunnel: bool = False
+    client: Optional[str] = None
+
+
+_DecisionKey = Tuple[Any, Any, Any, Any]
+
+
+class Metrics:
+    """
+    The metric families of SPEC §13, in a registry of their own.
+
+    @ivar registry: what C{/metrics} exposes.
+    """
+
+    def __init__(self, start_time: float, clients: Iterable[str] = ()) -> None:
+        """
+        @param start_time: the POSIX time the proxy started
+            (C{codexproxy_start_time_seconds}).
+        @param clients: the configured client names (SPEC §11): the only
+            values the C{client} label takes besides C{anonymous} and
+            C{other}.
+        """
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        ProcessCollector(registry=registry)
+        self._clients: FrozenSet[str] = frozenset(clients)
+        self._decisions_total = Counter(
+            "codexproxy_decisions",
+            "Policy decisions, one per audit event.",
+            ("decision", "reason", "protocol", "client"),
+            registry=registry,
+        )
+        self._connections_open = Gauge(
+            "codexproxy_connections_open",
+            "Client connections open now.",
+            ("listener",),
+            registry=registry,
+        )
+        self._tunnels_open = Gauge(
+            "codexproxy_tunnels_open",
+            "Client connections relaying a tunnel now.",
+            ("listener",),
+            registry=registry,
+        )
+        self._connections_total = Counter(
+            "codexproxy_connections",
+            "Client connections closed, by how they ended.",
+            ("listener", "outcome"),
+            registry=registry,
+        )
+        relayed = Counter(
+            "codexproxy_relayed_bytes",
+            "Bytes relayed, counted when their connection closes.",
+            ("direction",),
+            registry=registry,
+        )
+        self._up = relayed.labels("up")
+        self._down = relayed.labels("down")
+        self._decision_seconds = Histogram(
+            "codexproxy_decision_seconds",
+            "Time from a complete request to its policy verdict.",
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self._connect_seconds = Histogram(
+            "codexproxy_upstream_connect_seconds",
+            "Time to open an outbound connection.",
+            buckets=CONNECT_BUCKETS,
+            registry=registry,
+        )
+        audit = Counter(
+            "codexproxy_audit_lines",
+            "Audit log lines written, and lost to a failing write.",
+            ("result",),
+            registry=registry,
+        )
+        self._written = audit.labels("written")
+        self._dropped = audit.labels("dropped")
+        reloads = Counter(
+            "codexproxy_reloads",
+            "Configuration reloads, by result.",
+            ("result",),
+            registry=registry,
+        )
+        self._reload_ok = reloads.labels("ok")
+        self._reload_failed = reloads.labels("failed")
+        Gauge(
+            "codexproxy_start_time_seconds",
+            "When the proxy started, in seconds since the epoch.",
+            registry=registry,
+        ).set(start_time)
+        self._decision_children: Dict[_DecisionKey, Any] = {}
+        self._open: Dict[str, Any] = {}
+        self._tunnels: Dict[str, Any] = {}
+        self._ended: Dict[Tuple[str, str], Any] = {}
+        for listener in sorted(LISTENERS):
+            # Present (at 0) from the start, so a dashboard sees them.
+            self._open_child(listener)
+            self._tunnel_child(listener)
+
+    def set_clients(self, clients: Iterable[str]) -> None:
+        """
+        After a reload: the configured client names are now C{clients}.
+        Series already exported keep their values.
+        """
+        self._clients = frozenset(clients)
+
+    # Decision events.
+
+    def decision(self, fields: Mapping[str, Any]) -> None:
+        """
+        Count one decision event: an auditor sink, given the flat fields
+        of SPEC §9.3.
+        """
+        identity = fields.get("client.identity")
+        if identity is None:
+            identity = ANONYMOUS
+        elif identity not in self._clients:
+            identity = OTHER
+        key = (
+            fields["network.policy.decision"],
+            fields["network.policy.reason"],
+            fields["network.transport.protocol"],
+            identity,
+        )
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_child(key)
+        child.inc()
+
+    def _decision_child(self, key: _DecisionKey) -> Any:
+        """
+        Bind the counter child for C{key}, mapping any value outside its
+        label's vocabulary to C{other}; only keys already within bounds are
+        remembered, so odd values cannot grow the cache.
+        """
+        decision, reason, protocol, identity = key
+        bounded = (
+            decision if decision in _DECISIONS else OTHER,
+            reason if reason in _REASONS else OTHER,
+            protocol if protocol in _PROTOCOLS else OTHER,
+            identity,
+        )
+        child = self._decisions_total.labels(*bounded)
+        if bounded == key:
+            self._decision_children[key] = child
+        return child
+
+    def observe_decision(self, seconds: float) -> None:
+        """
+        One request's time from its complete head to its verdict.
+        """
+        self._decision_seconds.observe(seconds)
+
+    def observe_connect(self, seconds: float) -> None:
+        """
+        One outbound connection's time to connect (successful or not).
+        """
+        self._connect_seconds.observe(seconds)
+
+    # Connection events.
+
+    def connection_opened(self, listener: str) -> None:
+        """
+        A client connection was accepted on C{listener}.
+        """
+        self._open_child(listener).inc()
+
+    def tunnel_opened(self, listener: str) -> None:
+        """
+        A client connection on C{listener} now relays a tunnel; its
+        L{Outcome} will say C{tunnel=True}.
+        """
+        self._tunnel_child(listener).inc()
+
+    def connection_closed(self, outcome: Outcome) -> None:
+        """
+        A client connection ended: its L{Outcome}.
+        """
+        listener = outcome.listener
+        self._open_child(listener).dec()
+        if outcome.tunnel:
+            self._tunnel_child(listener).dec()
+        if outcome.bytes_up:
+            self._up.inc(outcome.bytes_up)
+        if outcome.bytes_down:
+            self._down.inc(outcome.bytes_down)
+        key = (listener, outcome.outcome)
+        ended = self._ended.get(key)
+        if ended is None:
+            bounded = (
+                listener if listener in LISTENERS else OTHER,
+                outcome.outcome if outcome.outcome in OUTCOMES else OTHER,
+            )
+            ended = self._connections_total.labels(*bounded)
+            if bounded == key:
+                self._ended[key] = ended
+        ended.inc()
+
+    def _open_child(self, listener: str) -> Any:
+        return _bounded_child(self._connections_open, self._open, listener)
+
+    def _tunnel_child(self, listener: str) -> Any:
+        return _bounded_child(self._tunnels_open, self._tunnels, listener)
+
+    # Audit log and reloads.
+
+    def audit_written(self, lines: int) -> None:
+        """
+        C{lines} audit lines reached the audit log.
+        """
+        self._written.inc(lines)
+
+    def audit_dropped(self, lines: int) -> None:
+        """
+        C{lines} audit lines were lost to a failing write.
+        """
+        self._dropped.inc(lines)
+
+    def reloaded(self, ok: bool) -> None:
+        """
+        A configuration reload finished; C{ok} says whether it took effect.
+        """
+        (self._reload_ok if ok else self._reload_failed).inc()
+
+
+def _bounded_child(family: Gauge, cache: Dict[str, Any], listener: str) -> Any:
+    """
+    The child of C{family} for C{listener} (C{other} if it is not one of
+    L{LISTENERS}), remembered in C{cache} under a listener's own name only.
+    """
+    child = cache.get(listener)
+    if child is None:
+        if listener in LISTENERS:
+            child = cache[listener] = family.labels(listener)
+        else:
+            child = family.labels(OTHER)
+    return child
+
+
+__all__ = [
+    "ANONYMOUS",
+    "CONNECT_BUCKETS",
+    "DECISION_BUCKETS",
+    "LISTENERS",
+    "Metrics",
+    "OTHER",
+    "OUTCOMES",
+    "Outcome",
+]
