@@ -126,7 +126,9 @@ def test_head_metrics() -> None:
     assert int(head.headers["content-length"]) > 0
 
 
-@pytest.mark.parametrize("ready, status, body", [(True, 200, b"ok\n"), (False, 503, b"not ready\n")])
+@pytest.mark.parametrize(
+    "ready, status, body", [(True, 200, b"ok\n"), (False, 503, b"not ready\n")]
+)
 def test_healthz(ready: bool, status: int, body: bytes) -> None:
     """
     C{/healthz} is 200 C{ok} when ready, else 503.
