@@ -41,7 +41,7 @@ from codex_proxy.policy import is_local_target
 Explain = Callable[[ProxyConfig, ProxyRequest], Tuple[List[Tuple[str, str]], bool]]
 
 #: Distinct blocked destinations remembered; later new ones are only counted.
-MAX_DESTINATIONS = 100_000
+MAX_DESTINATIONS = 50_000
 
 EXIT_OK = 0
 
