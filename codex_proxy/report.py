@@ -384,8 +384,8 @@ class Report:
         t = self.tally
         lines = [
             f"audit log: {self.path}",
-            f"events: {t.lines - t.malformed - t.filtered} counted, {t.malformed}"
-            f" malformed lines skipped, {t.filtered} outside --since/--client",
+            f"events: {t.lines - t.malformed - t.filtered} counted; malformed lines"
+            f" skipped: {t.malformed}; outside --since/--client: {t.filtered}",
             "decisions:",
         ]
         lines += [f"  {d:<8} {n:>10}" for d, n in _most(t.decisions().items())]

@@ -16,7 +16,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
 from codex_proxy.admin import REDACTED, admin_site, redact
+from codex_proxy.audit import Auditor, JSONLinesLog
 from codex_proxy.metrics import Metrics, Outcome
+from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
 
 TOKEN = "admin-token-0123456789abcdef"
 
@@ -242,3 +244,43 @@ def test_token_accepted() -> None:
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert not any(TOKEN in repr(event) for event in events)
+
+
+def test_metrics_agree_with_the_audit_log(tmp_path: Any) -> None:
+    """
+    With the metrics and the audit log both sinks of one auditor, the
+    scraped decision counters equal the log's line counts by decision and
+    reason.
+    """
+    metrics = Metrics(start_time=0.0)
+    log = JSONLinesLog(str(tmp_path / "audit.jsonl"), MemoryReactorClock())
+    log.open()
+    auditor = Auditor(lambda: 1000.0, sinks=[log, metrics.decision])
+    cases = [
+        (Protocol.HTTP, "a.example", None, 4),
+        (Protocol.HTTPS_CONNECT, "b.example", Reason.NOT_ALLOWED, 3),
+        (Protocol.SOCKS5_TCP, "c.example", Reason.DENIED, 2),
+        (Protocol.HTTPS_CONNECT, "d.example", Reason.UPSTREAM_CONNECT_FAILED, 1),
+    ]
+    for protocol, host, reason, count in cases:
+        decision = Decision.ALLOW if reason is None else Decision.DENY
+        for _ in range(count):
+            proxied = ProxyRequest(protocol, host, 443)
+            auditor.record(Verdict(proxied, host, decision, Source.BASELINE_POLICY, reason))
+    log.close()
+    from_log: Dict[Tuple[str, str], int] = {}
+    for line in (tmp_path / "audit.jsonl").read_text().splitlines():
+        fields = json.loads(line)
+        key = (fields["network.policy.decision"], fields["network.policy.reason"])
+        from_log[key] = from_log.get(key, 0) + 1
+    scraped: Dict[Tuple[str, str], float] = {}
+    for (name, labels), count in parsed(request(make_site(metrics), "/metrics").body).items():
+        if name == "codexproxy_decisions_total":
+            key = (dict(labels)["decision"], dict(labels)["reason"])
+            scraped[key] = scraped.get(key, 0) + count
+    assert scraped == from_log == {
+        ("allow", "allowed"): 4,
+        ("deny", "not_allowed"): 3,
+        ("deny", "denied"): 2,
+        ("deny", "upstream_connect_failed"): 1,
+    }

@@ -256,7 +256,7 @@ def test_text_output(tmp_path: Path) -> None:
     lines = [event("new.example"), event("new.example"), "junk", event("ok.example", reason=None)]
     status, text = run(tmp_path, lines, "--config", str(tmp_path / "config.toml"))
     assert status == 0
-    assert "3 counted, 1 malformed lines skipped" in text
+    assert "events: 3 counted; malformed lines skipped: 1;" in text
     assert re.search(r"deny\s+not_allowed\s+2", text)
     assert re.search(r"\s2\s+new\.example:443\s+https_connect\s+client -", text)
     assert 'to change: add "new.example" to allowed_domains' in text
