@@ -102,7 +102,7 @@ def write_log(path: str, lines: int, seed: int = 19) -> None:
         f.write("".join(batch))
 
 
-def explain(config: ProxyConfig, request: ProxyRequest):
+def explain(config: ProxyConfig, request: ProxyRequest) -> Tuple[List[Tuple[str, str]], bool]:
     """
     What the command line hands the report.
     """

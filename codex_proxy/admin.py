@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -166,7 +167,8 @@ class _Root(Resource):
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if not self._authorized(request):
             return _UNAUTHORIZED
-        return self.children.get(path, _NOT_FOUND)
+        page: Resource = self.children.get(path, _NOT_FOUND)
+        return page
 
     def _authorized(self, request: Request) -> bool:
         if self._token is None:
@@ -189,7 +191,7 @@ class _AdminSite(Site):
     noisy = False
     displayTracebacks = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

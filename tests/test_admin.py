@@ -7,13 +7,13 @@ transport.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from codex_proxy.admin import REDACTED, admin_site, redact
 from codex_proxy.audit import Auditor, JSONLinesLog
@@ -233,7 +233,8 @@ def test_token_accepted() -> None:
     and the token appears in no response and no log event.
     """
     events: List[Dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     try:
         site = make_site(token=TOKEN)
         for scheme in ("Bearer", "bearer"):
@@ -242,7 +243,7 @@ def test_token_accepted() -> None:
                 assert response.status == (404 if path == "/nope" else 200)
                 assert TOKEN.encode() not in response.raw
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     assert not any(TOKEN in repr(event) for event in events)
 
 
@@ -274,10 +275,10 @@ def test_metrics_agree_with_the_audit_log(tmp_path: Any) -> None:
         key = (fields["network.policy.decision"], fields["network.policy.reason"])
         from_log[key] = from_log.get(key, 0) + 1
     scraped: Dict[Tuple[str, str], float] = {}
-    for (name, labels), count in parsed(request(make_site(metrics), "/metrics").body).items():
+    for (name, labels), value in parsed(request(make_site(metrics), "/metrics").body).items():
         if name == "codexproxy_decisions_total":
             key = (dict(labels)["decision"], dict(labels)["reason"])
-            scraped[key] = scraped.get(key, 0) + count
+            scraped[key] = scraped.get(key, 0) + value
     assert scraped == from_log == {
         ("allow", "allowed"): 4,
         ("deny", "not_allowed"): 3,

@@ -87,7 +87,8 @@ def run(
 def as_json(tmp_path: Path, lines: Sequence[str], *options: str, **kw: Any) -> Dict[str, Any]:
     status, text = run(tmp_path, lines, "--json", *options, **kw)
     assert status == 0
-    return json.loads(text)
+    document: Dict[str, Any] = json.loads(text)
+    return document
 
 
 def test_totals_and_malformed_lines(tmp_path: Path) -> None:
