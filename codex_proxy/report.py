@@ -25,7 +25,9 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
+from typing import (
+    Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple,
+)  # fmt: skip
 
 import attrs
 
@@ -43,7 +45,9 @@ Explain = Callable[[ProxyConfig, ProxyRequest], Tuple[List[Tuple[str, str]], boo
 #: Distinct blocked destinations remembered; later new ones are only counted.
 MAX_DESTINATIONS = 50_000
 
-EXIT_OK = 0
+#: Longer lines are no audit events (a host name has at most 253
+#: characters); they are read in pieces of this size and counted malformed.
+MAX_LINE = 1 << 16
 
 _UNJUDGED = "none known: the audit event names no host and port explain can judge"
 
@@ -414,6 +418,20 @@ def _most(counts: Iterable[Tuple[Any, int]]) -> List[Tuple[Any, int]]:
     return sorted(counts, key=lambda item: (-item[1], item[0]))
 
 
+def read_lines(log: BinaryIO, limit: int = MAX_LINE) -> Iterator[bytes]:
+    """
+    The lines of C{log}, each at most C{limit} bytes: of a longer one only
+    its first C{limit} bytes (no whole JSON object, so counted malformed),
+    the rest skipped. A file without line breaks stays in bounded memory.
+    """
+    while line := log.readline(limit):
+        if len(line) == limit and not line.endswith(b"\n"):
+            rest = line
+            while rest and not rest.endswith(b"\n"):
+                rest = log.readline(limit)
+        yield line
+
+
 def build_report(
     path: str,
     lines: Iterable[bytes],
@@ -473,12 +491,14 @@ def run_report(
         since = parse_since(args.since, time.time() if now is None else now)
     config = load_config(args.config or default_config_path(os.environ))
     with open(args.audit_log, "rb") as log:
-        report = build_report(args.audit_log, log, config, explain, since, args.client, args.top)
+        report = build_report(
+            args.audit_log, read_lines(log), config, explain, since, args.client, args.top
+        )
     if args.json:
         out.write(json.dumps(report.as_json(), indent=2) + "\n")
     else:
         report.write_text(out)
-    return EXIT_OK
+    return 0
 
 
 __all__ = ["Explain", "ReportError", "add_arguments", "build_report", "run_report", "tally"]

@@ -23,6 +23,7 @@ from codex_proxy.report import (
     ReportError,
     add_arguments,
     parse_since,
+    read_lines,
     run_report,
     tally,
 )
@@ -288,3 +289,16 @@ def test_text_escapes_log_values(tmp_path: Path) -> None:
     assert "\x1b" not in text and "\u2028" not in text
     assert "evil\\x1b[2J\\x0afake line" in text
     assert "no allowed_domains suggestion" in text
+
+
+def test_overlong_line_is_malformed() -> None:
+    """
+    A line longer than any audit event is read in bounded pieces and
+    counted as one malformed line; the lines around it still count.
+    """
+    good = event("new.example").encode() + b"\n"
+    data = good + b'{"a": "' + b"x" * 2000 + b'"}\n' + good + b"y" * 50
+    lines = list(read_lines(io.BytesIO(data), limit=512))
+    counted = tally(lines)
+    assert (counted.lines, counted.malformed) == (4, 2)
+    assert counted.reasons[("deny", "not_allowed")] == 2
