@@ -19,14 +19,8 @@ from codex_proxy.api import policy_from_config
 from codex_proxy.audit import decision_fields
 from codex_proxy.config import ProxyConfig
 from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
-from codex_proxy.report import (
-    ReportError,
-    add_arguments,
-    parse_since,
-    read_lines,
-    run_report,
-    tally,
-)
+from codex_proxy._auditlog import ReportError, parse_since, read_lines, tally
+from codex_proxy.report import add_arguments, run_report
 
 CONFIG = """\
 [network]
