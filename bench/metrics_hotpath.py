@@ -15,7 +15,9 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
-from codex_proxy.metrics import Metrics, Outcome
+import attrs
+
+from codex_proxy.metrics import Metrics
 
 _FIELDS = {
     "network.policy.decision": "allow",
@@ -24,7 +26,22 @@ _FIELDS = {
     "server.address": "api.example.com",
     "server.port": 443,
 }
-_OUTCOME = Outcome("http", "closed", "allow", "allowed", 512, 4096, 0.01)
+
+
+@attrs.frozen
+class _Ended:
+    """
+    An outcome event shaped like L{codex_proxy.connections.ConnectionOutcome}.
+    """
+
+    listener: str = "http"
+    outcome: str = "closed"
+    bytes_up: int = 512
+    bytes_down: int = 4096
+    tunnel: bool = False
+
+
+_OUTCOME = _Ended()
 
 
 def _per_call(function: Callable[[], None], number: int) -> float:

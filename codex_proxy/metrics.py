@@ -5,10 +5,10 @@ L{Metrics} owns its own C{prometheus_client} registry (never the global
 one, so two proxies in one process never mix their figures) and is fed by
 events, not by calls sprinkled through the listeners: every decision event
 (L{Metrics.decision} is an auditor sink), every client connection's
-opening and its one L{Outcome}, audit-log writes and reloads. Label values
-are bounded: decisions, reasons, protocols and listeners come from fixed
-vocabularies, and a client is named only when it is a configured client;
-a host name is never a label.
+opening, becoming a tunnel and its one outcome event, audit-log writes and
+reloads. Label values are bounded: decisions, reasons, protocols and
+listeners come from fixed vocabularies, and a client is named only when it
+is a configured client; a host name is never a label.
 
 The hot path is one dictionary lookup and one child increment per event:
 C{labels()} (slow: it validates and hashes its arguments) runs once per
@@ -17,24 +17,22 @@ label combination, and its child is kept.
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Mapping, Protocol, Tuple
 
-import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.process_collector import ProcessCollector
 
-from codex_proxy.model import Decision, Protocol, Reason
+from codex_proxy import model
 
-#: The listeners a connection can arrive on (the C{listener} label).
-LISTENERS = frozenset({"http", "socks5", "socks5_udp"})
+#: The listeners a client connection can arrive on (the C{listener} label).
+LISTENERS = frozenset({"http", "socks5"})
 
 #: How a client connection ended (the C{outcome} label of
-#: C{codexproxy_connections_total}): C{closed} after normal use,
-#: C{refused} when the proxy said no (policy, limits, authentication),
-#: C{failed} when the upstream leg failed, C{timeout} for an idle or slow
-#: connection, C{aborted} when the client vanished or the proxy shut down,
-#: C{error} for an internal error.
-OUTCOMES = frozenset({"closed", "refused", "failed", "timeout", "aborted", "error"})
+#: C{codexproxy_connections_total}), as
+#: L{codex_proxy.connections.ConnectionOutcome} says it.
+OUTCOMES = frozenset(
+    {"closed", "blocked", "failed", "bad_request", "timeout", "refused", "error"}
+)
 
 #: What a decision event's C{client.identity} becomes without one.
 ANONYMOUS = "anonymous"
@@ -42,9 +40,9 @@ ANONYMOUS = "anonymous"
 #: The label value standing in for anything outside a bounded vocabulary.
 OTHER = "other"
 
-_DECISIONS = frozenset(d.value for d in Decision)
-_REASONS = frozenset(r.value for r in Reason) | {"allowed"}
-_PROTOCOLS = frozenset(p.value for p in Protocol)
+_DECISIONS = frozenset(d.value for d in model.Decision)
+_REASONS = frozenset(r.value for r in model.Reason) | {"allowed"}
+_PROTOCOLS = frozenset(p.value for p in model.Protocol)
 
 #: Policy decisions take microseconds; the tail is DNS resolution and a
 #: decider, up to their timeouts.
@@ -61,34 +59,33 @@ CONNECT_BUCKETS = (
 )  # fmt: skip
 
 
-@attrs.frozen
-class Outcome:
+class ConnectionEnd(Protocol):
     """
-    How one client connection ended: the one outcome event per connection
-    that metrics and logs read.
+    What L{Metrics.connection_closed} reads of a client connection's one
+    outcome event (L{codex_proxy.connections.ConnectionOutcome}).
 
     @ivar listener: where it arrived (one of L{LISTENERS}).
     @ivar outcome: how it ended (one of L{OUTCOMES}).
-    @ivar decision: the last policy decision on it (C{allow}, C{deny},
-        C{ask}), or C{none} when nothing was decided.
-    @ivar reason: that decision's C{network.policy.reason}, or C{none}.
-    @ivar bytes_up: bytes relayed from the client towards upstream.
-    @ivar bytes_down: bytes relayed from upstream towards the client.
-    @ivar duration: seconds from accept to close.
-    @ivar tunnel: the connection became a tunnel (CONNECT or SOCKS5), so
-        it was counted by L{Metrics.tunnel_opened}.
-    @ivar client: the authenticated client name, if any.
+    @ivar bytes_up: bytes relayed from the client towards the destination.
+    @ivar bytes_down: bytes relayed from the destination to the client.
+    @ivar tunnel: it became a tunnel (so L{Metrics.tunnel_opened} counted
+        it).
     """
 
-    listener: str
-    outcome: str
-    decision: str = "none"
-    reason: str = "none"
-    bytes_up: int = 0
-    bytes_down: int = 0
-    duration: float = 0.0
-    tunnel: bool = False
-    client: Optional[str] = None
+    @property
+    def listener(self) -> str: ...
+
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def bytes_up(self) -> int: ...
+
+    @property
+    def bytes_down(self) -> int: ...
+
+    @property
+    def tunnel(self) -> bool: ...
 
 
 _DecisionKey = Tuple[Any, Any, Any, Any]
@@ -257,14 +254,14 @@ class Metrics:
 
     def tunnel_opened(self, listener: str) -> None:
         """
-        A client connection on C{listener} now relays a tunnel; its
-        L{Outcome} will say C{tunnel=True}.
+        A client connection on C{listener} became a tunnel; its outcome
+        will say C{tunnel}.
         """
         self._tunnel_child(listener).inc()
 
-    def connection_closed(self, outcome: Outcome) -> None:
+    def connection_closed(self, outcome: ConnectionEnd) -> None:
         """
-        A client connection ended: its L{Outcome}.
+        A client connection ended: its outcome event.
         """
         listener = outcome.listener
         self._open_child(listener).dec()
@@ -330,10 +327,10 @@ def _bounded_child(family: Gauge, cache: Dict[str, Any], listener: str) -> Any:
 __all__ = [
     "ANONYMOUS",
     "CONNECT_BUCKETS",
+    "ConnectionEnd",
     "DECISION_BUCKETS",
     "LISTENERS",
     "Metrics",
     "OTHER",
     "OUTCOMES",
-    "Outcome",
 ]

@@ -17,7 +17,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 
 from codex_proxy.admin import REDACTED, admin_site, redact
 from codex_proxy.audit import Auditor, JSONLinesLog
-from codex_proxy.metrics import Metrics, Outcome
+from codex_proxy.metrics import Metrics
 from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
 
 TOKEN = "admin-token-0123456789abcdef"
@@ -101,7 +101,7 @@ def test_metrics_counts_the_events_fed() -> None:
                 }
             )
     metrics.connection_opened("socks5")
-    metrics.connection_closed(Outcome("socks5", "closed", bytes_up=10, bytes_down=20))
+    metrics.tunnel_opened("socks5")
     response = request(make_site(metrics), "/metrics")
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
@@ -111,7 +111,8 @@ def test_metrics_counts_the_events_fed() -> None:
     allow = (("decision", "allow"), ("reason", "allowed"))
     assert samples[("codexproxy_decisions_total", tuple(sorted(deny + labels)))] == 3
     assert samples[("codexproxy_decisions_total", tuple(sorted(allow + labels)))] == 5
-    assert samples[("codexproxy_relayed_bytes_total", (("direction", "down"),))] == 20
+    assert samples[("codexproxy_connections_open", (("listener", "socks5"),))] == 1
+    assert samples[("codexproxy_tunnels_open", (("listener", "socks5"),))] == 1
     assert samples[("codexproxy_start_time_seconds", ())] == 1234.0
 
 

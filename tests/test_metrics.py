@@ -7,12 +7,31 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import attrs
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from codex_proxy.audit import Auditor
-from codex_proxy.metrics import Metrics, Outcome
+from codex_proxy.metrics import Metrics
 from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
+
+
+@attrs.frozen
+class Ended:
+    """
+    A client connection's outcome event, shaped like
+    L{codex_proxy.connections.ConnectionOutcome}.
+    """
+
+    listener: str
+    outcome: str
+    bytes_up: int = 0
+    bytes_down: int = 0
+    tunnel: bool = False
+    client: Optional[str] = "127.0.0.1:40000"
+    decision: Optional[str] = None
+    reason: Optional[str] = None
+    duration: float = 0.5
 
 
 def samples(metrics: Metrics) -> Dict[Any, float]:
@@ -176,10 +195,8 @@ def test_connections_and_tunnels_open() -> None:
     metrics.tunnel_opened("http")
     assert value(metrics, "codexproxy_connections_open", listener="http") == 2
     assert value(metrics, "codexproxy_tunnels_open", listener="http") == 1
-    metrics.connection_closed(
-        Outcome("http", "closed", "allow", "allowed", 100, 2000, 1.5, tunnel=True)
-    )
-    metrics.connection_closed(Outcome("socks5", "refused", "deny", "denied"))
+    metrics.connection_closed(Ended("http", "closed", 100, 2000, tunnel=True))
+    metrics.connection_closed(Ended("socks5", "blocked", decision="deny", reason="denied"))
     assert value(metrics, "codexproxy_connections_open", listener="http") == 1
     assert value(metrics, "codexproxy_connections_open", listener="socks5") == 0
     assert value(metrics, "codexproxy_tunnels_open", listener="http") == 0
@@ -189,7 +206,7 @@ def test_connections_and_tunnels_open() -> None:
         metrics, "codexproxy_connections_total", listener="http", outcome="closed"
     ) == 1
     assert value(
-        metrics, "codexproxy_connections_total", listener="socks5", outcome="refused"
+        metrics, "codexproxy_connections_total", listener="socks5", outcome="blocked"
     ) == 1
 
 
@@ -200,7 +217,7 @@ def test_unknown_listener_and_outcome() -> None:
     """
     metrics = Metrics(start_time=0.0)
     metrics.connection_opened("carrier-pigeon")
-    metrics.connection_closed(Outcome("carrier-pigeon", "eaten"))
+    metrics.connection_closed(Ended("carrier-pigeon", "eaten"))
     assert value(metrics, "codexproxy_connections_open", listener="other") == 0
     assert value(
         metrics, "codexproxy_connections_total", listener="other", outcome="other"
