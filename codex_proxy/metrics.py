@@ -17,7 +17,9 @@ label combination, and its child is kept.
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Iterable, Mapping, Protocol, Tuple
+from typing import (
+    AbstractSet, Any, Dict, Iterable, Mapping, Protocol, Sequence, Tuple, TypeVar,
+)  # fmt: skip
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.process_collector import ProcessCollector
@@ -88,9 +90,6 @@ class ConnectionEnd(Protocol):
     def tunnel(self) -> bool: ...
 
 
-_DecisionKey = Tuple[Any, Any, Any, Any]
-
-
 class Metrics:
     """
     The metric families of SPEC §13, in a registry of their own.
@@ -109,7 +108,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         ProcessCollector(registry=registry)
-        self._clients: FrozenSet[str] = frozenset(clients)
+        self.set_clients(clients)
         self._decisions_total = Counter(
             "codexproxy_decisions",
             "Policy decisions, one per audit event.",
@@ -175,14 +174,14 @@ class Metrics:
             "When the proxy started, in seconds since the epoch.",
             registry=registry,
         ).set(start_time)
-        self._decision_children: Dict[_DecisionKey, Any] = {}
-        self._open: Dict[str, Any] = {}
-        self._tunnels: Dict[str, Any] = {}
-        self._ended: Dict[Tuple[str, str], Any] = {}
+        self._decisions: Dict[Tuple[str, ...], Counter] = {}
+        self._open: Dict[Tuple[str, ...], Gauge] = {}
+        self._tunnels: Dict[Tuple[str, ...], Gauge] = {}
+        self._ended: Dict[Tuple[str, ...], Counter] = {}
         for listener in sorted(LISTENERS):
             # Present (at 0) from the start, so a dashboard sees them.
-            self._open_child(listener)
-            self._tunnel_child(listener)
+            self._gauge(self._connections_open, self._open, listener)
+            self._gauge(self._tunnels_open, self._tunnels, listener)
 
     def set_clients(self, clients: Iterable[str]) -> None:
         """
@@ -190,6 +189,9 @@ class Metrics:
         Series already exported keep their values.
         """
         self._clients = frozenset(clients)
+        self._decision_labels = (
+            _DECISIONS, _REASONS, _PROTOCOLS, self._clients | {ANONYMOUS, OTHER}
+        )  # fmt: skip
 
     # Decision events.
 
@@ -209,28 +211,10 @@ class Metrics:
             fields["network.transport.protocol"],
             identity,
         )
-        child = self._decision_children.get(key)
+        child = self._decisions.get(key)
         if child is None:
-            child = self._decision_child(key)
+            child = _bind(self._decisions_total, self._decisions, key, self._decision_labels)
         child.inc()
-
-    def _decision_child(self, key: _DecisionKey) -> Any:
-        """
-        Bind the counter child for C{key}, mapping any value outside its
-        label's vocabulary to C{other}; only keys already within bounds are
-        remembered, so odd values cannot grow the cache.
-        """
-        decision, reason, protocol, identity = key
-        bounded = (
-            decision if decision in _DECISIONS else OTHER,
-            reason if reason in _REASONS else OTHER,
-            protocol if protocol in _PROTOCOLS else OTHER,
-            identity,
-        )
-        child = self._decisions_total.labels(*bounded)
-        if bounded == key:
-            self._decision_children[key] = child
-        return child
 
     def observe_decision(self, seconds: float) -> None:
         """
@@ -250,23 +234,23 @@ class Metrics:
         """
         A client connection was accepted on C{listener}.
         """
-        self._open_child(listener).inc()
+        self._gauge(self._connections_open, self._open, listener).inc()
 
     def tunnel_opened(self, listener: str) -> None:
         """
         A client connection on C{listener} became a tunnel; its outcome
         will say C{tunnel}.
         """
-        self._tunnel_child(listener).inc()
+        self._gauge(self._tunnels_open, self._tunnels, listener).inc()
 
     def connection_closed(self, outcome: ConnectionEnd) -> None:
         """
         A client connection ended: its outcome event.
         """
         listener = outcome.listener
-        self._open_child(listener).dec()
+        self._gauge(self._connections_open, self._open, listener).dec()
         if outcome.tunnel:
-            self._tunnel_child(listener).dec()
+            self._gauge(self._tunnels_open, self._tunnels, listener).dec()
         if outcome.bytes_up:
             self._up.inc(outcome.bytes_up)
         if outcome.bytes_down:
@@ -274,20 +258,16 @@ class Metrics:
         key = (listener, outcome.outcome)
         ended = self._ended.get(key)
         if ended is None:
-            bounded = (
-                listener if listener in LISTENERS else OTHER,
-                outcome.outcome if outcome.outcome in OUTCOMES else OTHER,
-            )
-            ended = self._connections_total.labels(*bounded)
-            if bounded == key:
-                self._ended[key] = ended
+            ended = _bind(self._connections_total, self._ended, key, (LISTENERS, OUTCOMES))
         ended.inc()
 
-    def _open_child(self, listener: str) -> Any:
-        return _bounded_child(self._connections_open, self._open, listener)
-
-    def _tunnel_child(self, listener: str) -> Any:
-        return _bounded_child(self._tunnels_open, self._tunnels, listener)
+    @staticmethod
+    def _gauge(family: Gauge, cache: Dict[Tuple[str, ...], Gauge], listener: str) -> Gauge:
+        key = (listener,)
+        child = cache.get(key)
+        if child is None:
+            child = _bind(family, cache, key, (LISTENERS,))
+        return child
 
     # Audit log and reloads.
 
@@ -310,17 +290,24 @@ class Metrics:
         (self._reload_ok if ok else self._reload_failed).inc()
 
 
-def _bounded_child(family: Gauge, cache: Dict[str, Any], listener: str) -> Any:
+_Family = TypeVar("_Family", Counter, Gauge)
+
+
+def _bind(
+    family: _Family,
+    cache: Dict[Tuple[str, ...], _Family],
+    key: Tuple[str, ...],
+    vocabularies: Sequence[AbstractSet[str]],
+) -> _Family:
     """
-    The child of C{family} for C{listener} (C{other} if it is not one of
-    L{LISTENERS}), remembered in C{cache} under a listener's own name only.
+    The child of C{family} for the label values C{key}, each value outside
+    its vocabulary exported as C{other}. Only keys already within bounds
+    are remembered in C{cache}, so odd values cannot grow it.
     """
-    child = cache.get(listener)
-    if child is None:
-        if listener in LISTENERS:
-            child = cache[listener] = family.labels(listener)
-        else:
-            child = family.labels(OTHER)
+    bounded = tuple(v if v in known else OTHER for v, known in zip(key, vocabularies))
+    child = family.labels(*bounded)
+    if bounded == key:
+        cache[key] = child
     return child
 
 
