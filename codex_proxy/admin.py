@@ -39,12 +39,6 @@ _SENSITIVE = ("token", "secret", "password")
 REDACTED = "(redacted)"
 
 
-def _plain(request: Request, status: int, text: str) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", _TEXT)
-    return text.encode("utf-8")
-
-
 class _Status(Resource):
     """
     A fixed plain-text answer to any method and any path below it.
@@ -55,13 +49,15 @@ class _Status(Resource):
     def __init__(self, status: int, text: str, headers: Mapping[bytes, bytes] = {}) -> None:
         super().__init__()
         self._status = status
-        self._text = text
+        self._text = text.encode("utf-8")
         self._headers = headers
 
     def render(self, request: Request) -> bytes:
+        request.setResponseCode(self._status)
+        request.setHeader(b"content-type", _TEXT)
         for name, value in self._headers.items():
             request.setHeader(name, value)
-        return _plain(request, self._status, self._text)
+        return self._text
 
 
 _NOT_FOUND = _Status(404, "not found\n")
@@ -71,11 +67,19 @@ _UNAUTHORIZED = _Status(
 )
 
 
+#: What a page answers a C{GET} with: status, content type, body.
+Answer = Tuple[int, bytes, bytes]
+
+
 class _Page(Resource):
     """
-    One page: L{body} answers C{GET}, and C{HEAD} with the same headers
-    and no body; nothing lives below it.
+    One page: C{answer()} answers C{GET}, and C{HEAD} with the same
+    headers and no body; nothing lives below it.
     """
+
+    def __init__(self, answer: Callable[[], Answer]) -> None:
+        super().__init__()
+        self._answer = answer
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NOT_FOUND
@@ -83,7 +87,7 @@ class _Page(Resource):
     def render(self, request: Request) -> bytes:
         if request.method not in _PAGE_METHODS:
             return _NOT_ALLOWED.render(request)
-        status, content_type, body = self.body()
+        status, content_type, body = self._answer()
         request.setResponseCode(status)
         request.setHeader(b"content-type", content_type)
         request.setHeader(b"cache-control", b"no-store")
@@ -92,41 +96,9 @@ class _Page(Resource):
             return b""
         return body
 
-    def body(self) -> Tuple[int, bytes, bytes]:
-        """
-        The status, content type and body of a C{GET}.
-        """
-        raise NotImplementedError()
 
-
-class _MetricsPage(_Page):
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
-        self._metrics = metrics
-
-    def body(self) -> Tuple[int, bytes, bytes]:
-        return 200, CONTENT_TYPE_LATEST.encode("ascii"), generate_latest(self._metrics.registry)
-
-
-class _HealthPage(_Page):
-    def __init__(self, ready: Callable[[], bool]) -> None:
-        super().__init__()
-        self._ready = ready
-
-    def body(self) -> Tuple[int, bytes, bytes]:
-        if self._ready():
-            return 200, _TEXT, b"ok\n"
-        return 503, _TEXT, b"not ready\n"
-
-
-class _JSONPage(_Page):
-    def __init__(self, document: Callable[[], Any]) -> None:
-        super().__init__()
-        self._document = document
-
-    def body(self) -> Tuple[int, bytes, bytes]:
-        text = json.dumps(self._document(), indent=2, sort_keys=True) + "\n"
-        return 200, _JSON, text.encode("utf-8")
+def _json(document: Any) -> Answer:
+    return 200, _JSON, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def redact(value: Any) -> Any:
@@ -216,10 +188,14 @@ def admin_site(
         reactor).
     """
     root = _Root(None if token is None else token.encode("utf-8"))
-    root.putChild(b"metrics", _MetricsPage(metrics))
-    root.putChild(b"healthz", _HealthPage(ready))
-    root.putChild(b"blocked", _JSONPage(lambda: list(reversed(blocked()))))
-    root.putChild(b"policy", _JSONPage(lambda: redact(policy())))
+    exposition = CONTENT_TYPE_LATEST.encode("ascii")
+    root.putChild(b"metrics", _Page(lambda: (200, exposition, generate_latest(metrics.registry))))
+    root.putChild(
+        b"healthz",
+        _Page(lambda: (200, _TEXT, b"ok\n") if ready() else (503, _TEXT, b"not ready\n")),
+    )
+    root.putChild(b"blocked", _Page(lambda: _json(list(reversed(blocked())))))
+    root.putChild(b"policy", _Page(lambda: _json(redact(policy()))))
     return _AdminSite(root, timeout=60, reactor=reactor)
 
 
