@@ -198,7 +198,7 @@ class NetworkProxyBuilder:
                 )
         reactor = self._reactor
         if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+            from twisted.internet import reactor
         interception = self._interception
         if config.mitm and interception is None:
             interception = load_interception(self._environ)

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import attrs
 
-from codex_proxy import _httphead
+from codex_proxy import _httpbody
 from codex_proxy._toml import (
-    ConfigError,
+    ConfigError as ConfigError,
     Table,
     is_str,
     is_table,
@@ -434,12 +434,12 @@ def default_config_path(environ: Mapping[str, str]) -> str:
     return os.path.join(codex_home(environ), "config.toml")
 
 
-def head_limits(config: ProxyConfig) -> _httphead.HeadLimits:
+def head_limits(config: ProxyConfig) -> _httpbody.HeadLimits:
     """
     The head parser limits of C{config} (SPEC §2.6), built once per listener.
     """
     limits = config.limits
-    return _httphead.HeadLimits(
+    return _httpbody.HeadLimits(
         max_request_line_bytes=limits.max_request_line_bytes,
         max_header_bytes=limits.max_header_bytes,
         max_header_fields=limits.max_header_fields,

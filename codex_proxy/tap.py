@@ -260,7 +260,7 @@ def assemble(
         are answered from a table, the others by the reactor's resolver.
     """
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     top = MultiService()
     sinks: list[Sink] = []
     if audit_log is not None:
