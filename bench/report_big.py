@@ -25,7 +25,7 @@ import time
 from typing import List, Tuple
 
 from codex_proxy import cli
-from codex_proxy.api import policy_from_config
+from codex_proxy.policy import policy_from_config
 from codex_proxy.config import ProxyConfig
 from codex_proxy.model import ProxyRequest
 
@@ -106,7 +106,7 @@ def explain(config: ProxyConfig, request: ProxyRequest) -> Tuple[List[Tuple[str,
     """
     What the command line hands the report.
     """
-    return cli.explain(config, policy_from_config(config), request, "GET")
+    return cli.explain(config, policy_from_config(config, os.path.realpath), request, "GET")
 
 
 def _child(log: str, config: str) -> None:

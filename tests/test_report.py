@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pytest
 
 from codex_proxy import cli
-from codex_proxy.api import policy_from_config
+from codex_proxy.policy import policy_from_config
 from codex_proxy.audit import decision_fields
 from codex_proxy.config import ProxyConfig
 from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
@@ -37,7 +38,7 @@ def explain(config: ProxyConfig, request: ProxyRequest) -> Tuple[List[Tuple[str,
     What the command line hands the report: C{explain} over the config's
     policy.
     """
-    return cli.explain(config, policy_from_config(config), request, "GET")
+    return cli.explain(config, policy_from_config(config, os.path.realpath), request, "GET")
 
 
 def event(
