@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 import tomllib
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -81,6 +83,10 @@ def show(value: Any) -> str:
     names = {int: "integer", float: "float", str: "string", list: "array"}
     kind = names.get(type(value), "table" if isinstance(value, dict) else "datetime")
     return f"{kind} {value!r}"
+
+
+#: The shortest client or operations token accepted (SPEC §11, §13).
+MIN_TOKEN_LENGTH = 16
 
 
 @attrs.frozen
@@ -169,6 +175,41 @@ class Table:
             if repr(text) not in reason:
                 reason = f"invalid pattern {text!r}: {reason}"
             raise self.error(key, reason) from None
+
+    def token(self, name: str, file_name: str) -> Optional[str]:
+        """
+        A bearer token given inline (C{name}) or in a file (C{file_name}),
+        C{None} if neither is set. The value is never part of a message.
+
+        @raise ConfigError: both keys set; the file is a symlink, readable
+            by group or others, or unreadable; the token (without a
+            trailing newline) is shorter than L{MIN_TOKEN_LENGTH}.
+        """
+        inline: Optional[str] = self.get(name, None, is_str, "a string")
+        path = self.get(file_name, None, is_str, "a string")
+        if inline is not None and path is not None:
+            raise self.error(self.key(name), f"set either {name} or {file_name}, not both")
+        if path is not None:
+            key = self.key(file_name)
+            try:
+                info = os.lstat(path)
+                if stat.S_ISLNK(info.st_mode):
+                    raise self.error(key, f"{path!r} is a symlink; name the file itself")
+                if info.st_mode & 0o077:
+                    raise self.error(
+                        key,
+                        f"{path!r} is readable by group or others"
+                        f" (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it",
+                    )
+                with open(path, encoding="utf-8") as f:
+                    inline = f.read().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as e:
+                raise self.error(key, f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from None
+        else:
+            key = self.key(name)
+        if inline is not None and len(inline) < MIN_TOKEN_LENGTH:
+            raise self.error(key, f"a token needs at least {MIN_TOKEN_LENGTH} characters")
+        return inline
 
     def patterns(self, name: str, into: dict[str, str]) -> None:
         """
