@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from bench.origin import Nginx, free_port, wait_port
 
@@ -38,7 +38,9 @@ def _pin(pid: int) -> None:
     os.sched_setaffinity(pid, {0})
 
 
-def codex(workdir: Path, nginx: Nginx, name: str = "codex", tree: Optional[Path] = None) -> Target:
+def codex(
+    workdir: Path, nginx: Nginx, name: str = "codex", tree: Optional[Path] = None, args: Sequence[str] = ()
+) -> Target:
     """
     twistd codexproxy on port 0 with a realistic policy: an allowlist (the
     origin's address exactly, plus developer hosts), audit events on.
@@ -46,6 +48,7 @@ def codex(workdir: Path, nginx: Nginx, name: str = "codex", tree: Optional[Path]
     @param tree: another checkout of codex-proxy (an earlier commit) to run
         instead of the installed one, with this environment's interpreter
         and libraries: how C{--baseline} measures before and after in one run.
+    @param args: more C{codexproxy} options (C{--audit-log PATH}).
     """
     workdir = workdir / name
     workdir.mkdir()
@@ -73,7 +76,7 @@ denied_domains = ["gist.github.com"]
         env["PYTHONPATH"] = str(tree.resolve())
     proc = subprocess.Popen(
         [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log),
-         "codexproxy", "--config", str(config), "--ports-file", str(ports)],
+         "codexproxy", "--config", str(config), "--ports-file", str(ports), *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

@@ -293,9 +293,13 @@ class HTTPProxyProtocol(ClientConnection):
             reason = Reason.PROXY_LOOP if self.admitted else Reason.TOO_MANY_CONNECTIONS
             self._blocked(job, factory.policy.refuse(request, reason), kept)
         elif self._tunnel is not None:
-            self._decide(job, factory.policy.check_pinned(request, self._tunnel), kept)
+            self._verdict(job, factory.policy.decide_pinned(request, self._tunnel), kept)
         else:
-            self._decide(job, factory.policy.check(request), kept)
+            verdict = factory.policy.decide_now(request)
+            if verdict is None:
+                self._decide(job, factory.policy.check(request), kept)
+            else:
+                self._verdict(job, verdict, kept)
 
     def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
         tunnel = self._tunnel
@@ -312,17 +316,24 @@ class HTTPProxyProtocol(ClientConnection):
     def _decided(self, verdict: Verdict) -> None:
         state = self._state
         assert isinstance(state, _Deciding)
-        job = state.job
+        kept, state.kept = state.kept, None
+        self._verdict(state.job, verdict, kept)
+
+    def _verdict(self, job: _Job, verdict: Verdict, kept: Optional[Leg]) -> None:
+        """
+        Go on with C{job} as C{verdict} says, on C{kept} when it fits.
+        """
         job.verdict = verdict
         self.noteVerdict(verdict)
         factory = self.factory
         protocol = job.request.protocol
         if verdict.intercept and factory.mitm is None:
             # The policy asked for interception that this listener cannot do.
+            if kept is not None:
+                kept.drop()
             _log.error("refusing an intercepted CONNECT to {host}: no MITM configured", host=escape(verdict.host))
             self.abort("error")
             return
-        kept, state.kept = state.kept, None
         if not verdict.allowed:
             self._blocked(job, verdict, kept)
             return

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Deque, FrozenSet, Iterable, List, Optional, Set, Tuple
+from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -44,6 +44,10 @@ from codex_proxy.policy import Policy, admit, decide, decide_association, is_loc
 
 #: How many blocked decisions L{PolicyService.blocked} remembers.
 BLOCKED_HISTORY = 200
+
+#: How many verdicts L{PolicyService} keeps for one policy before it
+#: starts over (each key is a destination and request kind).
+VERDICT_CACHE = 4096
 
 
 @implementer(IResolutionReceiver)
@@ -165,6 +169,10 @@ class PolicyService:
         self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
         self._ownAnywhere: FrozenSet[int] = frozenset()
         self._ownPorts: FrozenSet[int] = frozenset()
+        # Verdicts of the policy in _verdictsOf, by everything of a request
+        # that decide() reads: all of it but the client and its identity.
+        self._verdicts: Dict[Tuple[object, ...], Verdict] = {}
+        self._verdictsOf: Optional[Policy] = None
 
     def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
         """
@@ -204,6 +212,54 @@ class PolicyService:
         """
         return list(self._blocked)
 
+    def decide_now(self, request: ProxyRequest) -> Optional[Verdict]:
+        """
+        The synchronous path of L{check}: the verdict of C{request}, with its
+        one audit event, when it needs neither the decider nor a resolution
+        (a refusal, an IP literal, a unix socket); C{None} when it needs
+        either, and then nothing is recorded: call L{check}.
+        """
+        policy = self.policy
+        verdict = self._decide(policy, request)
+        if verdict.allowed:
+            if not verdict.addresses and request.unix_socket is None:
+                return None
+        elif verdict.reason is Reason.NOT_ALLOWED and self._asks(policy):
+            return None
+        return self._record(self._notSelf(verdict))
+
+    def _asks(self, policy: Policy) -> bool:
+        """
+        An allowlist miss goes to the decider under C{policy}.
+        """
+        return self.decider is not None and not policy.managed_allowed_domains_only
+
+    def _decide(self, policy: Policy, request: ProxyRequest) -> Verdict:
+        """
+        L{decide}, computed once per policy and kind of request: the same
+        destination, protocol and method decided again (every keep-alive
+        request) costs a lookup. Another policy (a reload) starts over.
+        """
+        if policy is not self._verdictsOf or len(self._verdicts) >= VERDICT_CACHE:
+            self._verdicts = {}
+            self._verdictsOf = policy
+        key = (
+            request.protocol,
+            request.host,
+            request.port,
+            request.method,
+            request.has_body,
+            request.upgrade,
+            request.override_methods,
+            request.unix_socket,
+        )
+        known = self._verdicts.get(key)
+        if known is None:
+            known = self._verdicts[key] = decide(policy, request)
+        elif known.request != request:
+            known = self._verdicts[key] = attrs.evolve(known, request=request)
+        return known
+
     def check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:
         """
         Decide C{request}. Fires with the L{Verdict} (allowed ones carry the
@@ -213,13 +269,10 @@ class PolicyService:
         nothing: no decision was made.
         """
         policy = self.policy
-        verdict = decide(policy, request)
+        verdict = self._decide(policy, request)
         decider = self.decider
-        if (
-            verdict.reason is Reason.NOT_ALLOWED
-            and decider is not None
-            and not policy.managed_allowed_domains_only
-        ):
+        if verdict.reason is Reason.NOT_ALLOWED and self._asks(policy):
+            assert decider is not None
             asked = NetworkPolicyRequest(
                 protocol=request.protocol,
                 host=verdict.host,
@@ -321,13 +374,19 @@ class PolicyService:
         SPEC §2.5); a decider's approval of the tunnel covers its inner
         allowlist misses. Exactly one audit event, as for L{check}.
         """
+        return defer.succeed(self.decide_pinned(request, tunnel))
+
+    def decide_pinned(self, request: ProxyRequest, tunnel: Verdict) -> Verdict:
+        """
+        L{check_pinned}, whose answer is always synchronous.
+        """
         policy = self.policy
-        verdict = decide(policy, request)
+        verdict = self._decide(policy, request)
         if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
             verdict = admit(policy, request, verdict.host, override=True)
         if verdict.allowed:
-            return defer.succeed(self._vet(policy, verdict, list(tunnel.addresses)))
-        return defer.succeed(self._record(verdict))
+            return self._vet(policy, verdict, list(tunnel.addresses))
+        return self._record(verdict)
 
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
         # An exactly allowlisted local name (localhost) may resolve locally;

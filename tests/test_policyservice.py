@@ -13,8 +13,9 @@ from codex_proxy.audit import rfc3339
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Mode, Protocol, ProxyRequest, Reason
 from codex_proxy.policy import Policy
+from codex_proxy import policyservice
 from codex_proxy.policyservice import BLOCKED_HISTORY, PolicyService
-from codex_proxy.testing import RecordingAuditor, StaticResolver
+from codex_proxy.testing import RecordingAuditor, RecordingDecider, StaticResolver
 
 
 def service(resolver: StaticResolver, **policy) -> tuple[PolicyService, RecordingAuditor]:
@@ -221,3 +222,40 @@ def test_own_listening_address_pinned_by_a_tunnel_is_refused_to_inner_requests()
         "allowed",
         "not_allowed_local",
     ]
+
+
+def _get(client: str, host: str = "127.0.0.1") -> ProxyRequest:
+    return ProxyRequest(Protocol.HTTP, host, 8080, method="GET", client=client)
+
+
+def test_repeated_requests_are_decided_once_per_policy_and_each_audited(monkeypatch):
+    decided: List[ProxyRequest] = []
+    real = policyservice.decide
+    monkeypatch.setattr(policyservice, "decide", lambda p, r: decided.append(r) or real(p, r))
+    svc, auditor = service(StaticResolver({}), allowed=["127.0.0.1"])
+    clients = ["127.0.0.1:5000", "127.0.0.1:5001", "127.0.0.1:5001"]
+    verdicts = [svc.decide_now(_get(client)) for client in clients]
+    assert len(decided) == 1
+    assert [v.request.client for v in verdicts] == clients
+    assert [e["client.address"] for e in auditor.events] == clients
+    assert all(e["network.policy.decision"] == "allow" for e in auditor.events)
+    assert auditor.events[0] == {**auditor.events[2], "client.address": clients[0]}
+
+
+def test_a_reload_decides_the_next_request_under_the_new_policy():
+    svc, auditor = service(StaticResolver({}), allowed=["127.0.0.1"])
+    assert svc.decide_now(_get("127.0.0.1:5000")).allowed
+    svc.reload(Policy.build(allowed=["127.0.0.1"], denied=["127.0.0.1"]))
+    assert svc.decide_now(_get("127.0.0.1:5000")).reason is Reason.DENIED
+    assert [e["network.policy.reason"] for e in auditor.events] == ["allowed", "denied"]
+
+
+def test_decide_now_answers_at_once_only_what_needs_no_resolution_or_decider():
+    svc, auditor = service(StaticResolver({"a.example.com": ["203.0.114.1"]}))
+    assert svc.decide_now(_get("127.0.0.1:5000", "a.example.com")) is None
+    assert auditor.events == []
+    assert svc.decide_now(_get("127.0.0.1:5000", "nope.test")).reason is Reason.NOT_ALLOWED
+    assert len(auditor.events) == 1
+    svc.decider = RecordingDecider(lambda request: None)
+    assert svc.decide_now(_get("127.0.0.1:5000", "nope.test")) is None
+    assert len(auditor.events) == 1
