@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from codex_proxy import splice
 from codex_proxy._httptarget import authority
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
@@ -263,7 +264,7 @@ class ClientConnection(Protocol):
         for transport in (self.transport, out.transport):
             if transport.producer is not None:
                 transport.unregisterProducer()
-        relay = self.relay = Relay(self.transport, out.transport, self.factory.clock, idle_timeout)
+        relay = self.relay = splice.relay(self.transport, out.transport, self.factory.clock, idle_timeout)
         out.attach(relay)
         self._paused.clear()
         self.transport.resumeProducing()

@@ -93,13 +93,19 @@ class Relay:
         self._clientEOF = False
         self._serverEOF = False
         self._closed = False
+        self._pace()
+        self._idle = IdleWatch(clock, idle_timeout, self._moved, self.close)
+
+    def _pace(self) -> None:
+        """
+        Bound what waits in memory: each side is the other's producer.
+        """
         # Larger reads for bulk transfer: fewer Python calls per byte.
-        for transport in (client, server):
+        for transport in (self.client, self.server):
             if hasattr(transport, "bufferSize"):
                 transport.bufferSize = _READ_SIZE
-        client.registerProducer(server, True)
-        server.registerProducer(client, True)
-        self._idle = IdleWatch(clock, idle_timeout, self._moved, self.close)
+        self.client.registerProducer(self.server, True)
+        self.server.registerProducer(self.client, True)
 
     def _moved(self) -> int:
         return self.bytesUp + self.bytesDown

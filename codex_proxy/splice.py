@@ -1,0 +1,191 @@
+"""
+Opaque tunnels in the kernel: on Linux, a relay between two plain TCP (or
+unix) sockets moves bytes with C{os.splice} through a pipe per direction,
+so tunnel bytes never become Python objects. Everything else (a TLS side,
+a transport without a socket, a system without C{splice}) gets the
+portable L{Relay}. Idle timeout, half-close, closing and byte counts are
+the L{Relay}'s own, inherited.
+
+It works under Twisted's TCP transports: the reading side's C{doRead} moves
+bytes socket to pipe to socket, and the writing side's C{doWrite} first
+drains what its pipe still holds, then does Twisted's own (the bytes
+written through the transport, a half-close, a close). A side is only read
+while the other has nothing waiting, so bytes keep their order and at most
+one pipe's worth waits per direction.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from typing import Any, Callable, List, Optional
+
+from twisted.internet import main, tcp
+from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITransport
+
+from codex_proxy.relay import Relay
+
+#: C{os.splice}, absent off Linux (and replaced by C{None} in tests).
+_splice: Optional[Callable[..., int]] = getattr(os, "splice", None)
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: Bytes moved per call, and the pipe capacity asked for (the kernel may
+#: give less: then calls move less).
+_CHUNK = 1 << 18
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _plain(transport: ITransport) -> bool:
+    """
+    C{transport} is a socket Twisted reads and writes itself, without TLS.
+    """
+    return (
+        isinstance(transport, tcp.Connection)
+        and not getattr(transport, "TLS", False)
+        and not ISSLTransport.providedBy(transport)
+    )
+
+
+def relay(client: ITransport, server: ITransport, clock: IReactorTime, idle_timeout: float) -> Relay:
+    """
+    The relay for a tunnel: a L{SpliceRelay} when both sides are plain
+    sockets and C{splice} is there, else the portable L{Relay}.
+    """
+    if _splice is not None and _plain(client) and _plain(server):
+        return SpliceRelay(client, server, clock, idle_timeout)
+    return Relay(client, server, clock, idle_timeout)
+
+
+def _unsent(transport: Any) -> int:
+    """
+    Bytes written through C{transport} that Twisted has not sent yet (its
+    buffers as L{twisted.internet.abstract.FileDescriptor.doWrite} reads them).
+    """
+    unsent: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return unsent
+
+
+class _Direction:
+    """
+    One way through the tunnel: C{source} socket, a pipe, C{sink} socket;
+    C{count} adds what went through.
+    """
+
+    def __init__(self, source: Any, sink: Any, count: Callable[[int], None]) -> None:
+        assert _splice is not None
+        self._splice = _splice
+        self.source = source
+        self.sink = sink
+        self.count = count
+        self._from = source.fileno()
+        self._to = sink.fileno()
+        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, _CHUNK)
+        except OSError:
+            pass
+        self.inPipe = 0
+        self.held = False
+        self.eof = False
+        self._sinkWrite = sink.doWrite
+        source.doRead = self.doRead
+        sink.doWrite = self.doWrite
+
+    def doRead(self) -> Any:
+        """
+        The source is readable: splice what it has through the pipe.
+        """
+        if self.inPipe or _unsent(self.sink):
+            self._hold()
+            return None
+        try:
+            n = self._splice(self._from, self.pipe[1], _CHUNK, flags=_FLAGS)
+        except OSError as e:
+            return None if e.errno == errno.EAGAIN else main.CONNECTION_LOST
+        if not n:
+            self.eof = True
+            return main.CONNECTION_DONE
+        self.count(n)
+        self.inPipe = n
+        if self._drain() is not None or self.inPipe:
+            # The sink is full, or failed: its doWrite goes on (or reports).
+            self._hold()
+        return None
+
+    def doWrite(self) -> Any:
+        """
+        The sink is writable: first what the pipe holds, then Twisted's own
+        buffer and closing; the source is read again once both are empty.
+        """
+        if self.inPipe:
+            failed = self._drain()
+            if failed is not None:
+                return failed
+            if self.inPipe:
+                return None
+        result = self._sinkWrite()
+        if self.held and not _unsent(self.sink) and result is None:
+            self.held = False
+            if not (self.eof or self.source.disconnecting or self.sink.disconnected):
+                self.source.startReading()
+        return result
+
+    def _drain(self) -> Any:
+        try:
+            while self.inPipe:
+                self.inPipe -= self._splice(self.pipe[0], self._to, self.inPipe, flags=_FLAGS)
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                return main.CONNECTION_LOST
+        return None
+
+    def _hold(self) -> None:
+        self.held = True
+        self.source.stopReading()
+        self.sink.startWriting()
+
+    def close(self) -> None:
+        """
+        Close the pipe, and give both transports their own methods back.
+        """
+        for fd in self.pipe:
+            os.close(fd)
+        del self.source.doRead, self.sink.doWrite
+
+
+class SpliceRelay(Relay):
+    """
+    A L{Relay} whose bytes move by C{splice} (see the module docstring).
+    Built by L{relay} only for two plain sockets.
+    """
+
+    def _pace(self) -> None:
+        self._lost = 0
+        self._directions: List[_Direction] = [
+            _Direction(self.client, self.server, self._up),
+            _Direction(self.server, self.client, self._down),
+        ]
+
+    def _up(self, n: int) -> None:
+        self.bytesUp += n
+
+    def _down(self, n: int) -> None:
+        self.bytesDown += n
+
+    def clientLost(self) -> None:
+        super().clientLost()
+        self._gone()
+
+    def outboundLost(self, reason: Any) -> None:
+        super().outboundLost(reason)
+        self._gone()
+
+    def _gone(self) -> None:
+        """
+        The pipes close once both sockets are gone: until then a side that
+        is closing still drains its pipe.
+        """
+        self._lost += 1
+        if self._lost == 2:
+            for direction in self._directions:
+                direction.close()
