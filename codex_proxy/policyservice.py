@@ -169,9 +169,8 @@ class PolicyService:
         self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
         self._ownAnywhere: FrozenSet[int] = frozenset()
         self._ownPorts: FrozenSet[int] = frozenset()
-        # Verdicts of the policy in _verdictsOf, by everything of a request
-        # that decide() reads: all of it but the client and its identity.
-        self._verdicts: Dict[Tuple[object, ...], Verdict] = {}
+        # Verdicts of the policy in _verdictsOf, by request and by kind.
+        self._verdicts: Dict[object, Verdict] = {}
         self._verdictsOf: Optional[Policy] = None
 
     def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
@@ -237,13 +236,19 @@ class PolicyService:
     def _decide(self, policy: Policy, request: ProxyRequest) -> Verdict:
         """
         L{decide}, computed once per policy and kind of request: the same
-        destination, protocol and method decided again (every keep-alive
-        request) costs a lookup. Another policy (a reload) starts over.
+        request again (every keep-alive request of a connection) costs a
+        lookup, the same destination, protocol and method from another
+        client a copy. Another policy (a reload) starts over.
         """
-        if policy is not self._verdictsOf or len(self._verdicts) >= VERDICT_CACHE:
-            self._verdicts = {}
+        verdicts = self._verdicts
+        if policy is not self._verdictsOf or len(verdicts) >= VERDICT_CACHE:
+            verdicts = self._verdicts = {}
             self._verdictsOf = policy
-        key = (
+        known = verdicts.get(request)
+        if known is not None:
+            return known
+        # Everything decide() reads: all of the request but its client.
+        kind = (
             request.protocol,
             request.host,
             request.port,
@@ -253,11 +258,12 @@ class PolicyService:
             request.override_methods,
             request.unix_socket,
         )
-        known = self._verdicts.get(key)
-        if known is None:
-            known = self._verdicts[key] = decide(policy, request)
-        elif known.request != request:
-            known = self._verdicts[key] = attrs.evolve(known, request=request)
+        like = verdicts.get(kind)
+        if like is None:
+            known = verdicts[kind] = decide(policy, request)
+        else:
+            known = attrs.evolve(like, request=request)
+        verdicts[request] = known
         return known
 
     def check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITransport
@@ -79,11 +79,9 @@ class _Direction:
         self.count = count
         self._from = source.fileno()
         self._to = sink.fileno()
-        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, _CHUNK)
-        except OSError:
-            pass
+        # Opened on the first byte: a direction that never carries any
+        # (a reply to a refused request) costs no descriptors.
+        self.pipe: Optional[Tuple[int, int]] = None
         self.inPipe = 0
         self.held = False
         self.eof = False
@@ -98,8 +96,9 @@ class _Direction:
         if self.inPipe or _unsent(self.sink):
             self._hold()
             return None
+        pipe = self.pipe or self._open()
         try:
-            n = self._splice(self._from, self.pipe[1], _CHUNK, flags=_FLAGS)
+            n = self._splice(self._from, pipe[1], _CHUNK, flags=_FLAGS)
         except OSError as e:
             return None if e.errno == errno.EAGAIN else main.CONNECTION_LOST
         if not n:
@@ -130,10 +129,20 @@ class _Direction:
                 self.source.startReading()
         return result
 
+    def _open(self) -> Tuple[int, int]:
+        pipe = self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, _CHUNK)
+        except OSError:
+            pass
+        return pipe
+
     def _drain(self) -> Any:
+        pipe = self.pipe
+        assert pipe is not None
         try:
             while self.inPipe:
-                self.inPipe -= self._splice(self.pipe[0], self._to, self.inPipe, flags=_FLAGS)
+                self.inPipe -= self._splice(pipe[0], self._to, self.inPipe, flags=_FLAGS)
         except OSError as e:
             if e.errno != errno.EAGAIN:
                 return main.CONNECTION_LOST
@@ -148,7 +157,7 @@ class _Direction:
         """
         Close the pipe, and give both transports their own methods back.
         """
-        for fd in self.pipe:
+        for fd in self.pipe or ():
             os.close(fd)
         del self.source.doRead, self.sink.doWrite
 

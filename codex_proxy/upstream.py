@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import attrs
 from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -255,6 +255,21 @@ def route_for(verdict: Verdict, tunnel: bool, parents: Optional[ParentProxies]) 
     return Route(parent=parent, target=authority(verdict.host, verdict.port))
 
 
+class _OneShot(Factory):
+    """
+    Hands one L{Outbound} to one connection attempt; quiet, unlike
+    C{endpoints.connectProtocol}'s factory, which logs two lines per dial.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: Outbound) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Outbound:
+        return self._protocol
+
+
 @implementer(IUpstream)
 class Upstream:
     """
@@ -362,7 +377,7 @@ class Upstream:
 
         def attempt(index: int) -> None:
             endpoint, where = attempts[index]
-            d = endpoints.connectProtocol(endpoint, Outbound(self.connections))
+            d = endpoint.connect(_OneShot(Outbound(self.connections)))
             current.append(d)
 
             def failed(failure: Failure) -> None:

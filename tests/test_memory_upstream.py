@@ -6,9 +6,12 @@ the HTTP listener with it.
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -63,3 +66,21 @@ def test_a_refused_dial_and_a_withdrawn_one():
     proto.dataReceived(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
     proto.connectionLost(Failure(error.ConnectionDone()))
     assert upstream.dials == []
+
+
+def test_a_dial_logs_nothing():
+    """
+    Each outbound connection used to log "Starting factory" and "Stopping
+    factory": two log lines per CONNECT or request.
+    """
+    reactor = MemoryReactorClock()
+    Upstream(reactor).connect([ip_address("127.0.0.1")], 8080)
+    ((_, _, factory, *_),) = reactor.tcpClients
+    logged: list = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        factory.doStart()
+        factory.doStop()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert logged == []
