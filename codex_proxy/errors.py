@@ -7,6 +7,7 @@ reason up here (SPEC §4.2, §4.3).
 
 from __future__ import annotations
 
+import functools
 import http
 import json
 from typing import Any, Dict, Mapping, Optional
@@ -215,14 +216,26 @@ def render(
     for a C{HEAD} request (the length is still the document's).
     """
     payload = json.dumps(fields, separators=(",", ":")).encode("utf-8") + b"\n"
+    data = b"%s%d\r\nConnection: %s\r\n\r\n" % (
+        _head_start(status, header),
+        len(payload),
+        b"keep-alive" if keep_alive else b"close",
+    )
+    return data + payload if with_body else data
+
+
+@functools.lru_cache(maxsize=None)
+def _head_start(status: int, header: Optional[str]) -> bytes:
+    """
+    The constant part of a reply's head, up to the C{Content-Length}
+    value: rendered once per status and C{x-proxy-error}.
+    """
     lines = [b"HTTP/1.1 %d %s" % (status, _phrase(status))]
     if header is not None:
         lines.append(b"x-proxy-error: " + header.encode("ascii"))
     lines.append(b"Content-Type: application/json")
-    lines.append(b"Content-Length: %d" % len(payload))
-    lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
-    data = b"\r\n".join(lines) + b"\r\n\r\n"
-    return data + payload if with_body else data
+    lines.append(b"Content-Length: ")
+    return b"\r\n".join(lines)
 
 
 def blocked_fields(verdict: Verdict) -> Dict[str, Any]:
