@@ -21,7 +21,7 @@ Each chunk costs a direct call in each direction: reader, write, counter.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
 from twisted.python.failure import Failure
@@ -233,6 +233,9 @@ class Exchange:
     # -- the response -----------------------------------------------------
 
     def outboundData(self, data: bytes) -> None:
+        # A response head goes out with the body bytes that came with it,
+        # in one write.
+        out: List[bytes] = []
         while self._respReader is None:
             assert self._respParser is not None
             try:
@@ -250,19 +253,26 @@ class Exchange:
             if head.status < 200:
                 self._interim(head)
                 continue
-            if not self._startResponse(head):
+            out.append(self._startResponse(head))
+            if self._respReader is None:
+                self._client.write(out[0])
                 self._responseDone(data, reusable=head.keep_alive)
                 return
-        if not data:
-            return
-        try:
-            chunk, done, rest = self._respReader.feed(data)
-        except ProtocolError as e:
-            self._upstreamBroken(e.message)
-            return
+        if data:
+            try:
+                chunk, done, rest = self._respReader.feed(data)
+            except ProtocolError as e:
+                if out:
+                    self._client.write(out[0])
+                self._upstreamBroken(e.message)
+                return
+        else:
+            chunk, done, rest = b"", False, b""
         if chunk:
             self._owner.bytesDown += len(chunk)
-            self._client.write(chunk)
+            out.append(chunk)
+        if out:
+            self._client.write(out[0] if len(out) == 1 else b"".join(out))
         if done:
             self._responseDone(rest, reusable=self._respKeepAlive)
 
@@ -296,9 +306,9 @@ class Exchange:
         self._end()
         self._owner.upgraded(self._leg.out, rest)
 
-    def _startResponse(self, head: _httphead.ResponseHead) -> bool:
+    def _startResponse(self, head: _httphead.ResponseHead) -> bytes:
         """
-        Send the response head; return whether a body follows.
+        The response head to send; sets the body reader, if a body follows.
         """
         headers = strip_hop_by_hop(head.headers)
         framing = head.framing
@@ -314,10 +324,9 @@ class Exchange:
             headers += ((b"Connection", b"close"),)
         elif old_client:
             headers += ((b"Connection", b"keep-alive"),)
-        self._client.write(serialize_response_head((1, 1), head.status, head.reason, headers))
         self._respKeepAlive = head.keep_alive
         self._respReader = reader
-        return reader is not None
+        return serialize_response_head((1, 1), head.status, head.reason, headers)
 
     def _responseDone(self, rest: bytes, reusable: bool) -> None:
         self._end()

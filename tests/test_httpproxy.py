@@ -586,3 +586,19 @@ def test_absolute_https_in_limited_mode_is_method_checked(trickle):
     assert (status, headers["x-proxy-error"]) == (403, "blocked-by-method-policy")
     assert json.loads(body)["protocol"] == "https"
     assert h.dials() == []
+
+
+def test_a_response_head_goes_out_with_the_body_bytes_that_came_with_it():
+    """
+    One write per response head: the head and the body bytes of the same
+    read reach the client transport together, not as two writes.
+    """
+    h = Harness(trickle=False)
+    writes: list = []
+    real = h.client.write
+    h.client.write = lambda data: (writes.append(data), real(data))[1]
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, _ = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert len(writes) == 1
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\nhello")
