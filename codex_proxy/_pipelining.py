@@ -13,7 +13,7 @@ forwarded data.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Attribute, Interface
@@ -51,6 +51,51 @@ class IHeadOwner(Interface):
         """A complete head: decide it; C{kept} is the kept-alive leg, if any."""
 
 
+class Timer:
+    """
+    A connection's one head timer, kept across its requests: arming it
+    again moves the pending call (a later deadline is O(1) in the reactor)
+    instead of cancelling one call and scheduling another per request.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._call: Optional[IDelayedCall] = None
+        self._expired: Optional[Callable[[], None]] = None
+
+    def arm(self, seconds: float, expired: Callable[[], None]) -> None:
+        """
+        Call C{expired} in C{seconds}, instead of what was armed before.
+        """
+        self._expired = expired
+        call = self._call
+        if call is not None and call.active():
+            call.reset(seconds)
+        else:
+            self._call = self._clock.callLater(seconds, self._fire)
+
+    def disarm(self) -> None:
+        """
+        Call nothing; the pending call stays, to be moved by the next L{arm}.
+        """
+        self._expired = None
+
+    def stop(self) -> None:
+        """
+        Cancel the pending call: the connection is closing.
+        """
+        self._expired = None
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _fire(self) -> None:
+        self._call = None
+        expired, self._expired = self._expired, None
+        if expired is not None:
+            expired()
+
+
 class ReadingHead:
     """
     Waiting for a request head. Holds the one timer of a head, the step
@@ -65,6 +110,7 @@ class ReadingHead:
         owner: IHeadOwner,
         parser: _httphead.RequestHeadParser,
         clock: IReactorTime,
+        timer: Timer,
         idle_timeout: float,
         header_timeout: float,
         kept: Optional[Leg],
@@ -76,7 +122,7 @@ class ReadingHead:
         self._clock = clock
         self._idleTimeout = idle_timeout
         self._headerTimeout = header_timeout
-        self._timer: Optional[IDelayedCall] = None
+        self._timer = timer
         self._step: Optional[IDelayedCall] = None
         self._arm(idle and not owner.pending)
         self.stepSoon()
@@ -114,13 +160,11 @@ class ReadingHead:
         Between requests the keep-alive idle limit (close quietly); once a
         head has begun, the header timeout (408).
         """
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
         self.idle = idle
         if idle:
-            self._timer = self._clock.callLater(self._idleTimeout, self._owner.close)
+            self._timer.arm(self._idleTimeout, self._owner.close)
         else:
-            self._timer = self._clock.callLater(self._headerTimeout, self._timedOut)
+            self._timer.arm(self._headerTimeout, self._timedOut)
 
     def _stepped(self) -> None:
         self._step = None
@@ -128,7 +172,6 @@ class ReadingHead:
             self._feed(self._owner.takePending())
 
     def _timedOut(self) -> None:
-        self._timer = None
         seconds = self._headerTimeout
         error = ProtocolError(f"the request head did not arrive within {seconds:g}s", 408)
         self._owner.refuseHead(None, error)
@@ -152,7 +195,7 @@ class ReadingHead:
         owner.headArrived(head, kept)
 
     def _stop(self) -> None:
-        for call in (self._timer, self._step):
-            if call is not None and call.active():
-                call.cancel()
-        self._timer = self._step = None
+        self._timer.disarm()
+        step, self._step = self._step, None
+        if step is not None and step.active():
+            step.cancel()

@@ -48,7 +48,7 @@ from zope.interface import implementer
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
 from codex_proxy._connection import ClientConnection, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
-from codex_proxy._pipelining import IHeadOwner, ReadingHead
+from codex_proxy._pipelining import IHeadOwner, ReadingHead, Timer
 from codex_proxy._text import escape
 from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
@@ -209,6 +209,7 @@ class HTTPProxyProtocol(ClientConnection):
         super().connectionMade()
         no_delay(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
+        self._timer = Timer(self.factory.clock)
         # The verdict of the intercepted tunnel this connection has become.
         self._tunnel: Optional[Verdict] = None
         self._state: _State = _CLOSING
@@ -256,6 +257,7 @@ class HTTPProxyProtocol(ClientConnection):
     def abandon(self) -> None:
         state, self._state = self._state, _CLOSING
         state.release()
+        self._timer.stop()
 
     def writesDrained(self) -> None:
         if isinstance(self._state, ReadingHead):
@@ -275,7 +277,7 @@ class HTTPProxyProtocol(ClientConnection):
         self.watchWrites()
         factory = self.factory
         self._state = ReadingHead(
-            self, self._parser, factory.clock, factory.keepalive_idle, factory.header_timeout, kept, idle
+            self, self._parser, factory.clock, self._timer, factory.keepalive_idle, factory.header_timeout, kept, idle
         )
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
@@ -384,6 +386,7 @@ class HTTPProxyProtocol(ClientConnection):
             self._exchange(job, Leg(out, state.route, state.tls, self), reused=False)
 
     def _relayTo(self, out: Outbound, fromServer: bytes) -> None:
+        self._timer.stop()
         self._state = _Tunnelling()
         self.joinRelay(out, self.factory.tunnel_idle, fromServer, self.takePending(), self.clientEOF)
 

@@ -13,6 +13,8 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from codex_proxy._pipelining import ReadingHead, Timer
+from codex_proxy.httpproxy import HTTPProxyProtocol
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
 from codex_proxy.testing import StaticResolver
@@ -602,3 +604,26 @@ def test_a_response_head_goes_out_with_the_body_bytes_that_came_with_it():
     h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
     assert len(writes) == 1
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\nhello")
+
+
+def test_keep_alive_requests_move_one_head_timer_instead_of_scheduling_new_ones():
+    """
+    One head timer per connection: each request used to schedule (and
+    cancel) an idle and a header timeout of its own.
+    """
+    h = Harness(trickle=False)
+    get = b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+    h.send(get)
+    server, _ = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    scheduled: list = []
+    real = h.reactor.callLater
+    h.reactor.callLater = lambda *a, **kw: (scheduled.append(a[1]), real(*a, **kw))[1]
+    for _ in range(3):
+        h.send(get)
+        h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert h.client.value().count(b"HTTP/1.1 200 OK") == 4
+    heads = [f for f in scheduled if isinstance(getattr(f, "__self__", None), (HTTPProxyProtocol, ReadingHead, Timer))]
+    assert heads == []
+    h.reactor.advance(120)
+    assert h.client.disconnecting
