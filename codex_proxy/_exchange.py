@@ -35,6 +35,7 @@ from codex_proxy._httptarget import (
     serialize_response_head,
     strip_hop_by_hop,
 )
+from codex_proxy._send import send
 from codex_proxy.errors import ProtocolError
 from codex_proxy.mitm import is_tls_failure
 from codex_proxy.model import ProxyRequest, Reason
@@ -181,7 +182,8 @@ class Exchange:
         out = self._leg.out
         route = self._leg.route
         out.attach(self)
-        out.transport.write(
+        send(
+            out.transport,
             outgoing_head(
                 self._head,
                 self._request,
@@ -189,7 +191,7 @@ class Exchange:
                 close=self.close,
                 parent_authorization=route.parent.authorization if route.parent else None,
                 absolute_form=route.absolute_form,
-            )
+            ),
         )
         if self._client.producer is not None:
             self._client.unregisterProducer()
@@ -224,7 +226,7 @@ class Exchange:
             return b""
         if chunk:
             self._owner.bytesUp += len(chunk)
-            self._leg.out.transport.write(chunk)
+            send(self._leg.out.transport, chunk)
         if done:
             self._reqReader = None
             return rest
@@ -272,7 +274,7 @@ class Exchange:
             self._owner.bytesDown += len(chunk)
             out.append(chunk)
         if out:
-            self._client.write(out[0] if len(out) == 1 else b"".join(out))
+            send(self._client, out[0] if len(out) == 1 else b"".join(out))
         if done:
             self._responseDone(rest, reusable=self._respKeepAlive)
 

@@ -49,6 +49,7 @@ from codex_proxy import _httpbody, _httphead, _httptarget, errors
 from codex_proxy._connection import ClientConnection, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
 from codex_proxy._pipelining import IHeadOwner, ReadingHead, Timer
+from codex_proxy._send import send
 from codex_proxy._text import escape
 from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
@@ -495,7 +496,7 @@ class HTTPProxyProtocol(ClientConnection):
         """
         keep = not close and head is not None and head.framing is _httpbody.NO_BODY and head.form != "authority"
         with_body = head is None or head.method != "HEAD"
-        self.transport.write(errors.render(reply.status, reply.header, fields, keep_alive=keep, with_body=with_body))
+        send(self.transport, errors.render(reply.status, reply.header, fields, keep_alive=keep, with_body=with_body))
         self._next(kept, keep)
 
     def _next(self, kept: Optional[Leg], keep: bool) -> None:
