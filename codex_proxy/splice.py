@@ -29,6 +29,9 @@ from codex_proxy.relay import Relay
 #: C{os.splice}, absent off Linux (and replaced by C{None} in tests).
 _splice: Optional[Callable[..., int]] = getattr(os, "splice", None)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: Bytes a direction moves the portable way before it takes a pipe: the
+#: two syscalls of a pipe and its closing cost more than a short exchange.
+SPLICE_AFTER = 1 << 16
 #: Bytes moved per call, and the pipe capacity asked for (the kernel may
 #: give less: then calls move less).
 _CHUNK = 1 << 18
@@ -68,15 +71,21 @@ def _unsent(transport: Any) -> int:
 class _Direction:
     """
     One way through the tunnel: C{source} socket, a pipe, C{sink} socket;
-    C{count} adds what went through.
+    C{count} adds what went through, C{moved} tells how much has. The first
+    L{SPLICE_AFTER} bytes go the portable way (a short exchange costs no
+    pipe), the rest through the pipe.
     """
 
-    def __init__(self, source: Any, sink: Any, count: Callable[[int], None]) -> None:
+    def __init__(
+        self, source: Any, sink: Any, count: Callable[[int], None], moved: Callable[[], int]
+    ) -> None:
         assert _splice is not None
         self._splice = _splice
         self.source = source
         self.sink = sink
         self.count = count
+        self._moved = moved
+        self._read = source.doRead
         self._from = source.fileno()
         self._to = sink.fileno()
         # Opened on the first byte: a direction that never carries any
@@ -93,6 +102,11 @@ class _Direction:
         """
         The source is readable: splice what it has through the pipe.
         """
+        if self.pipe is None and self._moved() < SPLICE_AFTER:
+            # Twisted's own read; the relay writes what it gets.
+            result = self._read()
+            self.eof = result is main.CONNECTION_DONE
+            return result
         if self.inPipe or _unsent(self.sink):
             self._hold()
             return None
@@ -171,8 +185,8 @@ class SpliceRelay(Relay):
     def _pace(self) -> None:
         self._lost = 0
         self._directions: List[_Direction] = [
-            _Direction(self.client, self.server, self._up),
-            _Direction(self.server, self.client, self._down),
+            _Direction(self.client, self.server, self._up, lambda: self.bytesUp),
+            _Direction(self.server, self.client, self._down, lambda: self.bytesDown),
         ]
 
     def _up(self, n: int) -> None:

@@ -135,22 +135,26 @@ def test_bytes_pass_in_order_both_ways_and_are_counted(tunnel):
     assert bytes(server.received) == up
     assert bytes(client.received) == b"early:" + down
     assert (relay.bytesUp, relay.bytesDown) == (len(up), len(down) + 6)
+    if isinstance(relay, splice.SpliceRelay):
+        # Past the first bytes, both ways went through a pipe.
+        assert all(direction.pipe is not None for direction in relay._directions)
 
 
+@pytest.mark.parametrize("size", [7, 3 * splice.SPLICE_AFTER], ids=["small", "piped"])
 @pytest_twisted.inlineCallbacks
-def test_a_half_close_passes_through_and_the_other_way_stays_open(tunnel):
+def test_a_half_close_passes_through_and_the_other_way_stays_open(tunnel, size):
     client, relay, server, _ = tunnel
-    client.transport.write(b"request")
+    client.transport.write(b"q" * size)
     client.transport.loseWriteConnection()
     yield server.eof
-    assert bytes(server.received) == b"request"
-    server.transport.write(b"answer after the client's EOF")
-    yield client.until(29)
+    assert bytes(server.received) == b"q" * size
+    server.transport.write(b"a" * size)
+    yield client.until(size)
     assert not client.eof.called
     server.transport.loseConnection()
     yield client.eof
-    assert bytes(client.received) == b"answer after the client's EOF"
-    assert (relay.bytesUp, relay.bytesDown) == (7, 29)
+    assert bytes(client.received) == b"a" * size
+    assert (relay.bytesUp, relay.bytesDown) == (size, size)
 
 
 @pytest_twisted.inlineCallbacks
