@@ -378,7 +378,7 @@ class HTTPProxyProtocol(ClientConnection):
         if job.request.protocol is Proto.HTTPS_CONNECT and verdict.intercept:
             self._intercept(verdict, out, state.route)
         elif job.request.protocol is Proto.HTTPS_CONNECT:
-            self.transport.write(_CONNECT_OK)
+            send(self.transport, _CONNECT_OK)
             self._relayTo(out, out.early)
         else:
             if state.tls is not None:

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy._connection import ClientConnection
+from codex_proxy._send import send
 from codex_proxy.config import Limits
 from codex_proxy.errors import (
     SOCKS_COMMAND_NOT_SUPPORTED,
@@ -269,7 +270,12 @@ class SOCKS5Protocol(ClientConnection):
 
     def _connect(self, request: wire.Request) -> None:
         self._state = DECIDING
-        d = self._work = self.factory.policy.check(self._proxyRequest(request))
+        asked = self._proxyRequest(request)
+        verdict = self.factory.policy.decide_now(asked)
+        if verdict is not None:
+            self._decided(verdict)
+            return
+        d = self._work = self.factory.policy.check(asked)
         self.expect(d, self._decided, self._failed)
 
     def _decided(self, verdict: Verdict) -> None:
@@ -293,7 +299,7 @@ class SOCKS5Protocol(ClientConnection):
     def _connected(self, out: Outbound) -> None:
         self._work = None
         bound = out.transport.getHost()
-        self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
+        send(self.transport, wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
         self._state = RELAYING
         self.joinRelay(
             out,

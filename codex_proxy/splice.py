@@ -6,8 +6,10 @@ a transport without a socket, a system without C{splice}) gets the
 portable L{Relay}. Idle timeout, half-close, closing and byte counts are
 the L{Relay}'s own, inherited.
 
-It works under Twisted's TCP transports: the reading side's C{doRead} moves
-bytes socket to pipe to socket, and the writing side's C{doWrite} first
+It works under Twisted's TCP transports: past a direction's first
+L{SPLICE_AFTER} bytes (read the portable way: a short exchange is cheaper
+without a pipe), the reading side's C{doRead} moves bytes socket to pipe
+to socket, and the writing side's C{doWrite} first
 drains what its pipe still holds, then does Twisted's own (the bytes
 written through the transport, a half-close, a close). A side is only read
 while the other has nothing waiting, so bytes keep their order and at most
