@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import attrs
 import idna
@@ -26,6 +26,7 @@ _LABEL = re.compile(r"[a-z0-9_-]+")
 # WHATWG "ends in a number": such a last label must be an IPv4 literal.
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _PORT = re.compile(r"[0-9]+")
+_MAX_PORT = 65535
 
 
 class InvalidHost(ProxyError, ValueError):
@@ -115,6 +116,12 @@ class PatternKind(enum.Enum):
     EXACT = ""
     SUBDOMAINS = "*."
     APEX_AND_SUBDOMAINS = "**."
+    #: C{*:PORT}: every host, on one port; denylists only (SPEC §3.1).
+    EVERY_HOST = "*"
+
+
+#: L{Pattern.port} of a pattern that matches every port.
+ANY_PORT = 0
 
 
 @attrs.frozen
@@ -122,58 +129,85 @@ class Pattern:
     """
     A parsed domain pattern.
 
-    @ivar domain: the normalised domain (or canonical IP literal).
+    @ivar domain: the normalised domain (or canonical IP literal); empty
+        for L{PatternKind.EVERY_HOST}.
+    @ivar port: the one port the pattern matches, or L{ANY_PORT}.
     """
 
     kind: PatternKind
     domain: str
+    port: int = ANY_PORT
 
     @property
     def text(self) -> str:
         """
-        The canonical spelling: C{x}, C{*.x} or C{**.x}.
+        The canonical spelling: C{x}, C{*.x} or C{**.x}, followed by
+        C{:PORT} when it names one (an IPv6 literal then in brackets), or
+        C{*:PORT}.
         """
-        return self.kind.value + self.domain
+        if self.port == ANY_PORT:
+            return self.kind.value + self.domain
+        host = f"[{self.domain}]" if ":" in self.domain else self.domain
+        return f"{self.kind.value}{host}:{self.port}"
 
 
-def parse_pattern(text: str) -> Pattern:
+def parse_pattern(text: str, *, deny: bool = False) -> Pattern:
     """
-    Parse one allow/deny pattern (SPEC §3).
+    Parse one allow/deny pattern (SPEC §3, §3.1), with an optional C{:PORT}.
 
+    @param deny: the pattern is for a denylist, where C{*:PORT} (every
+        host on that port) is allowed.
     @raise PatternError: the pattern is global, misplaces C{*}, puts a
-        wildcard on an IP literal, has a port, or is not a valid host.
+        wildcard on an IP literal, has an invalid port, or is not a valid
+        host.
     """
     stripped = text.strip()
-    if stripped.rstrip(".") in ("*", "**"):
+    rest, port = _split_port(stripped, text)
+    if rest.rstrip(".") in ("*", "**"):
+        if rest == "*" and port != ANY_PORT:
+            if deny:
+                return Pattern(PatternKind.EVERY_HOST, "", port)
+            raise PatternError(
+                f"{text!r} matches every host: only denied_domains accepts '*:PORT'"
+            )
         raise PatternError(f"the global pattern {stripped!r} is not allowed")
     kind = PatternKind.EXACT
     for wildcard in (PatternKind.APEX_AND_SUBDOMAINS, PatternKind.SUBDOMAINS):
-        if stripped.startswith(wildcard.value):
+        if rest.startswith(wildcard.value):
             kind = wildcard
             break
-    rest = stripped[len(kind.value) :]
+    rest = rest[len(kind.value) :]
     if "*" in rest:
         raise PatternError(
             f"'*' is only allowed as a leading '*.' or '**.' label in {text!r}"
         )
-    if _has_port(rest):
-        raise PatternError(f"patterns are port-agnostic; remove the port from {text!r}")
     try:
         domain = normalize_host(rest)
     except InvalidHost as e:
         raise PatternError(f"invalid pattern {text!r}: {e}") from None
     if kind is not PatternKind.EXACT and _is_ip_host(domain):
         raise PatternError(f"wildcards cannot apply to the IP address in {text!r}")
-    return Pattern(kind, domain)
+    return Pattern(kind, domain, port)
 
 
-def _has_port(host: str) -> bool:
+def _split_port(pattern: str, text: str) -> Tuple[str, int]:
     """
-    Whether the (unnormalised) C{host} names a port.
+    The host part of the (stripped) C{pattern} and its port, L{ANY_PORT}
+    when it names none. An IPv6 literal with a port is bracketed: without
+    brackets, every colon belongs to the address.
     """
-    if host.startswith("["):
-        return ":" in host.rpartition("]")[2]
-    return host.count(":") == 1
+    if pattern.startswith("["):
+        inner, bracket, rest = pattern.partition("]")
+        if not (bracket and rest.startswith(":")):
+            return pattern, ANY_PORT
+        host, port = inner + bracket, rest[1:]
+    elif pattern.count(":") == 1:
+        host, _, port = pattern.partition(":")
+    else:
+        return pattern, ANY_PORT
+    if _PORT.fullmatch(port) is None or not 1 <= int(port) <= _MAX_PORT:
+        raise PatternError(f"invalid port in pattern {text!r} (expected 1-{_MAX_PORT})")
+    return host, int(port)
 
 
 def _is_ip_host(host: str) -> bool:
@@ -187,51 +221,103 @@ def _is_ip_host(host: str) -> bool:
 
 class DomainSet:
     """
-    A compiled set of patterns, indexed by domain.
+    A compiled set of patterns, indexed by domain (and port).
 
     The most specific pattern matching a host wins: an exact (or apex
     C{**.}) pattern for the host itself, else the wildcard on its longest
-    matching suffix. IP literal hosts match only exact patterns.
+    matching suffix, else a C{*:PORT} pattern; at each of these steps a
+    pattern naming the request's port comes before one matching every port.
+    IP literal hosts match only exact patterns. Every step is one hash
+    lookup, so the cost does not grow with the number of patterns.
     """
 
-    __slots__ = ("_patterns", "_exact", "_apex", "_subdomains")
+    __slots__ = (
+        "_patterns",
+        "_exact",
+        "_apex",
+        "_subdomains",
+        "_exactAt",
+        "_apexAt",
+        "_subdomainsAt",
+        "_everyHostAt",
+        "_ported",
+    )
 
     def __init__(self, patterns: Iterable[Pattern]) -> None:
         self._patterns = tuple(dict.fromkeys(patterns))
         self._exact: Dict[str, Pattern] = {}
         self._apex: Dict[str, Pattern] = {}
         self._subdomains: Dict[str, Pattern] = {}
+        self._exactAt: Dict[Tuple[str, int], Pattern] = {}
+        self._apexAt: Dict[Tuple[str, int], Pattern] = {}
+        self._subdomainsAt: Dict[Tuple[str, int], Pattern] = {}
+        self._everyHostAt: Dict[int, Pattern] = {}
         for pattern in self._patterns:
-            if pattern.kind is PatternKind.EXACT:
-                self._exact[pattern.domain] = pattern
-            elif pattern.kind is PatternKind.APEX_AND_SUBDOMAINS:
-                self._apex[pattern.domain] = pattern
-                self._subdomains.setdefault(pattern.domain, pattern)
+            if pattern.port == ANY_PORT:
+                self._index(pattern, pattern.domain, self._exact, self._apex, self._subdomains)
+            elif pattern.kind is PatternKind.EVERY_HOST:
+                self._everyHostAt[pattern.port] = pattern
             else:
-                # '*.d' is the narrower spelling of what '**.d' covers below d.
-                self._subdomains[pattern.domain] = pattern
+                key = (pattern.domain, pattern.port)
+                self._index(pattern, key, self._exactAt, self._apexAt, self._subdomainsAt)
+        self._ported = bool(
+            self._exactAt or self._apexAt or self._subdomainsAt or self._everyHostAt
+        )
 
-    def match(self, host: str) -> Optional[Pattern]:
+    @staticmethod
+    def _index(
+        pattern: Pattern,
+        key: Any,
+        exact: Dict[Any, Pattern],
+        apex: Dict[Any, Pattern],
+        subdomains: Dict[Any, Pattern],
+    ) -> None:
         """
-        The most specific pattern matching the normalised C{host}, if any.
+        File C{pattern} under C{key} in the tables of its kind.
         """
-        found = self._exact.get(host) or self._apex.get(host)
-        if found is not None or _is_ip_host(host):
-            return found
-        dot = host.find(".")
-        while dot != -1:
-            found = self._subdomains.get(host[dot + 1 :])
+        if pattern.kind is PatternKind.EXACT:
+            exact[key] = pattern
+        elif pattern.kind is PatternKind.APEX_AND_SUBDOMAINS:
+            apex[key] = pattern
+            subdomains.setdefault(key, pattern)
+        else:
+            # '*.d' is the narrower spelling of what '**.d' covers below d.
+            subdomains[key] = pattern
+
+    def match(self, host: str, port: Optional[int] = None) -> Optional[Pattern]:
+        """
+        The most specific pattern matching the normalised C{host} on
+        C{port}, if any; with C{port} C{None}, only a pattern that matches
+        every port counts.
+        """
+        at = port if self._ported else None
+        if at is not None:
+            found = self._exactAt.get((host, at)) or self._apexAt.get((host, at))
             if found is not None:
                 return found
-            dot = host.find(".", dot + 1)
-        return None
+        found = self._exact.get(host) or self._apex.get(host)
+        if found is not None:
+            return found
+        if not _is_ip_host(host):
+            dot = host.find(".")
+            while dot != -1:
+                suffix = host[dot + 1 :]
+                if at is not None:
+                    found = self._subdomainsAt.get((suffix, at))
+                    if found is not None:
+                        return found
+                found = self._subdomains.get(suffix)
+                if found is not None:
+                    return found
+                dot = host.find(".", dot + 1)
+        return None if at is None else self._everyHostAt.get(at)
 
-    def exact(self, host: str) -> bool:
+    def exact(self, host: str, port: Optional[int] = None) -> bool:
         """
-        Whether an exact pattern names the normalised C{host}; only these
-        unlock local targets (SPEC §5.1).
+        Whether an exact pattern names the normalised C{host} on every port
+        or on C{port}; only these unlock local targets (SPEC §5.1, §3.1).
         """
-        return host in self._exact
+        return host in self._exact or (host, port) in self._exactAt
 
     def __len__(self) -> int:
         return len(self._patterns)

@@ -210,7 +210,7 @@ def test_runtime_additions_flip_lists_and_survive_a_reload(tmp_path, log):
             "the allowlist is managed",
         ),
         ('[experimental_network]\ndenied_domains = ["**.example"]\n', "b.example", "managed requirements deny it"),
-        ("", "b.example:80", "port-agnostic"),
+        ("", "b.example:0", "invalid port"),
     ],
 )
 def test_runtime_allow_refused_changes_nothing(tmp_path, requirements, pattern, message):
