@@ -78,13 +78,15 @@ def check_config(path: Optional[str], out: TextIO) -> int:
     for title, patterns in (
         ("allowed_domains", config.allowed_domains),
         ("denied_domains", config.denied_domains),
+        ("allowed_ranges", config.allowed_ranges),
+        ("denied_ranges", config.denied_ranges),
     ):
         out.write(f"{title} ({len(patterns)}):\n")
         width = max((len(p) for p in patterns), default=0)
         for pattern in patterns:
             out.write(f"  {pattern.ljust(width)}  {config.pattern_sources[pattern]}\n")
-    if not config.allowed_domains:
-        out.write("  (empty allowlist: every destination is blocked)\n")
+        if title == "allowed_domains" and not patterns:
+            out.write("  (empty allowlist: every destination is blocked)\n")
     out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
     for path in config.allow_unix_sockets:
         out.write(f"  {path}\n")
