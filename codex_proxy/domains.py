@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import attrs
 import idna
@@ -219,70 +219,61 @@ def _is_ip_host(host: str) -> bool:
     return ":" in host or host.rpartition(".")[2].isdigit()
 
 
+class _Index:
+    """
+    The patterns of one port (or of every port), by domain.
+    """
+
+    __slots__ = ("exact", "apex", "subdomains")
+
+    def __init__(self) -> None:
+        self.exact: Dict[str, Pattern] = {}
+        self.apex: Dict[str, Pattern] = {}
+        self.subdomains: Dict[str, Pattern] = {}
+
+    def add(self, pattern: Pattern) -> None:
+        if pattern.kind is PatternKind.EXACT:
+            self.exact[pattern.domain] = pattern
+        elif pattern.kind is PatternKind.APEX_AND_SUBDOMAINS:
+            self.apex[pattern.domain] = pattern
+            self.subdomains.setdefault(pattern.domain, pattern)
+        else:
+            # '*.d' is the narrower spelling of what '**.d' covers below d.
+            self.subdomains[pattern.domain] = pattern
+
+    def itself(self, host: str) -> Optional[Pattern]:
+        """
+        The exact or apex pattern naming C{host} itself.
+        """
+        return self.exact.get(host) or self.apex.get(host)
+
+
 class DomainSet:
     """
-    A compiled set of patterns, indexed by domain (and port).
+    A compiled set of patterns, indexed by port and domain.
 
     The most specific pattern matching a host wins: an exact (or apex
     C{**.}) pattern for the host itself, else the wildcard on its longest
-    matching suffix, else a C{*:PORT} pattern; at each of these steps a
-    pattern naming the request's port comes before one matching every port.
-    IP literal hosts match only exact patterns. Every step is one hash
-    lookup, so the cost does not grow with the number of patterns.
+    matching suffix, else a C{*:PORT} pattern; at each step a pattern naming
+    the request's port comes before one for every port. IP literal hosts
+    match only exact patterns. Every step is a hash lookup, so the cost does
+    not grow with the number of patterns (SPEC §3.1).
     """
 
-    __slots__ = (
-        "_patterns",
-        "_exact",
-        "_apex",
-        "_subdomains",
-        "_exactAt",
-        "_apexAt",
-        "_subdomainsAt",
-        "_everyHostAt",
-        "_ported",
-    )
+    __slots__ = ("_patterns", "_any", "_ports", "_everyHost")
 
     def __init__(self, patterns: Iterable[Pattern]) -> None:
         self._patterns = tuple(dict.fromkeys(patterns))
-        self._exact: Dict[str, Pattern] = {}
-        self._apex: Dict[str, Pattern] = {}
-        self._subdomains: Dict[str, Pattern] = {}
-        self._exactAt: Dict[Tuple[str, int], Pattern] = {}
-        self._apexAt: Dict[Tuple[str, int], Pattern] = {}
-        self._subdomainsAt: Dict[Tuple[str, int], Pattern] = {}
-        self._everyHostAt: Dict[int, Pattern] = {}
+        self._any = _Index()
+        self._ports: Dict[int, _Index] = {}
+        self._everyHost: Dict[int, Pattern] = {}
         for pattern in self._patterns:
-            if pattern.port == ANY_PORT:
-                self._index(pattern, pattern.domain, self._exact, self._apex, self._subdomains)
-            elif pattern.kind is PatternKind.EVERY_HOST:
-                self._everyHostAt[pattern.port] = pattern
+            if pattern.kind is PatternKind.EVERY_HOST:
+                self._everyHost[pattern.port] = pattern
+            elif pattern.port == ANY_PORT:
+                self._any.add(pattern)
             else:
-                key = (pattern.domain, pattern.port)
-                self._index(pattern, key, self._exactAt, self._apexAt, self._subdomainsAt)
-        self._ported = bool(
-            self._exactAt or self._apexAt or self._subdomainsAt or self._everyHostAt
-        )
-
-    @staticmethod
-    def _index(
-        pattern: Pattern,
-        key: Any,
-        exact: Dict[Any, Pattern],
-        apex: Dict[Any, Pattern],
-        subdomains: Dict[Any, Pattern],
-    ) -> None:
-        """
-        File C{pattern} under C{key} in the tables of its kind.
-        """
-        if pattern.kind is PatternKind.EXACT:
-            exact[key] = pattern
-        elif pattern.kind is PatternKind.APEX_AND_SUBDOMAINS:
-            apex[key] = pattern
-            subdomains.setdefault(key, pattern)
-        else:
-            # '*.d' is the narrower spelling of what '**.d' covers below d.
-            subdomains[key] = pattern
+                self._ports.setdefault(pattern.port, _Index()).add(pattern)
 
     def match(self, host: str, port: Optional[int] = None) -> Optional[Pattern]:
         """
@@ -290,34 +281,34 @@ class DomainSet:
         C{port}, if any; with C{port} C{None}, only a pattern that matches
         every port counts.
         """
-        at = port if self._ported else None
-        if at is not None:
-            found = self._exactAt.get((host, at)) or self._apexAt.get((host, at))
-            if found is not None:
-                return found
-        found = self._exact.get(host) or self._apex.get(host)
-        if found is not None:
-            return found
-        if not _is_ip_host(host):
+        at = self._ports.get(port) if self._ports and port is not None else None
+        every = self._any
+        found = None if at is None else at.itself(host)
+        if found is None:
+            found = every.exact.get(host) or every.apex.get(host)
+        if found is None and not _is_ip_host(host):
+            below = every.subdomains
             dot = host.find(".")
-            while dot != -1:
+            while found is None and dot != -1:
                 suffix = host[dot + 1 :]
                 if at is not None:
-                    found = self._subdomainsAt.get((suffix, at))
-                    if found is not None:
-                        return found
-                found = self._subdomains.get(suffix)
-                if found is not None:
-                    return found
+                    found = at.subdomains.get(suffix)
+                if found is None:
+                    found = below.get(suffix)
                 dot = host.find(".", dot + 1)
-        return None if at is None else self._everyHostAt.get(at)
+        if found is None and self._everyHost and port is not None:
+            found = self._everyHost.get(port)
+        return found
 
     def exact(self, host: str, port: Optional[int] = None) -> bool:
         """
         Whether an exact pattern names the normalised C{host} on every port
         or on C{port}; only these unlock local targets (SPEC §5.1, §3.1).
         """
-        return host in self._exact or (host, port) in self._exactAt
+        if host in self._any.exact:
+            return True
+        at = None if port is None else self._ports.get(port)
+        return at is not None and host in at.exact
 
     def __len__(self) -> int:
         return len(self._patterns)
