@@ -20,20 +20,14 @@ from __future__ import annotations
 import enum
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Container, Iterable, Mapping, Optional
 
 import attrs
 
 from codex_proxy._toml import ConfigError, Table, load_toml, pattern_lists, read_file, readonly
 from codex_proxy.config import ProxyConfig, address_ranges, codex_home, load_config
-from codex_proxy.domains import (
-    ANY_PORT,
-    DomainSet,
-    Pattern,
-    PatternError,
-    PatternKind,
-    parse_pattern,
-)
+from codex_proxy.domains import ANY_PORT, DomainSet, Pattern, PatternError, PatternKind
+from codex_proxy.domains import parse_pattern
 from codex_proxy.errors import ProxyError
 from codex_proxy.model import Mode
 
@@ -145,8 +139,11 @@ def _spell(value: Any) -> str:
 
 
 def _ignored(
-    requirements: Requirements, config: ProxyConfig, what: str, user: tuple[str, ...],
-    managed: tuple[str, ...],
+    requirements: Requirements,
+    config: ProxyConfig,
+    what: str,
+    user: Iterable[str],
+    managed: Container[str],
 ) -> tuple[str, ...]:
     """
     The warning, if any, that the C{user} entries of C{config} missing from
@@ -191,12 +188,11 @@ def merge_requirements(config: ProxyConfig, requirements: Requirements) -> Proxy
     if requirements.managed_allowed_domains_only:
         allowed = dict.fromkeys(requirements.allowed_domains)
         allowed_ranges = dict.fromkeys(requirements.allowed_ranges)
-        warnings += _ignored(
-            requirements, config, "allowed patterns", config.allowed_domains, tuple(allowed)
-        )
-        warnings += _ignored(
-            requirements, config, "allowed_ranges", config.allowed_ranges, tuple(allowed_ranges)
-        )
+        for what, user, kept in (
+            ("allowed patterns", config.allowed_domains, allowed),
+            ("allowed_ranges", config.allowed_ranges, allowed_ranges),
+        ):
+            warnings += _ignored(requirements, config, what, user, kept)
     else:
         allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
         allowed_ranges = dict.fromkeys((*requirements.allowed_ranges, *config.allowed_ranges))
