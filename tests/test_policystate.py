@@ -308,3 +308,18 @@ def test_deeply_nested_toml_on_reload_is_logged_naming_the_file(tmp_path, log):
     assert line.endswith(f"{proxy.config_path}: invalid TOML: values nested too deeply")
     assert proxy.decide("a.example") == ALLOW
 
+
+
+def test_runtime_rules_with_ports_are_remembered_and_decide_per_port(tmp_path):
+    proxy = Proxy(tmp_path, config(allowed=["**.example"]))
+    proxy.state.add_allowed_domain("127.0.0.1:8000", persist=True)
+    proxy.state.add_denied_domain("*:22", persist=True)
+    rules = load_rules(str(proxy.rules_path))
+    assert (rules.allowed_domains, rules.denied_domains) == (("127.0.0.1:8000",), ("*:22",))
+    restarted = Proxy(tmp_path)
+    for host, port in [("127.0.0.1", 8000), ("127.0.0.1", 8001), ("a.example", 22), ("a.example", 80)]:
+        restarted.service.check(ProxyRequest(Protocol.HTTP, host, port, method="GET"))
+    assert [
+        f"{e['network.policy.decision']} {e['network.policy.reason']}"
+        for e in restarted.auditor.events
+    ] == [ALLOW, "deny not_allowed_local", DENIED, ALLOW]
