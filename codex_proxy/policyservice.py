@@ -6,8 +6,9 @@ L{PolicyService.check} runs the synchronous core (L{codex_proxy.policy}),
 puts an allowlist miss to the policy decider when there is one (SPEC §9.2),
 resolves an allowed name exactly once through the injected resolver, vets
 every address against the address ranges and the local-address rule
-(SPEC §5.1, §5.3; L{codex_proxy.policy.vet}), records the audit event, and hands back the vetted addresses: the only ones the caller
-may dial (SPEC §5.2).
+(SPEC §5.1, §5.3; L{codex_proxy.policy.vet}), records the audit event, and
+hands back the vetted addresses: the only ones the caller may dial (SPEC
+§5.2).
 """
 
 from __future__ import annotations
