@@ -4,8 +4,8 @@ guard of SPEC §4.4.
 
 L{decide} is total and pure. Resolution (step 7), the decider and auditing
 are the policy service's job; this module only says what the configuration
-alone says, including about the addresses a host resolved to (L{vet}); L{policy_from_config} compiles a loaded config into the
-L{Policy} it reads.
+alone says, including about the addresses a host resolved to (L{vet});
+L{policy_from_config} compiles a loaded config into the L{Policy} it reads.
 """
 
 from __future__ import annotations
