@@ -10,6 +10,8 @@ import json
 from typing import Any, Dict, List
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support.http import PUBLIC
 from support.http import Harness as HTTPHarness
 from support.socks import NO_AUTH, connect
@@ -112,6 +114,22 @@ def test_a_pattern_with_a_port_matches_only_that_port():
     assert domains.match("a.test") is None
     assert domains.match("x.c.test").text == "*.c.test"
     assert domains.exact("a.test", 8000) and not domains.exact("a.test", 8001)
+
+
+PORTS = st.integers(min_value=1, max_value=65535)
+
+
+@given(pattern_port=PORTS, request_port=PORTS)
+def test_port_patterns_match_exactly_their_port(pattern_port, request_port):
+    domains = DomainSet(
+        parse_pattern(text, deny=True)
+        for text in (f"a.test:{pattern_port}", f"[::1]:{pattern_port}", f"*:{pattern_port}")
+    )
+    same = pattern_port == request_port
+    assert (domains.match("a.test", request_port) is not None) is same
+    assert (domains.match("::1", request_port) is not None) is same
+    assert (domains.match("b.test", request_port) is not None) is same
+    assert domains.match("a.test") is None
 
 
 def test_star_port_denies_every_host_on_that_port_while_443_still_works():
