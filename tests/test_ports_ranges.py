@@ -18,7 +18,7 @@ from support.socks import NO_AUTH, connect
 from support.socks import Harness as SOCKSHarness
 
 from codex_proxy import _socks5wire as wire
-from codex_proxy.domains import PatternKind, parse_pattern, DomainSet
+from codex_proxy.domains import DomainSet, PatternKind, parse_pattern
 from codex_proxy.model import Protocol, ProxyRequest
 from codex_proxy.policy import Policy
 from codex_proxy.testing import StaticResolver
