@@ -279,6 +279,7 @@ class NetworkProxy:
             run_in_thread=lambda f: threads.deferToThreadPool(
                 reactor, reactor.getThreadPool(), f
             ),
+            disabled=self._connections.closeOutbound,
         )
 
     @staticmethod
