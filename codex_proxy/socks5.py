@@ -279,7 +279,9 @@ class SOCKS5Protocol(ClientConnection):
             return
         self.noteVerdict(verdict)
         self._state = DIALLING
-        d = self._work = self.factory.upstream.connect(verdict.addresses, verdict.port)
+        # Chained through the HTTPS_PROXY/ALL_PROXY parent, as HTTP CONNECT is (SPEC §7).
+        upstream = self.factory.upstream
+        d = self._work = upstream.dial(upstream.route(verdict, tunnel=True))
         self.expect(d, self._connected, self._failed)
 
     def _failed(self, failure: Failure) -> None:
