@@ -15,7 +15,7 @@ import ipaddress
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import attrs
 
@@ -196,6 +196,7 @@ class ProxyConfig:
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)
     managed_allowed_domains_only: bool = False
+    dns_listen: Optional[ListenAddress] = None
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -227,6 +228,7 @@ _NETWORK_KEYS = (
     "domains",
     "allow_unix_sockets",
     "limits",
+    "dns_url",
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -318,6 +320,31 @@ def _clamp(
     return clamped, tuple(warnings)
 
 
+def _dns_listen(network: Table) -> Optional[ListenAddress]:
+    """
+    The DNS listener address (SPEC §14.2), or C{None} when C{dns_url} is
+    unset. Any scheme is ignored; the address must be on loopback, whatever
+    C{dangerously_allow_non_loopback_proxy} says: an open resolver answering
+    for the allowlist is never wanted.
+    """
+    text = network.get("dns_url", None, is_str, "a string")
+    if text is None:
+        return None
+    scheme = _SCHEME.match(text.strip())
+    try:
+        address = parse_listen_address(text.strip()[scheme.end() :] if scheme else text)
+    except ValueError as e:
+        raise network.error(
+            network.key("dns_url"), f"invalid listener address {text!r}: {e}"
+        ) from None
+    if not address.is_loopback:
+        raise network.error(
+            network.key("dns_url"),
+            f"{address} is not on loopback (the DNS listener is loopback only)",
+        )
+    return address
+
+
 def _network_config(network: Table) -> ProxyConfig:
     network.check_keys(_NETWORK_KEYS)
     flags = {name: network.boolean(name, getattr(_DEFAULT_CONFIG, name)) for name in _BOOL_KEYS}
@@ -357,6 +384,7 @@ def _network_config(network: Table) -> ProxyConfig:
         warnings=warnings,
         explicit=frozenset(network.values),
         section=network.path,
+        dns_listen=_dns_listen(network),
     )
 
 

@@ -257,7 +257,8 @@ def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
     means read-only: a body, an upgrade or a method override naming any
     other method is refused even on a GET.
     """
-    if policy.mode is not Mode.LIMITED:
+    if policy.mode is not Mode.LIMITED or request.protocol is Protocol.DNS:
+        # A name lookup reads; it writes nothing anywhere (SPEC §14.2).
         return None
     if request.protocol in (Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP):
         return Reason.METHOD_NOT_ALLOWED

@@ -81,6 +81,15 @@ def test_check_config_shows_clamping_warnings_and_empty_allowlist(config_file):
     assert "warning: " in out and "replaced by 127.0.0.1:3128" in out
 
 
+def test_check_config_shows_the_dns_listener(config_file):
+    code, out, _ = run("check-config", config_file())
+    assert code == 0
+    assert "dns_url:                              unset (default)\n" in out
+    path = config_file(text='[network]\ndns_url = "dns://127.0.0.1:5353"\n')
+    code, out, _ = run("check-config", path)
+    assert "dns_url:                              127.0.0.1:5353\n" in out
+
+
 def test_check_config_invalid_exits_1_naming_file_and_key(config_file):
     path = config_file(text='[network]\nmode = "fast"\n')
     code, out, err = run("check-config", path)

@@ -344,3 +344,17 @@ def test_deeply_nested_toml_on_reload_is_logged_naming_the_file(tmp_path, log):
     assert line.endswith(f"{proxy.config_path}: invalid TOML: values nested too deeply")
     assert proxy.decide("a.example") == ALLOW
 
+
+
+def test_dns_url_cannot_change_on_a_running_proxy(tmp_path, log):
+    proxy = Proxy(tmp_path, config(extra='dns_url = "127.0.0.1:5353"\n'))
+    proxy.config_path.write_text(config())
+
+    assert proxy.reload() is True
+
+    assert proxy.state.config.dns_listen == ListenAddress("127.0.0.1", 5353)
+    assert any(
+        "network.dns_url: changed to unset, but it cannot change on a running proxy;"
+        " keeping 127.0.0.1:5353 until restart" in line
+        for line in log
+    )
