@@ -110,6 +110,7 @@ def listeners(
             enable_udp=config.enable_socks5_udp,
             reactor=reactor,
             connections=connections,
+            https=http if interceptor is not None else None,
         )
         found.append(Listener("socks", "socks_url", config.socks_listen, socks))
     if config.dns_listen is not None:

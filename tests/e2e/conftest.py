@@ -193,8 +193,10 @@ class OriginServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), _OriginHandler)
+    def __init__(
+        self, tls: ssl.SSLContext | None = None, address: tuple[str, int] = ("127.0.0.1", 0)
+    ) -> None:
+        super().__init__(address, _OriginHandler)
         self.tls = tls
         self.requests: list[SeenRequest] = []
         self._lock = threading.Lock()
