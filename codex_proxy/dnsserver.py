@@ -14,13 +14,15 @@ again under the current policy) every time.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.names import dns, server
 from twisted.python.failure import Failure
 
+from codex_proxy.connections import Connections
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Protocol, ProxyRequest, Verdict
 from codex_proxy.policyservice import PolicyService
@@ -41,11 +43,24 @@ class DNSFactory(server.DNSServerFactory):
     L{datagram}), each query decided by C{policy}.
     """
 
-    def __init__(self, policy: PolicyService) -> None:
+    def __init__(self, policy: PolicyService, connections: Connections) -> None:
+        """
+        @param connections: where TCP client connections register while
+            open, so that a shutdown closes them with the rest.
+        """
         super().__init__()
         # We resolve on the client's behalf: answers say recursion is available.
         self.canRecurse = True
         self._policy = policy
+        self._connections = connections
+
+    def connectionMade(self, protocol: dns.DNSProtocol) -> None:
+        super().connectionMade(protocol)
+        self._connections.opened(cast(ITCPTransport, protocol.transport))
+
+    def connectionLost(self, protocol: dns.DNSProtocol) -> None:
+        super().connectionLost(protocol)
+        self._connections.closed(cast(ITCPTransport, protocol.transport))
 
     def datagram(self) -> dns.DNSDatagramProtocol:
         """

@@ -114,7 +114,7 @@ def listeners(
         )
         found.append(Listener("socks", "socks_url", config.socks_listen, socks))
     if config.dns_listen is not None:
-        dns = DNSFactory(policy)
+        dns = DNSFactory(policy, connections)
         found.append(Listener("dns", "dns_url", config.dns_listen, dns, dns.datagram()))
     return found
 

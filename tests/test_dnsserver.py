@@ -8,13 +8,14 @@ on resolver failure, one audit event per decided query.
 from __future__ import annotations
 
 import socket
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import dns
 
+from codex_proxy.connections import Connections
 from codex_proxy.dnsserver import DNSFactory
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
@@ -36,12 +37,14 @@ class Datagrams:
         self.sent.append((data, address))
 
 
-def serve(resolver: StaticResolver, **policy) -> tuple[DNSFactory, RecordingAuditor]:
+def serve(
+    resolver: StaticResolver, connections: Optional[Connections] = None, **policy
+) -> tuple[DNSFactory, RecordingAuditor]:
     clock = MemoryReactorClock()
     auditor = RecordingAuditor(clock.seconds)
     policy.setdefault("allowed", ["**.example.com"])
     service = PolicyService(Policy.build(**policy), resolver=resolver, clock=clock, auditor=auditor)
-    return DNSFactory(service), auditor
+    return DNSFactory(service, connections or Connections()), auditor
 
 
 def ask(factory: DNSFactory, name: str, kind: int = dns.A, cls: int = dns.IN) -> dns.Message:
@@ -143,10 +146,12 @@ def test_limited_mode_still_answers_lookups():
 
 def test_queries_over_tcp_are_answered_too():
     resolver = StaticResolver({"a.example.com": ["203.0.114.1"]})
-    factory, auditor = serve(resolver)
+    connections = Connections()
+    factory, auditor = serve(resolver, connections)
     protocol = factory.buildProtocol(None)
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40001))
     protocol.makeConnection(transport)
+    assert len(connections) == 1  # a shutdown closes it with the rest
     query = dns.Message(id=9)
     query.queries = [dns.Query("a.example.com", dns.A, dns.IN)]
     data = query.toStr()
@@ -158,3 +163,5 @@ def test_queries_over_tcp_are_answered_too():
     assert int.from_bytes(written[:2], "big") == len(written) - 2
     assert [rr.payload.dottedQuad() for rr in reply.answers] == ["203.0.114.1"]
     assert auditor.events[-1]["client.address"] == "127.0.0.1:40001"
+    protocol.connectionLost(None)
+    assert len(connections) == 0
