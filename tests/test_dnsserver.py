@@ -44,7 +44,7 @@ def serve(
     auditor = RecordingAuditor(clock.seconds)
     policy.setdefault("allowed", ["**.example.com"])
     service = PolicyService(Policy.build(**policy), resolver=resolver, clock=clock, auditor=auditor)
-    return DNSFactory(service, connections or Connections()), auditor
+    return DNSFactory(service, Connections() if connections is None else connections), auditor
 
 
 def ask(factory: DNSFactory, name: str, kind: int = dns.A, cls: int = dns.IN) -> dns.Message:
