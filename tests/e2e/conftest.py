@@ -311,6 +311,29 @@ def tls_origin(tls_files: TLSFiles) -> Iterator[OriginServer]:
     server.stop()
 
 
+@pytest.fixture
+def tls_origin_at(tls_files: TLSFiles) -> Iterator[Callable[[tuple[str, int]], OriginServer]]:
+    """
+    C{tls_origin_at(address)}: a L{tls_origin} on a chosen address (a
+    well-known port needs privileges: the test is skipped without them).
+    """
+    started: list[OriginServer] = []
+
+    def start(address: tuple[str, int]) -> OriginServer:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls_files.cert, tls_files.key)
+        try:
+            server = OriginServer(tls=context, address=address)
+        except OSError as e:
+            pytest.skip(f"cannot listen on {address}: {e}")
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
 @dataclass
 class CurlResult:
     """

@@ -163,28 +163,15 @@ def test_one_ca_file_of_two_stops_start_up(proxyproc, tmp_path, name, content):
 ORIGIN_443 = ("127.0.0.43", 443)
 
 
-@pytest.fixture
-def tls_origin_443(tls_files):
-    from conftest import OriginServer
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tls_files.cert, tls_files.key)
-    try:
-        server = OriginServer(tls=context, address=ORIGIN_443).start()
-    except PermissionError:
-        pytest.skip("binding port 443 needs privileges this run does not have")
-    yield server
-    server.stop()
-
-
 def test_socks5_connect_to_443_is_intercepted_in_limited_mode(
-    proxy_factory, tls_files, tls_origin_443, curl, proxyproc
+    proxy_factory, tls_files, tls_origin_at, curl, proxyproc
 ):
     """
     SPEC §6: C{curl --socks5-hostname} gets read-only HTTPS instead of REP
     0x02: GET passes, POST is refused inside TLS and never reaches the
     origin; the leaf is for the requested name.
     """
+    tls_origin_443 = tls_origin_at(ORIGIN_443)
     proxy = proxy_factory(
         {**LIMITED_MITM, "enable_socks5": True, "socks_url": "127.0.0.1:0"},
         args=("--resolve", f"localhost={ORIGIN_443[0]}"),
