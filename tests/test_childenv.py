@@ -85,3 +85,12 @@ def test_ca_bundle_sets_every_bundle_variable():
     assert {name: env[name] for name in CA_BUNDLE_VARIABLES} == dict.fromkeys(
         CA_BUNDLE_VARIABLES, "/h/proxy/bundle.pem"
     )
+
+
+def test_the_dns_listener_adds_nothing():
+    """
+    Resolvers are not configured by environment (SPEC §14.2): the sandbox's
+    resolver is pointed at the DNS listener some other way.
+    """
+    env = child_env(config('dns_url = "127.0.0.1:5353"\n'))
+    assert env == expected("http://127.0.0.1:3128", "socks5h://127.0.0.1:8081")
