@@ -60,6 +60,7 @@ def check_config(path: Optional[str], out: TextIO) -> int:
         ("enable_socks5", _flag(config, "enable_socks5")),
         ("socks_url", _setting(config, "socks_url", str(config.socks_listen))),
         ("enable_socks5_udp", _flag(config, "enable_socks5_udp")),
+        ("dns_url", _setting(config, "dns_url", str(config.dns_listen or "unset"))),
         ("mode", _setting(config, "mode", config.mode.value)),
         ("mitm", _flag(config, "mitm")),
         ("allow_local_binding", _flag(config, "allow_local_binding")),

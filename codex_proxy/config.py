@@ -15,7 +15,7 @@ import ipaddress
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import attrs
 
@@ -203,6 +203,7 @@ class ProxyConfig:
     managed_allowed_domains_only: bool = False
     allowed_ranges: tuple[str, ...] = ()
     denied_ranges: tuple[str, ...] = ()
+    dns_listen: Optional[ListenAddress] = None
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -236,6 +237,7 @@ _NETWORK_KEYS = (
     "limits",
     "allowed_ranges",
     "denied_ranges",
+    "dns_url",
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -346,6 +348,31 @@ def _clamp(
     return clamped, tuple(warnings)
 
 
+def _dns_listen(network: Table) -> Optional[ListenAddress]:
+    """
+    The DNS listener address (SPEC §14.2), or C{None} when C{dns_url} is
+    unset. Any scheme is ignored; the address must be on loopback, whatever
+    C{dangerously_allow_non_loopback_proxy} says: an open resolver answering
+    for the allowlist is never wanted.
+    """
+    text = network.get("dns_url", None, is_str, "a string")
+    if text is None:
+        return None
+    scheme = _SCHEME.match(text.strip())
+    try:
+        address = parse_listen_address(text.strip()[scheme.end() :] if scheme else text)
+    except ValueError as e:
+        raise network.error(
+            network.key("dns_url"), f"invalid listener address {text!r}: {e}"
+        ) from None
+    if not address.is_loopback:
+        raise network.error(
+            network.key("dns_url"),
+            f"{address} is not on loopback (the DNS listener is loopback only)",
+        )
+    return address
+
+
 def _network_config(network: Table) -> ProxyConfig:
     network.check_keys(_NETWORK_KEYS)
     flags = {name: network.boolean(name, getattr(_DEFAULT_CONFIG, name)) for name in _BOOL_KEYS}
@@ -389,6 +416,7 @@ def _network_config(network: Table) -> ProxyConfig:
         section=network.path,
         allowed_ranges=tuple(allowed_ranges),
         denied_ranges=tuple(denied_ranges),
+        dns_listen=_dns_listen(network),
     )
 
 

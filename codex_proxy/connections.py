@@ -122,3 +122,12 @@ class Connections:
         for transport in list(self._open):
             transport.abortConnection()
         return d
+
+    def closeOutbound(self) -> None:
+        """
+        Abort every outbound connection (a proxy disabled at run time, SPEC
+        §2.5): tunnels close with their server side, in-flight exchanges
+        fail, and client connections stay open for their next request.
+        """
+        for transport in list(self._open - self._clients):
+            transport.abortConnection()

@@ -204,6 +204,8 @@ class HTTPProxyProtocol(ClientConnection):
 
     listener = "http"
     factory: HTTPProxyFactory
+    #: What an intercepted tunnel's client is told before its TLS starts.
+    tunnelAnswer = _CONNECT_OK
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -387,7 +389,7 @@ class HTTPProxyProtocol(ClientConnection):
         self._tunnel = verdict
         out.transport.startTLS(factory.origin_tls.client_tls(verdict.host))
         leg = Leg(out, route, verdict.host, self)
-        self.transport.write(_CONNECT_OK)
+        self.transport.write(self.tunnelAnswer)
         # Bytes that came with the CONNECT belong to the TLS handshake: they
         # go to the TLS layer startTLS puts under this protocol.
         handshake = self.takePending()

@@ -305,10 +305,14 @@ def admit(
         source=Source.BASELINE_POLICY,
         addresses=() if ip is None else (ip,),
         intercept=policy.mode is Mode.LIMITED
-        and request.protocol is Protocol.HTTPS_CONNECT,
+        and request.protocol in (Protocol.HTTPS_CONNECT, Protocol.SOCKS5_TCP),
         override=override,
         matched=matched,
     )
+
+
+#: The one SOCKS5 CONNECT port limited mode intercepts (SPEC §6).
+HTTPS_PORT = 443
 
 
 def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
@@ -317,9 +321,16 @@ def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
     means read-only: a body, an upgrade or a method override naming any
     other method is refused even on a GET.
     """
-    if policy.mode is not Mode.LIMITED:
+    if policy.mode is not Mode.LIMITED or request.protocol is Protocol.DNS:
+        # A name lookup reads; it writes nothing anywhere (SPEC §14.2).
         return None
-    if request.protocol in (Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP):
+    if request.protocol is Protocol.SOCKS5_TCP:
+        # HTTPS through SOCKS5 is intercepted like a CONNECT (SPEC §6); any
+        # other port carries bytes nobody can method-check.
+        if policy.mitm and request.port == HTTPS_PORT:
+            return None
+        return Reason.METHOD_NOT_ALLOWED
+    if request.protocol is Protocol.SOCKS5_UDP:
         return Reason.METHOD_NOT_ALLOWED
     if request.protocol is Protocol.HTTPS_CONNECT:
         return None if policy.mitm else Reason.MITM_REQUIRED
