@@ -29,9 +29,12 @@ from codex_proxy.policyservice import PolicyService
 
 _log = Logger()
 
-#: The port a DNS query is decided for: a lookup names no port, and this is
-#: the one its answer is for as far as the policy can tell.
-DNS_PORT = 53
+#: The port a DNS query is decided for. A lookup names no port, so 0: only
+#: patterns for every port decide it (SPEC §3.1). A name allowlisted on one
+#: port only (C{api.example:443}) is not answered, and a port denial
+#: (C{*:53}, C{mail.example:25}) does not refuse lookups: the connections
+#: themselves are still decided per port by the HTTP and SOCKS5 listeners.
+DNS_PORT = 0
 
 #: The address family each answered query type asks for.
 _FAMILIES = {dns.A: 4, dns.AAAA: 6}

@@ -152,9 +152,12 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
         return _deny(request, host, Reason.PROXY_DISABLED, Source.PROXY_STATE)
     if request.unix_socket is not None:
         return decide_unix_socket(policy, request)
-    if host is None or not 1 <= request.port <= _MAX_PORT:
+    # A DNS lookup names no port (port 0): only patterns for every port
+    # decide it.
+    dns = request.protocol is Protocol.DNS
+    if host is None or not (dns or 1 <= request.port <= _MAX_PORT):
         return _deny(request, host, Reason.INVALID_HOST)
-    port = request.port
+    port = None if dns else request.port
     denied = policy.denied.match(host, port)
     if denied is not None:
         return _deny(request, host, Reason.DENIED, matched=denied.text)

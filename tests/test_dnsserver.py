@@ -165,3 +165,22 @@ def test_queries_over_tcp_are_answered_too():
     assert auditor.events[-1]["client.address"] == "127.0.0.1:40001"
     protocol.connectionLost(None)
     assert len(connections) == 0
+
+
+def test_only_patterns_for_every_port_decide_a_lookup():
+    resolver = StaticResolver(
+        {"api.example.com": ["203.0.114.1"], "port.example.org": ["203.0.114.2"]}
+    )
+    factory, auditor = serve(
+        resolver,
+        allowed=["**.example.com", "port.example.org:443"],
+        denied=["*:53", "api.example.com:25"],
+    )
+
+    assert ask(factory, "api.example.com").rCode == dns.OK
+    assert ask(factory, "port.example.org").rCode == dns.EREFUSED
+    assert resolver.lookups == ["api.example.com"]
+    assert [
+        (e["network.policy.decision"], e["network.policy.reason"], e["server.port"])
+        for e in auditor.events
+    ] == [("allow", "allowed", 0), ("deny", "not_allowed", 0)]
