@@ -171,6 +171,8 @@ class Exchange:
         )
         self._respReader: Optional[_httpbody.BodyReader] = None
         self._reqReader = _httpbody.body_reader(head.framing, limits)
+        # Response heads received: progress for the timeout, like body bytes.
+        self._heads = 0
         self._watch = IdleWatch(clock, timeout, self._moved, self._timedOut)
 
     def start(self, via: bytes) -> None:
@@ -203,7 +205,7 @@ class Exchange:
         return self._reqReader is not None
 
     def _moved(self) -> int:
-        return self._owner.bytesUp + self._owner.bytesDown
+        return self._owner.bytesUp + self._owner.bytesDown + self._heads
 
     # -- the request body -------------------------------------------------
 
@@ -243,6 +245,7 @@ class Exchange:
             if result is None:
                 return
             head, data = result
+            self._heads += 1
             self._respStarted = True
             if head.status == 101:
                 self._switchProtocols(head, data)

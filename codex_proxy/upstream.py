@@ -15,12 +15,12 @@ protection that applies to destinations.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -214,6 +214,21 @@ def _classify(failure: Failure, where: str) -> UpstreamError:
     )
 
 
+class _OutboundFactory(Factory):
+    """
+    Builds the L{Outbound} of each dial (quietly: a log line per connection
+    would cost more than the dial).
+    """
+
+    noisy = False
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    def buildProtocol(self, addr: object) -> Outbound:
+        return Outbound(self._connections)
+
+
 class IUpstream(Interface):
     """
     The upstream connector: how the listeners open every outbound
@@ -281,6 +296,7 @@ class Upstream:
         self._reactor = reactor
         self._timeout = connect_timeout
         self.connections = connections if connections is not None else Connections()
+        self._factory = _OutboundFactory(self.connections)
         self._parents = parents
         self._parent_tls = parent_tls
 
@@ -349,31 +365,16 @@ class Upstream:
         """
         The one dial path: connect an L{Outbound} through each endpoint in
         turn until one connects; fail with L{UpstreamError} describing the
-        last failure (C{where} names it).
+        last failure (C{where} names it). Cancelling reaches the attempt in
+        progress, through the chain.
         """
-        current: List[defer.Deferred[Outbound]] = []
-        cancelled = []
+        endpoint, where = attempts[0]
 
-        def cancel(_: object) -> None:
-            cancelled.append(True)
-            current[-1].cancel()
+        def failed(failure: Failure) -> defer.Deferred[Outbound]:
+            if failure.check(error.ConnectingCancelledError, defer.CancelledError):
+                raise defer.CancelledError()
+            if len(attempts) > 1:
+                return self._first(attempts[1:])
+            raise _classify(failure, where)
 
-        result: defer.Deferred[Outbound] = defer.Deferred(cancel)
-
-        def attempt(index: int) -> None:
-            endpoint, where = attempts[index]
-            d = endpoints.connectProtocol(endpoint, Outbound(self.connections))
-            current.append(d)
-
-            def failed(failure: Failure) -> None:
-                if cancelled:
-                    return
-                if index + 1 < len(attempts):
-                    attempt(index + 1)
-                else:
-                    result.errback(_classify(failure, where))
-
-            d.addCallbacks(result.callback, failed)
-
-        attempt(0)
-        return result
+        return endpoint.connect(self._factory).addErrback(failed)
