@@ -314,18 +314,19 @@ class HTTPProxyProtocol(ClientConnection):
         assert isinstance(state, _Deciding)
         job = state.job
         job.verdict = verdict
-        self.noteVerdict(verdict)
         factory = self.factory
         protocol = job.request.protocol
+        if not verdict.allowed:
+            kept, state.kept = state.kept, None
+            self._blocked(job, verdict, kept)
+            return
+        self.noteVerdict(verdict)
         if verdict.intercept and factory.mitm is None:
             # The policy asked for interception that this listener cannot do.
             _log.error("refusing an intercepted CONNECT to {host}: no MITM configured", host=escape(verdict.host))
             self.abort("error")
             return
         kept, state.kept = state.kept, None
-        if not verdict.allowed:
-            self._blocked(job, verdict, kept)
-            return
         tls = self._tunnel.host if self._tunnel else verdict.host if protocol is Proto.HTTPS else None
         if tls is not None and factory.origin_tls is None:
             self._failure(job, Reason.UPSTREAM_TLS_FAILED, "no trust store for TLS to the destination", kept)
