@@ -39,7 +39,7 @@ from typing import Any, Optional, Union
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -143,7 +143,7 @@ _State = Union[ReadingHead, _Deciding, _Dialling, _Exchanging, _Tunnelling, _Clo
 _CLOSING = _Closing()
 
 
-class HTTPProxyFactory(Factory):
+class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
     """
     Builds L{HTTPProxyProtocol}s sharing one policy service and dialer.
 
@@ -190,7 +190,7 @@ class HTTPProxyFactory(Factory):
         self.origin_tls: Optional[OriginTLS] = origin_tls if origin_tls is not None else mitm
         self.via = _httptarget.via_value(instance)
 
-    def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
+    def buildProtocol(self, addr: Optional[IAddress]) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
         proto.factory = self
         return proto
@@ -354,6 +354,7 @@ class HTTPProxyProtocol(ClientConnection):
         if isinstance(state, _Deciding):
             kept, state.kept = state.kept, None
         e = failure.value
+        assert isinstance(e, errors.UpstreamError)
         self._failure(state.job, e.reason, e.message, kept, e.upstream_status)
 
     def _connected(self, out: Outbound) -> None:
@@ -395,7 +396,8 @@ class HTTPProxyProtocol(ClientConnection):
         self.transport.startTLS(factory.mitm.server_tls(verdict.host))
         self._readHead(leg)
         if handshake:
-            self.transport.protocol.dataReceived(handshake)
+            # startTLS put a TLS protocol between the transport and us.
+            getattr(self.transport, "protocol").dataReceived(handshake)
 
     # -- exchanges --------------------------------------------------------------
 

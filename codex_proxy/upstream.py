@@ -19,8 +19,15 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import attrs
 from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTCP,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -32,6 +39,13 @@ from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError
 from codex_proxy.connections import Connections
 from codex_proxy.model import IPAddress, Reason, Verdict
+
+
+class IProxyTransport(ITLSTransport, IConsumer, IPushProducer):
+    """
+    What the proxy uses of a connection's transport (TCP): half-close, TLS
+    started on it, and flow control as consumer and as producer.
+    """
 
 
 class ISink(Interface):
@@ -67,6 +81,7 @@ class Outbound(Protocol):
         C{CONNECT}: the first tunnel bytes, for the caller to relay.
     """
 
+    transport: IProxyTransport
     sink: Optional[ISink] = None
     early = b""
     _handshake: Optional["_ParentConnect"] = None
@@ -103,7 +118,7 @@ class Outbound(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connections.closed(self.transport)
         if self._handshake is not None:
             self._handshake.lost(reason)
@@ -225,7 +240,7 @@ class _OutboundFactory(Factory):
     def __init__(self, connections: Connections) -> None:
         self._connections = connections
 
-    def buildProtocol(self, addr: object) -> Outbound:
+    def buildProtocol(self, addr: Optional[IAddress]) -> Outbound:
         return Outbound(self._connections)
 
 
@@ -377,4 +392,5 @@ class Upstream:
                 return self._first(attempts[1:])
             raise _classify(failure, where)
 
-        return endpoint.connect(self._factory).addErrback(failed)
+        d: defer.Deferred[Outbound] = endpoint.connect(self._factory)
+        return d.addErrback(failed)
