@@ -54,7 +54,7 @@ class IExchangeOwner(Interface):
         """Stop reading the client for C{why}."""
 
     def produce(producer: Optional[IPushProducer]) -> None:
-        """Make C{producer} the client transport's producer (C{None}: ours)."""
+        """Make C{producer} the client transport's producer."""
 
     def resumeReading(why: str) -> None:
         """C{why} no longer holds client reading back."""
@@ -392,14 +392,13 @@ class Exchange:
 
     def _end(self) -> None:
         """
-        Stop the response timeout and hand client back-pressure back to the
-        owner: exactly once, whichever way the exchange ends.
+        Stop the response timeout, exactly once, whichever way the exchange
+        ends (the owner registers the client transport's next producer).
         """
         if self._ended:
             return
         self._ended = True
         self._watch.stop()
-        self._owner.produce(None)
 
     def cancel(self) -> None:
         """

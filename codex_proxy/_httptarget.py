@@ -204,7 +204,7 @@ def came_through(head: _httphead.RequestHead, via: bytes) -> bool:
     """
     pseudonym = via.split(b" ", 1)[1].lower()
     for name, value in head.headers:
-        if name.lower() == b"via":
+        if len(name) == 3 and name.lower() == b"via":
             for entry in value.split(b","):
                 parts = entry.split()
                 if len(parts) >= 2 and parts[1].lower() == pseudonym:
