@@ -193,6 +193,9 @@ class ClientConnection(Protocol):
         """
         if producer is self._producer:
             return
+        if self._producer is self._writeGate:
+            # An unregistered gate can no longer resume what it paused.
+            self.resumeReading("write")
         if self._producer is not None:
             self.transport.unregisterProducer()
         self._producer = producer
