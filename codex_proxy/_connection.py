@@ -226,11 +226,12 @@ class ClientConnection(Protocol):
             if not self.closing:
                 callback(result)
 
-        def failed(failure: Failure) -> None:
-            if self.closing and failure.check(defer.CancelledError, UpstreamError):
-                return
+        def failed(failure: Failure) -> Optional[Failure]:
             if not self.closing:
                 errback(failure)
+            elif not failure.check(defer.CancelledError, UpstreamError):
+                return failure  # a bug, whenever it shows
+            return None
 
         d.addCallbacks(fired, failed)
         d.addErrback(self.internalError)
