@@ -111,6 +111,12 @@ class ClientConnection(Protocol):
             ),
         )
 
+    def writeConnectionLost(self) -> None:
+        """
+        Our side toward the client was half-closed (a relayed EOF): nothing
+        more to do; C{connectionLost} follows when both sides are done.
+        """
+
     def abandon(self) -> None:
         """
         Release what the current state holds: cancel its pending Deferred,

@@ -250,9 +250,6 @@ class HTTPProxyProtocol(ClientConnection):
         elif isinstance(state, (_Deciding, _Dialling)):
             state.job.close = True
 
-    def writeConnectionLost(self) -> None:
-        pass
-
     def abandon(self) -> None:
         state, self._state = self._state, _CLOSING
         state.release()
