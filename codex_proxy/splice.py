@@ -24,9 +24,10 @@ import os
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet import main, tcp
-from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 
 from codex_proxy.relay import Relay
+from codex_proxy.upstream import IProxyTransport
 
 #: C{os.splice}, absent off Linux (and replaced by C{None} in tests).
 _splice: Optional[Callable[..., int]] = getattr(os, "splice", None)
@@ -40,7 +41,7 @@ _CHUNK = 1 << 18
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def _plain(transport: ITransport) -> bool:
+def _plain(transport: IProxyTransport) -> bool:
     """
     C{transport} is a socket Twisted reads and writes itself, without TLS.
     """
@@ -51,7 +52,7 @@ def _plain(transport: ITransport) -> bool:
     )
 
 
-def relay(client: ITransport, server: ITransport, clock: IReactorTime, idle_timeout: float) -> Relay:
+def relay(client: IProxyTransport, server: IProxyTransport, clock: IReactorTime, idle_timeout: float) -> Relay:
     """
     The relay for a tunnel: a L{SpliceRelay} when both sides are plain
     sockets and C{splice} is there, else the portable L{Relay}.
