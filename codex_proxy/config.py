@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import attrs
 
 from codex_proxy import _httpbody
+from codex_proxy._placeholders import SecretConfig, parse_secrets
 from codex_proxy._toml import (
     ConfigError as ConfigError,
     Table,
@@ -173,6 +174,8 @@ class ProxyConfig:
     @ivar managed_allowed_domains_only: the allowlist is the managed one
         only, and its misses are hard-denied: no decider is consulted
         (SPEC §2.4, §9.2).
+    @ivar secrets: the credentials injected on egress (SPEC §12), without
+        their values.
     """
 
     enabled: bool = False
@@ -196,6 +199,8 @@ class ProxyConfig:
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)
     managed_allowed_domains_only: bool = False
+    secrets: tuple[SecretConfig, ...] = ()
+    dangerously_allow_plaintext_secrets: bool = False
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -216,6 +221,7 @@ _BOOL_KEYS = (
     "mitm",
     "allow_local_binding",
     "dangerously_allow_all_unix_sockets",
+    "dangerously_allow_plaintext_secrets",
 )
 _LISTEN_KEYS = {"proxy_url": "http_listen", "socks_url": "socks_listen"}
 _NETWORK_KEYS = (
@@ -227,6 +233,7 @@ _NETWORK_KEYS = (
     "domains",
     "allow_unix_sockets",
     "limits",
+    "secrets",
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -357,6 +364,7 @@ def _network_config(network: Table) -> ProxyConfig:
         warnings=warnings,
         explicit=frozenset(network.values),
         section=network.path,
+        secrets=parse_secrets(network),
     )
 
 
