@@ -35,6 +35,7 @@ from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, lo
 from codex_proxy.errors import ProxyError
 from codex_proxy.explain import UsageError, explain, parse_target
 from codex_proxy.policy import policy_from_config
+from codex_proxy.secrets import read_secret
 
 EXIT_OK = 0
 EXIT_BLOCKED = 1
@@ -94,7 +95,9 @@ def check_config(path: Optional[str], out: TextIO) -> int:
         out.write(f"  {path}\n")
     out.write(f"secrets ({len(config.secrets)}):\n")
     for secret in config.secrets:
-        # Where the value comes from, never the value.
+        # Where the value comes from, never the value; one that cannot be
+        # read is a config error, as at start.
+        read_secret(secret, os.environ)
         out.write(f"  {secret.name}  from {secret.source}  to {', '.join(secret.hosts)}\n")
     out.write("limits:\n")
     limits = config.limits
