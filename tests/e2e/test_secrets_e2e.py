@@ -10,6 +10,7 @@ output of the run ever shows it.
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +246,116 @@ def test_limited_mode_with_mitm_refuses_the_placeholder_to_another_host(
     assert status == 403 and "x-proxy-error: blocked-by-secret-policy" in out, out
     assert _requests(env, url)[1].startswith("403 blocked-by-secret-policy")
     assert other.requests == []
+
+
+class _GitHandler(http.server.BaseHTTPRequestHandler):
+    """
+    C{git http-backend} as CGI behind Basic authentication: the origin
+    answers 401 unless the credentials carry the real token.
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        server: Any = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        server.seen.append(self.headers.get("Authorization"))
+        if self.headers.get("Authorization") != server.expected:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path, _, query = self.path.partition("?")
+        env = {
+            "PATH": os.environ["PATH"],
+            "GIT_PROJECT_ROOT": str(server.root),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "REQUEST_METHOD": self.command,
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+            "REMOTE_USER": "x-access-token",
+        }
+        done = subprocess.run(["git", "http-backend"], input=body, capture_output=True, env=env, timeout=60)
+        head, _, payload = done.stdout.partition(b"\r\n\r\n")
+        status, fields = 200, []
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                fields.append((name, value.strip()))
+        self.send_response(status)
+        for name, value in fields:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = _handle
+
+
+def _git(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def test_git_clone_over_https_with_the_placeholder_token(proxy_factory, tmp_path, named_tls_files):
+    """
+    C{git clone https://x-access-token:<placeholder>@host/repo.git} works
+    against a git http backend that accepts only the real token (Basic
+    credentials, decoded, replaced and encoded again by the proxy).
+    """
+    from support import proxyproc
+
+    value = _value()
+    home = tmp_path / "git-home"
+    home.mkdir()
+    settings = {"HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
+    git_env = {**proxyproc.clean_env(), **settings}
+    source, root = tmp_path / "src", tmp_path / "root"
+    root.mkdir()
+    assert _git("init", "-q", str(source), env=git_env).returncode == 0
+    (source / "README").write_text("cloned through the proxy\n")
+    _git("add", "README", env=git_env, cwd=source)
+    committed = _git("-c", "user.name=t", "-c", "user.email=t@t.test", "commit", "-qm", "one", env=git_env, cwd=source)
+    assert committed.returncode == 0, committed.stderr
+    assert _git("clone", "-q", "--bare", str(source), str(root / "repo.git"), env=git_env).returncode == 0
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(named_tls_files.cert, named_tls_files.key)
+
+    class Backend(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def __init__(self) -> None:
+            super().__init__(("127.0.0.1", 0), _GitHandler)
+            self.root = root
+            self.expected = _basic(f"x-access-token:{value}")
+            self.seen: list[str | None] = []
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            with context.wrap_socket(request, server_side=True) as conn:
+                super().finish_request(conn, client_address)
+
+    backend = Backend()
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proxy, _, _ = _start(proxy_factory, tmp_path, named_tls_files, value)
+        env, _ = _child_env(proxy)
+        url = f"https://x-access-token:{env['API_KEY']}@{BOUND}:{backend.server_address[1]}/repo.git"
+        cloned = _git("clone", "-q", url, str(tmp_path / "clone"), env={**env, **settings})
+    finally:
+        backend.shutdown()
+        backend.server_close()
+    assert cloned.returncode == 0, cloned.stderr
+    assert (tmp_path / "clone" / "README").read_text() == "cloned through the proxy\n"
+    assert backend.expected in backend.seen
+    assert value not in cloned.stdout + cloned.stderr + proxy.output
