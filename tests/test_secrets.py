@@ -453,3 +453,18 @@ def test_a_reload_rotates_values_keeps_placeholders_and_a_failed_one_keeps_the_o
     os.chmod(key, 0o644)
     assert reload() is False
     assert sent() == b"Bearer sk-rotated-value-98765"
+
+
+def test_explain_names_the_secrets_a_tunnel_carries(tmp_path):
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(
+        '[network]\nenabled = true\nallowed_domains = ["api.example.com", "other.example.com"]\n'
+        '[network.secrets.API_KEY]\nsource = "env:REAL_KEY"\nhosts = ["api.example.com"]\n'
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["explain", "--config", str(config_path), "https://api.example.com/"], out, err) == 0
+    assert "tunnel:" in out.getvalue()
+    assert "secrets:     API_KEY: placeholders in header values get the values" in out.getvalue()
+    out = io.StringIO()
+    cli.main(["explain", "--config", str(config_path), "https://other.example.com/"], out, err)
+    assert "\nsecrets:" not in out.getvalue() and "\ntunnel:" not in out.getvalue()
