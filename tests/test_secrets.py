@@ -468,3 +468,13 @@ def test_explain_names_the_secrets_a_tunnel_carries(tmp_path):
     out = io.StringIO()
     cli.main(["explain", "--config", str(config_path), "https://other.example.com/"], out, err)
     assert "\nsecrets:" not in out.getvalue() and "\ntunnel:" not in out.getvalue()
+
+
+def test_a_secret_that_cannot_be_loaded_stops_start_up_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        assemble(_config(), MemoryReactorClock(), environ={"CODEX_HOME": str(tmp_path)})
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (
+        "codexproxy: config error: c.toml: network.secrets.API_KEY.source:"
+        " environment variable REAL_KEY is not set\n"
+    )
