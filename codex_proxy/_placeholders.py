@@ -26,7 +26,7 @@ PREFIX = b"codexproxy-secret-"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLACEHOLDER = re.compile(rb"codexproxy-secret-([A-Za-z_][A-Za-z0-9_]*)-[0-9a-f]{32}")
 _SOURCES = ("env:", "file:")
-_BASIC = frozenset({b"Basic ", b"basic ", b"BASIC "})
+_BASIC = b"basic "
 _PROXY_AUTHORIZATION = b"proxy-authorization"
 
 
@@ -90,7 +90,7 @@ def _basic(value: bytes) -> Optional[bytes]:
     """
     The decoded credentials of a C{Basic} field value, if it is one.
     """
-    if value[:6] not in _BASIC:
+    if value[:6].lower() != _BASIC:
         return None
     try:
         return base64.b64decode(value[6:].strip(), validate=True)
@@ -108,7 +108,7 @@ def named(headers: Headers) -> Tuple[str, ...]:
     for field, value in headers:
         if PREFIX in value:
             text = value
-        elif value[:6] in _BASIC:
+        elif value[:6].lower() == _BASIC:
             decoded = _basic(value)
             if decoded is None or PREFIX not in decoded:
                 continue

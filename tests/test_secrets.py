@@ -478,3 +478,11 @@ def test_a_secret_that_cannot_be_loaded_stops_start_up_in_one_line(tmp_path, cap
         "codexproxy: config error: c.toml: network.secrets.API_KEY.source:"
         " environment variable REAL_KEY is not set\n"
     )
+
+
+def test_the_basic_scheme_is_matched_in_any_case():
+    value = b"bAsIc " + base64.b64encode(f"u:{PLACEHOLDER}".encode())
+    assert named(((b"Authorization", value),)) == ("API_KEY",)
+    assert substitute(((b"Authorization", value),), {PLACEHOLDER.encode(): VALUE.encode()}) == (
+        (b"Authorization", b"bAsIc " + base64.b64encode(f"u:{VALUE}".encode())),
+    )
