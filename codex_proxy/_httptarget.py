@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from codex_proxy import _httpbody, _httphead
+from codex_proxy import _httpbody, _httphead, _placeholders
 from codex_proxy._httphead import Headers
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
@@ -137,6 +137,7 @@ def request_for(
         override_methods=method_overrides(head.headers, head.path),
         client=client,
         unix_socket=unix_socket,
+        secrets=_placeholders.named(head.headers),
     )
 
 
@@ -179,6 +180,7 @@ def inner_request(
         upgrade=head.upgrade,
         override_methods=method_overrides(head.headers, head.path),
         client=client,
+        secrets=_placeholders.named(head.headers),
     )
 
 

@@ -97,6 +97,9 @@ def decision_fields(
         # The RFC 1929 username a SOCKS5 client named itself with (never
         # its password).
         fields["client.identity"] = request.command
+    if verdict.secret is not None:
+        # The name of a misused secret (SPEC §12), never its value.
+        fields["network.policy.secret"] = verdict.secret
     fields.update(metadata)
     return fields
 

@@ -100,6 +100,10 @@ def explain(
         )
         verdict = _decide(policy, request)
         rows.append(("inside", _describe(request)))
+    bound = [name for name, hosts in policy.secrets if hosts.match(verdict.host) is not None]
+    if bound and verdict.allowed:
+        # Names only: explain never reads a secret's value.
+        rows.append(("secrets", f"{', '.join(bound)}: placeholders in header values get the values"))
     rows.append(("decision", verdict.decision.value))
     if verdict.reason is not None:
         reply = reply_for(verdict.reason)

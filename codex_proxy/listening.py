@@ -33,6 +33,7 @@ from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.mitm import Interception, Interceptor, OriginTLS, UpstreamTrust, trust_files
 from codex_proxy.parents import ParentProxies
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.secrets import Secrets
 from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.upstream import Upstream
 
@@ -73,6 +74,7 @@ def listeners(
     parents: Optional[ParentProxies],
     interception: Optional[Interception],
     environ: Mapping[str, str],
+    secrets: Optional[Secrets] = None,
 ) -> List[Listener]:
     """
     The listeners of an enabled C{config} (none of a disabled one), sharing
@@ -99,6 +101,7 @@ def listeners(
         connections=connections,
         mitm=interceptor,
         origin_tls=interceptor or _origin_tls(environ),
+        secrets=secrets,
     )
     found = [Listener("http", "proxy_url", config.http_listen, http)]
     if config.enable_socks5:
