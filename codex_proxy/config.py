@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from codex_proxy import _httpbody
-from codex_proxy.addresses import parse_range
+from codex_proxy.addresses import authority, parse_range
 from codex_proxy._placeholders import SecretConfig, parse_secrets
 from codex_proxy._toml import (
     ConfigError as ConfigError,
@@ -60,9 +60,7 @@ class ListenAddress:
         return address == _LOOPBACK_V6
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 _LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from codex_proxy.addresses import authority
 from codex_proxy.ca import system_roots_file
 from codex_proxy.config import ListenAddress, ProxyConfig, head_limits
 from codex_proxy.connections import Connections
@@ -239,4 +240,4 @@ def address_text(port: IListeningPort) -> str:
     C{host:port} of a bound port, IPv6 in brackets.
     """
     host, number = bound_address(port)
-    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+    return authority(host, number)
