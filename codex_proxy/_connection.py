@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import splice
-from codex_proxy._httptarget import authority
+from codex_proxy.addresses import authority
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Verdict

@@ -8,7 +8,7 @@ the two never disagree.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 from codex_proxy.config import ListenAddress, ProxyConfig
 from codex_proxy.errors import ProxyError
@@ -60,6 +60,7 @@ def child_env(
     http: Optional[str] = None,
     socks: Optional[str] = None,
     ca_bundle: Optional[str] = None,
+    placeholders: Mapping[str, str] = {},
 ) -> Dict[str, str]:
     """
     The variables of SPEC §10, in a stable order.
@@ -69,6 +70,7 @@ def child_env(
     @param socks: the bound SOCKS5 listener, overriding C{socks_url}.
     @param ca_bundle: the CA bundle path (system roots plus the proxy's CA)
         when HTTPS interception is active, so clients trust minted leaves.
+    @param placeholders: each secret's placeholder by name (SPEC §12).
     @raise EnvError: the proxy is disabled, or a listener port is
         ephemeral and not given.
     """
@@ -94,6 +96,7 @@ def child_env(
     if ca_bundle is not None:
         for name in CA_BUNDLE_VARIABLES:
             env[name] = ca_bundle
+    env.update(placeholders)
     return env
 
 

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from codex_proxy import _httpbody
-from codex_proxy.addresses import parse_range
+from codex_proxy.addresses import authority, parse_range
+from codex_proxy._placeholders import SecretConfig, parse_secrets
 from codex_proxy._toml import (
     ConfigError as ConfigError,
     Table,
@@ -59,9 +60,7 @@ class ListenAddress:
         return address == _LOOPBACK_V6
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 _LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
@@ -178,6 +177,10 @@ class ProxyConfig:
         as non-public (SPEC §5.3); where each came from is in
         C{pattern_sources}.
     @ivar denied_ranges: canonical CIDRs no dialled address may be in.
+
+
+    @ivar secrets: the credentials injected on egress (SPEC §12), without
+        their values.
     """
 
     enabled: bool = False
@@ -204,6 +207,8 @@ class ProxyConfig:
     allowed_ranges: tuple[str, ...] = ()
     denied_ranges: tuple[str, ...] = ()
     dns_listen: Optional[ListenAddress] = None
+    secrets: tuple[SecretConfig, ...] = ()
+    dangerously_allow_plaintext_secrets: bool = False
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -224,6 +229,7 @@ _BOOL_KEYS = (
     "mitm",
     "allow_local_binding",
     "dangerously_allow_all_unix_sockets",
+    "dangerously_allow_plaintext_secrets",
 )
 _LISTEN_KEYS = {"proxy_url": "http_listen", "socks_url": "socks_listen"}
 _NETWORK_KEYS = (
@@ -238,6 +244,7 @@ _NETWORK_KEYS = (
     "allowed_ranges",
     "denied_ranges",
     "dns_url",
+    "secrets",
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -417,6 +424,7 @@ def _network_config(network: Table) -> ProxyConfig:
         allowed_ranges=tuple(allowed_ranges),
         denied_ranges=tuple(denied_ranges),
         dns_listen=_dns_listen(network),
+        secrets=parse_secrets(network),
     )
 
 

@@ -63,6 +63,8 @@ class Reason(str, enum.Enum):
     UPSTREAM_TLS_FAILED = "upstream_tls_failed"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
+    # A secret's placeholder on its way where the secret may not go (SPEC §12).
+    SECRET_MISUSE = "secret_misuse"
 
 
 class Decision(str, enum.Enum):
@@ -100,6 +102,8 @@ class ProxyRequest:
     @ivar unix_socket: the symlink-resolved path of an C{x-unix-socket}
         request (SPEC §8); such a request is judged by socket path, never by
         the domain lists, and C{host}/C{port} are C{"unix-socket"}/C{0}.
+    @ivar secrets: the names of the secrets whose placeholders the request
+        header values carry (SPEC §12).
     """
 
     protocol: Protocol
@@ -112,6 +116,7 @@ class ProxyRequest:
     client: Optional[str] = None
     command: Optional[str] = None
     unix_socket: Optional[str] = None
+    secrets: Tuple[str, ...] = ()
 
 
 #: The C{host} of every unix-socket request, as audited (SPEC §8).
@@ -135,6 +140,8 @@ class Verdict:
     @ivar detail: the policy decider's own reason for a deny or ask (kept in
         the blocked history; the wire and the audit event say
         C{policy_denied}).
+    @ivar secret: the name of the secret whose placeholder was refused
+        (C{secret_misuse}); never its value.
     """
 
     request: ProxyRequest
@@ -147,6 +154,7 @@ class Verdict:
     override: bool = False
     matched: Optional[str] = None
     detail: Optional[str] = None
+    secret: Optional[str] = None
 
     @property
     def allowed(self) -> bool:
