@@ -166,6 +166,11 @@ class Auditor:
         return fields
 
 
+#: C{json.dumps(..., separators=(",", ":"))} without building an encoder
+#: per call (only the default separators share one).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class JSONLinesLog:
     """
     The C{--audit-log} file: one JSON object per decision and line, nothing
@@ -213,7 +218,7 @@ class JSONLinesLog:
         self._end = os.fstat(self._fd).st_size
 
     def __call__(self, fields: Dict[str, Any]) -> None:
-        line = json.dumps(fields, separators=(",", ":")) + "\n"
+        line = _compact(fields) + "\n"
         self._lines.append(line)
         self._size += len(line)
         if self._size >= self._limit:
