@@ -227,8 +227,8 @@ class PolicyService:
         """
         L{decide}, computed once per policy and kind of request: the same
         request again (every keep-alive request of a connection) costs a
-        lookup, the same destination, protocol and method from another
-        client a copy. Another policy (a reload) starts over.
+        lookup, the same request from another client a copy. Another policy
+        (a reload) starts over.
         """
         verdicts = self._verdicts
         if policy is not self._verdictsOf or len(verdicts) >= VERDICT_CACHE:
@@ -237,23 +237,12 @@ class PolicyService:
         known = verdicts.get(request)
         if known is not None:
             return known
-        # Everything decide() reads: all of the request but its client.
-        kind = (
-            request.protocol,
-            request.host,
-            request.port,
-            request.method,
-            request.has_body,
-            request.upgrade,
-            request.override_methods,
-            request.unix_socket,
-        )
+        # What decide() may read: all of the request but its client.
+        kind = attrs.evolve(request, client=None)
         like = verdicts.get(kind)
         if like is None:
-            known = verdicts[kind] = decide(policy, request)
-        else:
-            known = attrs.evolve(like, request=request)
-        verdicts[request] = known
+            like = verdicts[kind] = decide(policy, kind)
+        known = verdicts[request] = like if kind == request else attrs.evolve(like, request=request)
         return known
 
     def check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:

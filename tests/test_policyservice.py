@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import List
 
+import attrs
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
@@ -259,3 +260,12 @@ def test_decide_now_answers_at_once_only_what_needs_no_resolution_or_decider():
     svc.decider = RecordingDecider(lambda request: None)
     assert svc.decide_now(_get("127.0.0.1:5000", "nope.test")) is None
     assert len(auditor.events) == 1
+
+
+def test_a_request_naming_a_secret_is_not_answered_by_the_verdict_of_one_that_does_not():
+    svc, auditor = service(StaticResolver({}), allowed=["127.0.0.1"], secrets=[("TOKEN", ["api.example.com"])])
+    plain = ProxyRequest(Protocol.HTTPS, "127.0.0.1", 8443, method="GET", client="127.0.0.1:5000")
+    assert svc.decide_now(plain).allowed
+    with_secret = attrs.evolve(plain, secrets=("TOKEN",))
+    assert not svc.decide_now(with_secret).allowed
+    assert svc.decide_now(attrs.evolve(plain, client=None)).request.client is None
