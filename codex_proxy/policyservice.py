@@ -165,6 +165,9 @@ class PolicyService:
         # Verdicts of the policy in _verdictsOf, by request and by kind.
         self._verdicts: Dict[object, Verdict] = {}
         self._verdictsOf: Optional[Policy] = None
+        # IP-literal verdicts of that cache vetted, by id (the pair keeps the
+        # verdict alive, so its id is not reused while kept).
+        self._vettedLiterals: Dict[int, Tuple[Verdict, Verdict]] = {}
 
     def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
         """
@@ -190,6 +193,7 @@ class PolicyService:
         self._own = frozenset(exact)
         self._ownAnywhere = frozenset(anywhere)
         self._ownPorts = frozenset(port for _, port in exact) | self._ownAnywhere
+        self._vettedLiterals = {}
 
     def reload(self, policy: Policy) -> None:
         """
@@ -233,6 +237,7 @@ class PolicyService:
         verdicts = self._verdicts
         if policy is not self._verdictsOf or len(verdicts) >= VERDICT_CACHE:
             verdicts = self._verdicts = {}
+            self._vettedLiterals = {}
             self._verdictsOf = policy
         known = verdicts.get(request)
         if known is not None:
@@ -318,8 +323,15 @@ class PolicyService:
         (nothing recorded) for an allowed name.
         """
         if verdict.allowed and verdict.addresses:
-            # An IP literal: its one address meets the ranges like an answer.
-            return self._vet(policy, verdict, list(verdict.addresses))
+            # An IP literal: its one address meets the ranges like an answer,
+            # once per verdict of the cache.
+            known = self._vettedLiterals.get(id(verdict))
+            if known is not None and known[0] is verdict:
+                return self._record(known[1])
+            vetted = self._vetted(policy, verdict, list(verdict.addresses))
+            if policy is self._verdictsOf and len(self._vettedLiterals) < VERDICT_CACHE:
+                self._vettedLiterals[id(verdict)] = (verdict, vetted)
+            return self._record(vetted)
         if not verdict.allowed or verdict.request.unix_socket is not None:
             return self._record(self._notSelf(verdict))
         return None
@@ -391,8 +403,11 @@ class PolicyService:
         Record C{verdict} with the addresses C{found} vetted (SPEC §4.1 step
         7, §5.3), never one of the proxy's own.
         """
+        return self._record(self._vetted(policy, verdict, found))
+
+    def _vetted(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
         vetted = vet(policy, verdict, found)
-        return self._record(self._notSelf(vetted) if vetted.allowed else vetted)
+        return self._notSelf(vetted) if vetted.allowed else vetted
 
     def _notSelf(self, verdict: Verdict) -> Verdict:
         """

@@ -269,3 +269,12 @@ def test_a_request_naming_a_secret_is_not_answered_by_the_verdict_of_one_that_do
     with_secret = attrs.evolve(plain, secrets=("TOKEN",))
     assert not svc.decide_now(with_secret).allowed
     assert svc.decide_now(attrs.evolve(plain, client=None)).request.client is None
+
+
+def test_new_own_addresses_apply_to_a_literal_decided_before():
+    svc, auditor = service(StaticResolver({}), allowed=["127.0.0.1"])
+    request = _get("127.0.0.1:5000")
+    assert svc.decide_now(request).allowed
+    svc.set_own_addresses([("127.0.0.1", 8080)])
+    assert svc.decide_now(request).reason is Reason.NOT_ALLOWED_LOCAL
+    assert [e["network.policy.decision"] for e in auditor.events] == ["allow", "deny"]
