@@ -25,7 +25,7 @@ from zope.interface import implementer
 from codex_proxy._httptarget import authority
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
-from codex_proxy.model import Verdict
+from codex_proxy.model import Reason, Verdict
 from codex_proxy.relay import Relay
 from codex_proxy.upstream import Outbound
 
@@ -64,6 +64,8 @@ class ClientConnection(Protocol):
     @ivar bytesDown: bytes forwarded destination to client outside a relay.
     @ivar pending: client bytes kept for later (L{keep}).
     @ivar clientEOF: the client has half-closed its side.
+    @ivar identity: the client that authenticated last on this connection
+        (SPEC §11), or C{None}.
     """
 
     listener = "client"
@@ -77,6 +79,7 @@ class ClientConnection(Protocol):
         self.bytesDown = 0
         self.pending = b""
         self.clientEOF = False
+        self.identity: Optional[str] = None
         self._paused: Set[str] = set()
         self._writeGate = _WriteGate(self)
         self._started = self.factory.clock.seconds()
@@ -115,6 +118,45 @@ class ClientConnection(Protocol):
         closes or aborts; must be idempotent.
         """
         raise NotImplementedError
+
+    # -- client authentication (SPEC §11) -----------------------------------
+
+    def authenticateHTTP(self, authorization: Optional[bytes]) -> Optional[Reason]:
+        """
+        Check a request's C{Proxy-Authorization} value against the clients
+        of the policy in force (so a token rotated by a reload is refused
+        from the next request on); see L{identify}.
+        """
+        credentials = self.factory.policy.policy.credentials
+        if not credentials.configured:
+            return None
+        return self.identify(*credentials.http(authorization))
+
+    def authenticateSOCKS(self, username: str, password: bytes) -> Optional[Reason]:
+        """
+        Check an RFC 1929 username and password; see L{identify}.
+        """
+        credentials = self.factory.policy.policy.credentials
+        if not credentials.configured:
+            self.identity = username
+            return None
+        return self.identify(*credentials.socks(username, password))
+
+    def identify(self, accepted: bool, identity: Optional[str]) -> Optional[Reason]:
+        """
+        Take the outcome of a credentials check: the reason to refuse the
+        request (failed, or the client holds
+        C{limits.max_connections_per_client} connections), or C{None};
+        L{identity} is set to the client (C{None}: anonymous or failed).
+        """
+        if not accepted:
+            self.identity = None
+            return Reason.CLIENT_AUTH_FAILED
+        # Kept even over the limit, so the refusal is audited as this client's.
+        self.identity = identity
+        if identity is not None and not self.factory.connections.claim(self.transport, identity):
+            return Reason.TOO_MANY_CLIENT_CONNECTIONS
+        return None
 
     # -- outcome ----------------------------------------------------------
 

@@ -259,7 +259,9 @@ class NetworkProxy:
         self._environ = environ
         self.parents = parents_from_config(config, environ)
         self._reactor = reactor
-        self._connections = Connections(config.limits.max_connections)
+        self._connections = Connections(
+            config.limits.max_connections, config.limits.max_connections_per_client
+        )
         self._listening: Optional[MultiService] = None
         self._handle: Optional[ProxyHandle] = None
         self.policy = PolicyService(
@@ -369,13 +371,15 @@ class NetworkProxy:
             [d for d in (stopped, closed) if d is not None], consumeErrors=True
         ).addCallback(lambda _: None)
 
-    def env(self) -> Dict[str, str]:
+    def env(self, client: Optional[str] = None) -> Dict[str, str]:
         """
         Variables for child processes (SPEC §10): the bound addresses while
-        running, else the configured ones; with interception, the CA bundle.
+        running, else the configured ones; with interception, the CA bundle;
+        with C{client}, that client's credentials in the proxy URLs (§11).
 
         @raise codex_proxy.childenv.EnvError: the proxy is disabled, or a
-            listener asks for an ephemeral port and is not bound yet.
+            listener asks for an ephemeral port and is not bound yet, or
+            C{client} is not configured.
         """
         handle = self._handle
         return child_env(
@@ -383,6 +387,7 @@ class NetworkProxy:
             http=handle.http_addr if handle is not None else None,
             socks=handle.socks_addr if handle is not None else None,
             ca_bundle=self._interception.bundle if self._interception is not None else None,
+            client=client,
         )
 
     def blocked(self) -> List[Verdict]:

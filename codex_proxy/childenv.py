@@ -9,6 +9,7 @@ the two never disagree.
 from __future__ import annotations
 
 from typing import Dict, Optional
+from urllib.parse import quote
 
 from codex_proxy.config import ListenAddress, ProxyConfig
 from codex_proxy.errors import ProxyError
@@ -46,6 +47,7 @@ def child_env(
     http: Optional[str] = None,
     socks: Optional[str] = None,
     ca_bundle: Optional[str] = None,
+    client: Optional[str] = None,
 ) -> Dict[str, str]:
     """
     The variables of SPEC §10, in a stable order.
@@ -55,20 +57,23 @@ def child_env(
     @param socks: the bound SOCKS5 listener, overriding C{socks_url}.
     @param ca_bundle: the CA bundle path (system roots plus the proxy's CA)
         when HTTPS interception is active, so clients trust minted leaves.
-    @raise EnvError: the proxy is disabled, or a listener port is
-        ephemeral and not given.
+    @param client: the configured client (SPEC §11) whose credentials the
+        proxy URLs carry.
+    @raise EnvError: the proxy is disabled, a listener port is ephemeral
+        and not given, or C{client} is not configured.
     """
     if not config.enabled:
         raise EnvError(
             f"{config.source}: the proxy is disabled (enabled = false):"
             " it binds nothing, so there is nothing to point clients at"
         )
+    userinfo = "" if client is None else _userinfo(config, client)
     env: Dict[str, str] = {}
-    http_url = "http://" + _address(config, "proxy_url", config.http_listen, http)
+    http_url = "http://" + userinfo + _address(config, "proxy_url", config.http_listen, http)
     for name in PROXY_VARIABLES:
         env[name] = env[name.lower()] = http_url
     if config.enable_socks5:
-        socks_url = "socks5h://" + _address(config, "socks_url", config.socks_listen, socks)
+        socks_url = "socks5h://" + userinfo + _address(config, "socks_url", config.socks_listen, socks)
         env["ALL_PROXY"] = env["all_proxy"] = socks_url
     no_proxy = LOCAL_NO_PROXY if config.allow_local_binding else ""
     env["NO_PROXY"] = env["no_proxy"] = no_proxy
@@ -89,3 +94,19 @@ def _address(
             " address is known only once the proxy runs (use its ports file)"
         )
     return str(configured)
+
+
+def _userinfo(config: ProxyConfig, name: str) -> str:
+    """
+    C{NAME:TOKEN@}, percent-encoded, for the client C{name}.
+
+    @raise EnvError: no such client (the message names it, never a token).
+    """
+    for client in config.clients:
+        if client.name == name:
+            return f"{quote(client.name, safe='')}:{quote(client.token, safe='')}@"
+    known = ", ".join(client.name for client in config.clients) or "none"
+    raise EnvError(
+        f"{config.source}: no client {name!r} in {config.section}.clients"
+        f" (configured: {known})"
+    )

@@ -7,8 +7,8 @@ running the proxy (SPEC §10, issue 7).
   - C{explain [--config F] [--method M] TARGET}: what the policy says about
     one request, and which config line would change that, without sending
     traffic or resolving names (L{codex_proxy.explain});
-  - C{env [--shell sh|fish|json] [--config F] [--ports-file P]}: the
-    variables that point a child process at the proxy;
+  - C{env [--shell sh|fish|json] [--config F] [--ports-file P] [--client N]}:
+    the variables that point a child process at the proxy;
   - C{selftest --proxy URL [--socks H:P] [--port N] [--with-resolve]}:
     replay the bypass corpus against a running proxy (the one command that
     sends traffic); C{selftest --print-resolve} prints the C{--resolve}
@@ -85,6 +85,7 @@ def check_config(path: Optional[str], out: TextIO) -> int:
             out.write(f"  {pattern.ljust(width)}  {config.pattern_sources[pattern]}\n")
     if not config.allowed_domains:
         out.write("  (empty allowlist: every destination is blocked)\n")
+    _clients(config, out)
     out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
     for path in config.allow_unix_sockets:
         out.write(f"  {path}\n")
@@ -98,6 +99,24 @@ def check_config(path: Optional[str], out: TextIO) -> int:
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
     return EXIT_OK
+
+
+def _clients(config: ProxyConfig, out: TextIO) -> None:
+    """
+    The clients section of C{check-config}: names, modes and overlays,
+    never a token (SPEC §11).
+    """
+    out.write(f"require_client_auth: {str(config.require_client_auth).lower()}\n")
+    out.write(f"clients ({len(config.clients)}):\n")
+    for client in config.clients:
+        mode = client.mode.value if client.mode is not None else f"{config.mode.value} (base)"
+        out.write(f"  {client.name}: mode {mode}\n")
+        for title, patterns in (
+            ("allowed_domains", client.allowed_domains),
+            ("denied_domains", client.denied_domains),
+        ):
+            for pattern in patterns:
+                out.write(f"    {title} + {pattern}  {client.pattern_sources[pattern]}\n")
 
 
 def _setting(config: ProxyConfig, key: str, value: str) -> str:
@@ -133,7 +152,12 @@ def run_explain(
 
 
 def run_env(
-    path: Optional[str], ports_file: Optional[str], shell: str, out: TextIO, err: TextIO
+    path: Optional[str],
+    ports_file: Optional[str],
+    shell: str,
+    out: TextIO,
+    err: TextIO,
+    client: Optional[str] = None,
 ) -> int:
     config = _load(path)
     bound: Dict[str, str] = {}
@@ -151,7 +175,9 @@ def run_env(
         from codex_proxy.mitm import load_interception
 
         bundle = load_interception(os.environ).bundle
-    env = child_env(config, http=bound.get("http"), socks=bound.get("socks"), ca_bundle=bundle)
+    env = child_env(
+        config, http=bound.get("http"), socks=bound.get("socks"), ca_bundle=bundle, client=client
+    )
     out.write(_FORMATS[shell](env))
     return EXIT_OK
 
@@ -283,6 +309,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the proxy's ports file: the bound addresses (needed with port 0)",
     )
+    env.add_argument(
+        "--client",
+        metavar="NAME",
+        help="embed this configured client's credentials in the proxy URLs",
+    )
     ca = commands.add_parser(
         "ca",
         help="create (if needed) and show the HTTPS interception CA",
@@ -356,7 +387,7 @@ def main(
             return run_ca(args.bundle, out)
         if args.command == "selftest":
             return run_selftest(args, out)
-        return run_env(args.config, args.ports_file, args.shell, out, err)
+        return run_env(args.config, args.ports_file, args.shell, out, err, args.client)
     except UsageError as e:
         err.write(f"codexproxy {args.command}: {e}\n")
         return EXIT_USAGE

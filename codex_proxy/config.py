@@ -31,6 +31,7 @@ from codex_proxy._toml import (
     readonly,
     show,
 )
+from codex_proxy.clients import Client, parse_clients
 from codex_proxy.model import Mode
 
 DEFAULTS_SOURCE = "<defaults>"
@@ -151,6 +152,7 @@ class Limits:
     max_connections: int = 4096
     max_udp_associations: int = 256
     decider_timeout_s: float = 30
+    max_connections_per_client: int = 1024
 
 
 @attrs.frozen
@@ -173,6 +175,8 @@ class ProxyConfig:
     @ivar managed_allowed_domains_only: the allowlist is the managed one
         only, and its misses are hard-denied: no decider is consulted
         (SPEC §2.4, §9.2).
+    @ivar clients: the named clients and their overlays (SPEC §11).
+    @ivar require_client_auth: anonymous connections are refused.
     """
 
     enabled: bool = False
@@ -196,6 +200,8 @@ class ProxyConfig:
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)
     managed_allowed_domains_only: bool = False
+    clients: tuple[Client, ...] = ()
+    require_client_auth: bool = False
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -227,6 +233,8 @@ _NETWORK_KEYS = (
     "domains",
     "allow_unix_sockets",
     "limits",
+    "clients",
+    "require_client_auth",
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -343,6 +351,13 @@ def _network_config(network: Table) -> ProxyConfig:
         bool(unix_sockets) or flags["dangerously_allow_all_unix_sockets"],
     )
     allowed = {text: where for text, where in allowed.items() if text not in denied}
+    clients = parse_clients(network, mode)
+    require = network.boolean("require_client_auth", bool(clients))
+    if require and not clients:
+        raise network.error(
+            network.key("require_client_auth"),
+            "true, but no [clients] are configured: nothing could authenticate",
+        )
     return ProxyConfig(
         **flags,
         http_listen=listens["proxy_url"],
@@ -357,6 +372,8 @@ def _network_config(network: Table) -> ProxyConfig:
         warnings=warnings,
         explicit=frozenset(network.values),
         section=network.path,
+        clients=clients,
+        require_client_auth=require,
     )
 
 

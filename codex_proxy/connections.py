@@ -7,7 +7,7 @@ that every client connection ends with one outcome event.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import attrs
 from twisted.internet import defer
@@ -55,13 +55,18 @@ class Connections:
         together) L{admit} lets in at once.
     @ivar observers: called with each client connection's
         L{ConnectionOutcome} when it ends (after the log event).
+    @ivar max_per_client: how many connections one authenticated client
+        (SPEC §11) may hold open at once.
     """
 
-    def __init__(self, max_clients: int = 4096) -> None:
+    def __init__(self, max_clients: int = 4096, max_per_client: int = 1024) -> None:
         self.max_clients = max_clients
+        self.max_per_client = max_per_client
         self.observers: List[Callable[[ConnectionOutcome], None]] = []
         self._open: Set[ITCPTransport] = set()
         self._clients: Set[ITCPTransport] = set()
+        self._byIdentity: Dict[str, Set[ITCPTransport]] = {}
+        self._identityOf: Dict[ITCPTransport, str] = {}
         self._waiting: List[defer.Deferred[None]] = []
 
     def __len__(self) -> int:
@@ -90,6 +95,32 @@ class Connections:
         self._clients.add(transport)
         return True
 
+    def claim(self, transport: ITCPTransport, identity: str) -> bool:
+        """
+        Count the client connection C{transport} as one of C{identity}'s;
+        C{False} when that client holds C{max_per_client} connections
+        already (the connection then keeps no identity). A connection counts
+        for one client at a time.
+        """
+        held = self._identityOf.get(transport)
+        if held == identity:
+            return True
+        self._release(transport)
+        mine = self._byIdentity.setdefault(identity, set())
+        if len(mine) >= self.max_per_client:
+            return False
+        mine.add(transport)
+        self._identityOf[transport] = identity
+        return True
+
+    def _release(self, transport: ITCPTransport) -> None:
+        identity = self._identityOf.pop(transport, None)
+        if identity is not None:
+            mine = self._byIdentity[identity]
+            mine.discard(transport)
+            if not mine:
+                del self._byIdentity[identity]
+
     def closed(
         self, transport: ITCPTransport, outcome: Optional[ConnectionOutcome] = None
     ) -> None:
@@ -101,6 +132,7 @@ class Connections:
         """
         self._open.discard(transport)
         self._clients.discard(transport)
+        self._release(transport)
         if outcome is not None:
             _log.emit(LogLevel.info, None, connection=outcome)
             for observer in self.observers:

@@ -139,6 +139,9 @@ class _Closing:
         pass
 
 
+#: Refusals after which the connection closes: it holds a slot over a limit.
+_OVERLOADED = (Reason.TOO_MANY_CONNECTIONS, Reason.TOO_MANY_CLIENT_CONNECTIONS)
+
 _State = Union[ReadingHead, _Deciding, _Dialling, _Exchanging, _Tunnelling, _Closing]
 _CLOSING = _Closing()
 
@@ -279,6 +282,8 @@ class HTTPProxyProtocol(ClientConnection):
         )
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
+        # Inside a tunnel, the tunnel's client identity holds (SPEC §11).
+        refusal = None if self._tunnel else self.authenticateHTTP(head.header(b"proxy-authorization"))
         try:
             request = self._requestFor(head)
         except errors.ProtocolError as e:
@@ -288,10 +293,13 @@ class HTTPProxyProtocol(ClientConnection):
             return
         job = _Job(head, request, close=not head.keep_alive or (self.clientEOF and not self.pending))
         factory = self.factory
-        if not self.admitted or _httptarget.came_through(head, factory.via):
-            job.close = job.close or not self.admitted
-            reason = Reason.PROXY_LOOP if self.admitted else Reason.TOO_MANY_CONNECTIONS
-            self._blocked(job, factory.policy.refuse(request, reason), kept)
+        if refusal is None and not self.admitted:
+            refusal = Reason.TOO_MANY_CONNECTIONS
+        if refusal is None and _httptarget.came_through(head, factory.via):
+            refusal = Reason.PROXY_LOOP
+        if refusal is not None:
+            job.close = job.close or refusal in _OVERLOADED
+            self._blocked(job, factory.policy.refuse(request, refusal), kept)
         elif self._tunnel is not None:
             self._decide(job, factory.policy.check_pinned(request, self._tunnel), kept)
         else:
@@ -300,8 +308,12 @@ class HTTPProxyProtocol(ClientConnection):
     def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
         tunnel = self._tunnel
         if tunnel is not None:
-            return _httptarget.inner_request(head, tunnel.host, tunnel.port, self.client)
-        return _httptarget.request_for(head, self.client, _resolve_socket)
+            request = _httptarget.inner_request(head, tunnel.host, tunnel.port, self.client)
+            identity = tunnel.request.client_identity
+        else:
+            request = _httptarget.request_for(head, self.client, _resolve_socket)
+            identity = self.identity
+        return request if identity is None else attrs.evolve(request, client_identity=identity)
 
     # -- deciding and dialling ------------------------------------------------
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, FrozenSet, Iterable, Optional, Tuple
+from typing import Callable, FrozenSet, Iterable, Mapping, Optional, Tuple
 from urllib.parse import unquote_plus
 
 import attrs
 
 from codex_proxy.addresses import is_local_name, is_public, parse_ip_literal
+from codex_proxy.clients import Credentials, stricter
 from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import DomainSet, InvalidHost, normalize_host, parse_pattern
 from codex_proxy.model import (
@@ -53,6 +54,8 @@ class Policy:
 
     @ivar managed_allowed_domains_only: allowlist misses are final: the
         allowlist is managed (SPEC §2.4), so no decider may lift a miss.
+    @ivar credentials: the clients' tokens (SPEC §11).
+    @ivar clients: client name -> that client's own compiled policy.
     """
 
     enabled: bool
@@ -64,6 +67,18 @@ class Policy:
     managed_allowed_domains_only: bool = False
     unix_sockets: FrozenSet[str] = frozenset()
     all_unix_sockets: bool = False
+    credentials: Credentials = Credentials()
+    clients: Mapping[str, Policy] = attrs.field(factory=dict, hash=False)
+
+    def for_client(self, identity: Optional[str]) -> Policy:
+        """
+        The policy of the authenticated client C{identity}; the base policy
+        for anonymous connections and for names that are only labels (a
+        SOCKS5 username when no clients are configured).
+        """
+        if identity is None:
+            return self
+        return self.clients.get(identity, self)
 
     @classmethod
     def build(
@@ -107,7 +122,7 @@ def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> P
         (C{os.path.realpath}; the requested path is resolved per request,
         SPEC §8). Passed in because it reads the file system.
     """
-    return Policy.build(
+    base = Policy.build(
         enabled=config.enabled,
         mode=config.mode,
         mitm=config.mitm,
@@ -117,6 +132,27 @@ def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> P
         managed_allowed_domains_only=config.managed_allowed_domains_only,
         unix_sockets=[realpath(path) for path in config.allow_unix_sockets],
         all_unix_sockets=config.dangerously_allow_all_unix_sockets,
+    )
+    clients = {}
+    for client in config.clients:
+        # SPEC §11: base ∪ client allow (none of it under a managed
+        # allowlist), base ∪ client deny, the stricter mode.
+        extra = () if config.managed_allowed_domains_only else client.allowed_domains
+        clients[client.name] = attrs.evolve(
+            base,
+            mode=stricter(config.mode, client.mode),
+            allowed=DomainSet(
+                parse_pattern(text) for text in (*config.allowed_domains, *extra)
+            ),
+            denied=DomainSet(
+                parse_pattern(text)
+                for text in (*config.denied_domains, *client.denied_domains)
+            ),
+        )
+    return attrs.evolve(
+        base,
+        credentials=Credentials.of(config.clients, config.require_client_auth),
+        clients=clients,
     )
 
 

@@ -212,7 +212,7 @@ class PolicyService:
         Cancelling it while the decider or the resolver is busy records
         nothing: no decision was made.
         """
-        policy = self.policy
+        policy = self.policy.for_client(request.client_identity)
         verdict = decide(policy, request)
         decider = self.decider
         if (
@@ -227,6 +227,7 @@ class PolicyService:
                 client_addr=request.client,
                 method=request.method,
                 command=request.command,
+                client_identity=request.client_identity,
             )
             return consult(decider, asked, self._clock, self._decider_timeout).addCallback(
                 lambda decision: self._overruled(policy, verdict, decision)
@@ -275,8 +276,9 @@ class PolicyService:
 
     def refuse(self, request: ProxyRequest, reason: Reason) -> Verdict:
         """
-        Deny C{request} for a reason of the proxy's own state (C{reason} is
-        L{Reason.TOO_MANY_CONNECTIONS}), without consulting the policy:
+        Deny C{request} for a reason of the proxy's own state (a limit
+        reached, a proxy loop, failed client authentication), without
+        consulting the policy:
         one C{proxy_state} audit event, as for L{check}.
         """
         try:
@@ -301,7 +303,7 @@ class PolicyService:
         allowed association is not audited: it names no destination, and
         each of its destinations is decided and audited by L{check}.
         """
-        verdict = decide_association(self.policy, request)
+        verdict = decide_association(self.policy.for_client(request.client_identity), request)
         if verdict.allowed and full:
             verdict = attrs.evolve(
                 verdict,
@@ -321,7 +323,7 @@ class PolicyService:
         SPEC §2.5); a decider's approval of the tunnel covers its inner
         allowlist misses. Exactly one audit event, as for L{check}.
         """
-        policy = self.policy
+        policy = self.policy.for_client(request.client_identity)
         verdict = decide(policy, request)
         if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
             verdict = admit(policy, request, verdict.host, override=True)

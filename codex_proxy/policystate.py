@@ -57,6 +57,7 @@ _REPORTED_FIELDS = (
     "managed_allowed_domains_only",
     "allow_unix_sockets",
     "dangerously_allow_all_unix_sockets",
+    "require_client_auth",
 )
 
 
@@ -255,4 +256,10 @@ def describe_changes(old: ProxyConfig, new: ProxyConfig) -> tuple[str, ...]:
         before, after = getattr(old, name), getattr(new, name)
         if before != after:
             changes.append(f"{name} {_show(before)} -> {_show(after)}")
+    if old.clients != new.clients:
+        # Names only: a rotated token shows as a changed client, never itself.
+        changes.append("clients changed: " + ", ".join(sorted(
+            {c.name for c in old.clients} ^ {c.name for c in new.clients}
+            | {c.name for c in new.clients if c not in old.clients}
+        )))
     return tuple(changes)

@@ -165,6 +165,12 @@ def merge_requirements(config: ProxyConfig, requirements: Requirements) -> Proxy
                 + ", ".join(f"{text} ({config.pattern_sources[text]})" for text in ignored),
             )
         allowed = dict.fromkeys(requirements.allowed_domains)
+        warnings += tuple(
+            f"{config.source}: {config.section}.clients.{client.name}.allowed_domains"
+            " ignored: the allowlist is managed (managed_allowed_domains_only = true)"
+            for client in config.clients
+            if client.allowed_domains
+        )
     else:
         allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
     allowed_domains = tuple(text for text in allowed if text not in denied)
