@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from codex_proxy._httphead import RequestHead
 from codex_proxy._httptarget import authority
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
@@ -31,6 +32,9 @@ from codex_proxy.upstream import Outbound
 
 _log = Logger()
 T = TypeVar("T")
+
+#: Refusals after which a connection closes: it holds a slot over a limit.
+OVER_LIMIT = frozenset({Reason.TOO_MANY_CONNECTIONS, Reason.TOO_MANY_CLIENT_CONNECTIONS})
 
 #: Client bytes kept while a request is decided or served before reading
 #: pauses. Reading is not paused per request: that costs two epoll calls
@@ -105,6 +109,7 @@ class ClientConnection(Protocol):
                 decision=self._decision,
                 reason=self._reason,
                 outcome=self._outcome,
+                identity=self.identity,
                 bytes_up=up,
                 bytes_down=down,
                 duration=self.factory.clock.seconds() - self._started,
@@ -121,16 +126,20 @@ class ClientConnection(Protocol):
 
     # -- client authentication (SPEC §11) -----------------------------------
 
-    def authenticateHTTP(self, authorization: Optional[bytes]) -> Optional[Reason]:
+    def admitHTTP(self, head: RequestHead) -> Optional[Reason]:
         """
-        Check a request's C{Proxy-Authorization} value against the clients
-        of the policy in force (so a token rotated by a reload is refused
-        from the next request on); see L{identify}.
+        Why a request outside a tunnel (inside one, the tunnel's client
+        holds) is refused before any policy, or C{None}: the connection is
+        over C{limits.max_connections}, or its C{Proxy-Authorization} fails
+        against the clients of the policy in force (so a token rotated by a
+        reload is refused from the next request on); see L{identify}.
         """
+        if not self.admitted:
+            return Reason.TOO_MANY_CONNECTIONS
         credentials = self.factory.policy.policy.credentials
         if not credentials.configured:
             return None
-        return self.identify(*credentials.http(authorization))
+        return self.identify(*credentials.http(head.header(b"proxy-authorization")))
 
     def authenticateSOCKS(self, username: str, password: bytes) -> Optional[Reason]:
         """

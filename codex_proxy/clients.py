@@ -56,11 +56,12 @@ def parse_clients(network: Table, base_mode: Mode) -> tuple[Client, ...]:
 
     @param base_mode: the section's own mode; a client may only be stricter.
     @raise codex_proxy._toml.ConfigError: a bad name, an unknown key, a
-        missing or weak token, a malformed pattern, or a client mode less
-        strict than the base's (naming both keys).
+        missing or weak token, a token another client has, a malformed
+        pattern, or a client mode less strict than the base's (naming both
+        keys).
     """
     table = network.table("clients")
-    clients = []
+    clients: list[Client] = []
     for name in table.values:
         if not NAME.fullmatch(name):
             raise table.error(
@@ -79,6 +80,12 @@ def parse_clients(network: Table, base_mode: Mode) -> tuple[Client, ...]:
                 "'full' is less strict than the base "
                 f"{network.key('mode')} = 'limited'; a client may only be stricter",
             )
+        for other in clients:
+            if hmac.compare_digest(other.token.encode("utf-8"), token.encode("utf-8")):
+                # Bearer tokens name no client: each must tell one apart.
+                raise entry.error(
+                    entry.key("token"), f"the same token as client {other.name!r}"
+                )
         allowed, denied = pattern_lists(entry)
         clients.append(
             Client(name, token, tuple(allowed), tuple(denied), mode, {**allowed, **denied})

@@ -30,6 +30,8 @@ class ConnectionOutcome:
     @ivar outcome: how it ended: C{"closed"} (normally), C{"blocked"},
         C{"failed"} (the destination), C{"bad_request"}, C{"timeout"},
         C{"refused"} (over C{max_connections}) or C{"error"} (ours).
+    @ivar identity: the client that authenticated on it (SPEC §11), or
+        C{None}.
     @ivar bytes_up: bytes forwarded client to destination (bodies and
         tunnel bytes; heads not counted).
     @ivar bytes_down: bytes forwarded destination to client.
@@ -44,6 +46,7 @@ class ConnectionOutcome:
     bytes_up: int
     bytes_down: int
     duration: float
+    identity: Optional[str] = None
 
 
 class Connections:

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
-from codex_proxy._connection import ClientConnection, no_delay
+from codex_proxy._connection import OVER_LIMIT, ClientConnection, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
 from codex_proxy._pipelining import IHeadOwner, ReadingHead
 from codex_proxy._text import escape
@@ -138,9 +138,6 @@ class _Closing:
     def release(self) -> None:
         pass
 
-
-#: Refusals after which the connection closes: it holds a slot over a limit.
-_OVERLOADED = (Reason.TOO_MANY_CONNECTIONS, Reason.TOO_MANY_CLIENT_CONNECTIONS)
 
 _State = Union[ReadingHead, _Deciding, _Dialling, _Exchanging, _Tunnelling, _Closing]
 _CLOSING = _Closing()
@@ -282,8 +279,7 @@ class HTTPProxyProtocol(ClientConnection):
         )
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
-        # Inside a tunnel, the tunnel's client identity holds (SPEC §11).
-        refusal = None if self._tunnel else self.authenticateHTTP(head.header(b"proxy-authorization"))
+        refusal = None if self._tunnel else self.admitHTTP(head)
         try:
             request = self._requestFor(head)
         except errors.ProtocolError as e:
@@ -291,14 +287,14 @@ class HTTPProxyProtocol(ClientConnection):
                 kept.drop()
             self.refuseHead(head, e)
             return
+        if self.identity is not None:
+            request = attrs.evolve(request, client_identity=self.identity)
         job = _Job(head, request, close=not head.keep_alive or (self.clientEOF and not self.pending))
         factory = self.factory
-        if refusal is None and not self.admitted:
-            refusal = Reason.TOO_MANY_CONNECTIONS
         if refusal is None and _httptarget.came_through(head, factory.via):
             refusal = Reason.PROXY_LOOP
         if refusal is not None:
-            job.close = job.close or refusal in _OVERLOADED
+            job.close = job.close or refusal in OVER_LIMIT
             self._blocked(job, factory.policy.refuse(request, refusal), kept)
         elif self._tunnel is not None:
             self._decide(job, factory.policy.check_pinned(request, self._tunnel), kept)
@@ -308,12 +304,8 @@ class HTTPProxyProtocol(ClientConnection):
     def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
         tunnel = self._tunnel
         if tunnel is not None:
-            request = _httptarget.inner_request(head, tunnel.host, tunnel.port, self.client)
-            identity = tunnel.request.client_identity
-        else:
-            request = _httptarget.request_for(head, self.client, _resolve_socket)
-            identity = self.identity
-        return request if identity is None else attrs.evolve(request, client_identity=identity)
+            return _httptarget.inner_request(head, tunnel.host, tunnel.port, self.client)
+        return _httptarget.request_for(head, self.client, _resolve_socket)
 
     # -- deciding and dialling ------------------------------------------------
 

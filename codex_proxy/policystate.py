@@ -256,10 +256,10 @@ def describe_changes(old: ProxyConfig, new: ProxyConfig) -> tuple[str, ...]:
         before, after = getattr(old, name), getattr(new, name)
         if before != after:
             changes.append(f"{name} {_show(before)} -> {_show(after)}")
-    if old.clients != new.clients:
-        # Names only: a rotated token shows as a changed client, never itself.
-        changes.append("clients changed: " + ", ".join(sorted(
-            {c.name for c in old.clients} ^ {c.name for c in new.clients}
-            | {c.name for c in new.clients if c not in old.clients}
-        )))
+    # Names only: a rotated token shows as a changed client, never itself.
+    gone = {client.name for client in old.clients}
+    changed = {client.name for client in new.clients if client not in old.clients}
+    changed |= gone - {client.name for client in new.clients}
+    if changed:
+        changes.append("clients changed: " + ", ".join(sorted(changed)))
     return tuple(changes)

@@ -10,7 +10,9 @@ import json
 import os
 
 import pytest
+from twisted.internet import error
 from twisted.internet.address import IPv4Address
+from twisted.python.failure import Failure
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy.childenv import EnvError, child_env
@@ -284,3 +286,112 @@ def test_check_config_lists_clients_and_never_tokens(tmp_path):
     assert "clients (2):" in text and "agent-a: mode full (base)" in text
     assert "allowed_domains + **.example.com" in text and "denied_domains + origin.test" in text
     secret_free(text)
+
+
+def test_two_clients_may_not_share_a_token():
+    text = BASE + f"[network.clients.c]\ntoken = '{TOKEN_B}'\n"
+    with pytest.raises(ConfigError) as e:
+        parse_config(text.encode(), "c.toml")
+    assert e.value.key == "network.clients.c.token"
+    assert "'agent-b'" in e.value.message
+    secret_free(str(e.value))
+
+
+def test_a_managed_allowlist_ignores_client_allows_with_a_warning():
+    from codex_proxy.sources import Sources, effective_config, parse_requirements
+
+    requirements = parse_requirements(
+        b'[experimental_network]\nallowed_domains = ["origin.test"]\nmanaged_allowed_domains_only = true\n'
+        b'mode = "limited"\n',
+        "r.toml",
+    )
+    config = effective_config(Sources(parse_config(BASE.encode(), "c.toml"), requirements))
+    assert any("clients.agent-a.allowed_domains ignored" in w for w in config.warnings)
+    policy = policy_from_config(config, os.path.realpath)
+    a = policy.for_client("agent-a")
+    assert not a.allowed.match("x.example.com")
+    # The managed ceiling holds for every client.
+    assert a.mode.value == "limited"
+
+
+def test_the_decider_and_blocked_history_see_the_client(trickle):
+    from codex_proxy.decider import Deny
+
+    asked = []
+    h = http(trickle)
+    h.service.decider = lambda request: asked.append(request) or Deny("no")
+    h.send(get("elsewhere.example", basic("agent-b", TOKEN_B)))
+    assert h.response()[0] == 403
+    assert [request.client_identity for request in asked] == ["agent-b"]
+    assert [v.request.client_identity for v in h.service.blocked()] == ["agent-b"]
+
+
+def test_inside_an_intercepted_tunnel_the_tunnels_client_holds(tmp_path, trickle):
+    from support.mitm import World, take
+
+    # Only agent-a may reach origin.test: the inner request is decided as agent-a's.
+    text = f"""
+[network]
+enabled = true
+mode = "limited"
+mitm = true
+
+[network.clients.agent-a]
+token = "{TOKEN_A}"
+allowed_domains = ["origin.test"]
+"""
+    w = World(tmp_path, trickle, policy=compiled(text))
+    w.proxy.dataReceived(
+        b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n" + basic("agent-a", TOKEN_A) + b"\r\n"
+    )
+    w.accept()
+    assert take(w.downstream) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    w.client()
+    w.request(b"GET /read HTTP/1.1\r\nHost: origin.test\r\nProxy-Authorization: Bearer stray-value-000000\r\n\r\n")
+    seen = w.origin_saw()
+    assert seen.startswith(b"GET /read HTTP/1.1\r\n")
+    assert b"proxy-authorization" not in seen.lower()
+    assert [(e["network.transport.protocol"], e["client.identity"]) for e in w.auditor.events] == [
+        ("https_connect", "agent-a"),
+        ("https", "agent-a"),
+    ]
+
+
+def test_socks_anonymous_access_when_not_required(trickle):
+    text = BASE.replace("enabled = true", "enabled = true\nrequire_client_auth = false")
+    h = SOCKSHarness(trickle, policy=compiled(text), resolver=StaticResolver(RESOLVER))
+    h.send(b"\x05\x01\x00" + connect("www.example.com", 443))
+    assert h.client.value() == b"\x05\x00" + wire.encode_reply(0x02)
+    [event] = h.auditor.events
+    assert (event["network.policy.reason"], "client.identity" in event) == ("not_allowed", False)
+
+
+def test_socks_connections_beyond_the_per_client_limit_get_rep_1(trickle):
+    h = SOCKSHarness(trickle, policy=compiled(), resolver=StaticResolver(RESOLVER))
+    h.factory.connections = Connections(max_per_client=1)
+    hello = b"\x05\x01\x02" + rfc1929("agent-a", TOKEN_A) + connect("origin.test", 443)
+    first = h.connectClient(5556)
+    h.send(hello, first)
+    second = h.connectClient(5557)
+    h.send(hello, second)
+    assert second.transport.value() == b"\x05\x02\x01\x00" + wire.encode_reply(0x01)
+    assert h.auditor.events[-1]["network.policy.reason"] == "too_many_client_connections"
+    assert h.auditor.events[-1]["client.identity"] == "agent-a"
+    # Once the first goes, the client may connect again.
+    first.connectionLost(Failure(error.ConnectionDone()))
+    third = h.connectClient(5558)
+    h.send(hello, third)
+    assert third.transport.value() == b"\x05\x02\x01\x00"
+    assert h.dials() == [(PUBLIC, 443), (PUBLIC, 443)]
+
+
+def test_the_embedding_api_env_takes_a_client():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from codex_proxy.api import NetworkProxy
+
+    config = parse_config(BASE.encode(), "c.toml")
+    proxy = NetworkProxy.builder().config(config).reactor(MemoryReactorClock()).build().result
+    assert proxy.env(client="agent-b")["HTTPS_PROXY"] == f"http://agent-b:{TOKEN_B}@127.0.0.1:3128"
+    with pytest.raises(EnvError, match="'nobody'"):
+        proxy.env(client="nobody")
