@@ -18,7 +18,7 @@ from urllib.parse import unquote_plus
 import attrs
 
 from codex_proxy.addresses import is_local_name, is_public, parse_ip_literal
-from codex_proxy.clients import Credentials, stricter
+from codex_proxy.clients import Credentials
 from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import DomainSet, InvalidHost, normalize_host, parse_pattern
 from codex_proxy.model import (
@@ -31,6 +31,7 @@ from codex_proxy.model import (
     Source,
     Verdict,
 )
+from codex_proxy.sources import client_config
 
 _MAX_PORT = 65535
 
@@ -135,19 +136,12 @@ def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> P
     )
     clients = {}
     for client in config.clients:
-        # SPEC §11: base ∪ client allow (none of it under a managed
-        # allowlist), base ∪ client deny, the stricter mode.
-        extra = () if config.managed_allowed_domains_only else client.allowed_domains
+        own = client_config(config, client)
         clients[client.name] = attrs.evolve(
             base,
-            mode=stricter(config.mode, client.mode),
-            allowed=DomainSet(
-                parse_pattern(text) for text in (*config.allowed_domains, *extra)
-            ),
-            denied=DomainSet(
-                parse_pattern(text)
-                for text in (*config.denied_domains, *client.denied_domains)
-            ),
+            mode=own.mode,
+            allowed=DomainSet(parse_pattern(text) for text in own.allowed_domains),
+            denied=DomainSet(parse_pattern(text) for text in own.denied_domains),
         )
     return attrs.evolve(
         base,

@@ -223,17 +223,15 @@ class SOCKS5Protocol(ClientConnection):
             return False
         credentials, self._buffer = parsed
         refusal = self.authenticateSOCKS(credentials.username, credentials.password)
-        if refusal is Reason.TOO_MANY_CLIENT_CONNECTIONS:
-            # Authenticated, but over its limit: the request gets REP 0x01.
-            self._refusal = refusal
-        elif refusal is not None:
-            self._cancelTimer()
+        failed = refusal is Reason.CLIENT_AUTH_FAILED
+        self.transport.write(wire.encode_auth_status(not failed))
+        if failed:
             asked = ProxyRequest(protocol=Proto.SOCKS5_TCP, host=_NO_HOST, port=0, client=self.client)
-            self.noteVerdict(self.factory.policy.refuse(asked, refusal))
-            self.transport.write(wire.encode_auth_status(False))
+            self.noteVerdict(self.factory.policy.refuse(asked, Reason.CLIENT_AUTH_FAILED))
             self.close()
             return False
-        self.transport.write(wire.encode_auth_status(True))
+        # Authenticated but over its limit: the request gets REP 0x01.
+        self._refusal = self._refusal or refusal
         self._state = REQUEST
         return True
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Optional
 import attrs
 
 from codex_proxy._toml import ConfigError, Table, load_toml, pattern_lists, read_file, readonly
+from codex_proxy.clients import Client, stricter
 from codex_proxy.config import ProxyConfig, codex_home, load_config
 from codex_proxy.domains import DomainSet, PatternError, PatternKind, parse_pattern
 from codex_proxy.errors import ProxyError
@@ -413,6 +414,25 @@ def effective_config(sources: Sources, runtime: RuntimeRules = RuntimeRules()) -
         pattern_sources={**allowed, **denied},
     )
     return merge_requirements(user, sources.requirements)
+
+
+def client_config(config: ProxyConfig, client: Client) -> ProxyConfig:
+    """
+    The effective config of one client (SPEC §11) of the effective
+    C{config}: base ∪ client allow (no client allow under a managed
+    allowlist), base ∪ client deny (deny wins), the stricter mode; managed
+    ceilings are already in C{config}.
+    """
+    extra = () if config.managed_allowed_domains_only else client.allowed_domains
+    denied = dict.fromkeys((*config.denied_domains, *client.denied_domains))
+    allowed = dict.fromkeys((*config.allowed_domains, *extra))
+    return attrs.evolve(
+        config,
+        mode=stricter(config.mode, client.mode),
+        allowed_domains=tuple(text for text in allowed if text not in denied),
+        denied_domains=tuple(denied),
+        pattern_sources={**client.pattern_sources, **config.pattern_sources},
+    )
 
 
 def check_addition(requirements: Requirements, pattern: str, action: Action) -> str:

@@ -395,3 +395,28 @@ def test_the_embedding_api_env_takes_a_client():
     assert proxy.env(client="agent-b")["HTTPS_PROXY"] == f"http://agent-b:{TOKEN_B}@127.0.0.1:3128"
     with pytest.raises(EnvError, match="'nobody'"):
         proxy.env(client="nobody")
+
+
+def test_a_parent_proxy_gets_its_own_credentials_never_the_clients(trickle):
+    from codex_proxy.parents import from_environ
+    from codex_proxy.upstream import Upstream
+
+    h = http(trickle)
+    h.factory.upstream = Upstream(
+        h.reactor, 10, parents=from_environ({"HTTP_PROXY": "http://parent:p4ss@127.0.0.9:3128"})
+    )
+    h.send(get("origin.test", basic("agent-a", TOKEN_A)))
+    server, upstream = h.accept()
+    sent = upstream.value()
+    assert sent.count(b"Proxy-Authorization") == 1
+    assert b"Proxy-Authorization: Basic " + base64.b64encode(b"parent:p4ss") + b"\r\n" in sent
+    secret_free(sent)
+
+
+def test_a_connect_without_credentials_gets_407_and_closes(trickle):
+    h = http(trickle)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    status, headers, _ = h.response()
+    assert (status, headers["proxy-authenticate"]) == (407, 'Basic realm="codex-proxy"')
+    assert h.dials() == []
+    assert h.client.disconnecting

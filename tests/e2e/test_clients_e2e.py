@@ -144,3 +144,16 @@ def test_sighup_rotates_a_token(proxy_factory, origin, curl, tmp_path, proxyproc
     assert [seen.path for seen in origin.requests] == ["/before", "/new"]
     proxy.stop()
     _no_token_anywhere(proxy, log, old, new)
+
+
+def test_curl_https_through_connect_with_credentials(proxy_factory, tls_origin, tls_files, curl, tmp_path):
+    proxy, log = _start(proxy_factory, tmp_path)
+    url = tls_origin.url("/tls", host="localhost")
+    good = curl.run(url, "--cacert", str(tls_files.cert), proxy=_url(proxy, "agent-a", TOKEN_A))
+    # localhost is agent-a's extra allow only.
+    other = curl.run(url, "--cacert", str(tls_files.cert), proxy=_url(proxy, "agent-b", TOKEN_B))
+    assert (good.connect_status, good.status) == (200, 200), good.stderr
+    assert other.connect_status == 403
+    assert [seen.path for seen in tls_origin.requests] == ["/tls"]
+    proxy.stop()
+    _no_token_anywhere(proxy, log, good, other)
