@@ -102,7 +102,7 @@ class Connections:
         """
         Count the client connection C{transport} as one of C{identity}'s;
         C{False} when that client holds C{max_per_client} connections
-        already (the connection then keeps no identity). A connection counts
+        already (the connection is then counted for no client). A connection counts
         for one client at a time.
         """
         held = self._identityOf.get(transport)

@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+from hypothesis import given, strategies as st
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.python.failure import Failure
@@ -420,3 +421,25 @@ def test_a_connect_without_credentials_gets_407_and_closes(trickle):
     assert (status, headers["proxy-authenticate"]) == (407, 'Basic realm="codex-proxy"')
     assert h.dials() == []
     assert h.client.disconnecting
+
+
+def test_a_token_file_is_read_and_must_be_private(tmp_path):
+    path = tmp_path / "c.token"
+    path.write_text(TOKEN_A + "\n")
+    path.chmod(0o600)
+    text = f'[network]\n[network.clients.c]\ntoken_file = "{path}"\n'
+    assert [c.name for c in parse_config(text.encode(), "c.toml").clients] == ["c"]
+    assert compiled(text).credentials.http(basic("c", TOKEN_A)[len("Proxy-Authorization: "):-2]) == (True, "c")
+    path.chmod(0o640)
+    with pytest.raises(ConfigError) as e:
+        parse_config(text.encode(), "c.toml")
+    assert e.value.key == "network.clients.c.token_file"
+    assert "chmod 600" in e.value.message
+    secret_free(str(e.value))
+
+
+@given(st.binary(max_size=200))
+def test_any_proxy_authorization_bytes_are_refused_without_raising(value):
+    credentials = compiled().credentials
+    assert credentials.http(value) == (False, None)
+    assert credentials.http(b"Basic " + base64.b64encode(value)) == (False, None)
