@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 from urllib.parse import quote
 
+from codex_proxy.clients import named
 from codex_proxy.config import ListenAddress, ProxyConfig
 from codex_proxy.errors import ProxyError
 
@@ -102,11 +103,16 @@ def _userinfo(config: ProxyConfig, name: str) -> str:
 
     @raise EnvError: no such client (the message names it, never a token).
     """
-    for client in config.clients:
-        if client.name == name:
-            return f"{quote(client.name, safe='')}:{quote(client.token, safe='')}@"
+    client = named(config.clients, name)
+    if client is None:
+        raise EnvError(unknown_client(config, name))
+    return f"{quote(client.name, safe='')}:{quote(client.token, safe='')}@"
+
+
+def unknown_client(config: ProxyConfig, name: str) -> str:
+    """
+    The message for a client name that C{config} does not configure: it
+    names the ones it does, never a token.
+    """
     known = ", ".join(client.name for client in config.clients) or "none"
-    raise EnvError(
-        f"{config.source}: no client {name!r} in {config.section}.clients"
-        f" (configured: {known})"
-    )
+    return f"{config.source}: no client {name!r} in {config.section}.clients (configured: {known})"

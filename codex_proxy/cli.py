@@ -4,9 +4,10 @@ running the proxy (SPEC §10, issue 7).
 
   - C{check-config [FILE]}: validate, print the effective policy and where
     each entry came from;
-  - C{explain [--config F] [--method M] TARGET}: what the policy says about
-    one request, and which config line would change that, without sending
-    traffic or resolving names (L{codex_proxy.explain});
+  - C{explain [--config F] [--method M] [--client N] TARGET}: what the
+    policy (or one client's) says about one request, and which config line
+    would change that, without sending traffic or resolving names
+    (L{codex_proxy.explain});
   - C{env [--shell sh|fish|json] [--config F] [--ports-file P] [--client N]}:
     the variables that point a child process at the proxy;
   - C{selftest --proxy URL [--socks H:P] [--port N] [--with-resolve]}:
@@ -30,11 +31,13 @@ import attrs
 
 from codex_proxy import selftest
 from codex_proxy.bypass import BypassError, load_corpus
-from codex_proxy.childenv import EnvError, child_env
+from codex_proxy.childenv import EnvError, child_env, unknown_client
+from codex_proxy.clients import named
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
 from codex_proxy.errors import ProxyError
 from codex_proxy.explain import UsageError, explain, parse_target
 from codex_proxy.policy import policy_from_config
+from codex_proxy.sources import client_config
 
 EXIT_OK = 0
 EXIT_BLOCKED = 1
@@ -137,13 +140,25 @@ def _table(out: TextIO, rows: Sequence[Tuple[str, str]]) -> None:
 
 
 def run_explain(
-    path: Optional[str], target: str, method: Optional[str], out: TextIO
+    path: Optional[str],
+    target: str,
+    method: Optional[str],
+    out: TextIO,
+    client: Optional[str] = None,
 ) -> int:
     config = _load(path)
     request, inner = parse_target(target, method)
     policy = policy_from_config(config, os.path.realpath)
+    title = f"config: {config.source} [{config.section}]"
+    if client is not None:
+        # What the client's own policy says (SPEC §11).
+        own = named(config.clients, client)
+        if own is None:
+            raise UsageError(unknown_client(config, client))
+        config, policy = client_config(config, own), policy.for_client(client)
+        title += f" client {client}"
     rows, allowed = explain(config, policy, request, inner)
-    out.write(f"config: {config.source} [{config.section}]\n")
+    out.write(title + "\n")
     _table(out, rows)
     return EXIT_OK if allowed else EXIT_BLOCKED
 
@@ -295,6 +310,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="M",
         help="the HTTP method (default GET; CONNECT for https:// and host:port)",
     )
+    explain_.add_argument(
+        "--client", metavar="NAME", help="decide by this configured client's own policy"
+    )
     explain_.add_argument("target", metavar="URL-or-host:port")
     env = commands.add_parser(
         "env",
@@ -382,7 +400,7 @@ def main(
         if args.command == "check-config":
             return check_config(args.file, out)
         if args.command == "explain":
-            return run_explain(args.config, args.target, args.method, out)
+            return run_explain(args.config, args.target, args.method, out, args.client)
         if args.command == "ca":
             return run_ca(args.bundle, out)
         if args.command == "selftest":

@@ -93,6 +93,13 @@ def parse_clients(network: Table, base_mode: Mode) -> tuple[Client, ...]:
     return tuple(clients)
 
 
+def named(clients: tuple[Client, ...], name: str) -> Optional[Client]:
+    """
+    The client called C{name}, if configured.
+    """
+    return next((client for client in clients if client.name == name), None)
+
+
 def stricter(base: Mode, client: Optional[Mode]) -> Mode:
     """
     The stricter of the base mode and a client's.

@@ -443,3 +443,36 @@ def test_any_proxy_authorization_bytes_are_refused_without_raising(value):
     credentials = compiled().credentials
     assert credentials.http(value) == (False, None)
     assert credentials.http(b"Basic " + base64.b64encode(value)) == (False, None)
+
+
+def test_udp_datagrams_are_decided_by_the_associations_client(trickle):
+    h = SOCKSHarness(trickle, policy=compiled(), resolver=StaticResolver(RESOLVER))
+    h.send(b"\x05\x01\x02" + rfc1929("agent-a", TOKEN_A) + connect("0.0.0.0", 7000, wire.CMD_UDP_ASSOCIATE))
+    proto = h.reactor.udp[0].protocol
+    datagram = b"\x00\x00\x00" + connect("www.example.com", 53)[3:] + b"query"
+    proto.datagramReceived(datagram, ("127.0.0.1", 7000))
+    # www.example.com is agent-a's own allow: the base policy would drop it.
+    assert h.reactor.udp[1].written == [(b"query", (PUBLIC, 53))]
+    [event] = h.auditor.events
+    assert (event["network.transport.protocol"], event["client.identity"]) == ("socks5_udp", "agent-a")
+
+
+def test_explain_judges_by_a_clients_own_policy(tmp_path):
+    import io
+
+    from codex_proxy.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(BASE)
+    outputs = []
+    for client in ("agent-a", "agent-b"):
+        out, err = io.StringIO(), io.StringIO()
+        status = main(["explain", "--config", str(path), "--client", client, "http://www.example.com/"], out, err)
+        outputs.append((status, out.getvalue()))
+    (a_status, a_text), (b_status, b_text) = outputs
+    assert (a_status, b_status) == (0, 1)
+    assert "client agent-a" in a_text and "network.clients.agent-a.allowed_domains[0]" in a_text
+    err = io.StringIO()
+    assert main(["explain", "--config", str(path), "--client", "nobody", "http://origin.test/"], io.StringIO(), err) == 2
+    assert "'nobody'" in err.getvalue()
+    secret_free(a_text, b_text, err.getvalue())
