@@ -476,3 +476,19 @@ def test_explain_judges_by_a_clients_own_policy(tmp_path):
     assert main(["explain", "--config", str(path), "--client", "nobody", "http://origin.test/"], io.StringIO(), err) == 2
     assert "'nobody'" in err.getvalue()
     secret_free(a_text, b_text, err.getvalue())
+
+
+def test_the_env_command_takes_a_client(tmp_path):
+    import io
+
+    from codex_proxy.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(BASE)
+    out = io.StringIO()
+    assert main(["env", "--config", str(path), "--client", "agent-b", "--shell", "json"], out, io.StringIO()) == 0
+    assert json.loads(out.getvalue())["http_proxy"] == f"http://agent-b:{TOKEN_B}@127.0.0.1:3128"
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["env", "--config", str(path), "--client", "agent-c"], out, err) == 1
+    assert out.getvalue() == "" and "'agent-c'" in err.getvalue()
+    secret_free(err.getvalue())

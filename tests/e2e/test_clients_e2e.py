@@ -20,14 +20,14 @@ TOKEN_B = "bravo-token-0123456789"
 ROTATED = "rotated-token-987654321"
 
 
-def _network(token_a: str = TOKEN_A) -> dict:
+def _network(token_a: str = TOKEN_A, b_allows: tuple[str, ...] = ()) -> dict:
     return {
         "allowed_domains": ["127.0.0.1"],
         "enable_socks5": True,
         "socks_url": "127.0.0.1:0",
         "clients": {
             "agent-a": {"token": token_a, "allowed_domains": ["localhost"]},
-            "agent-b": {"token": TOKEN_B},
+            "agent-b": {"token": TOKEN_B, "allowed_domains": list(b_allows)},
         },
     }
 
@@ -131,17 +131,20 @@ def test_git_with_credentials_in_http_proxy(proxy_factory, origin, tmp_path, pro
     _no_token_anywhere(proxy, log)
 
 
-def test_sighup_rotates_a_token(proxy_factory, origin, curl, tmp_path, proxyproc):
+def test_sighup_rotates_a_token_and_reloads_overlays(proxy_factory, origin, curl, tmp_path, proxyproc):
     proxy, log = _start(proxy_factory, tmp_path)
     assert curl.run(origin.url("/before"), proxy=_url(proxy, "agent-a", TOKEN_A)).status == 200
-    proxy.config_path.write_text(proxyproc.render_config(_network(ROTATED)))
+    b_local = origin.url("/b-local", host="localhost")
+    assert curl.run(b_local, proxy=_url(proxy, "agent-b", TOKEN_B)).status == 403
+    proxy.config_path.write_text(proxyproc.render_config(_network(ROTATED, b_allows=("localhost",))))
     os.kill(proxy.pid, signal.SIGHUP)
     line = proxy.wait_for_line("policy reloaded")
-    assert "clients changed: agent-a" in line
+    assert "clients changed: agent-a, agent-b" in line
     old = curl.run(origin.url("/old"), proxy=_url(proxy, "agent-a", TOKEN_A))
     new = curl.run(origin.url("/new"), proxy=_url(proxy, "agent-a", ROTATED))
     assert (old.status, new.status) == (407, 200)
-    assert [seen.path for seen in origin.requests] == ["/before", "/new"]
+    assert curl.run(b_local, proxy=_url(proxy, "agent-b", TOKEN_B)).status == 200
+    assert [seen.path for seen in origin.requests] == ["/before", "/new", "/b-local"]
     proxy.stop()
     _no_token_anywhere(proxy, log, old, new)
 
