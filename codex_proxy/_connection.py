@@ -163,7 +163,7 @@ class ClientConnection(Protocol):
             return Reason.CLIENT_AUTH_FAILED
         # Kept even over the limit, so the refusal is audited as this client's.
         self.identity = identity
-        if identity is not None and not self.factory.connections.claim(self.transport, identity):
+        if not self.factory.connections.claim(self.transport, identity):
             return Reason.TOO_MANY_CLIENT_CONNECTIONS
         return None
 

@@ -98,17 +98,20 @@ class Connections:
         self._clients.add(transport)
         return True
 
-    def claim(self, transport: ITCPTransport, identity: str) -> bool:
+    def claim(self, transport: ITCPTransport, identity: Optional[str]) -> bool:
         """
-        Count the client connection C{transport} as one of C{identity}'s;
-        C{False} when that client holds C{max_per_client} connections
-        already (the connection is then counted for no client). A connection counts
-        for one client at a time.
+        Count the client connection C{transport} as one of C{identity}'s
+        (C{None}: anonymous, counted for no client); C{False} when that
+        client holds C{max_per_client} connections already (the connection
+        is then counted for no client). A connection counts for one client
+        at a time.
         """
         held = self._identityOf.get(transport)
         if held == identity:
             return True
         self._release(transport)
+        if identity is None:
+            return True
         mine = self._byIdentity.setdefault(identity, set())
         if len(mine) >= self.max_per_client:
             return False

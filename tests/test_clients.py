@@ -492,3 +492,16 @@ def test_the_env_command_takes_a_client(tmp_path):
     assert main(["env", "--config", str(path), "--client", "agent-c"], out, err) == 1
     assert out.getvalue() == "" and "'agent-c'" in err.getvalue()
     secret_free(err.getvalue())
+
+
+def test_a_connection_counts_for_the_client_it_authenticated_as_last():
+    connections = Connections(max_per_client=1)
+    first, second = object(), object()
+    assert connections.claim(first, "a")
+    assert not connections.claim(second, "a")
+    # The first connection goes on anonymously (or as another client): a's slot is free.
+    assert connections.claim(first, None)
+    assert connections.claim(second, "a")
+    assert connections.claim(first, "b")
+    connections.closed(second)
+    assert connections.claim(first, "a")
