@@ -54,12 +54,13 @@ class ProxyHandle:
     http_addr: Optional[str]
     socks_addr: Optional[str]
     _proxy: "NetworkProxy" = attrs.field(repr=False)
+    dns_addr: Optional[str] = None
 
     def addresses(self) -> Dict[str, str]:
         """
         The bound listeners by name, C{{"http": "127.0.0.1:PORT"}}.
         """
-        named = {"http": self.http_addr, "socks": self.socks_addr}
+        named = {"http": self.http_addr, "socks": self.socks_addr, "dns": self.dns_addr}
         return {name: address for name, address in named.items() if address is not None}
 
     def shutdown(self) -> defer.Deferred[None]:
@@ -281,6 +282,7 @@ class NetworkProxy:
             run_in_thread=lambda f: threads.deferToThreadPool(
                 reactor, reactor.getThreadPool(), f
             ),
+            disabled=self._connections.closeOutbound,
         )
 
     @staticmethod
@@ -335,7 +337,9 @@ class NetworkProxy:
                 address=address,
             )
         self.policy.set_own_addresses(bound_address(port) for port in ports.values())
-        self._handle = ProxyHandle(bound.get("http"), bound.get("socks"), self)
+        self._handle = ProxyHandle(
+            bound.get("http"), bound.get("socks"), self, dns_addr=bound.get("dns")
+        )
         return self._handle
 
     def _logStart(self) -> None:

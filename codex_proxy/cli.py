@@ -63,6 +63,7 @@ def check_config(path: Optional[str], out: TextIO) -> int:
         ("enable_socks5", _flag(config, "enable_socks5")),
         ("socks_url", _setting(config, "socks_url", str(config.socks_listen))),
         ("enable_socks5_udp", _flag(config, "enable_socks5_udp")),
+        ("dns_url", _setting(config, "dns_url", str(config.dns_listen or "unset"))),
         ("mode", _setting(config, "mode", config.mode.value)),
         ("mitm", _flag(config, "mitm")),
         ("allow_local_binding", _flag(config, "allow_local_binding")),
@@ -81,13 +82,15 @@ def check_config(path: Optional[str], out: TextIO) -> int:
     for title, patterns in (
         ("allowed_domains", config.allowed_domains),
         ("denied_domains", config.denied_domains),
+        ("allowed_ranges", config.allowed_ranges),
+        ("denied_ranges", config.denied_ranges),
     ):
         out.write(f"{title} ({len(patterns)}):\n")
         width = max((len(p) for p in patterns), default=0)
         for pattern in patterns:
             out.write(f"  {pattern.ljust(width)}  {config.pattern_sources[pattern]}\n")
-    if not config.allowed_domains:
-        out.write("  (empty allowlist: every destination is blocked)\n")
+        if title == "allowed_domains" and not patterns:
+            out.write("  (empty allowlist: every destination is blocked)\n")
     _clients(config, out)
     out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
     for path in config.allow_unix_sockets:

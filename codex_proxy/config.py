@@ -15,11 +15,12 @@ import ipaddress
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import attrs
 
 from codex_proxy import _httpbody
+from codex_proxy.addresses import parse_range
 from codex_proxy._toml import (
     ConfigError as ConfigError,
     Table,
@@ -175,6 +176,10 @@ class ProxyConfig:
     @ivar managed_allowed_domains_only: the allowlist is the managed one
         only, and its misses are hard-denied: no decider is consulted
         (SPEC §2.4, §9.2).
+    @ivar allowed_ranges: canonical CIDRs whose addresses are not refused
+        as non-public (SPEC §5.3); where each came from is in
+        C{pattern_sources}.
+    @ivar denied_ranges: canonical CIDRs no dialled address may be in.
     @ivar clients: the named clients and their overlays (SPEC §11).
     @ivar require_client_auth: anonymous connections are refused.
     """
@@ -200,6 +205,9 @@ class ProxyConfig:
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)
     managed_allowed_domains_only: bool = False
+    allowed_ranges: tuple[str, ...] = ()
+    denied_ranges: tuple[str, ...] = ()
+    dns_listen: Optional[ListenAddress] = None
     clients: tuple[Client, ...] = ()
     require_client_auth: bool = False
 
@@ -233,6 +241,9 @@ _NETWORK_KEYS = (
     "domains",
     "allow_unix_sockets",
     "limits",
+    "allowed_ranges",
+    "denied_ranges",
+    "dns_url",
     "clients",
     "require_client_auth",
 )
@@ -247,7 +258,7 @@ def _domain_lists(network: Table) -> tuple[dict[str, str], dict[str, str]]:
     allowed: dict[str, str] = {}
     denied: dict[str, str] = {}
     network.patterns("allowed_domains", allowed)
-    network.patterns("denied_domains", denied)
+    network.patterns("denied_domains", denied, deny=True)
     mapping = network.table("domains")
     for text, action in mapping.values.items():
         key = mapping.key(text)
@@ -258,8 +269,27 @@ def _domain_lists(network: Table) -> tuple[dict[str, str], dict[str, str]]:
                 key, f"unknown value {action!r} (expected 'allow' or 'deny')"
             )
         into = allowed if action == "allow" else denied
-        into.setdefault(mapping.pattern(text, key), f"{network.source}: {key}")
+        pattern = mapping.pattern(text, key, deny=action == "deny")
+        into.setdefault(pattern, f"{network.source}: {key}")
     return allowed, denied
+
+
+def address_ranges(table: Table, name: str) -> dict[str, str]:
+    """
+    The array of CIDRs C{name} of C{table} (SPEC §5.3), canonical text ->
+    where it first appeared (C{"file: dotted.key[index]"}).
+
+    @raise ConfigError: an entry is not a CIDR or an address, has host bits
+        set or a bad prefix; the message names the entry.
+    """
+    found: dict[str, str] = {}
+    for text, key in table.strings(name):
+        try:
+            canonical = str(parse_range(text))
+        except ValueError as e:
+            raise table.error(key, str(e)) from None
+        found.setdefault(canonical, f"{table.source}: {key}")
+    return found
 
 
 def _unix_sockets(network: Table) -> tuple[str, ...]:
@@ -326,6 +356,31 @@ def _clamp(
     return clamped, tuple(warnings)
 
 
+def _dns_listen(network: Table) -> Optional[ListenAddress]:
+    """
+    The DNS listener address (SPEC §14.2), or C{None} when C{dns_url} is
+    unset. Any scheme is ignored; the address must be on loopback, whatever
+    C{dangerously_allow_non_loopback_proxy} says: an open resolver answering
+    for the allowlist is never wanted.
+    """
+    text = network.get("dns_url", None, is_str, "a string")
+    if text is None:
+        return None
+    scheme = _SCHEME.match(text.strip())
+    try:
+        address = parse_listen_address(text.strip()[scheme.end() :] if scheme else text)
+    except ValueError as e:
+        raise network.error(
+            network.key("dns_url"), f"invalid listener address {text!r}: {e}"
+        ) from None
+    if not address.is_loopback:
+        raise network.error(
+            network.key("dns_url"),
+            f"{address} is not on loopback (the DNS listener is loopback only)",
+        )
+    return address
+
+
 def _network_config(network: Table) -> ProxyConfig:
     network.check_keys(_NETWORK_KEYS)
     flags = {name: network.boolean(name, getattr(_DEFAULT_CONFIG, name)) for name in _BOOL_KEYS}
@@ -351,6 +406,8 @@ def _network_config(network: Table) -> ProxyConfig:
         bool(unix_sockets) or flags["dangerously_allow_all_unix_sockets"],
     )
     allowed = {text: where for text, where in allowed.items() if text not in denied}
+    allowed_ranges = address_ranges(network, "allowed_ranges")
+    denied_ranges = address_ranges(network, "denied_ranges")
     clients = parse_clients(network, mode)
     require = network.boolean("require_client_auth", bool(clients))
     if require and not clients:
@@ -368,10 +425,13 @@ def _network_config(network: Table) -> ProxyConfig:
         allow_unix_sockets=unix_sockets,
         limits=_limits(network),
         source=network.source,
-        pattern_sources={**allowed, **denied},
+        pattern_sources={**allowed, **denied, **allowed_ranges, **denied_ranges},
         warnings=warnings,
         explicit=frozenset(network.values),
         section=network.path,
+        allowed_ranges=tuple(allowed_ranges),
+        denied_ranges=tuple(denied_ranges),
+        dns_listen=_dns_listen(network),
         clients=clients,
         require_client_auth=require,
     )

@@ -215,6 +215,8 @@ def test_connections_beyond_the_per_client_limit_get_503(trickle):
     first = h.factory.buildProtocol(None)
     first.makeConnection(HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5556)))
     first.dataReceived(get("127.0.0.1", basic("agent-a", TOKEN_A)))
+    h.proto = h.factory.buildProtocol(None)
+    h.client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5557))
     h.proto.makeConnection(h.client)
     h.send(get("127.0.0.1", basic("agent-a", TOKEN_A)))
     status, headers, _ = h.response()
