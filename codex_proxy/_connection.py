@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Set, TypeVar
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
@@ -24,10 +25,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy._httphead import RequestHead
-from codex_proxy._httptarget import authority
+from codex_proxy._httptarget import authority, came_through
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
-from codex_proxy.model import Reason, Verdict
+from codex_proxy.model import ProxyRequest, Reason, Verdict
 from codex_proxy.relay import Relay
 from codex_proxy.upstream import IProxyTransport, Outbound
 
@@ -135,20 +136,29 @@ class ClientConnection(Protocol):
 
     # -- client authentication (SPEC §11) -----------------------------------
 
-    def admitHTTP(self, head: RequestHead) -> Optional[Reason]:
+    def admitHTTP(self, head: RequestHead, tunnelled: bool) -> Optional[Reason]:
         """
-        Why a request outside a tunnel (inside one, the tunnel's client
-        holds) is refused before any policy, or C{None}: the connection is
-        over C{limits.max_connections}, or its C{Proxy-Authorization} fails
-        against the clients of the policy in force (so a token rotated by a
-        reload is refused from the next request on); see L{identify}.
+        Why a request is refused before any policy, or C{None}: the
+        connection is over C{limits.max_connections}; the request went
+        round a loop (our own C{Via}, SPEC §4.2b); outside a tunnel (inside
+        one, the tunnel's client holds) its C{Proxy-Authorization} fails
+        against the clients of the policy in force, so a token rotated by a
+        reload is refused from the next request on (see L{identify}).
         """
         if not self.admitted:
             return Reason.TOO_MANY_CONNECTIONS
+        if came_through(head, self.factory.via):
+            return Reason.PROXY_LOOP
         credentials = self.factory.policy.policy.credentials
-        if not credentials.configured:
+        if tunnelled or not credentials.configured:
             return None
         return self.identify(*credentials.http(head.header(b"proxy-authorization")))
+
+    def identified(self, request: ProxyRequest) -> ProxyRequest:
+        """
+        C{request} as made by the client this connection authenticated as.
+        """
+        return request if self.identity is None else attrs.evolve(request, client_identity=self.identity)
 
     def authenticateSOCKS(self, username: str, password: bytes) -> Optional[Reason]:
         """

@@ -36,8 +36,7 @@ from codex_proxy.clients import named
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
 from codex_proxy.errors import ProxyError
 from codex_proxy.explain import UsageError, explain, parse_target
-from codex_proxy.policy import policy_from_config
-from codex_proxy.sources import client_config
+from codex_proxy.policy import client_config, policy_from_config
 
 EXIT_OK = 0
 EXIT_BLOCKED = 1

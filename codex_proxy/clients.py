@@ -25,6 +25,8 @@ from codex_proxy.model import Mode
 #: What a client name may be: it becomes an audit value and a metrics label.
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CLIENT_KEYS = ("token", "token_file", "allowed_domains", "denied_domains", "mode")
+#: The keys of the network section read here.
+CLIENT_KEYS = ("clients", "require_client_auth")
 
 
 @attrs.frozen
@@ -50,15 +52,16 @@ class Client:
     )
 
 
-def parse_clients(network: Table, base_mode: Mode) -> tuple[Client, ...]:
+def parse_clients(network: Table, base_mode: Mode) -> tuple[tuple[Client, ...], bool]:
     """
-    The C{clients} table of the network section C{network}, in file order.
+    The C{clients} table of the network section C{network}, in file order,
+    and its C{require_client_auth} (true by default when there are clients).
 
     @param base_mode: the section's own mode; a client may only be stricter.
     @raise codex_proxy._toml.ConfigError: a bad name, an unknown key, a
         missing or weak token, a token another client has, a malformed
-        pattern, or a client mode less strict than the base's (naming both
-        keys).
+        pattern, a client mode less strict than the base's (naming both
+        keys), or C{require_client_auth} without clients.
     """
     table = network.table("clients")
     clients: list[Client] = []
@@ -90,7 +93,13 @@ def parse_clients(network: Table, base_mode: Mode) -> tuple[Client, ...]:
         clients.append(
             Client(name, token, tuple(allowed), tuple(denied), mode, {**allowed, **denied})
         )
-    return tuple(clients)
+    required = network.boolean("require_client_auth", bool(clients))
+    if required and not clients:
+        raise network.error(
+            network.key("require_client_auth"),
+            "true, but no [clients] are configured: nothing could authenticate",
+        )
+    return tuple(clients), required
 
 
 def named(clients: tuple[Client, ...], name: str) -> Optional[Client]:

@@ -32,7 +32,7 @@ from codex_proxy._toml import (
     readonly,
     show,
 )
-from codex_proxy.clients import Client, parse_clients
+from codex_proxy.clients import CLIENT_KEYS, Client, parse_clients
 from codex_proxy.model import Mode
 
 DEFAULTS_SOURCE = "<defaults>"
@@ -244,8 +244,7 @@ _NETWORK_KEYS = (
     "allowed_ranges",
     "denied_ranges",
     "dns_url",
-    "clients",
-    "require_client_auth",
+    *CLIENT_KEYS,
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -408,13 +407,7 @@ def _network_config(network: Table) -> ProxyConfig:
     allowed = {text: where for text, where in allowed.items() if text not in denied}
     allowed_ranges = address_ranges(network, "allowed_ranges")
     denied_ranges = address_ranges(network, "denied_ranges")
-    clients = parse_clients(network, mode)
-    require = network.boolean("require_client_auth", bool(clients))
-    if require and not clients:
-        raise network.error(
-            network.key("require_client_auth"),
-            "true, but no [clients] are configured: nothing could authenticate",
-        )
+    clients, require_client_auth = parse_clients(network, mode)
     return ProxyConfig(
         **flags,
         http_listen=listens["proxy_url"],
@@ -433,7 +426,7 @@ def _network_config(network: Table) -> ProxyConfig:
         denied_ranges=tuple(denied_ranges),
         dns_listen=_dns_listen(network),
         clients=clients,
-        require_client_auth=require,
+        require_client_auth=require_client_auth,
     )
 
 

@@ -278,7 +278,6 @@ class HTTPProxyProtocol(ClientConnection):
         )
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
-        refusal = None if self._tunnel else self.admitHTTP(head)
         try:
             request = self._requestFor(head)
         except errors.ProtocolError as e:
@@ -286,19 +285,16 @@ class HTTPProxyProtocol(ClientConnection):
                 kept.drop()
             self.refuseHead(head, e)
             return
-        if self.identity is not None:
-            request = attrs.evolve(request, client_identity=self.identity)
-        job = _Job(head, request, close=not head.keep_alive or (self.clientEOF and not self.pending))
+        refusal = self.admitHTTP(head, tunnelled=self._tunnel is not None)
+        job = _Job(head, self.identified(request), close=not head.keep_alive or (self.clientEOF and not self.pending))
         factory = self.factory
-        if refusal is None and _httptarget.came_through(head, factory.via):
-            refusal = Reason.PROXY_LOOP
         if refusal is not None:
             job.close = job.close or refusal in OVER_LIMIT
-            self._blocked(job, factory.policy.refuse(request, refusal), kept)
+            self._blocked(job, factory.policy.refuse(job.request, refusal), kept)
         elif self._tunnel is not None:
-            self._decide(job, factory.policy.check_pinned(request, self._tunnel), kept)
+            self._decide(job, factory.policy.check_pinned(job.request, self._tunnel), kept)
         else:
-            self._decide(job, factory.policy.check(request), kept)
+            self._decide(job, factory.policy.check(job.request), kept)
 
     def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
         tunnel = self._tunnel

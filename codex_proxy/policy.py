@@ -18,7 +18,7 @@ from urllib.parse import unquote_plus
 import attrs
 
 from codex_proxy.addresses import AddressRanges, is_local_name, is_public, parse_ip_literal
-from codex_proxy.clients import Credentials
+from codex_proxy.clients import Client, Credentials, stricter
 from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import DomainSet, InvalidHost, normalize_host, parse_pattern
 from codex_proxy.model import (
@@ -32,7 +32,6 @@ from codex_proxy.model import (
     Source,
     Verdict,
 )
-from codex_proxy.sources import client_config
 
 _MAX_PORT = 65535
 
@@ -153,6 +152,26 @@ def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> P
         # Each client's own policy (SPEC §11), compiled once per load too.
         clients={client.name: compiled(client_config(config, client)) for client in config.clients},
     )
+
+
+def client_config(config: ProxyConfig, client: Client) -> ProxyConfig:
+    """
+    The effective config of one client (SPEC §11) of the effective
+    C{config}: base ∪ client allow (no client allow under a managed
+    allowlist), base ∪ client deny (deny wins), the stricter mode; managed
+    ceilings are already in C{config}.
+    """
+    extra = () if config.managed_allowed_domains_only else client.allowed_domains
+    denied = dict.fromkeys((*config.denied_domains, *client.denied_domains))
+    allowed = dict.fromkeys((*config.allowed_domains, *extra))
+    return attrs.evolve(
+        config,
+        mode=stricter(config.mode, client.mode),
+        allowed_domains=tuple(text for text in allowed if text not in denied),
+        denied_domains=tuple(denied),
+        pattern_sources={**client.pattern_sources, **config.pattern_sources},
+    )
+
 
 
 @functools.lru_cache(maxsize=4096)

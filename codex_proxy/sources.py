@@ -25,7 +25,6 @@ from typing import Any, Container, Iterable, Mapping, Optional
 import attrs
 
 from codex_proxy._toml import ConfigError, Table, load_toml, pattern_lists, read_file, readonly
-from codex_proxy.clients import Client, stricter
 from codex_proxy.config import ProxyConfig, address_ranges, codex_home, load_config
 from codex_proxy.domains import ANY_PORT, DomainSet, Pattern, PatternError, PatternKind
 from codex_proxy.domains import parse_pattern
@@ -195,10 +194,8 @@ def merge_requirements(config: ProxyConfig, requirements: Requirements) -> Proxy
         ):
             warnings += _ignored(requirements, config, what, user, kept)
         warnings += tuple(
-            f"{config.source}: {config.section}.clients.{client.name}.allowed_domains"
-            " ignored: the allowlist is managed (managed_allowed_domains_only = true)"
-            for client in config.clients
-            if client.allowed_domains
+            f"{config.source}: {config.section}.clients.{c.name}.allowed_domains ignored:"
+            " the allowlist is managed" for c in config.clients if c.allowed_domains
         )
     else:
         allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
@@ -449,25 +446,6 @@ def effective_config(sources: Sources, runtime: RuntimeRules = RuntimeRules()) -
         pattern_sources={**allowed, **denied, **ranges},
     )
     return merge_requirements(user, sources.requirements)
-
-
-def client_config(config: ProxyConfig, client: Client) -> ProxyConfig:
-    """
-    The effective config of one client (SPEC §11) of the effective
-    C{config}: base ∪ client allow (no client allow under a managed
-    allowlist), base ∪ client deny (deny wins), the stricter mode; managed
-    ceilings are already in C{config}.
-    """
-    extra = () if config.managed_allowed_domains_only else client.allowed_domains
-    denied = dict.fromkeys((*config.denied_domains, *client.denied_domains))
-    allowed = dict.fromkeys((*config.allowed_domains, *extra))
-    return attrs.evolve(
-        config,
-        mode=stricter(config.mode, client.mode),
-        allowed_domains=tuple(text for text in allowed if text not in denied),
-        denied_domains=tuple(denied),
-        pattern_sources={**client.pattern_sources, **config.pattern_sources},
-    )
 
 
 def check_addition(requirements: Requirements, pattern: str, action: Action) -> str:
