@@ -17,10 +17,12 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System tools the tests drive: curl and openssl (end-to-end), groff (man page lint).
+# System tools the tests drive: curl and openssl (end-to-end), git (a clone
+# through the proxy, with git http-backend as origin), groff (man page lint).
 sysdeps:
-	@command -v curl >/dev/null && command -v openssl >/dev/null && command -v groff >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl groff-base; }
+	@command -v curl >/dev/null && command -v openssl >/dev/null && command -v groff >/dev/null && \
+	  command -v git >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl groff-base git; }
 
 run: venv
 	$(BIN)/twistd -n codexproxy --config $(CONFIG)

@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy._httphead import RequestHead
-from codex_proxy._httptarget import authority, came_through
+from codex_proxy._httptarget import came_through
+from codex_proxy.addresses import authority
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import ProxyRequest, Reason, Verdict

@@ -29,12 +29,12 @@ from zope.interface import Attribute, Interface, implementer
 
 from codex_proxy import _httpbody, _httphead
 from codex_proxy._httptarget import (
-    authority,
     is_websocket_upgrade,
     outgoing_head,
     serialize_response_head,
     strip_hop_by_hop,
 )
+from codex_proxy.addresses import authority
 from codex_proxy.errors import ProtocolError
 from codex_proxy.mitm import is_tls_failure
 from codex_proxy.model import ProxyRequest, Reason

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from codex_proxy import _httpbody, _httphead
+from codex_proxy import _httpbody, _httphead, _placeholders
 from codex_proxy._httphead import Headers
+from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
 from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest
@@ -41,17 +42,6 @@ _FORWARDED_SCHEMES = frozenset({"http", "ws", "https"})
 _HTTPS_PORT = _httphead.DEFAULT_PORTS["https"]
 #: The header naming a unix socket to forward a plain request to (SPEC §8).
 UNIX_SOCKET_HEADER = b"x-unix-socket"
-
-
-def authority(host: str, port: int, default: Optional[int] = None) -> str:
-    """
-    C{host:port}, with an IPv6 literal in brackets (unless already), and
-    without the port when it is C{default}. Every C{host:port} the package
-    writes, on a wire or in a message, comes from here.
-    """
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return host if port == default else f"{host}:{port}"
 
 
 def split_host_header(value: bytes, default_port: int) -> tuple[str, int]:
@@ -137,6 +127,7 @@ def request_for(
         override_methods=method_overrides(head.headers, head.path),
         client=client,
         unix_socket=unix_socket,
+        secrets=_placeholders.named(head.headers),
     )
 
 
@@ -179,6 +170,7 @@ def inner_request(
         upgrade=head.upgrade,
         override_methods=method_overrides(head.headers, head.path),
         client=client,
+        secrets=_placeholders.named(head.headers),
     )
 
 

@@ -193,19 +193,9 @@ class Table:
         if path is not None:
             key = self.key(file_name)
             try:
-                info = os.lstat(path)
-                if stat.S_ISLNK(info.st_mode):
-                    raise self.error(key, f"{path!r} is a symlink; name the file itself")
-                if info.st_mode & 0o077:
-                    raise self.error(
-                        key,
-                        f"{path!r} is readable by group or others"
-                        f" (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it",
-                    )
-                with open(path, encoding="utf-8") as f:
-                    inline = f.read().rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as e:
-                raise self.error(key, f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from None
+                inline = read_private_file(path)
+            except ValueError as e:
+                raise self.error(key, str(e)) from None
         else:
             key = self.key(name)
         if inline is not None and len(inline) < MIN_TOKEN_LENGTH:
@@ -219,6 +209,30 @@ class Table:
         """
         for text, key in self.strings(name):
             into.setdefault(self.pattern(text, key, deny), f"{self.source}: {key}")
+
+
+def read_private_file(path: str) -> str:
+    """
+    The text of a file that holds a credential, without a trailing newline:
+    it must be no symlink and readable by its owner only, like the CA key
+    (SPEC §6). Every credential file of the package is read through here.
+
+    @raise ValueError: the file is unsafe or unreadable; the message names
+        the path, never the contents.
+    """
+    try:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            raise ValueError(f"{path!r} is a symlink; name the file itself")
+        if info.st_mode & 0o077:
+            raise ValueError(
+                f"{path!r} is readable by group or others"
+                f" (mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it"
+            )
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def pattern_lists(table: Table) -> tuple[dict[str, str], dict[str, str]]:

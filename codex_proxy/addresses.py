@@ -287,3 +287,14 @@ class AddressRanges:
             mapped in net and not (protected and net.num_addresses > 1)
             for net in self.allowed
         )
+
+
+def authority(host: str, port: int, default: Optional[int] = None) -> str:
+    """
+    C{host:port}, with an IPv6 literal in brackets (unless already), and
+    without the port when it is C{default}. Every C{host:port} the package
+    writes, on a wire, in a message or in a pattern, comes from here.
+    """
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return host if port == default else f"{host}:{port}"

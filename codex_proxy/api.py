@@ -39,6 +39,7 @@ from codex_proxy.parents import parents_from_config
 from codex_proxy.policy import policy_from_config
 from codex_proxy.policystate import PolicyState
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.secrets import Secrets
 from codex_proxy.sources import SourcePaths, Sources, effective_config
 
 _log = Logger()
@@ -186,6 +187,7 @@ class NetworkProxyBuilder:
             config does not allow that (nothing is replaced silently in code).
         @raise codex_proxy.mitm.InterceptionError: C{mitm = true} and the CA
             cannot be loaded (fail closed).
+        @raise ConfigError: a secret's value cannot be loaded (SPEC §12).
         """
         config = self._config
         unix = bool(config.allow_unix_sockets) or config.dangerously_allow_all_unix_sockets
@@ -201,7 +203,7 @@ class NetworkProxyBuilder:
         if reactor is None:
             from twisted.internet import reactor
         interception = self._interception
-        if config.mitm and interception is None:
+        if (config.mitm or config.secrets) and interception is None:
             interception = load_interception(self._environ)
         sources = self._sources or Sources(config)
         return NetworkProxy(
@@ -242,6 +244,7 @@ class NetworkProxy:
     One proxy: its policy service and, while running, its listeners.
 
     @ivar policy: the L{PolicyService} deciding every request.
+    @ivar secrets: the secrets' placeholders and values (SPEC §12).
     """
 
     def __init__(
@@ -254,8 +257,10 @@ class NetworkProxy:
         environ: Mapping[str, str] = os.environ,
         interception: Optional[Interception] = None,
         resolver: Optional[IHostnameResolver] = None,
+        secrets: Optional[Secrets] = None,
     ) -> None:
         config = effective_config(sources)
+        self.secrets = secrets if secrets is not None else Secrets(environ).load(config.secrets)
         self._interception = interception
         self._environ = environ
         self.parents = parents_from_config(config, environ)
@@ -283,6 +288,7 @@ class NetworkProxy:
                 reactor, reactor.getThreadPool(), f
             ),
             disabled=self._connections.closeOutbound,
+            secrets=self.secrets,
         )
 
     @staticmethod
@@ -327,6 +333,7 @@ class NetworkProxy:
             self.parents,
             self._interception,
             self._environ,
+            self.secrets,
         )
         self._listening, ports = bind(wanted, self._reactor)
         bound = {name: address_text(port) for name, port in ports.items()}
@@ -391,6 +398,7 @@ class NetworkProxy:
             http=handle.http_addr if handle is not None else None,
             socks=handle.socks_addr if handle is not None else None,
             ca_bundle=self._interception.bundle if self._interception is not None else None,
+            placeholders=self.secrets.placeholders,
             client=client,
         )
 

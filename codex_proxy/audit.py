@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from codex_proxy.addresses import authority
 from codex_proxy._text import escape
 from codex_proxy.interfaces import IAuditor
 from codex_proxy.model import Source, Verdict
@@ -96,6 +97,9 @@ def decision_fields(
         # The authenticated client, or the RFC 1929 username a SOCKS5
         # client named itself with (never a token or password).
         fields["client.identity"] = request.client_identity
+    if verdict.secret is not None:
+        # The name of a misused secret (SPEC §12), never its value.
+        fields["network.policy.secret"] = verdict.secret
     fields.update(metadata)
     return fields
 
@@ -151,12 +155,11 @@ class Auditor:
             _log.emit(LogLevel.info, None, audit=fields)
         else:
             _log.info(
-                "policy decision {decision} ({reason}) for {protocol} {host}:{port}",
+                "policy decision {decision} ({reason}) for {protocol} {target}",
                 decision=fields["network.policy.decision"],
                 reason=fields["network.policy.reason"],
                 protocol=fields["network.transport.protocol"],
-                host=escape(fields["server.address"]),
-                port=fields["server.port"],
+                target=authority(escape(fields["server.address"]), fields["server.port"]),
                 audit=fields,
             )
         return fields

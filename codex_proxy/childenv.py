@@ -8,7 +8,7 @@ the two never disagree.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 from urllib.parse import quote
 
 from codex_proxy.clients import named
@@ -62,6 +62,7 @@ def child_env(
     http: Optional[str] = None,
     socks: Optional[str] = None,
     ca_bundle: Optional[str] = None,
+    placeholders: Mapping[str, str] = {},
     client: Optional[str] = None,
 ) -> Dict[str, str]:
     """
@@ -72,6 +73,7 @@ def child_env(
     @param socks: the bound SOCKS5 listener, overriding C{socks_url}.
     @param ca_bundle: the CA bundle path (system roots plus the proxy's CA)
         when HTTPS interception is active, so clients trust minted leaves.
+    @param placeholders: each secret's placeholder by name (SPEC §12).
     @param client: the configured client (SPEC §11) whose credentials the
         proxy URLs carry.
     @raise EnvError: the proxy is disabled, a listener port is ephemeral
@@ -100,6 +102,7 @@ def child_env(
     if ca_bundle is not None:
         for name in CA_BUNDLE_VARIABLES:
             env[name] = ca_bundle
+    env.update(placeholders)
     return env
 
 

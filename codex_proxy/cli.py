@@ -25,7 +25,7 @@ import json
 import os
 import shlex
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import attrs
 
@@ -37,6 +37,7 @@ from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, lo
 from codex_proxy.errors import ProxyError
 from codex_proxy.explain import UsageError, explain, parse_target
 from codex_proxy.policy import client_config, policy_from_config
+from codex_proxy.secrets import read_secret
 
 EXIT_OK = 0
 EXIT_BLOCKED = 1
@@ -75,6 +76,10 @@ def check_config(path: Optional[str], out: TextIO) -> int:
             "dangerously_allow_all_unix_sockets",
             _flag(config, "dangerously_allow_all_unix_sockets"),
         ),
+        (
+            "dangerously_allow_plaintext_secrets",
+            _flag(config, "dangerously_allow_plaintext_secrets"),
+        ),
     ]
     out.write(f"{config.source}: valid\n")
     _table(out, rows)
@@ -94,6 +99,12 @@ def check_config(path: Optional[str], out: TextIO) -> int:
     out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
     for path in config.allow_unix_sockets:
         out.write(f"  {path}\n")
+    out.write(f"secrets ({len(config.secrets)}):\n")
+    for secret in config.secrets:
+        # Where the value comes from, never the value; one that cannot be
+        # read is a config error, as at start.
+        read_secret(secret, os.environ)
+        out.write(f"  {secret.name}  from {secret.source}  to {', '.join(secret.hosts)}\n")
     out.write("limits:\n")
     limits = config.limits
     defaults = type(limits)()
@@ -177,7 +188,7 @@ def run_env(
     client: Optional[str] = None,
 ) -> int:
     config = _load(path)
-    bound: Dict[str, str] = {}
+    bound: Dict[str, Any] = {}
     if ports_file is not None:
         try:
             with open(ports_file) as f:
@@ -185,15 +196,25 @@ def run_env(
         except (OSError, ValueError) as e:
             raise EnvError(f"{ports_file}: cannot read the ports file: {e}") from None
     bundle = None
-    if config.mitm:
+    if config.mitm or config.secrets:
         # The proxy makes the CA and bundle at start; make sure they exist
         # now, so the variables never name a missing file. TLS is loaded
         # only by the commands that need it.
         from codex_proxy.mitm import load_interception
 
         bundle = load_interception(os.environ).bundle
+    placeholders: Dict[str, str] = bound.get("placeholders", {})
+    missing = [secret.name for secret in config.secrets if secret.name not in placeholders]
+    if missing:
+        # Random at each start: only the running proxy's ports file has them.
+        err.write(f"codexproxy: no placeholder for {', '.join(missing)}: pass the running proxy's --ports-file\n")
     env = child_env(
-        config, http=bound.get("http"), socks=bound.get("socks"), ca_bundle=bundle, client=client
+        config,
+        http=bound.get("http"),
+        socks=bound.get("socks"),
+        ca_bundle=bundle,
+        placeholders=placeholders,
+        client=client,
     )
     out.write(_FORMATS[shell](env))
     return EXIT_OK

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from codex_proxy import _httpbody
-from codex_proxy.addresses import parse_range
+from codex_proxy.addresses import authority, parse_range
+from codex_proxy._placeholders import SecretConfig, parse_secrets
 from codex_proxy._toml import (
     ConfigError as ConfigError,
     Table,
@@ -60,9 +61,7 @@ class ListenAddress:
         return address == _LOOPBACK_V6
 
     def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 _LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
@@ -180,6 +179,9 @@ class ProxyConfig:
         as non-public (SPEC §5.3); where each came from is in
         C{pattern_sources}.
     @ivar denied_ranges: canonical CIDRs no dialled address may be in.
+    @ivar dns_listen: the DNS listener's address (SPEC §14.2), or C{None}.
+    @ivar secrets: the credentials injected on egress (SPEC §12), without
+        their values.
     @ivar clients: the named clients and their overlays (SPEC §11).
     @ivar require_client_auth: anonymous connections are refused.
     """
@@ -208,6 +210,8 @@ class ProxyConfig:
     allowed_ranges: tuple[str, ...] = ()
     denied_ranges: tuple[str, ...] = ()
     dns_listen: Optional[ListenAddress] = None
+    secrets: tuple[SecretConfig, ...] = ()
+    dangerously_allow_plaintext_secrets: bool = False
     clients: tuple[Client, ...] = ()
     require_client_auth: bool = False
 
@@ -230,6 +234,7 @@ _BOOL_KEYS = (
     "mitm",
     "allow_local_binding",
     "dangerously_allow_all_unix_sockets",
+    "dangerously_allow_plaintext_secrets",
 )
 _LISTEN_KEYS = {"proxy_url": "http_listen", "socks_url": "socks_listen"}
 _NETWORK_KEYS = (
@@ -244,6 +249,7 @@ _NETWORK_KEYS = (
     "allowed_ranges",
     "denied_ranges",
     "dns_url",
+    "secrets",
     *CLIENT_KEYS,
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
@@ -425,6 +431,7 @@ def _network_config(network: Table) -> ProxyConfig:
         allowed_ranges=tuple(allowed_ranges),
         denied_ranges=tuple(denied_ranges),
         dns_listen=_dns_listen(network),
+        secrets=parse_secrets(network),
         clients=clients,
         require_client_auth=require_client_auth,
     )

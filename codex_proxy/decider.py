@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from codex_proxy.addresses import authority
 from codex_proxy._text import escape
 from codex_proxy.model import Protocol
 
@@ -151,11 +152,10 @@ def _broken(request: NetworkPolicyRequest, why: str) -> Deny:
     The decider's error may echo the request: the line is escaped.
     """
     _log.warn(
-        "{why}; denying {protocol} {host}:{port}",
+        "{why}; denying {protocol} {target}",
         why=escape(why),
         protocol=request.protocol.value,
-        host=escape(request.host),
-        port=request.port,
+        target=authority(escape(request.host), request.port),
     )
     return Deny(why)
 

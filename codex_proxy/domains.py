@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import attrs
 import idna
 
-from codex_proxy.addresses import ip_text, parse_ip_literal
+from codex_proxy.addresses import authority, ip_text, parse_ip_literal
 from codex_proxy.errors import ProxyError
 
 _MAX_NAME = 253
@@ -147,8 +147,7 @@ class Pattern:
         """
         if self.port == ANY_PORT:
             return self.kind.value + self.domain
-        host = f"[{self.domain}]" if ":" in self.domain else self.domain
-        return f"{self.kind.value}{host}:{self.port}"
+        return self.kind.value + authority(self.domain, self.port)
 
 
 def parse_pattern(text: str, *, deny: bool = False) -> Pattern:

@@ -191,6 +191,12 @@ REPLIES: Dict[Reason, Reply] = {
         SOCKS_GENERAL_FAILURE,
         "The destination sent a malformed or incomplete response.",
     ),
+    Reason.SECRET_MISUSE: Reply(
+        403,
+        "blocked-by-secret-policy",
+        SOCKS_NOT_ALLOWED,
+        "A secret's placeholder may be sent only to the secret's hosts, over TLS.",
+    ),
 }
 
 
@@ -255,6 +261,7 @@ def blocked_fields(verdict: Verdict) -> Dict[str, Any]:
         "source": verdict.source.value,
         "protocol": verdict.request.protocol.value,
         "message": reply_for(verdict.reason).message,
+        **({"secret": verdict.secret} if verdict.secret is not None else {}),
     }
 
 

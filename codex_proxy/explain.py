@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from codex_proxy.addresses import authority
 from codex_proxy.config import ProxyConfig
 from codex_proxy.errors import ProxyError, reply_for
 from codex_proxy.model import Protocol, ProxyRequest, Reason, Verdict
@@ -100,6 +101,10 @@ def explain(
         )
         verdict = _decide(policy, request)
         rows.append(("inside", _describe(request)))
+    bound = [name for name, hosts in policy.secrets if hosts.match(verdict.host) is not None]
+    if bound and verdict.allowed:
+        # Names only: explain never reads a secret's value.
+        rows.append(("secrets", f"{', '.join(bound)}: placeholders in header values get the values"))
     rows.append(("decision", verdict.decision.value))
     if verdict.reason is not None:
         reply = reply_for(verdict.reason)
@@ -141,15 +146,7 @@ def _decide(policy: Policy, request: ProxyRequest) -> Verdict:
 
 
 def _describe(request: ProxyRequest) -> str:
-    authority = _authority(request.host, request.port)
-    return f"{request.method} {authority} (protocol {request.protocol.value})"
-
-
-def _authority(host: str, port: int) -> str:
-    """
-    C{host:port}, an IPv6 host in brackets: as a pattern with a port reads.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{request.method} {authority(request.host, request.port)} (protocol {request.protocol.value})"
 
 
 def _matched(config: ProxyConfig, verdict: Verdict) -> str:
@@ -184,7 +181,7 @@ def _change(config: ProxyConfig, verdict: Verdict) -> str:
             f' ("{verdict.matched}"); the allowlist then decides'
         ),
         Reason.NOT_ALLOWED_LOCAL: lambda: (
-            f'add the exact entry "{host}" (or "{_authority(host, verdict.port)}" for this port'
+            f'add the exact entry "{host}" (or "{authority(host, verdict.port)}" for this port'
             f" only) to allowed_domains {table} (wildcards never unlock local"
             " targets), or set allow_local_binding = true"
         ),

@@ -54,6 +54,7 @@ from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.secrets import Secrets
 from codex_proxy.upstream import IUpstream, Outbound, Route
 
 _log = Logger()
@@ -167,6 +168,7 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
         response_timeout: float = 300.0,
         origin_tls: Optional[OriginTLS] = None,
         instance: str = INSTANCE,
+        secrets: Optional[Secrets] = None,
     ) -> None:
         """
         @param origin_tls: client TLS toward origins for absolute-form
@@ -189,6 +191,7 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
         self.mitm = mitm
         self.origin_tls: Optional[OriginTLS] = origin_tls if origin_tls is not None else mitm
         self.via = _httptarget.via_value(instance)
+        self.secrets = secrets
 
     def buildProtocol(self, addr: Optional[IAddress]) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
@@ -326,6 +329,7 @@ class HTTPProxyProtocol(ClientConnection):
             self.abort("error")
             return
         kept, state.kept = state.kept, None
+        job.head = factory.secrets.substitute(verdict, job.head) if factory.secrets else job.head
         tls = self._tunnel.host if self._tunnel else verdict.host if protocol is Proto.HTTPS else None
         if tls is not None and factory.origin_tls is None:
             self._failure(job, Reason.UPSTREAM_TLS_FAILED, "no trust store for TLS to the destination", kept)

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from codex_proxy.addresses import authority
 from codex_proxy.ca import system_roots_file
 from codex_proxy.config import ListenAddress, ProxyConfig, head_limits
 from codex_proxy.connections import Connections
@@ -33,6 +34,7 @@ from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.mitm import Interception, Interceptor, OriginTLS, UpstreamTrust, trust_files
 from codex_proxy.parents import ParentProxies
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.secrets import Secrets
 from codex_proxy.socks5 import SOCKS5Factory
 from codex_proxy.upstream import Upstream
 
@@ -73,6 +75,7 @@ def listeners(
     parents: Optional[ParentProxies],
     interception: Optional[Interception],
     environ: Mapping[str, str],
+    secrets: Optional[Secrets] = None,
 ) -> List[Listener]:
     """
     The listeners of an enabled C{config} (none of a disabled one), sharing
@@ -99,6 +102,7 @@ def listeners(
         connections=connections,
         mitm=interceptor,
         origin_tls=interceptor or _origin_tls(environ),
+        secrets=secrets,
     )
     found = [Listener("http", "proxy_url", config.http_listen, http)]
     if config.enable_socks5:
@@ -236,4 +240,4 @@ def address_text(port: IListeningPort) -> str:
     C{host:port} of a bound port, IPv6 in brackets.
     """
     host, number = bound_address(port)
-    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+    return authority(host, number)

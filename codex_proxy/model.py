@@ -67,6 +67,8 @@ class Reason(str, enum.Enum):
     UPSTREAM_TLS_FAILED = "upstream_tls_failed"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
+    # A secret's placeholder on its way where the secret may not go (SPEC §12).
+    SECRET_MISUSE = "secret_misuse"
 
 
 class Decision(str, enum.Enum):
@@ -107,6 +109,8 @@ class ProxyRequest:
     @ivar unix_socket: the symlink-resolved path of an C{x-unix-socket}
         request (SPEC §8); such a request is judged by socket path, never by
         the domain lists, and C{host}/C{port} are C{"unix-socket"}/C{0}.
+    @ivar secrets: the names of the secrets whose placeholders the request
+        header values carry (SPEC §12).
     """
 
     protocol: Protocol
@@ -119,6 +123,7 @@ class ProxyRequest:
     client: Optional[str] = None
     command: Optional[str] = None
     unix_socket: Optional[str] = None
+    secrets: Tuple[str, ...] = ()
     client_identity: Optional[str] = None
 
 
@@ -143,6 +148,8 @@ class Verdict:
     @ivar detail: the policy decider's own reason for a deny or ask (kept in
         the blocked history; the wire and the audit event say
         C{policy_denied}).
+    @ivar secret: the name of the secret whose placeholder was refused
+        (C{secret_misuse}); never its value.
     """
 
     request: ProxyRequest
@@ -155,6 +162,7 @@ class Verdict:
     override: bool = False
     matched: Optional[str] = None
     detail: Optional[str] = None
+    secret: Optional[str] = None
 
     @property
     def allowed(self) -> bool:

@@ -19,7 +19,7 @@ from typing import Mapping, Optional, Tuple, Union
 
 import attrs
 
-from codex_proxy.addresses import parse_ip_literal
+from codex_proxy.addresses import authority, parse_ip_literal
 from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import InvalidHost, normalize_host
 
@@ -49,7 +49,7 @@ class ParentProxy:
         """
         C{host:port} for messages (never with credentials).
         """
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return authority(self.host, self.port)
 
 
 @attrs.frozen

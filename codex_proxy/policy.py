@@ -56,6 +56,9 @@ class Policy:
     @ivar managed_allowed_domains_only: allowlist misses are final: the
         allowlist is managed (SPEC §2.4), so no decider may lift a miss.
     @ivar ranges: C{allowed_ranges} and C{denied_ranges} (SPEC §5.3).
+    @ivar secrets: each secret's name and the hosts it may go to (SPEC §12).
+    @ivar secret_hosts: every secret's hosts: tunnels there are intercepted.
+    @ivar plaintext_secrets: placeholders may go in plain C{http://}.
     @ivar credentials: the clients' tokens (SPEC §11).
     @ivar clients: client name -> that client's own compiled policy.
     """
@@ -70,6 +73,9 @@ class Policy:
     unix_sockets: FrozenSet[str] = frozenset()
     all_unix_sockets: bool = False
     ranges: AddressRanges = AddressRanges()
+    secrets: Tuple[Tuple[str, DomainSet], ...] = ()
+    secret_hosts: DomainSet = DomainSet(())
+    plaintext_secrets: bool = False
     credentials: Credentials = Credentials()
     clients: Mapping[str, Policy] = attrs.field(factory=dict, hash=False)
 
@@ -98,14 +104,20 @@ class Policy:
         all_unix_sockets: bool = False,
         allowed_ranges: Iterable[str] = (),
         denied_ranges: Iterable[str] = (),
+        secrets: Iterable[Tuple[str, Iterable[str]]] = (),
+        plaintext_secrets: bool = False,
     ) -> Policy:
         """
         Compile pattern strings into a policy. C{unix_sockets} are compared
         as given: the caller resolves their symlinks first (that is I/O).
+        C{secrets} pairs each secret's name with its host patterns.
 
         @raise codex_proxy.domains.PatternError: a pattern is malformed.
         @raise ValueError: an address range is malformed.
         """
+        bound = tuple(
+            (name, DomainSet(parse_pattern(text) for text in hosts)) for name, hosts in secrets
+        )
         return cls(
             enabled=enabled,
             mode=mode,
@@ -117,6 +129,9 @@ class Policy:
             unix_sockets=frozenset(unix_sockets),
             all_unix_sockets=all_unix_sockets,
             ranges=AddressRanges.build(allowed_ranges, denied_ranges),
+            secrets=bound,
+            secret_hosts=DomainSet(pattern for _, hosts in bound for pattern in hosts),
+            plaintext_secrets=plaintext_secrets,
         )
 
 
@@ -144,6 +159,8 @@ def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> P
             all_unix_sockets=own.dangerously_allow_all_unix_sockets,
             allowed_ranges=own.allowed_ranges,
             denied_ranges=own.denied_ranges,
+            secrets=[(secret.name, secret.hosts) for secret in own.secrets],
+            plaintext_secrets=own.dangerously_allow_plaintext_secrets,
         )
 
     return attrs.evolve(
@@ -301,6 +318,9 @@ def decide_unix_socket(policy: Policy, request: ProxyRequest) -> Verdict:
         path.startswith("/") and (policy.all_unix_sockets or path in policy.unix_sockets)
     ):
         return _deny(request, host, Reason.UNIX_SOCKET_NOT_ALLOWED)
+    misused = secret_misuse(policy, request, host)
+    if misused is not None:
+        return misused
     refusal = mode_guard(policy, request)
     if refusal is not None:
         return _deny(request, host, refusal, Source.MODE_GUARD)
@@ -340,9 +360,14 @@ def admit(
     """
     The verdict for a request whose normalised C{host} passed the host
     checks (or that a decider let through, C{override}): the mode guard of
-    SPEC §4.4, then allow, intercepting a limited-mode CONNECT.
+    SPEC §4.4 (after the secrets' rules of SPEC §12), then allow,
+    intercepting a limited-mode CONNECT and one to a secret's host.
     """
-    refusal = mode_guard(policy, request)
+    misused = secret_misuse(policy, request, host)
+    if misused is not None:
+        return misused
+    bound = request.protocol is Protocol.HTTPS_CONNECT and policy.secret_hosts.match(host) is not None
+    refusal = None if bound else mode_guard(policy, request)
     if refusal is not None:
         return _deny(request, host, refusal, Source.MODE_GUARD, matched=matched)
     ip = parse_ip_literal(host)
@@ -352,8 +377,11 @@ def admit(
         decision=Decision.ALLOW,
         source=Source.BASELINE_POLICY,
         addresses=() if ip is None else (ip,),
-        intercept=policy.mode is Mode.LIMITED
-        and request.protocol in (Protocol.HTTPS_CONNECT, Protocol.SOCKS5_TCP),
+        intercept=bound
+        or (
+            policy.mode is Mode.LIMITED
+            and request.protocol in (Protocol.HTTPS_CONNECT, Protocol.SOCKS5_TCP)
+        ),
         override=override,
         matched=matched,
     )
@@ -361,6 +389,22 @@ def admit(
 
 #: The one SOCKS5 CONNECT port limited mode intercepts (SPEC §6).
 HTTPS_PORT = 443
+
+
+def secret_misuse(policy: Policy, request: ProxyRequest, host: str) -> Optional[Verdict]:
+    """
+    The refusal of a request carrying the placeholder of a secret that may
+    not go there (SPEC §12): to a host outside the secret's hosts, or in
+    plain C{http://} unless C{dangerously_allow_plaintext_secrets}; else
+    C{None}. Names no configured secret calls its own are no placeholders.
+    """
+    if not request.secrets:
+        return None
+    plain = request.protocol is Protocol.HTTP and not policy.plaintext_secrets
+    for name, hosts in policy.secrets:
+        if name in request.secrets and (plain or hosts.match(host) is None):
+            return attrs.evolve(_deny(request, host, Reason.SECRET_MISUSE), secret=name)
+    return None
 
 
 def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:

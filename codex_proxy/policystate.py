@@ -13,7 +13,7 @@ disk I/O; the swap itself happens on the reactor thread.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import attrs
 from twisted.internet import defer
@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from codex_proxy.config import ConfigError, ProxyConfig
 from codex_proxy.policy import Policy
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.secrets import Secret, Secrets
 from codex_proxy.sources import (
     Action,
     RuleError,
@@ -59,6 +60,7 @@ _REPORTED_FIELDS = (
     "managed_allowed_domains_only",
     "allow_unix_sockets",
     "dangerously_allow_all_unix_sockets",
+    "dangerously_allow_plaintext_secrets",
     "require_client_auth",
 )
 
@@ -81,6 +83,7 @@ class PolicyState:
         compile: Callable[[ProxyConfig], Policy],
         run_in_thread: RunInThread[Any],
         disabled: Callable[[], None] = lambda: None,
+        secrets: Optional[Secrets] = None,
     ) -> None:
         """
         @param service: holds the policy compiled from C{sources} already.
@@ -89,6 +92,10 @@ class PolicyState:
             and returns a Deferred of its result.
         @param disabled: called when a reload disables a running proxy, after
             the disabled policy is in force (it closes the open tunnels).
+
+
+        @param secrets: reloaded with the policy, their values read with the
+            files (SPEC §12): a secret that cannot be read keeps both.
         """
         self._service = service
         self._sources = sources
@@ -96,6 +103,7 @@ class PolicyState:
         self._compile = compile
         self._run_in_thread = run_in_thread
         self._disabled = disabled
+        self._secrets = secrets if secrets is not None else Secrets()
         self._runtime = RuntimeRules()
         self._writes = defer.DeferredLock()
         self._reloads = defer.DeferredLock()
@@ -124,15 +132,22 @@ class PolicyState:
 
         @raise ConfigError: C{config} exceeds a managed ceiling; nothing changed.
         """
-        self._swap(attrs.evolve(self._sources, config=config))
+        self._swap(attrs.evolve(self._sources, config=config), self._secrets.read(config.secrets))
 
     def _reloadOnce(self) -> defer.Deferred[bool]:
-        d = self._run_in_thread(lambda: load_sources(self._paths))
-        d.addCallback(self._swap)
+        d = self._run_in_thread(self._read)
+        d.addCallback(lambda read: self._swap(*read))
         d.addErrback(self._reloadFailed)
         return d
 
-    def _swap(self, sources: Sources) -> bool:
+    def _read(self) -> tuple[Sources, tuple[Secret, ...]]:
+        """
+        The files and the secrets' values they name (blocking I/O).
+        """
+        sources = load_sources(self._paths)
+        return sources, self._secrets.read(sources.config.secrets)
+
+    def _swap(self, sources: Sources, secrets: tuple[Secret, ...]) -> bool:
         config = effective_config(sources, self._runtime)
         config, warnings = keep_listeners(self.config, config)
         if config.enabled and not self._started_enabled:
@@ -144,6 +159,7 @@ class PolicyState:
         for warning in (*warnings, *config.warnings):
             _log.warn("{warning}", warning=warning)
         changes = self._apply(sources, self._runtime, config)
+        self._secrets.install(secrets)
         _log.info(
             "policy reloaded: {changes}",
             changes="; ".join(changes) if changes else "no change",

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Text
 
 import attrs
 
+from codex_proxy.addresses import authority
 from codex_proxy._auditlog import Blocked, ReportError, Tally, parse_since, read_lines, tally
 from codex_proxy._text import escape
 from codex_proxy.config import ProxyConfig, default_config_path, load_config
@@ -207,9 +208,8 @@ class Report:
         )
         for a in self.advice:
             e = a.entry
-            host = f"[{e.host}]" if ":" in e.host else e.host
             lines.append(
-                f"  {e.count:>8}  {host}:{e.port}  {e.protocol}  client {e.client or '-'}"
+                f"  {e.count:>8}  {authority(e.host, e.port)}  {e.protocol}  client {e.client or '-'}"
                 f"  first {e.first}  last {e.last}"
             )
             lines.append(f"            now: {a.now}; to change: {a.change}")

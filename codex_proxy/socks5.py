@@ -23,7 +23,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,7 +68,7 @@ _HANDSHAKE = (GREETING, AUTH, REQUEST)
 _NO_HOST = "unknown"
 
 
-class SOCKS5Factory(Factory):
+class SOCKS5Factory(Factory["SOCKS5Protocol"]):
     """
     Builds L{SOCKS5Protocol}s sharing one policy service and dialer.
 
@@ -98,7 +103,7 @@ class SOCKS5Factory(Factory):
         self.connections = connections if connections is not None else Connections()
         self.https = https
 
-    def buildProtocol(self, addr: object) -> "SOCKS5Protocol":
+    def buildProtocol(self, addr: Optional[IAddress]) -> "SOCKS5Protocol":
         proto = SOCKS5Protocol()
         proto.factory = self
         return proto

@@ -102,7 +102,7 @@ class Options(usage.Options):
         self.config = effective_config(self.sources)
         # Like config errors, CA errors stop start-up before logging begins.
         self.interception = None
-        if self.config.enabled and self.config.mitm:
+        if self.config.enabled and (self.config.mitm or self.config.secrets):
             try:
                 self.interception = load_interception(os.environ)
             except InterceptionError as e:
@@ -126,8 +126,8 @@ def _remembered_rules_path(given_config: bool) -> Optional[str]:
 
 class _PortsFile(Service):
     """
-    Writes the bound addresses of a started L{ProxyService} atomically, and
-    removes the file on stop.
+    Writes the bound addresses of a started L{ProxyService} and the
+    secrets' placeholders (SPEC §12) atomically, and removes the file on stop.
     """
 
     def __init__(self, path: str, proxy: ProxyService) -> None:
@@ -137,8 +137,12 @@ class _PortsFile(Service):
     def startService(self) -> None:
         super().startService()
         tmp = f"{self._path}.tmp{os.getpid()}"
+        document: dict[str, Any] = dict(self._proxy.addresses)
+        placeholders = self._proxy.proxy.secrets.placeholders
+        if placeholders:
+            document["placeholders"] = placeholders
         with open(tmp, "w") as f:
-            json.dump(self._proxy.addresses, f)
+            json.dump(document, f)
         os.replace(tmp, self._path)
         _log.info("ports file written: {path}", path=self._path)
 
@@ -284,7 +288,13 @@ def assemble(
         builder.sources(sources, paths or SourcePaths())
     if interception is not None:
         builder.interception(interception)
-    proxy = ProxyService(builder.create(), exit_on_error=not daemon)
+    try:
+        created = builder.create()
+    except ConfigError as e:
+        # A secret whose value cannot be loaded (SPEC §12): like a bad config.
+        sys.stderr.write(f"codexproxy: config error: {e}\n")
+        raise SystemExit(1)
+    proxy = ProxyService(created, exit_on_error=not daemon)
     for entry in resolve:
         _log.info("--resolve {entry}: answered without DNS, vetted like DNS", entry=entry)
     proxy.setServiceParent(top)

@@ -33,7 +33,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from codex_proxy import _httphead
-from codex_proxy._httptarget import authority, serialize_request_head
+from codex_proxy._httptarget import serialize_request_head
+from codex_proxy.addresses import authority
 from codex_proxy.addresses import parse_ip_literal
 from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError

@@ -334,6 +334,33 @@ def tls_origin_at(tls_files: TLSFiles) -> Iterator[Callable[[tuple[str, int]], O
         server.stop()
 
 
+#: Names the L{named_tls_files} certificate holds besides localhost; tests
+#: pin them to 127.0.0.1 with the proxy's C{--resolve}.
+TEST_NAMES = ("api.secret.test", "other.secret.test")
+
+
+@pytest.fixture(scope="session")
+def named_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """
+    Like L{tls_files}, for L{TEST_NAMES} too.
+    """
+    cert, key = _proc.self_signed_localhost(tmp_path_factory.mktemp("tls-named"), TEST_NAMES)
+    return TLSFiles(cert, key)
+
+
+@pytest.fixture
+def named_tls_origins(named_tls_files: TLSFiles) -> Iterator[tuple[OriginServer, OriginServer]]:
+    """
+    Two recording TLS origins with the L{named_tls_files} certificate.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(named_tls_files.cert, named_tls_files.key)
+    servers = (OriginServer(tls=context).start(), OriginServer(tls=context).start())
+    yield servers
+    for server in servers:
+        server.stop()
+
+
 @dataclass
 class CurlResult:
     """

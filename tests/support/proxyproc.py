@@ -45,11 +45,11 @@ class ProxyStartError(RuntimeError):
     """
 
 
-def self_signed_localhost(directory: Path) -> tuple[Path, Path]:
+def self_signed_localhost(directory: Path, names: Sequence[str] = ()) -> tuple[Path, Path]:
     """
-    Write a self-signed P-256 certificate for DNS C{localhost} and IP
-    127.0.0.1 (usable as C{curl --cacert}) and its key into C{directory};
-    return their paths.
+    Write a self-signed P-256 certificate for DNS C{localhost} (and
+    C{names}) and IP 127.0.0.1 (usable as C{curl --cacert}) and its key
+    into C{directory}; return their paths.
     """
     import datetime
     import ipaddress
@@ -72,7 +72,10 @@ def self_signed_localhost(directory: Path) -> tuple[Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    *(x509.DNSName(name) for name in ("localhost", *names)),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )
