@@ -265,9 +265,7 @@ class NetworkProxy:
         self._environ = environ
         self.parents = parents_from_config(config, environ)
         self._reactor = reactor
-        self._connections = Connections(
-            config.limits.max_connections, config.limits.max_connections_per_client
-        )
+        self._connections = Connections(config.limits.max_connections, config.limits.max_connections_per_client)
         self._listening: Optional[MultiService] = None
         self._handle: Optional[ProxyHandle] = None
         self.policy = PolicyService(
@@ -388,9 +386,8 @@ class NetworkProxy:
         running, else the configured ones; with interception, the CA bundle;
         with C{client}, that client's credentials in the proxy URLs (§11).
 
-        @raise codex_proxy.childenv.EnvError: the proxy is disabled, or a
-            listener asks for an ephemeral port and is not bound yet, or
-            C{client} is not configured.
+        @raise codex_proxy.childenv.EnvError: the proxy is disabled, a listener
+            asks for an ephemeral port and is not bound yet, or no C{client}.
         """
         handle = self._handle
         return child_env(
