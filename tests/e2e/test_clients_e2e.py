@@ -1,19 +1,25 @@
 """
 Named clients (SPEC §11) on a real C{twistd codexproxy} process, with real
 clients sending credentials as they always do: curl over HTTP and SOCKS5,
-Python C{requests} and C{httpx}, and git; tokens rotate on SIGHUP and never
+Python C{requests} and C{httpx}, and git cloning from a local
+C{git http-backend}; tokens rotate on SIGHUP and never
 appear in the log, the audit log or a reply.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
+import threading
+from pathlib import Path
+from typing import Any
 
 import httpx
 import requests
+from support.gitbackend import GitHandler
 
 TOKEN_A = "alpha-token-0123456789"
 TOKEN_B = "bravo-token-0123456789"
@@ -112,23 +118,63 @@ def test_requests_and_httpx_with_credentials_in_the_proxy_url(proxy_factory, ori
     assert all(seen.header("Proxy-Authorization") is None for seen in origin.requests)
 
 
-def test_git_with_credentials_in_http_proxy(proxy_factory, origin, tmp_path, proxyproc):
+class _GitOrigin(http.server.ThreadingHTTPServer):
+    """
+    A plain-HTTP git origin that wants no credentials and records the
+    C{Proxy-Authorization} of every request that reaches it.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _RecordingGitHandler)
+        self.root, self.expected = root, None
+        self.seen: list[str | None] = []
+        self.proxy_seen: list[str | None] = []
+
+
+class _RecordingGitHandler(GitHandler):
+    def _handle(self) -> None:
+        self.server.proxy_seen.append(self.headers.get("Proxy-Authorization"))  # type: ignore[attr-defined]
+        super()._handle()
+
+    do_GET = do_POST = _handle
+
+
+def test_git_clone_with_credentials_in_http_proxy(proxy_factory, tmp_path, proxyproc):
     proxy, log = _start(proxy_factory, tmp_path)
-    env = proxyproc.clean_env(HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
-    # The origin is no git server: what matters is that git's request got
-    # through the proxy authenticated, without the credentials.
-    subprocess.run(
-        ["git", "-c", f"http.proxy={_url(proxy, 'agent-a', TOKEN_A)}", "ls-remote", origin.url("/repo.git")],
-        env=env, capture_output=True, timeout=60,
-    )
-    assert [seen.path for seen in origin.requests][:1] == ["/repo.git/info/refs?service=git-upload-pack"]
-    assert origin.requests[0].header("Proxy-Authorization") is None
+    home = tmp_path / "home"
+    home.mkdir()
+    env = proxyproc.clean_env(HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0")
+    source, root = tmp_path / "src", tmp_path / "root"
+    root.mkdir()
+
+    def git(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *argv], env=env, capture_output=True, text=True, timeout=120, **kw)
+
+    assert git("init", "-q", str(source)).returncode == 0
+    (source / "README").write_text("cloned through the proxy\n")
+    git("add", "README", cwd=source)
+    assert git("-c", "user.name=t", "-c", "user.email=t@t.test", "commit", "-qm", "one", cwd=source).returncode == 0
+    assert git("clone", "-q", "--bare", str(source), str(root / "repo.git")).returncode == 0
+    origin = _GitOrigin(root)
+    thread = threading.Thread(target=origin.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{origin.server_address[1]}/repo.git"
+        cloned = git("-c", f"http.proxy={_url(proxy, 'agent-a', TOKEN_A)}", "clone", "-q", url, str(tmp_path / "clone"))
+        refused = git("-c", f"http.proxy={_url(proxy, 'agent-a', TOKEN_B)}", "ls-remote", url)
+    finally:
+        origin.shutdown()
+        origin.server_close()
+    assert cloned.returncode == 0, cloned.stderr
+    assert (tmp_path / "clone" / "README").read_text() == "cloned through the proxy\n"
+    assert refused.returncode != 0 and "407" in refused.stderr
+    assert origin.proxy_seen and set(origin.proxy_seen) == {None}
     proxy.stop()
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    # git asks without credentials first, and answers the 407's challenge.
-    assert events[0]["network.policy.reason"] == "client_auth_failed"
-    assert [e.get("client.identity") for e in events if e["network.policy.decision"] == "allow"][:1] == ["agent-a"]
-    _no_token_anywhere(proxy, log)
+    assert {e.get("client.identity") for e in events if e["network.policy.decision"] == "allow"} == {"agent-a"}
+    _no_token_anywhere(proxy, log, cloned.stdout + cloned.stderr, refused.stdout + refused.stderr)
 
 
 def test_sighup_rotates_a_token_and_reloads_overlays(proxy_factory, origin, curl, tmp_path, proxyproc):
