@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Set, TypeVar
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
@@ -24,15 +25,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import splice
+from codex_proxy._httphead import RequestHead
+from codex_proxy._httptarget import came_through
 from codex_proxy.addresses import authority
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
-from codex_proxy.model import Verdict
+from codex_proxy.model import ProxyRequest, Reason, Verdict
 from codex_proxy.relay import Relay
 from codex_proxy.upstream import IProxyTransport, Outbound
 
 _log = Logger()
 T = TypeVar("T")
+
+#: Refusals after which a connection closes: it holds a slot over a limit.
+OVER_LIMIT = frozenset({Reason.TOO_MANY_CONNECTIONS, Reason.TOO_MANY_CLIENT_CONNECTIONS})
 
 #: Client bytes kept while a request is decided or served before reading
 #: pauses. Reading is not paused per request: that costs two epoll calls
@@ -66,6 +72,8 @@ class ClientConnection(Protocol):
     @ivar bytesDown: bytes forwarded destination to client outside a relay.
     @ivar pending: client bytes kept for later (L{keep}).
     @ivar clientEOF: the client has half-closed its side.
+    @ivar identity: the client that authenticated last on this connection
+        (SPEC §11), or C{None}.
     """
 
     listener = "client"
@@ -80,6 +88,7 @@ class ClientConnection(Protocol):
         self.bytesDown = 0
         self.pending = b""
         self.clientEOF = False
+        self.identity: Optional[str] = None
         self._paused: Set[str] = set()
         self._writeGate = _WriteGate(self)
         self._producer: Optional[IPushProducer] = None
@@ -106,6 +115,7 @@ class ClientConnection(Protocol):
                 decision=self._decision,
                 reason=self._reason,
                 outcome=self._outcome,
+                identity=self.identity,
                 bytes_up=up,
                 bytes_down=down,
                 duration=self.factory.clock.seconds() - self._started,
@@ -125,6 +135,58 @@ class ClientConnection(Protocol):
         closes or aborts; must be idempotent.
         """
         raise NotImplementedError
+
+    # -- client authentication (SPEC §11) -----------------------------------
+
+    def admitHTTP(self, head: RequestHead, tunnelled: bool) -> Optional[Reason]:
+        """
+        Why a request is refused before any policy, or C{None}: the
+        connection is over C{limits.max_connections}; the request went
+        round a loop (our own C{Via}, SPEC §4.2b); outside a tunnel (inside
+        one, the tunnel's client holds) its C{Proxy-Authorization} fails
+        against the clients of the policy in force, so a token rotated by a
+        reload is refused from the next request on (see L{identify}).
+        """
+        if not self.admitted:
+            return Reason.TOO_MANY_CONNECTIONS
+        if came_through(head, self.factory.via):
+            return Reason.PROXY_LOOP
+        credentials = self.factory.policy.policy.credentials
+        if tunnelled or not credentials.configured:
+            return None
+        return self.identify(*credentials.http(head.header(b"proxy-authorization")))
+
+    def identified(self, request: ProxyRequest) -> ProxyRequest:
+        """
+        C{request} as made by the client this connection authenticated as.
+        """
+        return request if self.identity is None else attrs.evolve(request, client_identity=self.identity)
+
+    def authenticateSOCKS(self, username: str, password: bytes) -> Optional[Reason]:
+        """
+        Check an RFC 1929 username and password; see L{identify}.
+        """
+        credentials = self.factory.policy.policy.credentials
+        if not credentials.configured:
+            self.identity = username
+            return None
+        return self.identify(*credentials.socks(username, password))
+
+    def identify(self, accepted: bool, identity: Optional[str]) -> Optional[Reason]:
+        """
+        Take the outcome of a credentials check: the reason to refuse the
+        request (failed, or the client holds
+        C{limits.max_connections_per_client} connections), or C{None};
+        L{identity} is set to the client (C{None}: anonymous or failed).
+        """
+        if not accepted:
+            self.identity = None
+            return Reason.CLIENT_AUTH_FAILED
+        # Kept even over the limit, so the refusal is audited as this client's.
+        self.identity = identity
+        if not self.factory.connections.claim(self.transport, identity):
+            return Reason.TOO_MANY_CLIENT_CONNECTIONS
+        return None
 
     # -- outcome ----------------------------------------------------------
 

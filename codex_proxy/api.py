@@ -265,7 +265,7 @@ class NetworkProxy:
         self._environ = environ
         self.parents = parents_from_config(config, environ)
         self._reactor = reactor
-        self._connections = Connections(config.limits.max_connections)
+        self._connections = Connections(config.limits.max_connections, config.limits.max_connections_per_client)
         self._listening: Optional[MultiService] = None
         self._handle: Optional[ProxyHandle] = None
         self.policy = PolicyService(
@@ -380,13 +380,14 @@ class NetworkProxy:
             [d for d in (stopped, closed) if d is not None], consumeErrors=True
         ).addCallback(lambda _: None)
 
-    def env(self) -> Dict[str, str]:
+    def env(self, client: Optional[str] = None) -> Dict[str, str]:
         """
         Variables for child processes (SPEC §10): the bound addresses while
-        running, else the configured ones; with interception, the CA bundle.
+        running, else the configured ones; with interception, the CA bundle;
+        with C{client}, that client's credentials in the proxy URLs (§11).
 
-        @raise codex_proxy.childenv.EnvError: the proxy is disabled, or a
-            listener asks for an ephemeral port and is not bound yet.
+        @raise codex_proxy.childenv.EnvError: the proxy is disabled, a listener
+            asks for an ephemeral port and is not bound yet, or no C{client}.
         """
         handle = self._handle
         return child_env(
@@ -395,6 +396,7 @@ class NetworkProxy:
             socks=handle.socks_addr if handle is not None else None,
             ca_bundle=self._interception.bundle if self._interception is not None else None,
             placeholders=self.secrets.placeholders,
+            client=client,
         )
 
     def blocked(self) -> List[Verdict]:

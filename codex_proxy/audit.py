@@ -27,7 +27,7 @@ from zope.interface import implementer
 from codex_proxy.addresses import authority
 from codex_proxy._text import escape
 from codex_proxy.interfaces import IAuditor
-from codex_proxy.model import Protocol, Source, Verdict
+from codex_proxy.model import Source, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
 NAMESPACE = "codex_otel.network_proxy"
@@ -41,7 +41,6 @@ Sink = Callable[[Dict[str, Any]], None]
 
 _log = Logger(namespace=NAMESPACE)
 _ownLog = Logger()
-_SOCKS = (Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP)
 
 
 def rfc3339(seconds: float) -> str:
@@ -94,10 +93,10 @@ def decision_fields(
         "client.address": request.client or "unknown",
         "network.policy.override": verdict.override,
     }
-    if request.command is not None and request.protocol in _SOCKS:
-        # The RFC 1929 username a SOCKS5 client named itself with (never
-        # its password).
-        fields["client.identity"] = request.command
+    if request.client_identity is not None:
+        # The authenticated client, or the RFC 1929 username a SOCKS5
+        # client named itself with (never a token or password).
+        fields["client.identity"] = request.client_identity
     if verdict.secret is not None:
         # The name of a misused secret (SPEC §12), never its value.
         fields["network.policy.secret"] = verdict.secret

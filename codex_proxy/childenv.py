@@ -9,7 +9,9 @@ the two never disagree.
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
+from urllib.parse import quote
 
+from codex_proxy.clients import named
 from codex_proxy.config import ListenAddress, ProxyConfig
 from codex_proxy.errors import ProxyError
 
@@ -61,6 +63,7 @@ def child_env(
     socks: Optional[str] = None,
     ca_bundle: Optional[str] = None,
     placeholders: Mapping[str, str] = {},
+    client: Optional[str] = None,
 ) -> Dict[str, str]:
     """
     The variables of SPEC §10, in a stable order.
@@ -71,21 +74,24 @@ def child_env(
     @param ca_bundle: the CA bundle path (system roots plus the proxy's CA)
         when HTTPS interception is active, so clients trust minted leaves.
     @param placeholders: each secret's placeholder by name (SPEC §12).
-    @raise EnvError: the proxy is disabled, or a listener port is
-        ephemeral and not given.
+    @param client: the configured client (SPEC §11) whose credentials the
+        proxy URLs carry.
+    @raise EnvError: the proxy is disabled, a listener port is ephemeral
+        and not given, or C{client} is not configured.
     """
     if not config.enabled:
         raise EnvError(
             f"{config.source}: the proxy is disabled (enabled = false):"
             " it binds nothing, so there is nothing to point clients at"
         )
+    userinfo = "" if client is None else _userinfo(config, client)
     env: Dict[str, str] = {}
-    http_url = "http://" + _address(config, "proxy_url", config.http_listen, http)
+    http_url = "http://" + userinfo + _address(config, "proxy_url", config.http_listen, http)
     for name in PROXY_VARIABLES:
         env[name] = env[name.lower()] = http_url
     all_proxy = http_url
     if config.enable_socks5:
-        all_proxy = "socks5h://" + _address(config, "socks_url", config.socks_listen, socks)
+        all_proxy = "socks5h://" + userinfo + _address(config, "socks_url", config.socks_listen, socks)
     env["ALL_PROXY"] = env["all_proxy"] = all_proxy
     for name in EXTRA_PROXY_VARIABLES:
         env[name] = http_url
@@ -111,3 +117,24 @@ def _address(
             " address is known only once the proxy runs (use its ports file)"
         )
     return str(configured)
+
+
+def _userinfo(config: ProxyConfig, name: str) -> str:
+    """
+    C{NAME:TOKEN@}, percent-encoded, for the client C{name}.
+
+    @raise EnvError: no such client (the message names it, never a token).
+    """
+    client = named(config.clients, name)
+    if client is None:
+        raise EnvError(unknown_client(config, name))
+    return f"{quote(client.name, safe='')}:{quote(client.token, safe='')}@"
+
+
+def unknown_client(config: ProxyConfig, name: str) -> str:
+    """
+    The message for a client name that C{config} does not configure: it
+    names the ones it does, never a token.
+    """
+    known = ", ".join(client.name for client in config.clients) or "none"
+    return f"{config.source}: no client {name!r} in {config.section}.clients (configured: {known})"

@@ -4,11 +4,12 @@ running the proxy (SPEC §10, issue 7).
 
   - C{check-config [FILE]}: validate, print the effective policy and where
     each entry came from;
-  - C{explain [--config F] [--method M] TARGET}: what the policy says about
-    one request, and which config line would change that, without sending
-    traffic or resolving names (L{codex_proxy.explain});
-  - C{env [--shell sh|fish|json] [--config F] [--ports-file P]}: the
-    variables that point a child process at the proxy;
+  - C{explain [--config F] [--method M] [--client N] TARGET}: what the
+    policy (or one client's) says about one request, and which config line
+    would change that, without sending traffic or resolving names
+    (L{codex_proxy.explain});
+  - C{env [--shell sh|fish|json] [--config F] [--ports-file P] [--client N]}:
+    the variables that point a child process at the proxy;
   - C{selftest --proxy URL [--socks H:P] [--port N] [--with-resolve]}:
     replay the bypass corpus against a running proxy (the one command that
     sends traffic); C{selftest --print-resolve} prints the C{--resolve}
@@ -30,11 +31,12 @@ import attrs
 
 from codex_proxy import selftest
 from codex_proxy.bypass import BypassError, load_corpus
-from codex_proxy.childenv import EnvError, child_env
+from codex_proxy.childenv import EnvError, child_env, unknown_client
+from codex_proxy.clients import named
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
 from codex_proxy.errors import ProxyError
 from codex_proxy.explain import UsageError, explain, parse_target
-from codex_proxy.policy import policy_from_config
+from codex_proxy.policy import client_config, policy_from_config
 from codex_proxy.secrets import read_secret
 
 EXIT_OK = 0
@@ -93,6 +95,7 @@ def check_config(path: Optional[str], out: TextIO) -> int:
             out.write(f"  {pattern.ljust(width)}  {config.pattern_sources[pattern]}\n")
         if title == "allowed_domains" and not patterns:
             out.write("  (empty allowlist: every destination is blocked)\n")
+    _clients(config, out)
     out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
     for path in config.allow_unix_sockets:
         out.write(f"  {path}\n")
@@ -114,6 +117,24 @@ def check_config(path: Optional[str], out: TextIO) -> int:
     return EXIT_OK
 
 
+def _clients(config: ProxyConfig, out: TextIO) -> None:
+    """
+    The clients section of C{check-config}: names, modes and overlays,
+    never a token (SPEC §11).
+    """
+    out.write(f"require_client_auth: {str(config.require_client_auth).lower()}\n")
+    out.write(f"clients ({len(config.clients)}):\n")
+    for client in config.clients:
+        mode = client.mode.value if client.mode is not None else f"{config.mode.value} (base)"
+        out.write(f"  {client.name}: mode {mode}\n")
+        for title, patterns in (
+            ("allowed_domains", client.allowed_domains),
+            ("denied_domains", client.denied_domains),
+        ):
+            for pattern in patterns:
+                out.write(f"    {title} + {pattern}  {client.pattern_sources[pattern]}\n")
+
+
 def _setting(config: ProxyConfig, key: str, value: str) -> str:
     return value if key in config.explicit else f"{value} (default)"
 
@@ -132,13 +153,25 @@ def _table(out: TextIO, rows: Sequence[Tuple[str, str]]) -> None:
 
 
 def run_explain(
-    path: Optional[str], target: str, method: Optional[str], out: TextIO
+    path: Optional[str],
+    target: str,
+    method: Optional[str],
+    out: TextIO,
+    client: Optional[str] = None,
 ) -> int:
     config = _load(path)
     request, inner = parse_target(target, method)
     policy = policy_from_config(config, os.path.realpath)
+    title = f"config: {config.source} [{config.section}]"
+    if client is not None:
+        # What the client's own policy says (SPEC §11).
+        own = named(config.clients, client)
+        if own is None:
+            raise UsageError(unknown_client(config, client))
+        config, policy = client_config(config, own), policy.for_client(client)
+        title += f" client {client}"
     rows, allowed = explain(config, policy, request, inner)
-    out.write(f"config: {config.source} [{config.section}]\n")
+    out.write(title + "\n")
     _table(out, rows)
     return EXIT_OK if allowed else EXIT_BLOCKED
 
@@ -147,7 +180,12 @@ def run_explain(
 
 
 def run_env(
-    path: Optional[str], ports_file: Optional[str], shell: str, out: TextIO, err: TextIO
+    path: Optional[str],
+    ports_file: Optional[str],
+    shell: str,
+    out: TextIO,
+    err: TextIO,
+    client: Optional[str] = None,
 ) -> int:
     config = _load(path)
     bound: Dict[str, Any] = {}
@@ -171,7 +209,12 @@ def run_env(
         # Random at each start: only the running proxy's ports file has them.
         err.write(f"codexproxy: no placeholder for {', '.join(missing)}: pass the running proxy's --ports-file\n")
     env = child_env(
-        config, http=bound.get("http"), socks=bound.get("socks"), ca_bundle=bundle, placeholders=placeholders
+        config,
+        http=bound.get("http"),
+        socks=bound.get("socks"),
+        ca_bundle=bundle,
+        placeholders=placeholders,
+        client=client,
     )
     out.write(_FORMATS[shell](env))
     return EXIT_OK
@@ -290,6 +333,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="M",
         help="the HTTP method (default GET; CONNECT for https:// and host:port)",
     )
+    explain_.add_argument(
+        "--client", metavar="NAME", help="decide by this configured client's own policy"
+    )
     explain_.add_argument("target", metavar="URL-or-host:port")
     env = commands.add_parser(
         "env",
@@ -303,6 +349,11 @@ def _parser() -> argparse.ArgumentParser:
         "--ports-file",
         metavar="FILE",
         help="the proxy's ports file: the bound addresses (needed with port 0)",
+    )
+    env.add_argument(
+        "--client",
+        metavar="NAME",
+        help="embed this configured client's credentials in the proxy URLs",
     )
     ca = commands.add_parser(
         "ca",
@@ -372,12 +423,12 @@ def main(
         if args.command == "check-config":
             return check_config(args.file, out)
         if args.command == "explain":
-            return run_explain(args.config, args.target, args.method, out)
+            return run_explain(args.config, args.target, args.method, out, args.client)
         if args.command == "ca":
             return run_ca(args.bundle, out)
         if args.command == "selftest":
             return run_selftest(args, out)
-        return run_env(args.config, args.ports_file, args.shell, out, err)
+        return run_env(args.config, args.ports_file, args.shell, out, err, args.client)
     except UsageError as e:
         err.write(f"codexproxy {args.command}: {e}\n")
         return EXIT_USAGE

@@ -33,6 +33,7 @@ from codex_proxy._toml import (
     readonly,
     show,
 )
+from codex_proxy.clients import CLIENT_KEYS, Client, parse_clients
 from codex_proxy.model import Mode
 
 DEFAULTS_SOURCE = "<defaults>"
@@ -151,6 +152,7 @@ class Limits:
     max_connections: int = 4096
     max_udp_associations: int = 256
     decider_timeout_s: float = 30
+    max_connections_per_client: int = 1024
 
 
 @attrs.frozen
@@ -177,10 +179,11 @@ class ProxyConfig:
         as non-public (SPEC §5.3); where each came from is in
         C{pattern_sources}.
     @ivar denied_ranges: canonical CIDRs no dialled address may be in.
-
-
+    @ivar dns_listen: the DNS listener's address (SPEC §14.2), or C{None}.
     @ivar secrets: the credentials injected on egress (SPEC §12), without
         their values.
+    @ivar clients: the named clients and their overlays (SPEC §11).
+    @ivar require_client_auth: anonymous connections are refused.
     """
 
     enabled: bool = False
@@ -209,6 +212,8 @@ class ProxyConfig:
     dns_listen: Optional[ListenAddress] = None
     secrets: tuple[SecretConfig, ...] = ()
     dangerously_allow_plaintext_secrets: bool = False
+    clients: tuple[Client, ...] = ()
+    require_client_auth: bool = False
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -245,6 +250,7 @@ _NETWORK_KEYS = (
     "denied_ranges",
     "dns_url",
     "secrets",
+    *CLIENT_KEYS,
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -407,6 +413,7 @@ def _network_config(network: Table) -> ProxyConfig:
     allowed = {text: where for text, where in allowed.items() if text not in denied}
     allowed_ranges = address_ranges(network, "allowed_ranges")
     denied_ranges = address_ranges(network, "denied_ranges")
+    clients, require_client_auth = parse_clients(network, mode)
     return ProxyConfig(
         **flags,
         http_listen=listens["proxy_url"],
@@ -425,6 +432,8 @@ def _network_config(network: Table) -> ProxyConfig:
         denied_ranges=tuple(denied_ranges),
         dns_listen=_dns_listen(network),
         secrets=parse_secrets(network),
+        clients=clients,
+        require_client_auth=require_client_auth,
     )
 
 

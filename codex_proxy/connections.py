@@ -7,7 +7,7 @@ that every client connection ends with one outcome event.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import attrs
 from twisted.internet import defer
@@ -32,6 +32,8 @@ class ConnectionOutcome:
         C{max_connections} included), C{"failed"} (the destination failed
         or timed out), C{"bad_request"} (the client broke the protocol or
         timed out sending a head) or C{"error"} (ours).
+    @ivar identity: the client that authenticated on it (SPEC §11), or
+        C{None}.
     @ivar bytes_up: bytes forwarded client to destination (bodies and
         tunnel bytes; heads not counted).
     @ivar bytes_down: bytes forwarded destination to client.
@@ -46,6 +48,7 @@ class ConnectionOutcome:
     bytes_up: int
     bytes_down: int
     duration: float
+    identity: Optional[str] = None
 
 
 class Connections:
@@ -57,13 +60,18 @@ class Connections:
         together) L{admit} lets in at once.
     @ivar observers: called with each client connection's
         L{ConnectionOutcome} when it ends (after the log event).
+    @ivar max_per_client: how many connections one authenticated client
+        (SPEC §11) may hold open at once.
     """
 
-    def __init__(self, max_clients: int = 4096) -> None:
+    def __init__(self, max_clients: int = 4096, max_per_client: int = 1024) -> None:
         self.max_clients = max_clients
+        self.max_per_client = max_per_client
         self.observers: List[Callable[[ConnectionOutcome], None]] = []
         self._open: Set[ITCPTransport] = set()
         self._clients: Set[ITCPTransport] = set()
+        self._byIdentity: Dict[str, Set[ITCPTransport]] = {}
+        self._identityOf: Dict[ITCPTransport, str] = {}
         self._waiting: List[defer.Deferred[None]] = []
 
     def __len__(self) -> int:
@@ -92,6 +100,35 @@ class Connections:
         self._clients.add(transport)
         return True
 
+    def claim(self, transport: ITCPTransport, identity: Optional[str]) -> bool:
+        """
+        Count the client connection C{transport} as one of C{identity}'s
+        (C{None}: anonymous, counted for no client); C{False} when that
+        client holds C{max_per_client} connections already (the connection
+        is then counted for no client). A connection counts for one client
+        at a time.
+        """
+        held = self._identityOf.get(transport)
+        if held == identity:
+            return True
+        self._release(transport)
+        if identity is None:
+            return True
+        mine = self._byIdentity.setdefault(identity, set())
+        if len(mine) >= self.max_per_client:
+            return False
+        mine.add(transport)
+        self._identityOf[transport] = identity
+        return True
+
+    def _release(self, transport: ITCPTransport) -> None:
+        identity = self._identityOf.pop(transport, None)
+        if identity is not None:
+            mine = self._byIdentity[identity]
+            mine.discard(transport)
+            if not mine:
+                del self._byIdentity[identity]
+
     def closed(
         self, transport: ITCPTransport, outcome: Optional[ConnectionOutcome] = None
     ) -> None:
@@ -103,6 +140,7 @@ class Connections:
         """
         self._open.discard(transport)
         self._clients.discard(transport)
+        self._release(transport)
         if outcome is not None:
             _log.emit(LogLevel.info, None, connection=outcome)
             for observer in self.observers:

@@ -38,6 +38,8 @@ class NetworkPolicyRequest:
     @ivar method: the HTTP method, C{None} for SOCKS.
     @ivar command: the client identity or other context the listener knows
         (the SOCKS5 username), or C{None}.
+    @ivar client_identity: the authenticated client name (SPEC §11), or
+        C{None} for an anonymous connection.
     @ivar exec_policy_hint: an embedder's hint about the command that opened
         the connection; the proxy itself never knows one and passes C{None}.
     """
@@ -49,6 +51,7 @@ class NetworkPolicyRequest:
     method: Optional[str] = None
     command: Optional[str] = None
     exec_policy_hint: Optional[str] = None
+    client_identity: Optional[str] = None
 
 
 @attrs.frozen

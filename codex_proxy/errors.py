@@ -167,6 +167,19 @@ REPLIES: Dict[Reason, Reply] = {
         SOCKS_TTL_EXPIRED,
         "The destination did not answer in time.",
     ),
+    Reason.CLIENT_AUTH_FAILED: Reply(
+        407,
+        "proxy-auth-required",
+        SOCKS_GENERAL_FAILURE,
+        "The proxy needs a client's credentials (Proxy-Authorization).",
+    ),
+    Reason.TOO_MANY_CLIENT_CONNECTIONS: Reply(
+        503,
+        "proxy-overloaded",
+        SOCKS_GENERAL_FAILURE,
+        "This client has limits.max_connections_per_client connections open;"
+        " try again later.",
+    ),
     Reason.PROXY_LOOP: Reply(
         508,
         "proxy-loop-detected",
@@ -239,6 +252,9 @@ def _head_start(status: int, header: Optional[str]) -> bytes:
     lines = [b"HTTP/1.1 %d %s" % (status, _phrase(status))]
     if header is not None:
         lines.append(b"x-proxy-error: " + header.encode("ascii"))
+    if status == 407:
+        # RFC 9110 §15.5.8: a 407 carries the challenge (SPEC §4.2).
+        lines.append(b'Proxy-Authenticate: Basic realm="codex-proxy"')
     lines.append(b"Content-Type: application/json")
     lines.append(b"Content-Length: ")
     return b"\r\n".join(lines)

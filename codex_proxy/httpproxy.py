@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
-from codex_proxy._connection import ClientConnection, no_delay
+from codex_proxy._connection import OVER_LIMIT, ClientConnection, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
 from codex_proxy._pipelining import IHeadOwner, ReadingHead, Timer
 from codex_proxy._send import send
@@ -291,18 +291,18 @@ class HTTPProxyProtocol(ClientConnection):
                 kept.drop()
             self.refuseHead(head, e)
             return
-        job = _Job(head, request, close=not head.keep_alive or (self.clientEOF and not self.pending))
+        refusal = self.admitHTTP(head, tunnelled=self._tunnel is not None)
+        job = _Job(head, self.identified(request), close=not head.keep_alive or (self.clientEOF and not self.pending))
         factory = self.factory
-        if not self.admitted or _httptarget.came_through(head, factory.via):
-            job.close = job.close or not self.admitted
-            reason = Reason.PROXY_LOOP if self.admitted else Reason.TOO_MANY_CONNECTIONS
-            self._blocked(job, factory.policy.refuse(request, reason), kept)
+        if refusal is not None:
+            job.close = job.close or refusal in OVER_LIMIT
+            self._blocked(job, factory.policy.refuse(job.request, refusal), kept)
         elif self._tunnel is not None:
-            self._verdict(job, factory.policy.decide_pinned(request, self._tunnel), kept)
+            self._verdict(job, factory.policy.decide_pinned(job.request, self._tunnel), kept)
         else:
-            verdict = factory.policy.decide_now(request)
+            verdict = factory.policy.decide_now(job.request)
             if verdict is None:
-                self._decide(job, factory.policy.check(request), kept)
+                self._decide(job, factory.policy.check(job.request), kept)
             else:
                 self._verdict(job, verdict, kept)
 

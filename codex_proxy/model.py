@@ -54,6 +54,10 @@ class Reason(str, enum.Enum):
     # limits.max_udp_associations reached.
     TOO_MANY_CONNECTIONS = "too_many_connections"
     TOO_MANY_UDP_ASSOCIATIONS = "too_many_udp_associations"
+    # Client authentication (SPEC §11): missing or wrong credentials, or
+    # limits.max_connections_per_client reached.
+    CLIENT_AUTH_FAILED = "client_auth_failed"
+    TOO_MANY_CLIENT_CONNECTIONS = "too_many_client_connections"
     # A request that already passed through this proxy (SPEC §4.2b).
     PROXY_LOOP = "proxy_loop"
     # Transport outcomes (SPEC §4.3).
@@ -99,6 +103,9 @@ class ProxyRequest:
         query parameters (limited mode blocks any but a read-only one).
     @ivar client: the client's address as C{"ip:port"}, or C{None}.
     @ivar command: the client identity (SOCKS username) or other context.
+    @ivar client_identity: the authenticated client name (SPEC §11), or the
+        SOCKS5 username when no clients are configured; C{None} when
+        anonymous. Decisions use that client's policy.
     @ivar unix_socket: the symlink-resolved path of an C{x-unix-socket}
         request (SPEC §8); such a request is judged by socket path, never by
         the domain lists, and C{host}/C{port} are C{"unix-socket"}/C{0}.
@@ -117,6 +124,7 @@ class ProxyRequest:
     command: Optional[str] = None
     unix_socket: Optional[str] = None
     secrets: Tuple[str, ...] = ()
+    client_identity: Optional[str] = None
 
 
 #: The C{host} of every unix-socket request, as audited (SPEC §8).

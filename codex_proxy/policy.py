@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, FrozenSet, Iterable, Optional, Sequence, Tuple
+from typing import Callable, FrozenSet, Iterable, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote_plus
 
 import attrs
 
 from codex_proxy.addresses import AddressRanges, is_local_name, is_public, parse_ip_literal
+from codex_proxy.clients import Client, Credentials, stricter
 from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import DomainSet, InvalidHost, normalize_host, parse_pattern
 from codex_proxy.model import (
@@ -55,11 +56,11 @@ class Policy:
     @ivar managed_allowed_domains_only: allowlist misses are final: the
         allowlist is managed (SPEC §2.4), so no decider may lift a miss.
     @ivar ranges: C{allowed_ranges} and C{denied_ranges} (SPEC §5.3).
-
-
     @ivar secrets: each secret's name and the hosts it may go to (SPEC §12).
     @ivar secret_hosts: every secret's hosts: tunnels there are intercepted.
     @ivar plaintext_secrets: placeholders may go in plain C{http://}.
+    @ivar credentials: the clients' tokens (SPEC §11).
+    @ivar clients: client name -> that client's own compiled policy.
     """
 
     enabled: bool
@@ -75,6 +76,18 @@ class Policy:
     secrets: Tuple[Tuple[str, DomainSet], ...] = ()
     secret_hosts: DomainSet = DomainSet(())
     plaintext_secrets: bool = False
+    credentials: Credentials = Credentials()
+    clients: Mapping[str, Policy] = attrs.field(factory=dict, hash=False)
+
+    def for_client(self, identity: Optional[str]) -> Policy:
+        """
+        The policy of the authenticated client C{identity}; the base policy
+        for anonymous connections and for names that are only labels (a
+        SOCKS5 username when no clients are configured).
+        """
+        if identity is None:
+            return self
+        return self.clients.get(identity, self)
 
     @classmethod
     def build(
@@ -131,21 +144,51 @@ def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> P
         (C{os.path.realpath}; the requested path is resolved per request,
         SPEC §8). Passed in because it reads the file system.
     """
-    return Policy.build(
-        enabled=config.enabled,
-        mode=config.mode,
-        mitm=config.mitm,
-        allow_local_binding=config.allow_local_binding,
-        allowed=config.allowed_domains,
-        denied=config.denied_domains,
-        managed_allowed_domains_only=config.managed_allowed_domains_only,
-        unix_sockets=[realpath(path) for path in config.allow_unix_sockets],
-        all_unix_sockets=config.dangerously_allow_all_unix_sockets,
-        allowed_ranges=config.allowed_ranges,
-        denied_ranges=config.denied_ranges,
-        secrets=[(secret.name, secret.hosts) for secret in config.secrets],
-        plaintext_secrets=config.dangerously_allow_plaintext_secrets,
+    sockets = [realpath(path) for path in config.allow_unix_sockets]
+
+    def compiled(own: ProxyConfig) -> Policy:
+        return Policy.build(
+            enabled=own.enabled,
+            mode=own.mode,
+            mitm=own.mitm,
+            allow_local_binding=own.allow_local_binding,
+            allowed=own.allowed_domains,
+            denied=own.denied_domains,
+            managed_allowed_domains_only=own.managed_allowed_domains_only,
+            unix_sockets=sockets,
+            all_unix_sockets=own.dangerously_allow_all_unix_sockets,
+            allowed_ranges=own.allowed_ranges,
+            denied_ranges=own.denied_ranges,
+            secrets=[(secret.name, secret.hosts) for secret in own.secrets],
+            plaintext_secrets=own.dangerously_allow_plaintext_secrets,
+        )
+
+    return attrs.evolve(
+        compiled(config),
+        credentials=Credentials.of(config.clients, config.require_client_auth),
+        # Each client's own policy (SPEC §11), compiled once per load too.
+        clients={client.name: compiled(client_config(config, client)) for client in config.clients},
     )
+
+
+def client_config(config: ProxyConfig, client: Client) -> ProxyConfig:
+    """
+    The effective config of one client (SPEC §11) of the effective
+    C{config}: base ∪ client allow (no client allow under a managed
+    allowlist), base ∪ client deny (deny wins), the stricter mode; managed
+    ceilings are already in C{config}.
+    """
+    extra = () if config.managed_allowed_domains_only else client.allowed_domains
+    denied = dict.fromkeys((*config.denied_domains, *client.denied_domains))
+    allowed = dict.fromkeys((*config.allowed_domains, *extra))
+    return attrs.evolve(
+        config,
+        mode=stricter(config.mode, client.mode),
+        allowed_domains=tuple(text for text in allowed if text not in denied),
+        denied_domains=tuple(denied),
+        pattern_sources={**client.pattern_sources, **config.pattern_sources},
+    )
+
 
 
 @functools.lru_cache(maxsize=4096)

@@ -162,7 +162,8 @@ class PolicyService:
         self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
         self._ownAnywhere: FrozenSet[int] = frozenset()
         self._ownPorts: FrozenSet[int] = frozenset()
-        # Verdicts of the policy in _verdictsOf, by request and by kind.
+        # Verdicts under the policy in _verdictsOf (a client's own policy
+        # follows from the identity in the request), by request and by kind.
         self._verdicts: Dict[object, Verdict] = {}
         self._verdictsOf: Optional[Policy] = None
         # IP-literal verdicts of that cache vetted, by id (the pair keeps the
@@ -215,7 +216,7 @@ class PolicyService:
         (a refusal, an IP literal, a unix socket); C{None} when it needs
         either, and then nothing is recorded: call L{check}.
         """
-        policy = self.policy
+        policy = self.policy.for_client(request.client_identity)
         verdict = self._decide(policy, request)
         if verdict.reason is Reason.NOT_ALLOWED and self._asks(policy):
             return None
@@ -229,16 +230,17 @@ class PolicyService:
 
     def _decide(self, policy: Policy, request: ProxyRequest) -> Verdict:
         """
-        L{decide}, computed once per policy and kind of request: the same
-        request again (every keep-alive request of a connection) costs a
-        lookup, the same request from another client a copy. Another policy
-        (a reload) starts over.
+        L{decide} by C{policy} (the policy in force, or the own policy of
+        the request's authenticated client), computed once per policy in
+        force and kind of request: the same request again (every keep-alive
+        request of a connection) costs a lookup, the same request from
+        another client address a copy. Another policy (a reload) starts over.
         """
         verdicts = self._verdicts
-        if policy is not self._verdictsOf or len(verdicts) >= VERDICT_CACHE:
+        if self.policy is not self._verdictsOf or len(verdicts) >= VERDICT_CACHE:
             verdicts = self._verdicts = {}
             self._vettedLiterals = {}
-            self._verdictsOf = policy
+            self._verdictsOf = self.policy
         known = verdicts.get(request)
         if known is not None:
             return known
@@ -258,7 +260,7 @@ class PolicyService:
         Cancelling it while the decider or the resolver is busy records
         nothing: no decision was made.
         """
-        policy = self.policy
+        policy = self.policy.for_client(request.client_identity)
         verdict = self._decide(policy, request)
         decider = self.decider
         if verdict.reason is Reason.NOT_ALLOWED and self._asks(policy):
@@ -270,6 +272,7 @@ class PolicyService:
                 client_addr=request.client,
                 method=request.method,
                 command=request.command,
+                client_identity=request.client_identity,
             )
             return consult(decider, asked, self._clock, self._decider_timeout).addCallback(
                 lambda decision: self._overruled(policy, verdict, decision)
@@ -329,7 +332,7 @@ class PolicyService:
             if known is not None and known[0] is verdict:
                 return self._record(known[1])
             vetted = self._vetted(policy, verdict, list(verdict.addresses))
-            if policy is self._verdictsOf and len(self._vettedLiterals) < VERDICT_CACHE:
+            if len(self._vettedLiterals) < VERDICT_CACHE:
                 self._vettedLiterals[id(verdict)] = (verdict, vetted)
             return self._record(vetted)
         if not verdict.allowed or verdict.request.unix_socket is not None:
@@ -338,8 +341,9 @@ class PolicyService:
 
     def refuse(self, request: ProxyRequest, reason: Reason) -> Verdict:
         """
-        Deny C{request} for a reason of the proxy's own state (C{reason} is
-        L{Reason.TOO_MANY_CONNECTIONS}), without consulting the policy:
+        Deny C{request} for a reason of the proxy's own state (a limit
+        reached, a proxy loop, failed client authentication), without
+        consulting the policy:
         one C{proxy_state} audit event, as for L{check}.
         """
         try:
@@ -364,7 +368,7 @@ class PolicyService:
         allowed association is not audited: it names no destination, and
         each of its destinations is decided and audited by L{check}.
         """
-        verdict = decide_association(self.policy, request)
+        verdict = decide_association(self.policy.for_client(request.client_identity), request)
         if verdict.allowed and full:
             verdict = attrs.evolve(
                 verdict,
@@ -390,7 +394,7 @@ class PolicyService:
         """
         L{check_pinned}, whose answer is always synchronous.
         """
-        policy = self.policy
+        policy = self.policy.for_client(request.client_identity)
         verdict = self._decide(policy, request)
         if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
             verdict = admit(policy, request, verdict.host, override=True)

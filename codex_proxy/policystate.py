@@ -61,6 +61,7 @@ _REPORTED_FIELDS = (
     "allow_unix_sockets",
     "dangerously_allow_all_unix_sockets",
     "dangerously_allow_plaintext_secrets",
+    "require_client_auth",
 )
 
 
@@ -296,4 +297,10 @@ def describe_changes(old: ProxyConfig, new: ProxyConfig) -> tuple[str, ...]:
         before, after = getattr(old, name), getattr(new, name)
         if before != after:
             changes.append(f"{name} {_show(before)} -> {_show(after)}")
+    # Names only: a rotated token shows as a changed client, never itself.
+    gone = {client.name for client in old.clients}
+    changed = {client.name for client in new.clients if client not in old.clients}
+    changed |= gone - {client.name for client in new.clients}
+    if changed:
+        changes.append("clients changed: " + ", ".join(sorted(changed)))
     return tuple(changes)

@@ -64,6 +64,9 @@ ASSOCIATED = "ASSOCIATED"
 CLOSED = "CLOSED"
 
 _HANDSHAKE = (GREETING, AUTH, REQUEST)
+#: The C{server.address} audited for a refusal before any destination is
+#: named (a failed RFC 1929 sub-negotiation).
+_NO_HOST = "unknown"
 
 
 class SOCKS5Factory(Factory["SOCKS5Protocol"]):
@@ -124,7 +127,8 @@ class SOCKS5Protocol(ClientConnection):
         self._buffer = b""
         self._work: Optional[defer.Deferred[Any]] = None
         self._udp: Optional[UDPAssociation] = None
-        self._identity: Optional[str] = None
+        # Why every request of this connection is refused, if it is.
+        self._refusal: Optional[Reason] = None if self.admitted else Reason.TOO_MANY_CONNECTIONS
         self._timer: Optional[IDelayedCall] = self.factory.clock.callLater(
             self.factory.limits.socks_handshake_timeout_s, self._handshakeTimedOut
         )
@@ -211,11 +215,13 @@ class SOCKS5Protocol(ClientConnection):
         if parsed is None:
             return False
         greeting, self._buffer = parsed
-        # Username/password when offered, so the username names the client.
+        # Username/password when offered, so the username names the client;
+        # only that when clients must authenticate (SPEC §11).
+        credentials = self.factory.policy.policy.credentials
         if wire.METHOD_USERNAME_PASSWORD in greeting.methods:
             self.transport.write(wire.encode_method(wire.METHOD_USERNAME_PASSWORD))
             self._state = AUTH
-        elif wire.METHOD_NO_AUTH in greeting.methods:
+        elif wire.METHOD_NO_AUTH in greeting.methods and not credentials.required:
             self.transport.write(wire.encode_method(wire.METHOD_NO_AUTH))
             self._state = REQUEST
         else:
@@ -230,17 +236,24 @@ class SOCKS5Protocol(ClientConnection):
         if parsed is None:
             return False
         credentials, self._buffer = parsed
-        # Any password is accepted: the username is an identity, not a secret.
-        self._identity = credentials.username
-        self.transport.write(wire.encode_auth_status(True))
+        refusal = self.authenticateSOCKS(credentials.username, credentials.password)
+        failed = refusal is Reason.CLIENT_AUTH_FAILED
+        self.transport.write(wire.encode_auth_status(not failed))
+        if failed:
+            asked = ProxyRequest(protocol=Proto.SOCKS5_TCP, host=_NO_HOST, port=0, client=self.client)
+            self.noteVerdict(self.factory.policy.refuse(asked, Reason.CLIENT_AUTH_FAILED))
+            self.close()
+            return False
+        # Authenticated but over its limit: the request gets REP 0x01.
+        self._refusal = self._refusal or refusal
         self._state = REQUEST
         return True
 
     def _request(self, request: wire.Request) -> None:
         self._cancelTimer()
         self.pauseReading("request")
-        if not self.admitted:
-            self._overload(request)
+        if self._refusal is not None:
+            self._overload(request, self._refusal)
         elif request.command == wire.CMD_CONNECT:
             self._connect(request)
         elif request.command == wire.CMD_UDP_ASSOCIATE and self.factory.enable_udp:
@@ -263,7 +276,8 @@ class SOCKS5Protocol(ClientConnection):
             host=request.host,
             port=request.port,
             client=self.client,
-            command=self._identity,
+            command=self.identity,
+            client_identity=self.identity,
         )
 
     def _refuseFor(self, verdict: Verdict) -> None:
@@ -271,13 +285,13 @@ class SOCKS5Protocol(ClientConnection):
         self.noteVerdict(verdict)
         self._refuse(reply_for(verdict.reason).socks)
 
-    def _overload(self, request: wire.Request) -> None:
+    def _overload(self, request: wire.Request, reason: Reason) -> None:
         """
-        Refuse the request of a connection beyond C{limits.max_connections},
-        with its audit event.
+        Refuse the request of a connection beyond C{limits.max_connections}
+        or C{limits.max_connections_per_client}, with its audit event.
         """
         asked = self._proxyRequest(request)
-        self._refuseFor(self.factory.policy.refuse(asked, Reason.TOO_MANY_CONNECTIONS))
+        self._refuseFor(self.factory.policy.refuse(asked, reason))
 
     # -- CONNECT ----------------------------------------------------------
 
@@ -375,7 +389,7 @@ class SOCKS5Protocol(ClientConnection):
             client_port=request.port,
             listen_ip=local.host,
             client=self.client,
-            identity=self._identity,
+            identity=self.identity,
         )
         try:
             port = udp.start()

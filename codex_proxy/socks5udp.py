@@ -195,6 +195,7 @@ class UDPAssociation:
             port=key[1],
             client=self._client,
             command=self._identity,
+            client_identity=self._identity,
         )
         d = self._policy.check(request)
         destination.work = d

@@ -193,6 +193,10 @@ def merge_requirements(config: ProxyConfig, requirements: Requirements) -> Proxy
             ("allowed_ranges", config.allowed_ranges, allowed_ranges),
         ):
             warnings += _ignored(requirements, config, what, user, kept)
+        warnings += tuple(
+            f"{config.source}: {config.section}.clients.{c.name}.allowed_domains ignored:"
+            " the allowlist is managed" for c in config.clients if c.allowed_domains
+        )
     else:
         allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
         allowed_ranges = dict.fromkeys((*requirements.allowed_ranges, *config.allowed_ranges))

@@ -104,7 +104,7 @@ def test_auditor_sink() -> None:
     """
     metrics = Metrics(start_time=0.0)
     auditor = Auditor(lambda: 1.5, sinks=[metrics.decision])
-    request = ProxyRequest(Protocol.SOCKS5_TCP, "x.example", 22, command="ci-agent")
+    request = ProxyRequest(Protocol.SOCKS5_TCP, "x.example", 22, command="ci-agent", client_identity="ci-agent")
     auditor.record(
         Verdict(
             request, "x.example", Decision.DENY, Source.BASELINE_POLICY, Reason.DENIED

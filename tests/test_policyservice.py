@@ -278,3 +278,14 @@ def test_new_own_addresses_apply_to_a_literal_decided_before():
     svc.set_own_addresses([("127.0.0.1", 8080)])
     assert svc.decide_now(request).reason is Reason.NOT_ALLOWED_LOCAL
     assert [e["network.policy.decision"] for e in auditor.events] == ["allow", "deny"]
+
+
+def test_each_client_is_decided_by_its_own_policy_through_the_cache():
+    base = Policy.build(allowed=["127.0.0.1"])
+    strict = Policy.build(allowed=["127.0.0.1"], denied=["127.0.0.1"])
+    svc, auditor = service(StaticResolver({}))
+    svc.reload(attrs.evolve(base, clients={"ci": strict}))
+    anonymous = _get("127.0.0.1:5000")
+    assert svc.decide_now(anonymous).allowed
+    assert svc.decide_now(attrs.evolve(anonymous, client_identity="ci")).reason is Reason.DENIED
+    assert svc.decide_now(anonymous).allowed

@@ -54,7 +54,7 @@ def event(
     """
     method = {Protocol.HTTPS_CONNECT: "CONNECT", Protocol.HTTP: "GET"}.get(protocol)
     request = ProxyRequest(
-        protocol, host, port, method=method, client="127.0.0.1:5000", command=identity
+        protocol, host, port, method=method, client="127.0.0.1:5000", command=identity, client_identity=identity
     )
     decision = Decision.ALLOW if reason is None else Decision.DENY
     verdict = Verdict(request, host, decision, Source.BASELINE_POLICY, reason)

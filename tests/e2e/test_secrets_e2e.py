@@ -25,6 +25,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.gitbackend import GitHandler
 
 BOUND, OTHER = "api.secret.test", "other.secret.test"
 REPO = Path(__file__).resolve().parents[2]
@@ -248,60 +249,6 @@ def test_limited_mode_with_mitm_refuses_the_placeholder_to_another_host(
     assert other.requests == []
 
 
-class _GitHandler(http.server.BaseHTTPRequestHandler):
-    """
-    C{git http-backend} as CGI behind Basic authentication: the origin
-    answers 401 unless the credentials carry the real token.
-    """
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _handle(self) -> None:
-        server: Any = self.server
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        server.seen.append(self.headers.get("Authorization"))
-        if self.headers.get("Authorization") != server.expected:
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="git"')
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        path, _, query = self.path.partition("?")
-        env = {
-            "PATH": os.environ["PATH"],
-            "GIT_PROJECT_ROOT": str(server.root),
-            "GIT_HTTP_EXPORT_ALL": "1",
-            "REQUEST_METHOD": self.command,
-            "PATH_INFO": path,
-            "QUERY_STRING": query,
-            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
-            "CONTENT_LENGTH": str(len(body)),
-            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
-            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
-            "REMOTE_USER": "x-access-token",
-        }
-        done = subprocess.run(["git", "http-backend"], input=body, capture_output=True, env=env, timeout=60)
-        head, _, payload = done.stdout.partition(b"\r\n\r\n")
-        status, fields = 200, []
-        for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.lower() == "status":
-                status = int(value.split()[0])
-            elif name:
-                fields.append((name, value.strip()))
-        self.send_response(status)
-        for name, value in fields:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_GET = do_POST = _handle
-
-
 def _git(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["git", *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
@@ -335,7 +282,7 @@ def test_git_clone_over_https_with_the_placeholder_token(proxy_factory, tmp_path
         daemon_threads = True
 
         def __init__(self) -> None:
-            super().__init__(("127.0.0.1", 0), _GitHandler)
+            super().__init__(("127.0.0.1", 0), GitHandler)
             self.root = root
             self.expected = _basic(f"x-access-token:{value}")
             self.seen: list[str | None] = []
