@@ -75,6 +75,16 @@ def _resolve_socket(path: str) -> str:
     return os.path.realpath(path)
 
 
+def _request_for(head: _httphead.RequestHead, tunnel: Optional[Verdict], client: Optional[str]) -> ProxyRequest:
+    """
+    What C{head} asks for: an inner request of the intercepted C{tunnel},
+    or a request of its own.
+    """
+    if tunnel is not None:
+        return _httptarget.inner_request(head, tunnel.host, tunnel.port, client)
+    return _httptarget.request_for(head, client, _resolve_socket)
+
+
 @attrs.define
 class _Job:
     """
@@ -96,9 +106,13 @@ class _Deciding:
     def __init__(self, job: _Job, work: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
         self.job, self.work, self.kept = job, work, kept
 
+    def takeKept(self) -> Optional[Leg]:
+        kept, self.kept = self.kept, None
+        return kept
+
     def release(self) -> None:
         self.work.cancel()
-        kept, self.kept = self.kept, None
+        kept = self.takeKept()
         if kept is not None:
             kept.drop()
 
@@ -285,7 +299,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
         try:
-            request = self._requestFor(head)
+            request = _request_for(head, self._tunnel, self.client)
         except errors.ProtocolError as e:
             if kept is not None:
                 kept.drop()
@@ -299,35 +313,19 @@ class HTTPProxyProtocol(ClientConnection):
             self._blocked(job, factory.policy.refuse(job.request, refusal), kept)
         elif self._tunnel is not None:
             self._verdict(job, factory.policy.decide_pinned(job.request, self._tunnel), kept)
+        elif (verdict := factory.policy.decide_now(job.request)) is not None:
+            self._verdict(job, verdict, kept)
         else:
-            verdict = factory.policy.decide_now(job.request)
-            if verdict is None:
-                self._decide(job, factory.policy.check(job.request), kept)
-            else:
-                self._verdict(job, verdict, kept)
-
-    def _requestFor(self, head: _httphead.RequestHead) -> ProxyRequest:
-        tunnel = self._tunnel
-        if tunnel is not None:
-            return _httptarget.inner_request(head, tunnel.host, tunnel.port, self.client)
-        return _httptarget.request_for(head, self.client, _resolve_socket)
+            self._decide(job, factory.policy.check(job.request), kept)
 
     # -- deciding and dialling ------------------------------------------------
 
     def _decide(self, job: _Job, d: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
-        self._state = _Deciding(job, d, kept)
-        self.expect(d, self._decided, self._failed)
-
-    def _decided(self, verdict: Verdict) -> None:
-        state = self._state
-        assert isinstance(state, _Deciding)
-        kept, state.kept = state.kept, None
-        self._verdict(state.job, verdict, kept)
+        state = self._state = _Deciding(job, d, kept)
+        self.expect(d, lambda verdict: self._verdict(job, verdict, state.takeKept()), self._failed)
 
     def _verdict(self, job: _Job, verdict: Verdict, kept: Optional[Leg]) -> None:
-        """
-        Go on with C{job} as C{verdict} says, on C{kept} when it fits.
-        """
+        """Go on with C{job} as C{verdict} says, on C{kept} when it fits."""
         job.verdict = verdict
         factory = self.factory
         protocol = job.request.protocol
@@ -391,7 +389,6 @@ class HTTPProxyProtocol(ClientConnection):
             self._exchange(job, Leg(out, state.route, state.tls, self), reused=False)
 
     def _relayTo(self, out: Outbound, fromServer: bytes) -> None:
-        self._timer.stop()
         self._state = _Tunnelling()
         self.joinRelay(out, self.factory.tunnel_idle, fromServer, self.takePending(), self.clientEOF)
 
