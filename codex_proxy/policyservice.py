@@ -125,6 +125,64 @@ def _own_form(ip: IPAddress) -> IPAddress:
     return ip if mapped is None else mapped
 
 
+class _Verdicts:
+    """
+    The verdicts decided under one policy in force (a client's own policy
+    follows from the identity in the request), kept so that a request
+    decided before costs a lookup: by request, by kind of request (all of
+    it but the client's address: the same destination from another
+    connection costs a copy) and, for IP literals, vetted.
+
+    @ivar policy: the policy in force they were decided under.
+    """
+
+    def __init__(self, policy: Optional[Policy]) -> None:
+        self.policy = policy
+        self._decided: Dict[object, Verdict] = {}
+        # By id: the pair keeps the verdict alive, so its id is not reused.
+        self._vetted: Dict[int, Tuple[Verdict, Verdict]] = {}
+
+    @property
+    def full(self) -> bool:
+        return len(self._decided) >= VERDICT_CACHE
+
+    def decided(self, policy: Policy, request: ProxyRequest) -> Verdict:
+        """
+        L{decide}C{(policy, request)}, computed once per kind of request.
+        """
+        decided = self._decided
+        known = decided.get(request)
+        if known is None:
+            # What decide() may read: all of the request but its client.
+            kind = attrs.evolve(request, client=None)
+            like = decided.get(kind)
+            if like is None:
+                like = decided[kind] = decide(policy, kind)
+            known = decided[request] = like if kind == request else attrs.evolve(like, request=request)
+        return known
+
+    def vetted(self, verdict: Verdict) -> Optional[Verdict]:
+        """
+        The vetted form of C{verdict} kept by L{keepVetted}, or C{None}.
+        """
+        known = self._vetted.get(id(verdict))
+        return known[1] if known is not None and known[0] is verdict else None
+
+    def keepVetted(self, verdict: Verdict, vetted: Verdict) -> Verdict:
+        """
+        Keep C{vetted} as the vetted form of C{verdict}, and return it.
+        """
+        if len(self._vetted) < VERDICT_CACHE:
+            self._vetted[id(verdict)] = (verdict, vetted)
+        return vetted
+
+    def forgetVetted(self) -> None:
+        """
+        The proxy's own addresses changed: vet again.
+        """
+        self._vetted = {}
+
+
 class PolicyService:
     """
     Decides requests against the current policy; C{reload} swaps the policy
@@ -162,13 +220,7 @@ class PolicyService:
         self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
         self._ownAnywhere: FrozenSet[int] = frozenset()
         self._ownPorts: FrozenSet[int] = frozenset()
-        # Verdicts under the policy in _verdictsOf (a client's own policy
-        # follows from the identity in the request), by request and by kind.
-        self._verdicts: Dict[object, Verdict] = {}
-        self._verdictsOf: Optional[Policy] = None
-        # IP-literal verdicts of that cache vetted, by id (the pair keeps the
-        # verdict alive, so its id is not reused while kept).
-        self._vettedLiterals: Dict[int, Tuple[Verdict, Verdict]] = {}
+        self._verdicts = _Verdicts(None)
 
     def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
         """
@@ -194,7 +246,7 @@ class PolicyService:
         self._own = frozenset(exact)
         self._ownAnywhere = frozenset(anywhere)
         self._ownPorts = frozenset(port for _, port in exact) | self._ownAnywhere
-        self._vettedLiterals = {}
+        self._verdicts.forgetVetted()
 
     def reload(self, policy: Policy) -> None:
         """
@@ -229,28 +281,11 @@ class PolicyService:
         return self.decider is not None and not policy.managed_allowed_domains_only
 
     def _decide(self, policy: Policy, request: ProxyRequest) -> Verdict:
-        """
-        L{decide} by C{policy} (the policy in force, or the own policy of
-        the request's authenticated client), computed once per policy in
-        force and kind of request: the same request again (every keep-alive
-        request of a connection) costs a lookup, the same request from
-        another client address a copy. Another policy (a reload) starts over.
-        """
+        """L{decide} by C{policy} (in force, or a client's own), kept until a reload."""
         verdicts = self._verdicts
-        if self.policy is not self._verdictsOf or len(verdicts) >= VERDICT_CACHE:
-            verdicts = self._verdicts = {}
-            self._vettedLiterals = {}
-            self._verdictsOf = self.policy
-        known = verdicts.get(request)
-        if known is not None:
-            return known
-        # What decide() may read: all of the request but its client.
-        kind = attrs.evolve(request, client=None)
-        like = verdicts.get(kind)
-        if like is None:
-            like = verdicts[kind] = decide(policy, kind)
-        known = verdicts[request] = like if kind == request else attrs.evolve(like, request=request)
-        return known
+        if verdicts.policy is not self.policy or verdicts.full:
+            verdicts = self._verdicts = _Verdicts(self.policy)
+        return verdicts.decided(policy, request)
 
     def check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:
         """
@@ -327,13 +362,10 @@ class PolicyService:
         """
         if verdict.allowed and verdict.addresses:
             # An IP literal: its one address meets the ranges like an answer,
-            # once per verdict of the cache.
-            known = self._vettedLiterals.get(id(verdict))
-            if known is not None and known[0] is verdict:
-                return self._record(known[1])
-            vetted = self._vetted(policy, verdict, list(verdict.addresses))
-            if len(self._vettedLiterals) < VERDICT_CACHE:
-                self._vettedLiterals[id(verdict)] = (verdict, vetted)
+            # once per verdict kept.
+            vetted = self._verdicts.vetted(verdict)
+            if vetted is None:
+                vetted = self._verdicts.keepVetted(verdict, self._vetted(policy, verdict, list(verdict.addresses)))
             return self._record(vetted)
         if not verdict.allowed or verdict.request.unix_socket is not None:
             return self._record(self._notSelf(verdict))
