@@ -7,19 +7,22 @@ state holds what may be pending in it, and nothing else; closing releases
 exactly that (C{abandon}):
 
     state          holds                            leaves by
-    ReadingHead    timer, next-head step, kept leg  head ─▶ _Deciding; bad bytes, 408 ─▶ reply, close;
-     (_pipelining)                                  idle, EOF ─▶ _Closing
-    _Deciding      policy Deferred, kept leg        deny ─▶ reply ─▶ ReadingHead | _Closing;
-                                                    allow ─▶ _Dialling, or _Exchanging on the kept leg
-    _Dialling      dial Deferred                    failed ─▶ reply ─▶ ReadingHead | _Closing;
-                                                    CONNECT ─▶ _Tunnelling;
+    ReadingHead    timer, next-head step, kept leg  head ─▶ Deciding; bad bytes, 408 ─▶ reply, close;
+                                                    idle, EOF ─▶ Closing
+    Deciding       policy Deferred, kept leg        deny ─▶ reply ─▶ ReadingHead | Closing;
+                                                    allow ─▶ Dialling, or Exchanging on the kept leg
+    Dialling       dial Deferred                    failed ─▶ reply ─▶ ReadingHead | Closing;
+                                                    CONNECT ─▶ Tunnelling;
                                                     CONNECT, intercept ─▶ ReadingHead (inside TLS);
-                                                    request ─▶ _Exchanging
-    _Exchanging    the Exchange (its leg, timer)    done ─▶ ReadingHead | _Closing; failed ─▶ reply;
-                                                    broken ─▶ _Closing; 101 ─▶ _Tunnelling;
-                                                    retry ─▶ _Dialling
-    _Tunnelling    (the relay, on the connection)   either side closes ─▶ _Closing
-    _Closing       nothing
+                                                    request ─▶ Exchanging
+    Exchanging     the Exchange (its leg, timer)    done ─▶ ReadingHead | Closing; failed ─▶ reply;
+                                                    broken ─▶ Closing; 101 ─▶ Tunnelling;
+                                                    retry ─▶ Dialling
+    Tunnelling     (the relay, on the connection)   either side closes ─▶ Closing
+    Closing        nothing
+
+The states are defined in L{codex_proxy._httpstates}; every transition is
+here, one place each.
 
 Intercepting is the connection's C{_tunnel} context: after C{200} the
 client's TLS is terminated here and inner requests take the same states
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import attrs
 from twisted.internet import defer
@@ -48,7 +51,18 @@ from zope.interface import implementer
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
 from codex_proxy._connection import OVER_LIMIT, ClientConnection, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
-from codex_proxy._pipelining import IHeadOwner, ReadingHead, Timer
+from codex_proxy._httpstates import (
+    CLOSING,
+    Deciding,
+    Dialling,
+    Exchanging,
+    IHeadOwner,
+    Job,
+    ReadingHead,
+    State,
+    Timer,
+    Tunnelling,
+)
 from codex_proxy._send import send
 from codex_proxy._text import escape
 from codex_proxy.connections import Connections
@@ -83,80 +97,6 @@ def _request_for(head: _httphead.RequestHead, tunnel: Optional[Verdict], client:
     if tunnel is not None:
         return _httptarget.inner_request(head, tunnel.host, tunnel.port, client)
     return _httptarget.request_for(head, client, _resolve_socket)
-
-
-@attrs.define
-class _Job:
-    """
-    The request being served, whether the connection closes after it, and
-    its verdict once decided.
-    """
-
-    head: _httphead.RequestHead
-    request: ProxyRequest
-    close: bool
-    verdict: Optional[Verdict] = None
-
-
-class _Deciding:
-    """
-    The policy is deciding C{job}; holds its Deferred and the kept leg.
-    """
-
-    def __init__(self, job: _Job, work: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
-        self.job, self.work, self.kept = job, work, kept
-
-    def takeKept(self) -> Optional[Leg]:
-        kept, self.kept = self.kept, None
-        return kept
-
-    def release(self) -> None:
-        self.work.cancel()
-        kept = self.takeKept()
-        if kept is not None:
-            kept.drop()
-
-
-class _Dialling:
-    """
-    Connecting for C{job}; holds the dial's Deferred.
-    """
-
-    def __init__(self, job: _Job, work: defer.Deferred[Outbound], route: Route, tls: Optional[str]) -> None:
-        self.job, self.work, self.route, self.tls = job, work, route, tls
-
-    def release(self) -> None:
-        self.work.cancel()
-
-
-class _Exchanging:
-    """
-    Serving C{job} over an L{Exchange}, which holds the leg and its timer.
-    """
-
-    def __init__(self, job: _Job, exchange: Exchange) -> None:
-        self.job, self.exchange = job, exchange
-
-    def release(self) -> None:
-        self.exchange.cancel()
-
-
-class _Tunnelling:
-    """A byte tunnel; the relay is the connection's (C{relay})."""
-
-    def release(self) -> None:
-        pass
-
-
-class _Closing:
-    """Closed, or closing: nothing is pending."""
-
-    def release(self) -> None:
-        pass
-
-
-_State = Union[ReadingHead, _Deciding, _Dialling, _Exchanging, _Tunnelling, _Closing]
-_CLOSING = _Closing()
 
 
 class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
@@ -232,7 +172,7 @@ class HTTPProxyProtocol(ClientConnection):
         self._timer = Timer(self.factory.clock)
         # The verdict of the intercepted tunnel this connection has become.
         self._tunnel: Optional[Verdict] = None
-        self._state: _State = _CLOSING
+        self._state: State = CLOSING
         self._readHead(None, idle=False)
 
     def dataReceived(self, data: bytes) -> None:
@@ -241,7 +181,7 @@ class HTTPProxyProtocol(ClientConnection):
             relay.fromClient(data)
             return
         state = self._state
-        if isinstance(state, _Exchanging) and state.exchange.wantsBody:
+        if isinstance(state, Exchanging) and state.exchange.wantsBody:
             rest = state.exchange.fromClient(data)
             if rest:
                 self.keep(rest)
@@ -257,7 +197,7 @@ class HTTPProxyProtocol(ClientConnection):
         state = self._state
         if self.relay is not None:
             self.relay.clientEOF()
-        elif isinstance(state, _Exchanging) and state.exchange.wantsBody:
+        elif isinstance(state, Exchanging) and state.exchange.wantsBody:
             # The request body was cut short: nothing sensible can follow.
             self.abort("bad_request")
         elif self.pending:
@@ -266,13 +206,13 @@ class HTTPProxyProtocol(ClientConnection):
         elif isinstance(state, ReadingHead):
             # Between requests, or inside a head that can now never end.
             self.close()
-        elif isinstance(state, _Exchanging):
+        elif isinstance(state, Exchanging):
             state.exchange.close = True
-        elif isinstance(state, (_Deciding, _Dialling)):
+        elif isinstance(state, (Deciding, Dialling)):
             state.job.close = True
 
     def abandon(self) -> None:
-        state, self._state = self._state, _CLOSING
+        state, self._state = self._state, CLOSING
         state.release()
         self._timer.stop()
 
@@ -306,7 +246,7 @@ class HTTPProxyProtocol(ClientConnection):
             self.refuseHead(head, e)
             return
         refusal = self.admitHTTP(head, tunnelled=self._tunnel is not None)
-        job = _Job(head, self.identified(request), close=not head.keep_alive or (self.clientEOF and not self.pending))
+        job = Job(head, self.identified(request), close=not head.keep_alive or (self.clientEOF and not self.pending))
         factory = self.factory
         if refusal is not None:
             job.close = job.close or refusal in OVER_LIMIT
@@ -320,11 +260,11 @@ class HTTPProxyProtocol(ClientConnection):
 
     # -- deciding and dialling ------------------------------------------------
 
-    def _decide(self, job: _Job, d: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
-        state = self._state = _Deciding(job, d, kept)
+    def _decide(self, job: Job, d: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
+        state = self._state = Deciding(job, d, kept)
         self.expect(d, lambda verdict: self._verdict(job, verdict, state.takeKept()), self._failed)
 
-    def _verdict(self, job: _Job, verdict: Verdict, kept: Optional[Leg]) -> None:
+    def _verdict(self, job: Job, verdict: Verdict, kept: Optional[Leg]) -> None:
         """Go on with C{job} as C{verdict} says, on C{kept} when it fits."""
         job.verdict = verdict
         factory = self.factory
@@ -355,17 +295,17 @@ class HTTPProxyProtocol(ClientConnection):
             kept.drop()
         self._dial(job, route, tls)
 
-    def _dial(self, job: _Job, route: Route, tls: Optional[str]) -> None:
+    def _dial(self, job: Job, route: Route, tls: Optional[str]) -> None:
         d = self.factory.upstream.dial(route)
-        self._state = _Dialling(job, d, route, tls)
+        self._state = Dialling(job, d, route, tls)
         self.expect(d, self._connected, self._failed)
 
     def _failed(self, failure: Failure) -> None:
         failure.trap(errors.UpstreamError)
         state = self._state
-        assert isinstance(state, (_Deciding, _Dialling))
+        assert isinstance(state, (Deciding, Dialling))
         kept = None
-        if isinstance(state, _Deciding):
+        if isinstance(state, Deciding):
             kept, state.kept = state.kept, None
         e = failure.value
         assert isinstance(e, errors.UpstreamError)
@@ -373,7 +313,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     def _connected(self, out: Outbound) -> None:
         state = self._state
-        assert isinstance(state, _Dialling)
+        assert isinstance(state, Dialling)
         job, verdict = state.job, state.job.verdict
         assert verdict is not None
         no_delay(out.transport)
@@ -389,7 +329,7 @@ class HTTPProxyProtocol(ClientConnection):
             self._exchange(job, Leg(out, state.route, state.tls, self), reused=False)
 
     def _relayTo(self, out: Outbound, fromServer: bytes) -> None:
-        self._state = _Tunnelling()
+        self._state = Tunnelling()
         self.joinRelay(out, self.factory.tunnel_idle, fromServer, self.takePending(), self.clientEOF)
 
     def _intercept(self, verdict: Verdict, out: Outbound, route: Route) -> None:
@@ -415,7 +355,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     # -- exchanges --------------------------------------------------------------
 
-    def _exchange(self, job: _Job, leg: Leg, reused: bool) -> None:
+    def _exchange(self, job: Job, leg: Leg, reused: bool) -> None:
         factory = self.factory
         exchange = Exchange(
             self,
@@ -429,7 +369,7 @@ class HTTPProxyProtocol(ClientConnection):
             reused=reused,
             close=job.close,
         )
-        self._state = _Exchanging(job, exchange)
+        self._state = Exchanging(job, exchange)
         exchange.start(factory.via)
         pending = self.takePending()
         if pending and exchange.wantsBody:
@@ -442,7 +382,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     def failed(self, reason: Reason, message: str) -> None:
         state = self._state
-        assert isinstance(state, _Exchanging)
+        assert isinstance(state, Exchanging)
         self._failure(state.job, reason, message, None)
 
     def broken(self) -> None:
@@ -453,23 +393,23 @@ class HTTPProxyProtocol(ClientConnection):
 
     def retry(self, leg: Leg) -> None:
         state = self._state
-        assert isinstance(state, _Exchanging)
+        assert isinstance(state, Exchanging)
         self._dial(state.job, leg.route, leg.tls)
 
     def badRequest(self, error: errors.ProtocolError) -> None:
         state = self._state
-        assert isinstance(state, _Exchanging)
+        assert isinstance(state, Exchanging)
         self.refuseHead(state.job.head, error)
 
     # -- replies of our own -------------------------------------------------------
 
-    def _blocked(self, job: _Job, verdict: Verdict, kept: Optional[Leg]) -> None:
+    def _blocked(self, job: Job, verdict: Verdict, kept: Optional[Leg]) -> None:
         assert verdict.reason is not None
         self.noteVerdict(verdict)
         self._reply(job.head, job.close, errors.reply_for(verdict.reason), errors.blocked_fields(verdict), kept)
 
     def _failure(
-        self, job: _Job, reason: Reason, message: str, kept: Optional[Leg], upstream_status: Optional[int] = None
+        self, job: Job, reason: Reason, message: str, kept: Optional[Leg], upstream_status: Optional[int] = None
     ) -> None:
         self.noteEnd("failed", reason.value)
         fields = errors.failure_fields(reason, message, job.request, upstream_status)

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass, verifyObject
 
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
-from codex_proxy._pipelining import IHeadOwner
+from codex_proxy._httpstates import IHeadOwner
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.relay import Relay
 from codex_proxy.upstream import ISink

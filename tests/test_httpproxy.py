@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from codex_proxy._pipelining import ReadingHead, Timer
+from codex_proxy._httpstates import ReadingHead, Timer
 from codex_proxy.httpproxy import HTTPProxyProtocol
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy

@@ -1,7 +1,9 @@
 """
-The reading-head state of an HTTP client connection: the next request head
-is parsed from what the client sent, pipelined heads included, under the
-keep-alive idle and header timeouts.
+The states of an HTTP client connection (the table is in
+L{codex_proxy.httpproxy}): each holds what may be pending in it and releases
+exactly that. L{ReadingHead} parses the next request head from what the
+client sent, pipelined heads included, under the keep-alive idle and header
+timeouts.
 
 Bytes the client pipelined behind a request are parsed in a later reactor
 turn (C{callLater(0)}), never from inside the reply to the previous one: a
@@ -13,14 +15,18 @@ forwarded data.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+import attrs
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Attribute, Interface
 
 from codex_proxy import _httphead
-from codex_proxy._exchange import Leg
+from codex_proxy._exchange import Exchange, Leg
 from codex_proxy.errors import ProtocolError
+from codex_proxy.model import ProxyRequest, Verdict
+from codex_proxy.upstream import Outbound, Route
 
 
 class IHeadOwner(Interface):
@@ -199,3 +205,77 @@ class ReadingHead:
         step, self._step = self._step, None
         if step is not None and step.active():
             step.cancel()
+
+
+@attrs.define
+class Job:
+    """
+    The request being served, whether the connection closes after it, and
+    its verdict once decided.
+    """
+
+    head: _httphead.RequestHead
+    request: ProxyRequest
+    close: bool
+    verdict: Optional[Verdict] = None
+
+
+class Deciding:
+    """
+    The policy is deciding C{job}; holds its Deferred and the kept leg.
+    """
+
+    def __init__(self, job: Job, work: defer.Deferred[Verdict], kept: Optional[Leg]) -> None:
+        self.job, self.work, self.kept = job, work, kept
+
+    def takeKept(self) -> Optional[Leg]:
+        kept, self.kept = self.kept, None
+        return kept
+
+    def release(self) -> None:
+        self.work.cancel()
+        kept = self.takeKept()
+        if kept is not None:
+            kept.drop()
+
+
+class Dialling:
+    """
+    Connecting for C{job}; holds the dial's Deferred.
+    """
+
+    def __init__(self, job: Job, work: defer.Deferred[Outbound], route: Route, tls: Optional[str]) -> None:
+        self.job, self.work, self.route, self.tls = job, work, route, tls
+
+    def release(self) -> None:
+        self.work.cancel()
+
+
+class Exchanging:
+    """
+    Serving C{job} over an L{Exchange}, which holds the leg and its timer.
+    """
+
+    def __init__(self, job: Job, exchange: Exchange) -> None:
+        self.job, self.exchange = job, exchange
+
+    def release(self) -> None:
+        self.exchange.cancel()
+
+
+class Tunnelling:
+    """A byte tunnel; the relay is the connection's (C{relay})."""
+
+    def release(self) -> None:
+        pass
+
+
+class Closing:
+    """Closed, or closing: nothing is pending."""
+
+    def release(self) -> None:
+        pass
+
+
+State = Union[ReadingHead, Deciding, Dialling, Exchanging, Tunnelling, Closing]
+CLOSING = Closing()
