@@ -123,10 +123,7 @@ class ClientConnection(Protocol):
         )
 
     def writeConnectionLost(self) -> None:
-        """
-        Our side toward the client was half-closed (a relayed EOF): nothing
-        more to do; C{connectionLost} follows when both sides are done.
-        """
+        """A relayed EOF half-closed our side; C{connectionLost} follows."""
 
     def abandon(self) -> None:
         """
@@ -157,9 +154,7 @@ class ClientConnection(Protocol):
         return self.identify(*credentials.http(head.header(b"proxy-authorization")))
 
     def identified(self, request: ProxyRequest) -> ProxyRequest:
-        """
-        C{request} as made by the client this connection authenticated as.
-        """
+        """C{request} as made by the client this connection authenticated as."""
         return request if self.identity is None else attrs.evolve(request, client_identity=self.identity)
 
     def authenticateSOCKS(self, username: str, password: bytes) -> Optional[Reason]:
