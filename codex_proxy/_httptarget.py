@@ -117,18 +117,7 @@ def request_for(
         # A relative path is kept as sent, for the policy to refuse.
         unix_socket = resolve_socket(path) if path.startswith("/") and "\0" not in path else path
         host, port = UNIX_SOCKET_HOST, 0
-    return ProxyRequest(
-        protocol=protocol,
-        host=host,
-        port=port,
-        method=head.method,
-        has_body=head.framing is not _httpbody.NO_BODY,
-        upgrade=head.upgrade,
-        override_methods=method_overrides(head.headers, head.path),
-        client=client,
-        unix_socket=unix_socket,
-        secrets=_placeholders.named(head.headers),
-    )
+    return _request(head, protocol, host, port, client, unix_socket)
 
 
 def inner_request(
@@ -161,8 +150,24 @@ def inner_request(
             raise ProtocolError(
                 f"request for {authority(*other)} inside the tunnel to {tunnel}", 421
             )
+    return _request(head, Protocol.HTTPS, host, port, client)
+
+
+def _request(
+    head: _httphead.RequestHead,
+    protocol: Protocol,
+    host: str,
+    port: int,
+    client: Optional[str],
+    unix_socket: Optional[str] = None,
+) -> ProxyRequest:
+    """
+    The L{ProxyRequest} of C{head} for C{host:port}: what the policy reads
+    of the head besides its target (method, body, upgrade, method
+    overrides, the secrets its placeholders name).
+    """
     return ProxyRequest(
-        protocol=Protocol.HTTPS,
+        protocol=protocol,
         host=host,
         port=port,
         method=head.method,
@@ -170,6 +175,7 @@ def inner_request(
         upgrade=head.upgrade,
         override_methods=method_overrides(head.headers, head.path),
         client=client,
+        unix_socket=unix_socket,
         secrets=_placeholders.named(head.headers),
     )
 
