@@ -11,9 +11,11 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -81,19 +83,52 @@ def test_a_thousand_pipelined_blocked_requests_get_a_thousand_replies_in_order(
         assert (status, body) == (200, b"hello from origin /after\n")
 
 
+def test_a_thousand_pipelined_blocked_requests_inside_an_intercepted_tunnel(
+    proxy_factory, tls_origin, tls_files, proxyproc
+):
+    proxy = proxy_factory(
+        {"mode": "limited", "mitm": True}, env={"SSL_CERT_FILE": str(tls_files.cert)}
+    )
+    authority = f"localhost:{tls_origin.port}"
+    sock, early = proxyproc.open_tunnel(proxy.http_addr, authority)
+    assert early == b""
+    context = ssl.create_default_context(cafile=str(proxy.codex_home / "proxy" / "ca.pem"))
+    with context.wrap_socket(sock, server_hostname="localhost") as tls:
+        reader = tls.makefile("rb")
+        tls.sendall(f"TRACE / HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode() * 1000)
+        replies = []
+        for _ in range(1000):
+            status, headers, body = read_response(reader)
+            answer = json.loads(body)
+            replies.append((status, headers["x-proxy-error"], answer["reason"], answer["host"]))
+        blocked = (403, "blocked-by-method-policy", "method_not_allowed", "localhost")
+        assert replies == [blocked] * 1000
+        tls.sendall(f"GET /after HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        status, _, body = read_response(reader)
+        assert (status, body) == (200, b"hello from origin /after\n")
+    assert [(seen.method, seen.path) for seen in tls_origin.requests] == [("GET", "/after")]
+
+
 class NonReadingFlood:
     """
     A client that pipelines denied requests as fast as the proxy takes them
     and never reads a reply, in a thread, until stopped.
+
+    @ivar sent: the bytes the proxy's side has taken so far.
+    @ivar stalled: set once a send waited L{STALL} seconds without the
+        proxy taking a byte: it stopped reading this client.
     """
+
+    STALL = 0.5
 
     def __init__(self, addr: tuple[str, int]) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # Small kernel buffers on our side, so replies pile up in the proxy.
+        # A small window on our side, so the replies pile up in the proxy.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(self.STALL)
         self.sock.connect(addr)
         self.sent = 0
+        self.stalled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._write, name="flood", daemon=True)
 
@@ -111,48 +146,76 @@ class NonReadingFlood:
         while not self._stop.is_set():
             try:
                 self.sent += self.sock.send(burst)
-            except (TimeoutError, BlockingIOError):
-                continue
+            except TimeoutError:
+                self.stalled.set()
             except OSError:
                 return
 
 
-def flood_rss_growth(proxy: Any, origin: Any, curl: Any, seconds: float) -> tuple[int, int, int]:
+@dataclass
+class FloodFigures:
     """
-    Flood C{proxy} with a non-reading pipelining client for C{seconds}
-    while curl GETs from C{origin} through it one after another, each of
-    which must succeed; returns the RSS before the flood, the peak RSS
-    sampled during it, and the number of GETs served.
+    What L{flood} observed: the proxy's RSS before the flood and its peak
+    during it (bytes), the bytes the flooding client got in when the proxy
+    stopped reading it and at the end, and the GETs served meanwhile.
+    """
+
+    baseline_rss: int
+    peak_rss: int
+    taken_at_stall: int
+    taken_at_end: int
+    served: int
+
+    @property
+    def growth(self) -> int:
+        return self.peak_rss - self.baseline_rss
+
+
+def flood(proxy: Any, origin: Any, curl: Any, seconds: float) -> FloodFigures:
+    """
+    Flood C{proxy} with a L{NonReadingFlood} until the proxy stops reading
+    it, then for C{seconds} more while curl GETs from C{origin} through the
+    proxy one after another (each must succeed), sampling the proxy's RSS.
     """
     warm = curl.run(origin.url("/warm"), proxy=proxy.http_url)
     assert warm.status == 200
-    baseline = proxy.rss_bytes()
-    peak = baseline
+    baseline = peak = proxy.rss_bytes()
     served = 0
-    with NonReadingFlood(proxy.http_addr) as flood:
-        # The flood is under way once the proxy took more than the kernel
-        # buffers could hold without it reading.
+    with NonReadingFlood(proxy.http_addr) as client:
         deadline = time.monotonic() + 10
-        while flood.sent < 1 << 20:
-            assert time.monotonic() < deadline, f"the proxy read only {flood.sent} bytes"
+        while not client.stalled.wait(0.05):
             peak = max(peak, proxy.rss_bytes())
+            assert time.monotonic() < deadline, (
+                f"the proxy kept reading a client that does not read: {client.sent} bytes"
+            )
+        taken = client.sent
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            result = curl.run(origin.url(f"/during/{served}"), proxy=proxy.http_url)
-            assert (result.status, result.body) == (200, f"hello from origin /during/{served}\n".encode())
+            path = f"/during/{served}"
+            result = curl.run(origin.url(path), proxy=proxy.http_url)
+            assert (result.status, result.body) == (200, f"hello from origin {path}\n".encode())
             served += 1
             peak = max(peak, proxy.rss_bytes())
-    return baseline, peak, served
+        return FloodFigures(baseline, peak, taken, client.sent, served)
 
 
 def test_a_non_reading_pipelining_client_does_not_grow_the_proxy(
     proxy_factory, origin, curl
 ):
     proxy = proxy_factory({"denied_domains": ["denied.test"]})
-    baseline, peak, served = flood_rss_growth(proxy, origin, curl, FLOOD_SECONDS)
-    print(f"RSS {baseline} -> peak {peak} (+{peak - baseline} bytes), {served} GETs served")
-    assert served >= 3
-    assert peak - baseline < FLOOD_GROWTH_LIMIT
+    check_flood(flood(proxy, origin, curl, FLOOD_SECONDS))
+
+
+def check_flood(figures: FloodFigures) -> None:
+    """
+    What a L{flood} must show: other clients were served meanwhile, the
+    proxy did not read the flooding client again once it stopped (its
+    replies wait), so its RSS grew by less than L{FLOOD_GROWTH_LIMIT}.
+    """
+    print(figures, f"growth {figures.growth} bytes")
+    assert figures.served >= 3
+    assert figures.taken_at_end == figures.taken_at_stall
+    assert figures.growth < FLOOD_GROWTH_LIMIT
 
 
 def socks_connect(addr: tuple[str, int], address: bytes) -> tuple[socket.socket, int]:
@@ -274,6 +337,6 @@ def test_socks5_domain_control_characters_are_escaped_in_the_log_file(proxyproc,
     finally:
         daemon.kill()
     log = daemon.log_path.read_bytes()
-    assert b"(invalid_host) for socks5_tcp a\\x0db\\x1b[31mc\\x00d\\u2028e\\x85f.test:80" in log
     for raw_char in (b"\r", b"\x1b", b"\x00", "\u2028".encode(), "\u0085".encode(), b"\x85"):
         assert raw_char not in log
+    assert b"(invalid_host) for socks5_tcp a\\x0db\\x1b[31mc\\x00d\\u2028e\\x85f.test:80" in log
