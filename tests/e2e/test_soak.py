@@ -2,7 +2,8 @@
 Bounded load and soak checks against the real process (loopback only).
 
 CI runs the short version; `make soak` sets CODEX_SOAK=1 for the long one
-(the figures of the hardening issue: 20,000 connections, 50,000 requests).
+(the figures of the hardening issue: 20,000 connections, 50,000 requests,
+a non-reading pipelining client for 20 s).
 Synchronisation is by round trips through the proxy, never by sleeping.
 """
 
@@ -13,6 +14,9 @@ import signal
 import socket
 import time
 from typing import Any, List
+
+import pytest
+from test_hardening_e2e import check_flood, flood
 
 
 LONG = os.environ.get("CODEX_SOAK") == "1"
@@ -110,3 +114,9 @@ def test_tunnels_survive_sighup_reloads(proxy, proxyproc):
         finally:
             for sock in open_:
                 sock.close()
+
+
+@pytest.mark.skipif(not LONG, reason="CODEX_SOAK=1 (make soak); test_hardening_e2e floods for 3 s")
+def test_a_non_reading_pipelining_client_for_20_seconds(proxy_factory, origin, curl):
+    proxy = proxy_factory({"denied_domains": ["denied.test"]})
+    check_flood(flood(proxy, origin, curl, 20.0))
