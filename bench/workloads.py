@@ -134,10 +134,11 @@ def _curl_speed(args: List[str], client: List[str] = _CLIENT) -> float:
 def throughput(target: Target, nginx: Nginx, mib: int) -> Dict[str, float]:
     """
     Bulk MB/s through a tunnel and forwarded. Without a proxy the client runs
-    on the proxy's core (idle then): sharing core 1 with nginx, every socket
-    buffer would wait for a context switch that a proxy in between (reading
-    128 KiB at a time on its own core) spares the proxied runs, and the
-    baseline came out 3x slower than the proxy it is meant to bound.
+    on the proxy's core (idle then), so no proxy has the same two cores as a
+    proxied transfer. The file is warm in the page cache (L{Nginx} reads it
+    once at start): the first transfer of the run, the direct one, used to
+    pay for filling the cache and came out 3x slower than the proxy it is
+    meant to bound.
     """
     url = f"http://{nginx.authority}/big"
     rng = ["-r", f"0-{(mib << 20) - 1}"]
