@@ -34,7 +34,6 @@ from codex_proxy._httptarget import (
     serialize_response_head,
     strip_hop_by_hop,
 )
-from codex_proxy._send import send
 from codex_proxy.addresses import authority
 from codex_proxy.errors import ProtocolError
 from codex_proxy.mitm import is_tls_failure
@@ -187,8 +186,7 @@ class Exchange:
         out = self._leg.out
         route = self._leg.route
         out.attach(self)
-        send(
-            out.transport,
+        out.transport.write(
             outgoing_head(
                 self._head,
                 self._request,
@@ -230,7 +228,7 @@ class Exchange:
             return b""
         if chunk:
             self._owner.bytesUp += len(chunk)
-            send(self._leg.out.transport, chunk)
+            self._leg.out.transport.write(chunk)
         if done:
             self._reqReader = None
             return rest
@@ -279,7 +277,7 @@ class Exchange:
             self._owner.bytesDown += len(chunk)
             out.append(chunk)
         if out:
-            send(self._client, out[0] if len(out) == 1 else b"".join(out))
+            self._client.write(out[0] if len(out) == 1 else b"".join(out))
         if done:
             self._responseDone(rest, reusable=self._respKeepAlive)
 

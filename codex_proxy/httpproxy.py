@@ -63,7 +63,6 @@ from codex_proxy._httpstates import (
     Timer,
     Tunnelling,
 )
-from codex_proxy._send import send
 from codex_proxy._text import escape
 from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
@@ -320,7 +319,7 @@ class HTTPProxyProtocol(ClientConnection):
         if job.request.protocol is Proto.HTTPS_CONNECT and verdict.intercept:
             self._intercept(verdict, out, state.route)
         elif job.request.protocol is Proto.HTTPS_CONNECT:
-            send(self.transport, _CONNECT_OK)
+            self.transport.write(_CONNECT_OK)
             self._relayTo(out, out.early)
         else:
             if state.tls is not None:
@@ -438,7 +437,7 @@ class HTTPProxyProtocol(ClientConnection):
         """
         keep = not close and head is not None and head.framing is _httpbody.NO_BODY and head.form != "authority"
         with_body = head is None or head.method != "HEAD"
-        send(self.transport, errors.render(reply.status, reply.header, fields, keep_alive=keep, with_body=with_body))
+        self.transport.write(errors.render(reply.status, reply.header, fields, keep_alive=keep, with_body=with_body))
         self._next(kept, keep)
 
     def _next(self, kept: Optional[Leg], keep: bool) -> None:

@@ -36,7 +36,6 @@ from zope.interface import implementer
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy._connection import ClientConnection
-from codex_proxy._send import send
 from codex_proxy._text import escape
 from codex_proxy.config import Limits
 from codex_proxy.errors import (
@@ -338,7 +337,7 @@ class SOCKS5Protocol(ClientConnection):
     def _connected(self, out: Outbound, verdict: Verdict, route: Route) -> None:
         self._work = None
         bound = out.transport.getHost()
-        send(self.transport, wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
+        self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
         if verdict.intercept:
             self._handOver(verdict, out, route)
             return
