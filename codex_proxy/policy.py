@@ -418,8 +418,11 @@ def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
         return None
     if request.protocol is Protocol.SOCKS5_TCP:
         # HTTPS through SOCKS5 is intercepted like a CONNECT (SPEC §6); any
-        # other port carries bytes nobody can method-check.
-        if policy.mitm and request.port == HTTPS_PORT:
+        # other port carries bytes nobody can method-check. Only by name: a
+        # client that gave only an address names its host in the SNI alone,
+        # which must equal the tunnel's host, so no handshake could succeed
+        # (socks5h:// clients send the name).
+        if policy.mitm and request.port == HTTPS_PORT and parse_ip_literal(request.host) is None:
             return None
         return Reason.METHOD_NOT_ALLOWED
     if request.protocol is Protocol.SOCKS5_UDP:

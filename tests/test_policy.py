@@ -221,6 +221,20 @@ def test_limited_mode_intercepts_connect_only_with_mitm():
     assert not decide(_LIMITED_MITM, _get("example.com")).intercept
 
 
+@pytest.mark.parametrize("address", ["203.0.114.10", "2001:4860::8888"])
+def test_limited_mode_refuses_socks5_https_given_only_an_address(address):
+    # Its SNI could only name a host other than the tunnel's: no handshake
+    # could succeed, so it is refused before anything is dialled (REP 0x02).
+    policy = Policy.build(mode=Mode.LIMITED, mitm=True, allowed=[address])
+    verdict = decide(policy, _request(address, protocol=Protocol.SOCKS5_TCP))
+    assert (verdict.decision, verdict.reason, verdict.source) == (
+        Decision.DENY,
+        Reason.METHOD_NOT_ALLOWED,
+        Source.MODE_GUARD,
+    )
+    assert decide(policy, _request(address)).intercept
+
+
 @pytest.mark.parametrize(
     "request_",
     [
