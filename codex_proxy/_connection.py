@@ -70,7 +70,7 @@ class ClientConnection(Protocol):
     factory: Any
 
     def connectionMade(self) -> None:
-        self.admitted = self.factory.connections.admit(self.transport)
+        self.admitted = self.factory.connections.admit(self.transport, self.listener)
         self.closing = False
         self.relay: Optional[Relay] = None
         self.bytesUp = 0
@@ -105,6 +105,7 @@ class ClientConnection(Protocol):
                 bytes_up=up,
                 bytes_down=down,
                 duration=self.factory.clock.seconds() - self._started,
+                tunnel=self.relay is not None,
             ),
         )
 
@@ -265,6 +266,7 @@ class ClientConnection(Protocol):
                 transport.unregisterProducer()
         relay = self.relay = Relay(self.transport, out.transport, self.factory.clock, idle_timeout)
         out.attach(relay)
+        self.factory.connections.tunnelled(self.listener)
         self._paused.clear()
         self.transport.resumeProducing()
         if fromServer:

@@ -33,6 +33,7 @@ from codex_proxy.connections import Connections
 from codex_proxy.decider import Decider
 from codex_proxy.descriptors import fit_max_connections
 from codex_proxy.listening import ListenError, address_text, bind, bound_address, listeners
+from codex_proxy.metrics import Metrics
 from codex_proxy.mitm import Interception, load_interception
 from codex_proxy.model import Verdict
 from codex_proxy.parents import parents_from_config
@@ -54,12 +55,13 @@ class ProxyHandle:
     http_addr: Optional[str]
     socks_addr: Optional[str]
     _proxy: "NetworkProxy" = attrs.field(repr=False)
+    admin_addr: Optional[str] = attrs.field(default=None, kw_only=True)
 
     def addresses(self) -> Dict[str, str]:
         """
         The bound listeners by name, C{{"http": "127.0.0.1:PORT"}}.
         """
-        named = {"http": self.http_addr, "socks": self.socks_addr}
+        named = {"http": self.http_addr, "socks": self.socks_addr, "admin": self.admin_addr}
         return {name: address for name, address in named.items() if address is not None}
 
     def shutdown(self) -> defer.Deferred[None]:
@@ -241,6 +243,7 @@ class NetworkProxy:
     One proxy: its policy service and, while running, its listeners.
 
     @ivar policy: the L{PolicyService} deciding every request.
+    @ivar metrics: the figures of SPEC §13, kept when C{admin_url} is set.
     """
 
     def __init__(
@@ -262,6 +265,9 @@ class NetworkProxy:
         self._connections = Connections(config.limits.max_connections)
         self._listening: Optional[MultiService] = None
         self._handle: Optional[ProxyHandle] = None
+        self.metrics = Metrics(reactor.seconds()) if config.admin_listen is not None else None
+        if self.metrics is not None:
+            self.metrics.attach(auditor.sinks, self._connections)
         self.policy = PolicyService(
             _compile(config),
             resolver=resolver or reactor.nameResolver,
@@ -270,6 +276,7 @@ class NetworkProxy:
             resolve_timeout=config.limits.connect_timeout_s,
             decider=decider,
             decider_timeout=config.limits.decider_timeout_s,
+            observe=None if self.metrics is None else self.metrics.observe_decision,
         )
         self._state = PolicyState(
             self.policy,
@@ -323,6 +330,9 @@ class NetworkProxy:
             self.parents,
             self._interception,
             self._environ,
+            metrics=self.metrics,
+            ready=lambda: self._handle is not None,
+            current=lambda: self.config,
         )
         self._listening, ports = bind(wanted, self._reactor)
         bound = {name: address_text(port) for name, port in ports.items()}
@@ -333,7 +343,9 @@ class NetworkProxy:
                 address=address,
             )
         self.policy.set_own_addresses(bound_address(port) for port in ports.values())
-        self._handle = ProxyHandle(bound.get("http"), bound.get("socks"), self)
+        self._handle = ProxyHandle(
+            bound.get("http"), bound.get("socks"), self, admin_addr=bound.get("admin")
+        )
         return self._handle
 
     def _logStart(self) -> None:

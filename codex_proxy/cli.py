@@ -12,7 +12,10 @@ running the proxy (SPEC §10, issue 7).
   - C{selftest --proxy URL [--socks H:P] [--port N] [--with-resolve]}:
     replay the bypass corpus against a running proxy (the one command that
     sends traffic); C{selftest --print-resolve} prints the C{--resolve}
-    options its resolver cases need.
+    options its resolver cases need;
+  - C{report [--config F] [--since W] [--client N] [--top N] [--json] LOG}:
+    what an audit log says was blocked, and the allowlist edit for it
+    (L{codex_proxy.report}).
 
 Exit status: 0 ok (valid, allowed, printed), 1 blocked or invalid, 2 usage.
 """
@@ -26,14 +29,14 @@ import shlex
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
-import attrs
-
-from codex_proxy import selftest
+from codex_proxy import report, selftest
 from codex_proxy.bypass import BypassError, load_corpus
 from codex_proxy.childenv import EnvError, child_env
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
+from codex_proxy.configview import policy_document
 from codex_proxy.errors import ProxyError
 from codex_proxy.explain import UsageError, explain, parse_target
+from codex_proxy.model import ProxyRequest
 from codex_proxy.policy import policy_from_config
 
 EXIT_OK = 0
@@ -50,62 +53,32 @@ def _load(path: Optional[str]) -> ProxyConfig:
 
 def check_config(path: Optional[str], out: TextIO) -> int:
     """
-    Print the effective policy of the config at C{path}.
+    Print the effective policy of the config at C{path}: the text form of
+    L{policy_document}, which the operations listener serves as JSON.
     """
-    config = _load(path)
-    rows: List[Tuple[str, str]] = [
-        ("section", f"[{config.section}]"),
-        ("enabled", _flag(config, "enabled")),
-        ("proxy_url", _setting(config, "proxy_url", str(config.http_listen))),
-        ("enable_socks5", _flag(config, "enable_socks5")),
-        ("socks_url", _setting(config, "socks_url", str(config.socks_listen))),
-        ("enable_socks5_udp", _flag(config, "enable_socks5_udp")),
-        ("mode", _setting(config, "mode", config.mode.value)),
-        ("mitm", _flag(config, "mitm")),
-        ("allow_local_binding", _flag(config, "allow_local_binding")),
-        ("allow_upstream_proxy", _flag(config, "allow_upstream_proxy")),
-        (
-            "dangerously_allow_non_loopback_proxy",
-            _flag(config, "dangerously_allow_non_loopback_proxy"),
-        ),
-        (
-            "dangerously_allow_all_unix_sockets",
-            _flag(config, "dangerously_allow_all_unix_sockets"),
-        ),
-    ]
-    out.write(f"{config.source}: valid\n")
-    _table(out, rows)
-    for title, patterns in (
-        ("allowed_domains", config.allowed_domains),
-        ("denied_domains", config.denied_domains),
-    ):
+    document = policy_document(_load(path))
+    out.write(f"{document['source']}: valid\n")
+    _table(out, list(document["settings"].items()))
+    allowed = document["allowed_domains"]
+    for title in ("allowed_domains", "denied_domains"):
+        patterns = document[title]
         out.write(f"{title} ({len(patterns)}):\n")
-        width = max((len(p) for p in patterns), default=0)
+        width = max((len(p["pattern"]) for p in patterns), default=0)
         for pattern in patterns:
-            out.write(f"  {pattern.ljust(width)}  {config.pattern_sources[pattern]}\n")
-    if not config.allowed_domains:
+            out.write(f"  {pattern['pattern'].ljust(width)}  {pattern['source']}\n")
+    if not allowed:
         out.write("  (empty allowlist: every destination is blocked)\n")
-    out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
-    for path in config.allow_unix_sockets:
-        out.write(f"  {path}\n")
+    sockets = document["allow_unix_sockets"]
+    out.write(f"allow_unix_sockets ({len(sockets)}):\n")
+    for socket_path in sockets:
+        out.write(f"  {socket_path}\n")
     out.write("limits:\n")
-    limits = config.limits
-    defaults = type(limits)()
-    for name in attrs.fields_dict(type(limits)):
-        value = getattr(limits, name)
-        origin = "(default)" if value == getattr(defaults, name) else ""
-        out.write(f"  {name} = {value} {origin}".rstrip() + "\n")
-    for warning in config.warnings:
+    for name, limit in document["limits"].items():
+        origin = "(default)" if limit["default"] else ""
+        out.write(f"  {name} = {limit['value']} {origin}".rstrip() + "\n")
+    for warning in document["warnings"]:
         out.write(f"warning: {warning}\n")
     return EXIT_OK
-
-
-def _setting(config: ProxyConfig, key: str, value: str) -> str:
-    return value if key in config.explicit else f"{value} (default)"
-
-
-def _flag(config: ProxyConfig, key: str) -> str:
-    return _setting(config, key, str(getattr(config, key)).lower())
 
 
 def _table(out: TextIO, rows: Sequence[Tuple[str, str]]) -> None:
@@ -127,6 +100,14 @@ def run_explain(
     out.write(f"config: {config.source} [{config.section}]\n")
     _table(out, rows)
     return EXIT_OK if allowed else EXIT_BLOCKED
+
+
+def _judge(config: ProxyConfig, request: ProxyRequest) -> Tuple[List[Tuple[str, str]], bool]:
+    """
+    What C{explain} says about C{request} under C{config}: the report's
+    judge of each blocked destination and of its own snippet.
+    """
+    return explain(config, policy_from_config(config, os.path.realpath), request, "GET")
 
 
 # env
@@ -328,6 +309,14 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="per request (default 10)"
     )
+    report.add_arguments(
+        commands.add_parser(
+            "report",
+            help="what an audit log says was blocked, and what to allow",
+            description="Totals, most-blocked destinations with the edit that would"
+            " allow each, and a TOML allowed_domains snippet. See codexproxy(1).",
+        )
+    )
     return parser
 
 
@@ -356,8 +345,10 @@ def main(
             return run_ca(args.bundle, out)
         if args.command == "selftest":
             return run_selftest(args, out)
+        if args.command == "report":
+            return report.run_report(args, out, _judge)
         return run_env(args.config, args.ports_file, args.shell, out, err)
-    except UsageError as e:
+    except (UsageError, report.ReportError) as e:
         err.write(f"codexproxy {args.command}: {e}\n")
         return EXIT_USAGE
     except ConfigError as e:

@@ -196,6 +196,8 @@ class ProxyConfig:
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)
     managed_allowed_domains_only: bool = False
+    admin_listen: ListenAddress | None = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -227,6 +229,9 @@ _NETWORK_KEYS = (
     "domains",
     "allow_unix_sockets",
     "limits",
+    "admin_url",
+    "admin_token",
+    "admin_token_file",
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -318,6 +323,32 @@ def _clamp(
     return clamped, tuple(warnings)
 
 
+def _admin_listen(network: Table) -> ListenAddress | None:
+    """
+    Where the operations listener binds (SPEC §13), if anywhere: loopback
+    only, whatever the dangerous flags say, since it shows the policy and
+    every recent block.
+    """
+    text = network.get("admin_url", None, is_str, "a string")
+    if text is None:
+        return None
+    key = network.key("admin_url")
+    scheme = _SCHEME.match(text.strip())
+    if scheme and scheme.group(1).lower() != "http":
+        raise network.error(key, f"invalid listener address {text!r}: the scheme must be http")
+    try:
+        address = parse_listen_address(text)
+    except ValueError as e:
+        raise network.error(key, f"invalid listener address {text!r}: {e}") from None
+    if not address.is_loopback:
+        raise network.error(
+            key,
+            f"{text!r} is not on loopback (the operations listener is loopback only,"
+            " whatever dangerously_allow_non_loopback_proxy says)",
+        )
+    return address
+
+
 def _network_config(network: Table) -> ProxyConfig:
     network.check_keys(_NETWORK_KEYS)
     flags = {name: network.boolean(name, getattr(_DEFAULT_CONFIG, name)) for name in _BOOL_KEYS}
@@ -357,6 +388,8 @@ def _network_config(network: Table) -> ProxyConfig:
         warnings=warnings,
         explicit=frozenset(network.values),
         section=network.path,
+        admin_listen=_admin_listen(network),
+        admin_token=network.token("admin_token", "admin_token_file"),
     )
 
 

@@ -18,13 +18,17 @@ label combination, and its child is kept.
 from __future__ import annotations
 
 from typing import (
-    AbstractSet, Any, Dict, Iterable, Mapping, Protocol, Sequence, Tuple, TypeVar,
+    AbstractSet, Any, Callable, Dict, Iterable, List, Mapping, Protocol, Sequence, Tuple, TypeVar,
 )  # fmt: skip
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.process_collector import ProcessCollector
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from codex_proxy import model
+from codex_proxy.connections import Connections
 
 #: The listeners a client connection can arrive on (the C{listener} label).
 LISTENERS = frozenset({"http", "socks5"})
@@ -193,6 +197,17 @@ class Metrics:
             _DECISIONS, _REASONS, _PROTOCOLS, self._clients | {ANONYMOUS, OTHER}
         )  # fmt: skip
 
+    def attach(self, sinks: List[Callable[[Dict[str, Any]], None]], connections: Connections) -> None:
+        """
+        Be fed by these events: every decision (one of an auditor's
+        C{sinks}) and every client connection's opening, tunnel and
+        outcome in C{connections}.
+        """
+        sinks.append(self.decision)
+        connections.open_observers.append(self.connection_opened)
+        connections.tunnel_observers.append(self.tunnel_opened)
+        connections.observers.append(self.connection_closed)
+
     # Decision events.
 
     def decision(self, fields: Mapping[str, Any]) -> None:
@@ -290,6 +305,29 @@ class Metrics:
         (self._reload_ok if ok else self._reload_failed).inc()
 
 
+_T = TypeVar("_T")
+
+
+def timed(
+    d: "defer.Deferred[_T]",
+    clock: IReactorTime,
+    observe: Callable[[float], None],
+    started: float,
+) -> "defer.Deferred[_T]":
+    """
+    C{d}, which tells C{observe} how many seconds after C{started} it
+    fired, successful or not; a cancelled attempt (its client left) is no
+    measurement.
+    """
+
+    def fired(result: Any) -> Any:
+        if not (isinstance(result, Failure) and result.check(defer.CancelledError)):
+            observe(clock.seconds() - started)
+        return result
+
+    return d.addBoth(fired)
+
+
 _Family = TypeVar("_Family", Counter, Gauge)
 
 
@@ -320,4 +358,5 @@ __all__ = [
     "Metrics",
     "OTHER",
     "OUTCOMES",
+    "timed",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Deque, FrozenSet, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import attrs
 from twisted.internet import defer
@@ -39,6 +39,7 @@ from codex_proxy.decider import (
 )
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import UpstreamError
+from codex_proxy.metrics import timed
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
 from codex_proxy.policy import Policy, admit, decide, decide_association, is_local_target
 
@@ -151,8 +152,14 @@ class PolicyService:
         resolve_timeout: float = 10.0,
         decider: Optional[Decider] = None,
         decider_timeout: float = 30.0,
+        observe: Optional[Callable[[float], None]] = None,
     ) -> None:
+        """
+        @param observe: given the seconds each L{check} took to its verdict
+            (the decision latency histogram), when metrics are kept.
+        """
         self.policy = policy
+        self._observe = observe
         self.generation = 0
         self.decider = decider
         self._resolver = resolver
@@ -160,7 +167,9 @@ class PolicyService:
         self._auditor = auditor or Auditor(clock.seconds)
         self._resolve_timeout = resolve_timeout
         self._decider_timeout = decider_timeout
-        self._blocked: Deque[Verdict] = collections.deque(maxlen=BLOCKED_HISTORY)
+        self._blocked: Deque[Tuple[Verdict, Dict[str, Any]]] = collections.deque(
+            maxlen=BLOCKED_HISTORY
+        )
         self.own_addresses: FrozenSet[Tuple[str, int]] = frozenset()
         self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
         self._ownAnywhere: FrozenSet[int] = frozenset()
@@ -202,7 +211,14 @@ class PolicyService:
         """
         The most recent blocked decisions, oldest first.
         """
-        return list(self._blocked)
+        return [verdict for verdict, _ in self._blocked]
+
+    def blocked_events(self) -> List[Dict[str, Any]]:
+        """
+        The audit fields (SPEC §9.3) of the most recent blocked decisions,
+        oldest first.
+        """
+        return [fields for _, fields in self._blocked]
 
     def check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:
         """
@@ -212,6 +228,12 @@ class PolicyService:
         Cancelling it while the decider or the resolver is busy records
         nothing: no decision was made.
         """
+        if self._observe is None:
+            return self._check(request)
+        started = self._clock.seconds()
+        return timed(self._check(request), self._clock, self._observe, started)
+
+    def _check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:
         policy = self.policy
         verdict = decide(policy, request)
         decider = self.decider
@@ -369,7 +391,7 @@ class PolicyService:
         return failure
 
     def _record(self, verdict: Verdict) -> Verdict:
-        self._auditor.record(verdict)
+        fields = self._auditor.record(verdict)
         if not verdict.allowed:
-            self._blocked.append(verdict)
+            self._blocked.append((verdict, fields))
         return verdict

@@ -47,6 +47,7 @@ LISTENER_FIELDS = (
     "socks_listen",
     "enable_socks5",
     "enable_socks5_udp",
+    "admin_listen",
 )
 #: Fields whose change a reload reports, besides the domain lists.
 _REPORTED_FIELDS = (
@@ -228,7 +229,9 @@ def keep_listeners(running: ProxyConfig, new: ProxyConfig) -> tuple[ProxyConfig,
 
 
 def _field_key(name: str) -> str:
-    return {"http_listen": "proxy_url", "socks_listen": "socks_url"}.get(name, name)
+    return {
+        "http_listen": "proxy_url", "socks_listen": "socks_url", "admin_listen": "admin_url"
+    }.get(name, name)
 
 
 def _show(value: Any) -> str:

@@ -222,7 +222,10 @@ class _ReloadOnHangup(Service):
         self._previous = signal.signal(signal.SIGHUP, handler)
 
     def _reload(self) -> None:
-        self._proxy.proxy.reload()
+        done = self._proxy.proxy.reload()
+        metrics = self._proxy.proxy.metrics
+        if metrics is not None:
+            done.addCallback(metrics.reloaded)
 
     def stopService(self) -> None:
         super().stopService()
@@ -263,6 +266,7 @@ def assemble(
         from twisted.internet import reactor
     top = MultiService()
     sinks: list[Sink] = []
+    log = None
     if audit_log is not None:
         log = JSONLinesLog(audit_log, reactor)
         _AuditSink(log.close, log.open).setServiceParent(top)
@@ -285,6 +289,9 @@ def assemble(
     if interception is not None:
         builder.interception(interception)
     proxy = ProxyService(builder.create(), exit_on_error=not daemon)
+    metrics = proxy.proxy.metrics
+    if metrics is not None and log is not None:
+        log.written, log.dropped = metrics.audit_written, metrics.audit_dropped
     for entry in resolve:
         _log.info("--resolve {entry}: answered without DNS, vetted like DNS", entry=entry)
     proxy.setServiceParent(top)

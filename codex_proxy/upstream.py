@@ -15,11 +15,11 @@ protection that applies to destinations.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, cast
 
 import attrs
 from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
@@ -31,6 +31,7 @@ from codex_proxy.addresses import parse_ip_literal
 from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError
 from codex_proxy.connections import Connections
+from codex_proxy.metrics import timed
 from codex_proxy.model import IPAddress, Reason, Verdict
 
 
@@ -266,6 +267,9 @@ class Upstream:
     @param parent_tls: makes the client TLS options for an C{https://}
         parent from its host name (default: the platform trust store,
         which honours C{SSL_CERT_FILE}, with host name checking).
+    @param observe: given the seconds each outbound connection took to
+        connect or fail (the connect latency histogram), when metrics are
+        kept.
 
     @ivar connections: where outbound connections register while open.
     """
@@ -277,8 +281,10 @@ class Upstream:
         connections: Optional[Connections] = None,
         parents: Optional[ParentProxies] = None,
         parent_tls: Callable[[str], Any] = optionsForClientTLS,
+        observe: Optional[Callable[[float], None]] = None,
     ) -> None:
         self._reactor = reactor
+        self._observe = observe
         self._timeout = connect_timeout
         self.connections = connections if connections is not None else Connections()
         self._parents = parents
@@ -376,4 +382,7 @@ class Upstream:
             d.addCallbacks(result.callback, failed)
 
         attempt(0)
-        return result
+        if self._observe is None:
+            return result
+        clock = cast(IReactorTime, self._reactor)
+        return timed(result, clock, self._observe, clock.seconds())
