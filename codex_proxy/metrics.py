@@ -317,15 +317,21 @@ def timed(
     """
     C{d}, which tells C{observe} how many seconds after C{started} it
     fired, successful or not; a cancelled attempt (its client left) is no
-    measurement.
+    measurement. An answer that is already there (most decisions) is
+    measured at once, without adding a callback.
     """
+    if d.called:
+        _measured(d.result, clock, observe, started)
+        return d
+    return d.addBoth(_measured, clock, observe, started)
 
-    def fired(result: Any) -> Any:
-        if not (isinstance(result, Failure) and result.check(defer.CancelledError)):
-            observe(clock.seconds() - started)
-        return result
 
-    return d.addBoth(fired)
+def _measured(
+    result: Any, clock: IReactorTime, observe: Callable[[float], None], started: float
+) -> Any:
+    if not (isinstance(result, Failure) and result.check(defer.CancelledError)):
+        observe(clock.seconds() - started)
+    return result
 
 
 _Family = TypeVar("_Family", Counter, Gauge)
