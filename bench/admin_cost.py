@@ -1,13 +1,14 @@
 """
 What the operations listener costs on the keep-alive hot path: proxy CPU
 microseconds per request (user + system time of the proxy process, from
-C{/proc/PID/stat}) with and without C{admin_url}, the same wrk load both
-ways, alternating runs; the median of each is compared.
+C{/proc/PID/stat}) with and without C{admin_url}: two proxies side by
+side, the same wrk load through each in turn (alternating which goes
+first), and the median of the paired ratios.
 
 CPU time per request, unlike throughput, hardly moves when other work
 shares the machine, so this runs where C{make bench} cannot.
 
-    .venv/bin/python -m bench.admin_cost [ROUNDS] [SECONDS]
+    .venv/bin/python -m bench.admin_cost [ROUNDS] [SECONDS]   # default 10 3
 """
 
 from __future__ import annotations
@@ -69,28 +70,19 @@ def _start(workdir: Path, admin: bool) -> Tuple[subprocess.Popen[bytes], dict[st
     return proc, json.loads(ports.read_text())
 
 
-def _run(workdir: Path, nginx: Nginx, admin: bool, seconds: int) -> float:
+def _load(proxy: subprocess.Popen[bytes], ports: dict[str, str], nginx: Nginx, seconds: int) -> float:
     """
-    One proxy, one wrk run: CPU microseconds per request.
+    One wrk run through C{proxy}: its CPU microseconds per request.
     """
-    proc, ports = _start(workdir, admin)
-    try:
-        env = {**os.environ, "BENCH_ORIGIN": nginx.authority}
-        wrk = ["taskset", "-c", "1", "wrk", "-t1", "-c20", f"-d{seconds}s",
-               "-s", str(_HERE / "absolute.lua"), f"http://{ports['http']}"]  # fmt: skip
-        before = _cpu_seconds(proc.pid)
-        done = subprocess.run(wrk, env=env, capture_output=True, text=True, check=True)
-        used = _cpu_seconds(proc.pid) - before
-        found = re.search(r"(\d+) requests in", done.stdout)
-        assert found is not None and "Non-2xx" not in done.stdout, done.stdout
-        if admin:
-            # The counters saw the traffic: the listener was on and fed.
-            page = urllib.request.urlopen(f"http://{ports['admin']}/metrics").read()
-            assert b'codexproxy_decisions_total{client="anonymous",decision="allow"' in page
-        return used * 1e6 / int(found.group(1))
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    env = {**os.environ, "BENCH_ORIGIN": nginx.authority}
+    wrk = ["taskset", "-c", "1", "wrk", "-t1", "-c20", f"-d{seconds}s",
+           "-s", str(_HERE / "absolute.lua"), f"http://{ports['http']}"]  # fmt: skip
+    before = _cpu_seconds(proxy.pid)
+    done = subprocess.run(wrk, env=env, capture_output=True, text=True, check=True)
+    used = _cpu_seconds(proxy.pid) - before
+    found = re.search(r"(\d+) requests in", done.stdout)
+    assert found is not None and "Non-2xx" not in done.stdout, done.stdout
+    return used * 1e6 / int(found.group(1))
 
 
 def main(rounds: int, seconds: int) -> None:
@@ -99,20 +91,30 @@ def main(rounds: int, seconds: int) -> None:
         root.chmod(0o755)  # nginx workers run unprivileged
         (root / "nginx").mkdir()
         nginx = Nginx(root / "nginx")
+        off, on = _start(root / "off", admin=False), _start(root / "on", admin=True)
         try:
-            off, on = [], []
+            for proxy, ports in (off, on):  # warm up
+                _load(proxy, ports, nginx, 1)
+            ratios = []
             for n in range(rounds):
                 # Alternate which goes first, so drift on the machine
                 # weighs on both alike.
-                for admin in (False, True) if n % 2 == 0 else (True, False):
-                    taken = _run(root / f"{admin}{n}", nginx, admin, seconds)
-                    (on if admin else off).append(taken)
-                print(f"round {n}: off {off[-1]:.1f} us/request, on {on[-1]:.1f} us/request")
+                first, second = (off, on) if n % 2 == 0 else (on, off)
+                taken = {id(first): _load(*first, nginx, seconds)}
+                taken[id(second)] = _load(*second, nginx, seconds)
+                without, with_ = taken[id(off)], taken[id(on)]
+                ratios.append(with_ / without)
+                print(f"round {n}: off {without:.1f} us/request, on {with_:.1f} us/request")
+            # The counters saw the traffic: the listener was on and fed.
+            page = urllib.request.urlopen(f"http://{on[1]['admin']}/metrics").read()
+            assert b'codexproxy_decisions_total{client="anonymous",decision="allow"' in page
         finally:
+            for proxy, _ in (off, on):
+                proxy.terminate()
+                proxy.wait(15)
             nginx.stop()
-    low, high = statistics.median(off), statistics.median(on)
-    print(f"median: off {low:.1f} us, on {high:.1f} us, on/off {high / low:.3f}")
+    print(f"median of the paired ratios on/off: {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3, int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10, int(sys.argv[2]) if len(sys.argv) > 2 else 3)
