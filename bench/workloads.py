@@ -181,15 +181,25 @@ def idle_tunnels(target: Target, nginx: Nginx, count: int) -> Dict[str, float]:
 
 def policy_scaling() -> Dict[str, float]:
     """
-    Decision time with 100,000 patterns against 10 (in-process, no I/O).
+    Decision time with 100,000 patterns against 10 (in-process, no I/O),
+    with port-agnostic patterns and with patterns naming ports (SPEC §3.1:
+    every list holding C{host:port} entries and a C{*:PORT} denylist).
     """
     from codex_proxy.model import Protocol, ProxyRequest
     from codex_proxy.policy import Policy, decide
 
-    def per_decision(n: int) -> float:
-        patterns = [f"**.host{i}.example.com" for i in range(n - 1)] + ["**.github.com"]
-        policy = Policy.build(allowed=patterns)
+    def per_decision(n: int, ports: bool = False) -> float:
+        if ports:
+            patterns = [f"**.host{i}.example.com:{1 + i % 65535}" for i in range(n - 1)]
+            policy = Policy.build(
+                allowed=patterns + ["**.github.com:443"],
+                denied=["*:22"] + [f"*:{port}" for port in range(1024, 1024 + min(n, 1000))],
+            )
+        else:
+            patterns = [f"**.host{i}.example.com" for i in range(n - 1)] + ["**.github.com"]
+            policy = Policy.build(allowed=patterns)
         requests = [ProxyRequest(Protocol.HTTP, f"api{i % 50}.github.com", 443, method="GET") for i in range(2000)]
+        assert all(decide(policy, r).allowed for r in requests[:50])
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()
@@ -199,4 +209,12 @@ def policy_scaling() -> Dict[str, float]:
         return best * 1e6
 
     small, large = per_decision(10), per_decision(100_000)
-    return {"decide_us_10_patterns": small, "decide_us_100k_patterns": large, "decide_ratio_100k_to_10": large / small}
+    ported_small, ported_large = per_decision(10, ports=True), per_decision(100_000, ports=True)
+    return {
+        "decide_us_10_patterns": small,
+        "decide_us_100k_patterns": large,
+        "decide_ratio_100k_to_10": large / small,
+        "decide_us_10_port_patterns": ported_small,
+        "decide_us_100k_port_patterns": ported_large,
+        "decide_ratio_100k_to_10_port_patterns": ported_large / ported_small,
+    }

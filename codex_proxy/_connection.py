@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Set, TypeVar
 
-from twisted.internet import defer, error
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -27,7 +28,7 @@ from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import Verdict
 from codex_proxy.relay import Relay
-from codex_proxy.upstream import Outbound
+from codex_proxy.upstream import IProxyTransport, Outbound
 
 _log = Logger()
 T = TypeVar("T")
@@ -68,6 +69,7 @@ class ClientConnection(Protocol):
 
     listener = "client"
     factory: Any
+    transport: IProxyTransport
 
     def connectionMade(self) -> None:
         self.admitted = self.factory.connections.admit(self.transport, self.listener)
@@ -79,15 +81,16 @@ class ClientConnection(Protocol):
         self.clientEOF = False
         self._paused: Set[str] = set()
         self._writeGate = _WriteGate(self)
+        self._producer: Optional[IPushProducer] = None
         self._started = self.factory.clock.seconds()
         self._decision: Optional[str] = None
         self._reason: Optional[str] = None
         self._outcome = "closed"
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        self.client = authority(host, peer.port) if host else None
+        is_ip = isinstance(peer, (IPv4Address, IPv6Address))
+        self.client = authority(peer.host, peer.port) if is_ip else None
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
         self.abandon()
         up, down = self.bytesUp, self.bytesDown
@@ -108,6 +111,12 @@ class ClientConnection(Protocol):
                 tunnel=self.relay is not None,
             ),
         )
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our side toward the client was half-closed (a relayed EOF): nothing
+        more to do; C{connectionLost} follows when both sides are done.
+        """
 
     def abandon(self) -> None:
         """
@@ -182,11 +191,23 @@ class ClientConnection(Protocol):
         L{writesDrained} runs once it is below again. A relay or exchange
         registers its own producer while it runs: call this again after.
         """
-        transport = self.transport
-        if transport.producer is not self._writeGate:
-            if transport.producer is not None:
-                transport.unregisterProducer()
-            transport.registerProducer(self._writeGate, True)
+        self.produce(self._writeGate)
+
+    def produce(self, producer: Optional[IPushProducer]) -> None:
+        """
+        Make C{producer} the client transport's (streaming) producer, in
+        place of the one before; C{None} for none.
+        """
+        if producer is self._producer:
+            return
+        if self._producer is self._writeGate:
+            # An unregistered gate can no longer resume what it paused.
+            self.resumeReading("write")
+        if self._producer is not None:
+            self.transport.unregisterProducer()
+        self._producer = producer
+        if producer is not None:
+            self.transport.registerProducer(producer, True)
 
     def writesDrained(self) -> None:
         """
@@ -212,11 +233,12 @@ class ClientConnection(Protocol):
             if not self.closing:
                 callback(result)
 
-        def failed(failure: Failure) -> None:
-            if self.closing and failure.check(defer.CancelledError, UpstreamError):
-                return
+        def failed(failure: Failure) -> Optional[Failure]:
             if not self.closing:
                 errback(failure)
+            elif not failure.check(defer.CancelledError, UpstreamError):
+                return failure  # a bug, whenever it shows
+            return None
 
         d.addCallbacks(fired, failed)
         d.addErrback(self.internalError)
@@ -261,10 +283,10 @@ class ClientConnection(Protocol):
         C{fromClient} (bytes the client pipelined), then pass on a
         half-close the client already made.
         """
-        for transport in (self.transport, out.transport):
-            if transport.producer is not None:
-                transport.unregisterProducer()
+        self.produce(None)
         relay = self.relay = Relay(self.transport, out.transport, self.factory.clock, idle_timeout)
+        # The relay made the destination the client transport's producer.
+        self._producer = out.transport
         out.attach(relay)
         self.factory.connections.tunnelled(self.listener)
         self._paused.clear()

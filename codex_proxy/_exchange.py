@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -39,7 +39,7 @@ from codex_proxy.errors import ProtocolError
 from codex_proxy.mitm import is_tls_failure
 from codex_proxy.model import ProxyRequest, Reason
 from codex_proxy.relay import IdleWatch
-from codex_proxy.upstream import ISink, Outbound, Route
+from codex_proxy.upstream import IProxyTransport, ISink, Outbound, Route
 
 
 class IExchangeOwner(Interface):
@@ -52,6 +52,9 @@ class IExchangeOwner(Interface):
 
     def pauseReading(why: str) -> None:
         """Stop reading the client for C{why}."""
+
+    def produce(producer: Optional[IPushProducer]) -> None:
+        """Make C{producer} the client transport's producer."""
 
     def resumeReading(why: str) -> None:
         """C{why} no longer holds client reading back."""
@@ -143,7 +146,7 @@ class Exchange:
     def __init__(
         self,
         owner: IExchangeOwner,
-        client: ITransport,
+        client: IProxyTransport,
         leg: Leg,
         head: _httphead.RequestHead,
         request: ProxyRequest,
@@ -171,6 +174,8 @@ class Exchange:
         )
         self._respReader: Optional[_httpbody.BodyReader] = None
         self._reqReader = _httpbody.body_reader(head.framing, limits)
+        # Response heads received: progress for the timeout, like body bytes.
+        self._heads = 0
         self._watch = IdleWatch(clock, timeout, self._moved, self._timedOut)
 
     def start(self, via: bytes) -> None:
@@ -191,9 +196,7 @@ class Exchange:
                 absolute_form=route.absolute_form,
             )
         )
-        if self._client.producer is not None:
-            self._client.unregisterProducer()
-        self._client.registerProducer(out.transport, True)
+        self._owner.produce(out.transport)
 
     @property
     def wantsBody(self) -> bool:
@@ -203,7 +206,8 @@ class Exchange:
         return self._reqReader is not None
 
     def _moved(self) -> int:
-        return self._owner.bytesUp + self._owner.bytesDown
+        moved: int = self._owner.bytesUp + self._owner.bytesDown + self._heads
+        return moved
 
     # -- the request body -------------------------------------------------
 
@@ -243,6 +247,7 @@ class Exchange:
             if result is None:
                 return
             head, data = result
+            self._heads += 1
             self._respStarted = True
             if head.status == 101:
                 self._switchProtocols(head, data)
@@ -294,6 +299,8 @@ class Exchange:
         )
         self._client.write(serialize_response_head((1, 1), 101, head.reason, headers))
         self._end()
+        # The relay registers its own producers on both sides.
+        self._leg.out.transport.unregisterProducer()
         self._owner.upgraded(self._leg.out, rest)
 
     def _startResponse(self, head: _httphead.ResponseHead) -> bool:
@@ -385,15 +392,13 @@ class Exchange:
 
     def _end(self) -> None:
         """
-        Stop the response timeout and hand client back-pressure back to the
-        owner: exactly once, whichever way the exchange ends.
+        Stop the response timeout, exactly once, whichever way the exchange
+        ends (the owner registers the client transport's next producer).
         """
         if self._ended:
             return
         self._ended = True
         self._watch.stop()
-        if self._client.producer is self._leg.out.transport:
-            self._client.unregisterProducer()
 
     def cancel(self) -> None:
         """

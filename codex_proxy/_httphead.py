@@ -49,7 +49,8 @@ _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^?#]*)(\?[^#]*)
 _AUTHORITY = re.compile(
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::([0-9]{1,5}))?"
 )
-_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+#: The port each URL scheme defaults to.
+DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 # Header fields the parsers act on; collected in the one validation pass.
 _FRAMING_FIELDS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
@@ -390,7 +391,7 @@ def _target_form(
     scheme = match[1].lower()
     host, port = split_authority(match[2], port_required=False)
     if port is None:
-        port = _DEFAULT_PORTS.get(scheme)
+        port = DEFAULT_PORTS.get(scheme)
     path = (match[3] or "/") + (match[4] or "")
     return "absolute", scheme, host, port, path
 

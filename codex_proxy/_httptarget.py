@@ -36,9 +36,9 @@ HOP_BY_HOP = frozenset(
 _NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
 
 
-#: The port each scheme a client may send in absolute-form defaults to.
-DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443}
-HTTPS_PORT = 443
+#: The schemes of absolute-form requests we forward (wss takes CONNECT).
+_FORWARDED_SCHEMES = frozenset({"http", "ws", "https"})
+_HTTPS_PORT = _httphead.DEFAULT_PORTS["https"]
 #: The header naming a unix socket to forward a plain request to (SPEC §8).
 UNIX_SOCKET_HEADER = b"x-unix-socket"
 
@@ -79,7 +79,7 @@ def _check_host_header(head: _httphead.RequestHead, host: str, port: int) -> Non
         target = normalize_host(host)
     except InvalidHost:
         return  # The policy reports the invalid target itself.
-    if split_host_header(value, DEFAULT_PORTS[head.scheme or "http"]) != (target, port):
+    if split_host_header(value, _httphead.DEFAULT_PORTS[head.scheme or "http"]) != (target, port):
         raise ProtocolError(
             f"Host header {value.decode('ascii', 'replace')!r} does not match"
             f" the request target {authority(host, port)}"
@@ -102,7 +102,7 @@ def request_for(
         assert head.host is not None and head.port is not None
         protocol, host, port = Protocol.HTTPS_CONNECT, head.host, head.port
     elif head.form == "absolute":
-        if head.scheme not in DEFAULT_PORTS:
+        if head.scheme not in _FORWARDED_SCHEMES:
             raise ProtocolError(
                 f"unsupported scheme {head.scheme!r} in absolute-form request"
                 " (use CONNECT for wss)"
@@ -156,7 +156,7 @@ def inner_request(
     value = head.header(b"host")
     if not value:
         raise ProtocolError("request without a Host header inside an intercepted tunnel")
-    named = [split_host_header(value, HTTPS_PORT)]
+    named = [split_host_header(value, _HTTPS_PORT)]
     if head.form == "absolute":
         assert head.host is not None and head.port is not None
         if head.scheme != "https":
@@ -207,7 +207,7 @@ def came_through(head: _httphead.RequestHead, via: bytes) -> bool:
     """
     pseudonym = via.split(b" ", 1)[1].lower()
     for name, value in head.headers:
-        if name.lower() == b"via":
+        if len(name) == 3 and name.lower() == b"via":
             for entry in value.split(b","):
                 parts = entry.split()
                 if len(parts) >= 2 and parts[1].lower() == pseudonym:
@@ -233,7 +233,7 @@ def outgoing_head(
     headers = strip_hop_by_hop(head.headers)
     if head.header(b"host") is None:
         assert head.host is not None and head.port is not None
-        default = DEFAULT_PORTS.get(head.scheme or "http", 80)
+        default = _httphead.DEFAULT_PORTS[head.scheme or "http"]
         headers += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
     if head.framing is _httpbody.CHUNKED:
         headers += ((b"Transfer-Encoding", b"chunked"),)

@@ -87,12 +87,12 @@ class ReadingHead:
         what is.
         """
         owner = self._owner
-        if self._step or owner.pending or owner.readingPaused("write"):
-            owner.keep(data)
-            return
         if self.idle:
             self._arm(idle=False)
-        self._feed(data)
+        if self._step or owner.pending or owner.readingPaused("write"):
+            owner.keep(data)
+        else:
+            self._feed(data)
 
     def stepSoon(self) -> None:
         """

@@ -164,12 +164,13 @@ class Table:
         values = self.get(name, {}, is_table, "a table")
         return Table(values, self.source, self.key(name))
 
-    def pattern(self, text: str, key: str) -> str:
+    def pattern(self, text: str, key: str, deny: bool = False) -> str:
         """
-        The canonical text of the domain pattern C{text} found at C{key}.
+        The canonical text of the domain pattern C{text} found at C{key}
+        (of a denylist when C{deny}, which alone accepts C{*:PORT}).
         """
         try:
-            return domains.parse_pattern(text).text
+            return domains.parse_pattern(text, deny=deny).text
         except domains.PatternError as e:
             reason = str(e)
             if repr(text) not in reason:
@@ -211,13 +212,13 @@ class Table:
             raise self.error(key, f"a token needs at least {MIN_TOKEN_LENGTH} characters")
         return inline
 
-    def patterns(self, name: str, into: dict[str, str]) -> None:
+    def patterns(self, name: str, into: dict[str, str], deny: bool = False) -> None:
         """
         Add the canonical patterns of the array C{name} to C{into}, each
         mapped to where it first appeared (C{"file: dotted.key[index]"}).
         """
         for text, key in self.strings(name):
-            into.setdefault(self.pattern(text, key), f"{self.source}: {key}")
+            into.setdefault(self.pattern(text, key, deny), f"{self.source}: {key}")
 
 
 def pattern_lists(table: Table) -> tuple[dict[str, str], dict[str, str]]:
@@ -229,7 +230,7 @@ def pattern_lists(table: Table) -> tuple[dict[str, str], dict[str, str]]:
     allowed: dict[str, str] = {}
     denied: dict[str, str] = {}
     table.patterns("allowed_domains", allowed)
-    table.patterns("denied_domains", denied)
+    table.patterns("denied_domains", denied, deny=True)
     return {text: where for text, where in allowed.items() if text not in denied}, denied
 
 

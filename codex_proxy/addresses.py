@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional, Tuple, Union
+
+import attrs
 
 from codex_proxy.model import IPAddress
 
@@ -193,3 +195,95 @@ def is_local_name(host: str) -> bool:
     (RFC 6761 reserves C{*.localhost} for loopback).
     """
     return host == "localhost" or host.endswith(".localhost")
+
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: What no range wider than one address unlocks (SPEC §5.3): loopback,
+#: 0.0.0.0/8 and the cloud metadata addresses.
+_V4_PROTECTED = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv4Network("0.0.0.0/8"),
+    ipaddress.IPv4Network("169.254.169.254/32"),
+)
+_V6_PROTECTED = frozenset(
+    ipaddress.IPv6Address(text) for text in ("::", "::1", "fd00:ec2::254")
+)
+
+
+def parse_range(text: str) -> IPNetwork:
+    """
+    The network a C{allowed_ranges}/C{denied_ranges} entry names: a CIDR,
+    or a bare address standing for itself (/32, /128).
+
+    @raise ValueError: not a CIDR, a bad prefix, or host bits set; the
+        message says which.
+    """
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as e:
+        raise ValueError(f"invalid address range {text!r}: {e}") from None
+
+
+def is_protected(ip: IPAddress) -> bool:
+    """
+    Whether C{ip} is loopback, in 0.0.0.0/8, unspecified or a metadata
+    address, in any IPv6 form that embeds such an IPv4 address as well:
+    only a range naming exactly that address unlocks it (SPEC §5.3).
+    """
+    if isinstance(ip, ipaddress.IPv4Address):
+        return any(ip in net for net in _V4_PROTECTED)
+    return ip in _V6_PROTECTED or any(is_protected(v4) for v4 in _embedded_ipv4(ip))
+
+
+@attrs.frozen
+class AddressRanges:
+    """
+    The C{allowed_ranges} and C{denied_ranges} of a policy (SPEC §5.3),
+    applied to every address the proxy would dial.
+    """
+
+    allowed: Tuple[IPNetwork, ...] = ()
+    denied: Tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def build(cls, allowed: Iterable[str] = (), denied: Iterable[str] = ()) -> AddressRanges:
+        """
+        Parse range texts (see L{parse_range}).
+
+        @raise ValueError: an entry is not a valid range.
+        """
+        return cls(
+            tuple(parse_range(text) for text in allowed),
+            tuple(parse_range(text) for text in denied),
+        )
+
+    def denying(self, ip: IPAddress) -> Optional[IPNetwork]:
+        """
+        The denied range holding C{ip}, or holding the IPv4 address an IPv6
+        form of C{ip} embeds (a connection there reaches it), if any.
+        """
+        if not self.denied:
+            return None
+        forms = [ip]
+        if isinstance(ip, ipaddress.IPv6Address):
+            forms.extend(_embedded_ipv4(ip))
+        for net in self.denied:
+            if any(form in net for form in forms):
+                return net
+        return None
+
+    def admits(self, ip: IPAddress) -> bool:
+        """
+        Whether an allowed range holds C{ip} (an IPv4-mapped address as its
+        IPv4 address), so that it is not refused as non-public; a protected
+        address (L{is_protected}) only by a range of that one address.
+        """
+        if not self.allowed:
+            return False
+        mapped = getattr(ip, "ipv4_mapped", None) or ip
+        protected = is_protected(ip)
+        return any(
+            mapped in net and not (protected and net.num_addresses > 1)
+            for net in self.allowed
+        )

@@ -55,13 +55,15 @@ class ProxyHandle:
     http_addr: Optional[str]
     socks_addr: Optional[str]
     _proxy: "NetworkProxy" = attrs.field(repr=False)
-    admin_addr: Optional[str] = attrs.field(default=None, kw_only=True)
+    dns_addr: Optional[str] = None
+    admin_addr: Optional[str] = None
 
     def addresses(self) -> Dict[str, str]:
         """
         The bound listeners by name, C{{"http": "127.0.0.1:PORT"}}.
         """
-        named = {"http": self.http_addr, "socks": self.socks_addr, "admin": self.admin_addr}
+        named = {"http": self.http_addr, "socks": self.socks_addr, "dns": self.dns_addr}
+        named["admin"] = self.admin_addr
         return {name: address for name, address in named.items() if address is not None}
 
     def shutdown(self) -> defer.Deferred[None]:
@@ -286,6 +288,7 @@ class NetworkProxy:
             run_in_thread=lambda f: threads.deferToThreadPool(
                 reactor, reactor.getThreadPool(), f
             ),
+            disabled=self._connections.closeOutbound,
         )
 
     @staticmethod
@@ -344,7 +347,7 @@ class NetworkProxy:
             )
         self.policy.set_own_addresses(bound_address(port) for port in ports.values())
         self._handle = ProxyHandle(
-            bound.get("http"), bound.get("socks"), self, admin_addr=bound.get("admin")
+            bound.get("http"), bound.get("socks"), self, bound.get("dns"), bound.get("admin")
         )
         return self._handle
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import attrs
 
-from codex_proxy.addresses import is_public, parse_ip_literal
+from codex_proxy.addresses import is_public, parse_ip_literal, parse_range
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProxyError
 from codex_proxy.model import IPAddress
@@ -27,13 +27,20 @@ from codex_proxy.model import IPAddress
 BLOCKED = "blocked-by-allowlist"
 #: HTTP 400, SOCKS5 REP 0x01: the host is refused before any policy step.
 INVALID = "invalid-host"
+#: HTTP 403 with this x-proxy-error, SOCKS5 REP 0x02: an answer lies in
+#: C{denied_ranges} (SPEC §5.3).
+DENIED = "blocked-by-denylist"
 
 #: What each expectation looks like on each wire: (HTTP status, SOCKS REP).
-OUTCOMES: Dict[str, Tuple[int, int]] = {BLOCKED: (403, 0x02), INVALID: (400, 0x01)}
+OUTCOMES: Dict[str, Tuple[int, int]] = {
+    BLOCKED: (403, 0x02),
+    INVALID: (400, 0x01),
+    DENIED: (403, 0x02),
+}
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 _CASE_KEYS = ("name", "host", "why", "answers", "rebind_to", "expect")
-_TOP_KEYS = ("allowed_domains", "case")
+_TOP_KEYS = ("allowed_domains", "allowed_ranges", "denied_ranges", "case")
 
 
 class BypassError(ProxyError, ValueError):
@@ -51,7 +58,7 @@ class Case:
     @ivar answers: what the resolver answers for C{host} (empty: the host
         is a literal or a name that is never resolved).
     @ivar rebind_to: what every later lookup answers (DNS rebinding).
-    @ivar expect: L{BLOCKED} or L{INVALID}.
+    @ivar expect: L{BLOCKED}, L{INVALID} or L{DENIED}.
     """
 
     name: str
@@ -92,11 +99,14 @@ class Case:
 @attrs.frozen
 class Corpus:
     """
-    The cases, and the allowlist they are meant to run under.
+    The cases, and the allowlist and address ranges they are meant to run
+    under.
     """
 
     allowed_domains: Tuple[str, ...]
     cases: Tuple[Case, ...]
+    allowed_ranges: Tuple[str, ...] = ()
+    denied_ranges: Tuple[str, ...] = ()
 
     def resolve_entries(self) -> List[str]:
         """
@@ -128,6 +138,7 @@ def load_corpus(data: Optional[bytes] = None, source: str = "bypass.toml") -> Co
     allowed = document.get("allowed_domains", [])
     if not isinstance(allowed, list) or not all(isinstance(p, str) for p in allowed):
         raise BypassError(f"{source}: allowed_domains must be a list of strings")
+    ranges = {key: _ranges(document, key, source) for key in ("allowed_ranges", "denied_ranges")}
     raw_cases = document.get("case")
     if not isinstance(raw_cases, list) or not raw_cases:
         raise BypassError(f"{source}: no [[case]] tables")
@@ -149,7 +160,20 @@ def load_corpus(data: Optional[bytes] = None, source: str = "bypass.toml") -> Co
                     f" {[str(ip) for ip in other[1]]} in case {other[0]!r}"
                 )
         cases.append(case)
-    return Corpus(tuple(allowed), tuple(cases))
+    return Corpus(tuple(allowed), tuple(cases), **ranges)
+
+
+def _ranges(document: Mapping[str, Any], key: str, source: str) -> Tuple[str, ...]:
+    """
+    The canonical CIDRs of the top-level list C{key}.
+    """
+    value = document.get(key, [])
+    if not isinstance(value, list):
+        raise BypassError(f"{source}: {key} must be a list of CIDRs")
+    try:
+        return tuple(str(parse_range(item)) for item in value)
+    except (AttributeError, ValueError) as e:
+        raise BypassError(f"{source}: {key}: {e}") from None
 
 
 def _case(raw: Any, where: str) -> Case:
@@ -181,8 +205,8 @@ def _case(raw: Any, where: str) -> Case:
             raise BypassError(f"{where}: key 'host': a resolver case needs a name: {e}")
         if literal is not None:
             raise BypassError(f"{where}: key 'answers': {host!r} is an IP literal, never resolved")
-        if expect != BLOCKED:
-            raise BypassError(f"{where}: key 'expect': a resolver case is {BLOCKED}")
+        if expect == INVALID:
+            raise BypassError(f"{where}: key 'expect': a resolver case is never {INVALID}")
     return case
 
 

@@ -17,6 +17,20 @@ from codex_proxy.errors import ProxyError
 #: listener; each is set in upper and lower case.
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY")
 
+#: More variables that name the HTTP listener, for tools that read only
+#: their own (FTP clients, npm, yarn), as current upstream sets them.
+EXTRA_PROXY_VARIABLES = (
+    "FTP_PROXY",
+    "npm_config_proxy",
+    "npm_config_https_proxy",
+    "YARN_HTTP_PROXY",
+    "YARN_HTTPS_PROXY",
+)
+
+#: Switches that make Node and Electron honour the proxy variables, and one
+#: that tells a child it runs behind the proxy.
+FLAG_VARIABLES = ("NODE_USE_ENV_PROXY", "ELECTRON_GET_USE_PROXY", "CODEX_NETWORK_PROXY_ACTIVE")
+
 #: The variables that make common tools trust a CA bundle (SPEC §6).
 CA_BUNDLE_VARIABLES = (
     "SSL_CERT_FILE",
@@ -67,9 +81,14 @@ def child_env(
     http_url = "http://" + _address(config, "proxy_url", config.http_listen, http)
     for name in PROXY_VARIABLES:
         env[name] = env[name.lower()] = http_url
+    all_proxy = http_url
     if config.enable_socks5:
-        socks_url = "socks5h://" + _address(config, "socks_url", config.socks_listen, socks)
-        env["ALL_PROXY"] = env["all_proxy"] = socks_url
+        all_proxy = "socks5h://" + _address(config, "socks_url", config.socks_listen, socks)
+    env["ALL_PROXY"] = env["all_proxy"] = all_proxy
+    for name in EXTRA_PROXY_VARIABLES:
+        env[name] = http_url
+    for name in FLAG_VARIABLES:
+        env[name] = "1"
     no_proxy = LOCAL_NO_PROXY if config.allow_local_binding else ""
     env["NO_PROXY"] = env["no_proxy"] = no_proxy
     if ca_bundle is not None:

@@ -59,15 +59,14 @@ def check_config(path: Optional[str], out: TextIO) -> int:
     document = policy_document(_load(path))
     out.write(f"{document['source']}: valid\n")
     _table(out, list(document["settings"].items()))
-    allowed = document["allowed_domains"]
-    for title in ("allowed_domains", "denied_domains"):
+    for title in ("allowed_domains", "denied_domains", "allowed_ranges", "denied_ranges"):
         patterns = document[title]
         out.write(f"{title} ({len(patterns)}):\n")
         width = max((len(p["pattern"]) for p in patterns), default=0)
         for pattern in patterns:
             out.write(f"  {pattern['pattern'].ljust(width)}  {pattern['source']}\n")
-    if not allowed:
-        out.write("  (empty allowlist: every destination is blocked)\n")
+        if title == "allowed_domains" and not patterns:
+            out.write("  (empty allowlist: every destination is blocked)\n")
     sockets = document["allow_unix_sockets"]
     out.write(f"allow_unix_sockets ({len(sockets)}):\n")
     for socket_path in sockets:

@@ -15,11 +15,12 @@ import ipaddress
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import attrs
 
 from codex_proxy import _httpbody
+from codex_proxy.addresses import parse_range
 from codex_proxy._toml import (
     ConfigError as ConfigError,
     Table,
@@ -173,6 +174,10 @@ class ProxyConfig:
     @ivar managed_allowed_domains_only: the allowlist is the managed one
         only, and its misses are hard-denied: no decider is consulted
         (SPEC §2.4, §9.2).
+    @ivar allowed_ranges: canonical CIDRs whose addresses are not refused
+        as non-public (SPEC §5.3); where each came from is in
+        C{pattern_sources}.
+    @ivar denied_ranges: canonical CIDRs no dialled address may be in.
     """
 
     enabled: bool = False
@@ -196,8 +201,11 @@ class ProxyConfig:
     explicit: frozenset[str] = frozenset()
     section: str = attrs.field(default="network", eq=False)
     managed_allowed_domains_only: bool = False
-    admin_listen: ListenAddress | None = None
-    admin_token: str | None = attrs.field(default=None, repr=False)
+    allowed_ranges: tuple[str, ...] = ()
+    denied_ranges: tuple[str, ...] = ()
+    dns_listen: Optional[ListenAddress] = None
+    admin_listen: Optional[ListenAddress] = None
+    admin_token: Optional[str] = attrs.field(default=None, repr=False)
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -229,6 +237,9 @@ _NETWORK_KEYS = (
     "domains",
     "allow_unix_sockets",
     "limits",
+    "allowed_ranges",
+    "denied_ranges",
+    "dns_url",
     "admin_url",
     "admin_token",
     "admin_token_file",
@@ -244,7 +255,7 @@ def _domain_lists(network: Table) -> tuple[dict[str, str], dict[str, str]]:
     allowed: dict[str, str] = {}
     denied: dict[str, str] = {}
     network.patterns("allowed_domains", allowed)
-    network.patterns("denied_domains", denied)
+    network.patterns("denied_domains", denied, deny=True)
     mapping = network.table("domains")
     for text, action in mapping.values.items():
         key = mapping.key(text)
@@ -255,8 +266,27 @@ def _domain_lists(network: Table) -> tuple[dict[str, str], dict[str, str]]:
                 key, f"unknown value {action!r} (expected 'allow' or 'deny')"
             )
         into = allowed if action == "allow" else denied
-        into.setdefault(mapping.pattern(text, key), f"{network.source}: {key}")
+        pattern = mapping.pattern(text, key, deny=action == "deny")
+        into.setdefault(pattern, f"{network.source}: {key}")
     return allowed, denied
+
+
+def address_ranges(table: Table, name: str) -> dict[str, str]:
+    """
+    The array of CIDRs C{name} of C{table} (SPEC §5.3), canonical text ->
+    where it first appeared (C{"file: dotted.key[index]"}).
+
+    @raise ConfigError: an entry is not a CIDR or an address, has host bits
+        set or a bad prefix; the message names the entry.
+    """
+    found: dict[str, str] = {}
+    for text, key in table.strings(name):
+        try:
+            canonical = str(parse_range(text))
+        except ValueError as e:
+            raise table.error(key, str(e)) from None
+        found.setdefault(canonical, f"{table.source}: {key}")
+    return found
 
 
 def _unix_sockets(network: Table) -> tuple[str, ...]:
@@ -323,28 +353,33 @@ def _clamp(
     return clamped, tuple(warnings)
 
 
-def _admin_listen(network: Table) -> ListenAddress | None:
+def _loopback_listen(
+    network: Table, name: str, what: str, scheme: Optional[str] = None
+) -> Optional[ListenAddress]:
     """
-    Where the operations listener binds (SPEC §13), if anywhere: loopback
-    only, whatever the dangerous flags say, since it shows the policy and
-    every recent block.
+    The address of a listener that binds loopback only, whatever
+    C{dangerously_allow_non_loopback_proxy} says, or C{None} when C{name}
+    is unset: the DNS listener (SPEC §14.2; an open resolver answering for
+    the allowlist is never wanted) and the operations listener (SPEC §13;
+    it shows the policy and every recent block). With C{scheme}, a URL
+    must use that one; without, any scheme is ignored.
     """
-    text = network.get("admin_url", None, is_str, "a string")
+    text = network.get(name, None, is_str, "a string")
     if text is None:
         return None
-    key = network.key("admin_url")
-    scheme = _SCHEME.match(text.strip())
-    if scheme and scheme.group(1).lower() != "http":
-        raise network.error(key, f"invalid listener address {text!r}: the scheme must be http")
+    key = network.key(name)
+    found = _SCHEME.match(text.strip())
+    if found and scheme is not None and found.group(1).lower() != scheme:
+        raise network.error(key, f"invalid listener address {text!r}: the scheme must be {scheme}")
     try:
-        address = parse_listen_address(text)
+        address = parse_listen_address(text.strip()[found.end() :] if found else text)
     except ValueError as e:
         raise network.error(key, f"invalid listener address {text!r}: {e}") from None
     if not address.is_loopback:
         raise network.error(
             key,
-            f"{text!r} is not on loopback (the operations listener is loopback only,"
-            " whatever dangerously_allow_non_loopback_proxy says)",
+            f"{address} is not on loopback (the {what} is loopback only, whatever"
+            " dangerously_allow_non_loopback_proxy says)",
         )
     return address
 
@@ -374,6 +409,8 @@ def _network_config(network: Table) -> ProxyConfig:
         bool(unix_sockets) or flags["dangerously_allow_all_unix_sockets"],
     )
     allowed = {text: where for text, where in allowed.items() if text not in denied}
+    allowed_ranges = address_ranges(network, "allowed_ranges")
+    denied_ranges = address_ranges(network, "denied_ranges")
     return ProxyConfig(
         **flags,
         http_listen=listens["proxy_url"],
@@ -384,11 +421,14 @@ def _network_config(network: Table) -> ProxyConfig:
         allow_unix_sockets=unix_sockets,
         limits=_limits(network),
         source=network.source,
-        pattern_sources={**allowed, **denied},
+        pattern_sources={**allowed, **denied, **allowed_ranges, **denied_ranges},
         warnings=warnings,
         explicit=frozenset(network.values),
         section=network.path,
-        admin_listen=_admin_listen(network),
+        allowed_ranges=tuple(allowed_ranges),
+        denied_ranges=tuple(denied_ranges),
+        dns_listen=_loopback_listen(network, "dns_url", "DNS listener"),
+        admin_listen=_loopback_listen(network, "admin_url", "operations listener", "http"),
         admin_token=network.token("admin_token", "admin_token_file"),
     )
 

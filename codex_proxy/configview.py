@@ -30,6 +30,7 @@ def settings(config: ProxyConfig) -> List[Tuple[str, str]]:
         ("enable_socks5", _flag(config, "enable_socks5")),
         ("socks_url", _setting(config, "socks_url", str(config.socks_listen))),
         ("enable_socks5_udp", _flag(config, "enable_socks5_udp")),
+        ("dns_url", _setting(config, "dns_url", str(config.dns_listen or "unset"))),
         ("mode", _setting(config, "mode", config.mode.value)),
         ("mitm", _flag(config, "mitm")),
         ("allow_local_binding", _flag(config, "allow_local_binding")),
@@ -69,7 +70,7 @@ def _token(config: ProxyConfig) -> str:
 def policy_document(config: ProxyConfig) -> Dict[str, Any]:
     """
     The whole effective policy as JSON-able values: the L{settings}, each
-    domain pattern with where it came from (in order), the allowed unix
+    domain pattern and address range with where it came from (in order), the allowed unix
     sockets, the limits (each with whether it is the default) and the
     config's warnings.
     """
@@ -80,6 +81,8 @@ def policy_document(config: ProxyConfig) -> Dict[str, Any]:
         "settings": dict(settings(config)),
         "allowed_domains": _patterns(config, config.allowed_domains),
         "denied_domains": _patterns(config, config.denied_domains),
+        "allowed_ranges": _patterns(config, config.allowed_ranges),
+        "denied_ranges": _patterns(config, config.denied_ranges),
         "allow_unix_sockets": list(config.allow_unix_sockets),
         "limits": {
             name: {"value": value, "default": value == getattr(defaults, name)}

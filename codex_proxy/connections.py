@@ -27,9 +27,11 @@ class ConnectionOutcome:
     @ivar decision: the last policy decision on this connection
         (C{"allow"}, C{"deny"}, C{"ask"}), or C{None} when none was made.
     @ivar reason: the reason of the last block or failure, or C{None}.
-    @ivar outcome: how it ended: C{"closed"} (normally), C{"blocked"},
-        C{"failed"} (the destination), C{"bad_request"}, C{"timeout"},
-        C{"refused"} (over C{max_connections}) or C{"error"} (ours).
+    @ivar outcome: how it ended: C{"closed"} (normally, after its last
+        request was allowed), C{"blocked"} (its last request was refused,
+        C{max_connections} included), C{"failed"} (the destination failed
+        or timed out), C{"bad_request"} (the client broke the protocol or
+        timed out sending a head) or C{"error"} (ours).
     @ivar bytes_up: bytes forwarded client to destination (bodies and
         tunnel bytes; heads not counted).
     @ivar bytes_down: bytes forwarded destination to client.
@@ -139,3 +141,12 @@ class Connections:
         for transport in list(self._open):
             transport.abortConnection()
         return d
+
+    def closeOutbound(self) -> None:
+        """
+        Abort every outbound connection (a proxy disabled at run time, SPEC
+        §2.5): tunnels close with their server side, in-flight exchanges
+        fail, and client connections stay open for their next request.
+        """
+        for transport in list(self._open - self._clients):
+            transport.abortConnection()

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from codex_proxy.config import ProxyConfig
 from codex_proxy.errors import ProxyError, reply_for
 from codex_proxy.model import Protocol, ProxyRequest, Reason, Verdict
-from codex_proxy.policy import Policy, decide, is_local_target
+from codex_proxy.policy import Policy, decide, is_local_target, vet
 
 _HTTP_SCHEMES = {"http": 80, "ws": 80}
 _TLS_SCHEMES = {"https": 443, "wss": 443}
@@ -89,7 +89,7 @@ def explain(
     What C{policy} says about C{request}, as labelled lines, and whether it
     is allowed. Only the synchronous decision runs: no DNS, no decider.
     """
-    verdict = decide(policy, request)
+    verdict = _decide(policy, request)
     rows = [("request", _describe(request))]
     if verdict.intercept:
         rows.append(
@@ -98,7 +98,7 @@ def explain(
         request = ProxyRequest(
             Protocol.HTTPS, request.host, request.port, method=inner_method
         )
-        verdict = decide(policy, request)
+        verdict = _decide(policy, request)
         rows.append(("inside", _describe(request)))
     rows.append(("decision", verdict.decision.value))
     if verdict.reason is not None:
@@ -129,17 +129,40 @@ def explain(
     return rows, verdict.allowed
 
 
+def _decide(policy: Policy, request: ProxyRequest) -> Verdict:
+    """
+    The synchronous decision, and for an allowed IP literal also the address
+    ranges (SPEC §5.3): its one address is known without resolving.
+    """
+    verdict = decide(policy, request)
+    if verdict.allowed and verdict.addresses:
+        return vet(policy, verdict, verdict.addresses)
+    return verdict
+
+
 def _describe(request: ProxyRequest) -> str:
-    host = f"[{request.host}]" if ":" in request.host else request.host
-    return f"{request.method} {host}:{request.port} (protocol {request.protocol.value})"
+    authority = _authority(request.host, request.port)
+    return f"{request.method} {authority} (protocol {request.protocol.value})"
+
+
+def _authority(host: str, port: int) -> str:
+    """
+    C{host:port}, an IPv6 host in brackets: as a pattern with a port reads.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _matched(config: ProxyConfig, verdict: Verdict) -> str:
     if verdict.matched is None:
         return "no pattern"
-    listed = "denied_domains" if verdict.reason is Reason.DENIED else "allowed_domains"
+    if verdict.matched in config.denied_ranges:
+        listed = "denied_ranges entry"
+    elif verdict.reason is Reason.DENIED:
+        listed = "denied_domains pattern"
+    else:
+        listed = "allowed_domains pattern"
     where = config.pattern_sources.get(verdict.matched, config.source)
-    return f'{listed} pattern "{verdict.matched}" ({where})'
+    return f'{listed} "{verdict.matched}" ({where})'
 
 
 def _change(config: ProxyConfig, verdict: Verdict) -> str:
@@ -161,8 +184,9 @@ def _change(config: ProxyConfig, verdict: Verdict) -> str:
             f' ("{verdict.matched}"); the allowlist then decides'
         ),
         Reason.NOT_ALLOWED_LOCAL: lambda: (
-            f'add the exact entry "{host}" to allowed_domains {table} (wildcards'
-            " never unlock local targets), or set allow_local_binding = true"
+            f'add the exact entry "{host}" (or "{_authority(host, verdict.port)}" for this port'
+            f" only) to allowed_domains {table} (wildcards never unlock local"
+            " targets), or set allow_local_binding = true"
         ),
         Reason.NOT_ALLOWED: lambda: f'add "{host}" to allowed_domains {table}',
         Reason.METHOD_NOT_ALLOWED: lambda: f'set mode = "full" {table}',

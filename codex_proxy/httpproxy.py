@@ -39,7 +39,7 @@ from typing import Any, Optional, Union
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -143,7 +143,7 @@ _State = Union[ReadingHead, _Deciding, _Dialling, _Exchanging, _Tunnelling, _Clo
 _CLOSING = _Closing()
 
 
-class HTTPProxyFactory(Factory):
+class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
     """
     Builds L{HTTPProxyProtocol}s sharing one policy service and dialer.
 
@@ -190,7 +190,7 @@ class HTTPProxyFactory(Factory):
         self.origin_tls: Optional[OriginTLS] = origin_tls if origin_tls is not None else mitm
         self.via = _httptarget.via_value(instance)
 
-    def buildProtocol(self, addr: object) -> "HTTPProxyProtocol":
+    def buildProtocol(self, addr: Optional[IAddress]) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
         proto.factory = self
         return proto
@@ -204,6 +204,8 @@ class HTTPProxyProtocol(ClientConnection):
 
     listener = "http"
     factory: HTTPProxyFactory
+    #: What an intercepted tunnel's client is told before its TLS starts.
+    tunnelAnswer = _CONNECT_OK
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -249,9 +251,6 @@ class HTTPProxyProtocol(ClientConnection):
             state.exchange.close = True
         elif isinstance(state, (_Deciding, _Dialling)):
             state.job.close = True
-
-    def writeConnectionLost(self) -> None:
-        pass
 
     def abandon(self) -> None:
         state, self._state = self._state, _CLOSING
@@ -314,18 +313,19 @@ class HTTPProxyProtocol(ClientConnection):
         assert isinstance(state, _Deciding)
         job = state.job
         job.verdict = verdict
-        self.noteVerdict(verdict)
         factory = self.factory
         protocol = job.request.protocol
+        if not verdict.allowed:
+            kept, state.kept = state.kept, None
+            self._blocked(job, verdict, kept)
+            return
+        self.noteVerdict(verdict)
         if verdict.intercept and factory.mitm is None:
             # The policy asked for interception that this listener cannot do.
             _log.error("refusing an intercepted CONNECT to {host}: no MITM configured", host=escape(verdict.host))
             self.abort("error")
             return
         kept, state.kept = state.kept, None
-        if not verdict.allowed:
-            self._blocked(job, verdict, kept)
-            return
         tls = self._tunnel.host if self._tunnel else verdict.host if protocol is Proto.HTTPS else None
         if tls is not None and factory.origin_tls is None:
             self._failure(job, Reason.UPSTREAM_TLS_FAILED, "no trust store for TLS to the destination", kept)
@@ -353,6 +353,7 @@ class HTTPProxyProtocol(ClientConnection):
         if isinstance(state, _Deciding):
             kept, state.kept = state.kept, None
         e = failure.value
+        assert isinstance(e, errors.UpstreamError)
         self._failure(state.job, e.reason, e.message, kept, e.upstream_status)
 
     def _connected(self, out: Outbound) -> None:
@@ -387,14 +388,15 @@ class HTTPProxyProtocol(ClientConnection):
         self._tunnel = verdict
         out.transport.startTLS(factory.origin_tls.client_tls(verdict.host))
         leg = Leg(out, route, verdict.host, self)
-        self.transport.write(_CONNECT_OK)
+        self.transport.write(self.tunnelAnswer)
         # Bytes that came with the CONNECT belong to the TLS handshake: they
         # go to the TLS layer startTLS puts under this protocol.
         handshake = self.takePending()
         self.transport.startTLS(factory.mitm.server_tls(verdict.host))
         self._readHead(leg)
         if handshake:
-            self.transport.protocol.dataReceived(handshake)
+            # startTLS put a TLS protocol between the transport and us.
+            getattr(self.transport, "protocol").dataReceived(handshake)
 
     # -- exchanges --------------------------------------------------------------
 

@@ -11,9 +11,9 @@ import functools
 from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union, cast
 
 import attrs
-from twisted.application import strports
+from twisted.application import internet, strports
 from twisted.application.service import MultiService
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -29,6 +29,7 @@ from codex_proxy.ca import system_roots_file
 from codex_proxy.config import ListenAddress, ProxyConfig, head_limits
 from codex_proxy.configview import policy_document
 from codex_proxy.connections import Connections
+from codex_proxy.dnsserver import DNSFactory
 from codex_proxy.errors import ProxyError
 from codex_proxy.httpproxy import HTTPProxyFactory
 from codex_proxy.metrics import Metrics
@@ -56,13 +57,15 @@ class ListenError(ProxyError):
 class Listener:
     """
     One listener to bind: its name in the ports file, its config key, where
-    and what.
+    and what; C{datagram}, if any, is bound for UDP on the same address and
+    port as the stream listener (the DNS listener).
     """
 
     name: str
     key: str
     address: ListenAddress
     factory: IProtocolFactory
+    datagram: Optional[Any] = None
 
 
 def listeners(
@@ -125,8 +128,12 @@ def listeners(
             enable_udp=config.enable_socks5_udp,
             reactor=reactor,
             connections=connections,
+            https=http if interceptor is not None else None,
         )
         found.append(Listener("socks", "socks_url", config.socks_listen, socks))
+    if config.dns_listen is not None:
+        dns = DNSFactory(policy, connections)
+        found.append(Listener("dns", "dns_url", config.dns_listen, dns, dns.datagram()))
     if config.admin_listen is not None and metrics is not None:
         shown = current or (lambda: config)
         site = admin_site(
@@ -213,6 +220,9 @@ def bind(
         child.setServiceParent(service)
     try:
         service.startService()
+        for listener in wanted:
+            if listener.datagram is not None:
+                _bindDatagram(service, listener, ports[listener.name], reactor)
     except ListenError:
         # The listeners after the failed one were never started.
         for child in service:
@@ -220,6 +230,26 @@ def bind(
                 child.stopService()
         raise
     return service, ports
+
+
+def _bindDatagram(
+    service: MultiService, listener: Listener, stream: IListeningPort, reactor: Any
+) -> None:
+    """
+    Bind the UDP side of C{listener} on the address and port its stream side
+    got (so port 0 gives one port number for both), as a child of the running
+    C{service}.
+
+    @raise ListenError: the UDP port cannot be bound.
+    """
+    host, number = bound_address(stream)
+    udp = internet.UDPServer(number, listener.datagram, interface=host, reactor=reactor)
+    try:
+        udp.setServiceParent(service)
+    except error.CannotListenError as e:
+        raise ListenError(
+            f"cannot listen on {listener.address} ({listener.key}) for UDP: {e}"
+        ) from None
 
 
 def bound_address(port: IListeningPort) -> Tuple[str, int]:

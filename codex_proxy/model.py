@@ -27,6 +27,7 @@ class Protocol(str, enum.Enum):
     HTTPS_CONNECT = "https_connect"
     SOCKS5_TCP = "socks5_tcp"
     SOCKS5_UDP = "socks5_udp"
+    DNS = "dns"
 
 
 class Mode(str, enum.Enum):

@@ -4,25 +4,26 @@ guard of SPEC §4.4.
 
 L{decide} is total and pure. Resolution (step 7), the decider and auditing
 are the policy service's job; this module only says what the configuration
-alone says; L{policy_from_config} compiles a loaded config into the
-L{Policy} it reads.
+alone says, including about the addresses a host resolved to (L{vet});
+L{policy_from_config} compiles a loaded config into the L{Policy} it reads.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from typing import Callable, FrozenSet, Iterable, Optional, Tuple
+from typing import Callable, FrozenSet, Iterable, Optional, Sequence, Tuple
 from urllib.parse import unquote_plus
 
 import attrs
 
-from codex_proxy.addresses import is_local_name, is_public, parse_ip_literal
+from codex_proxy.addresses import AddressRanges, is_local_name, is_public, parse_ip_literal
 from codex_proxy.config import ProxyConfig
 from codex_proxy.domains import DomainSet, InvalidHost, normalize_host, parse_pattern
 from codex_proxy.model import (
     READ_ONLY_METHODS,
     Decision,
+    IPAddress,
     Mode,
     Protocol,
     ProxyRequest,
@@ -53,6 +54,7 @@ class Policy:
 
     @ivar managed_allowed_domains_only: allowlist misses are final: the
         allowlist is managed (SPEC §2.4), so no decider may lift a miss.
+    @ivar ranges: C{allowed_ranges} and C{denied_ranges} (SPEC §5.3).
     """
 
     enabled: bool
@@ -64,6 +66,7 @@ class Policy:
     managed_allowed_domains_only: bool = False
     unix_sockets: FrozenSet[str] = frozenset()
     all_unix_sockets: bool = False
+    ranges: AddressRanges = AddressRanges()
 
     @classmethod
     def build(
@@ -78,12 +81,15 @@ class Policy:
         managed_allowed_domains_only: bool = False,
         unix_sockets: Iterable[str] = (),
         all_unix_sockets: bool = False,
+        allowed_ranges: Iterable[str] = (),
+        denied_ranges: Iterable[str] = (),
     ) -> Policy:
         """
         Compile pattern strings into a policy. C{unix_sockets} are compared
         as given: the caller resolves their symlinks first (that is I/O).
 
         @raise codex_proxy.domains.PatternError: a pattern is malformed.
+        @raise ValueError: an address range is malformed.
         """
         return cls(
             enabled=enabled,
@@ -91,10 +97,11 @@ class Policy:
             mitm=mitm,
             allow_local_binding=allow_local_binding,
             allowed=DomainSet(parse_pattern(text) for text in allowed),
-            denied=DomainSet(parse_pattern(text) for text in denied),
+            denied=DomainSet(parse_pattern(text, deny=True) for text in denied),
             managed_allowed_domains_only=managed_allowed_domains_only,
             unix_sockets=frozenset(unix_sockets),
             all_unix_sockets=all_unix_sockets,
+            ranges=AddressRanges.build(allowed_ranges, denied_ranges),
         )
 
 
@@ -117,6 +124,8 @@ def policy_from_config(config: ProxyConfig, realpath: Callable[[str], str]) -> P
         managed_allowed_domains_only=config.managed_allowed_domains_only,
         unix_sockets=[realpath(path) for path in config.allow_unix_sockets],
         all_unix_sockets=config.dangerously_allow_all_unix_sockets,
+        allowed_ranges=config.allowed_ranges,
+        denied_ranges=config.denied_ranges,
     )
 
 
@@ -143,21 +152,75 @@ def decide(policy: Policy, request: ProxyRequest) -> Verdict:
         return _deny(request, host, Reason.PROXY_DISABLED, Source.PROXY_STATE)
     if request.unix_socket is not None:
         return decide_unix_socket(policy, request)
-    if host is None or not 1 <= request.port <= _MAX_PORT:
+    # A DNS lookup names no port (port 0): only patterns for every port
+    # decide it.
+    dns = request.protocol is Protocol.DNS
+    if host is None or not (dns or 1 <= request.port <= _MAX_PORT):
         return _deny(request, host, Reason.INVALID_HOST)
-    denied = policy.denied.match(host)
+    port = None if dns else request.port
+    denied = policy.denied.match(host, port)
     if denied is not None:
         return _deny(request, host, Reason.DENIED, matched=denied.text)
     if (
         not policy.allow_local_binding
         and is_local_target(host)
-        and not policy.allowed.exact(host)
+        and not policy.allowed.exact(host, port)
+        and not _in_allowed_range(policy, host)
     ):
         return _deny(request, host, Reason.NOT_ALLOWED_LOCAL)
-    allowed = policy.allowed.match(host)
+    allowed = policy.allowed.match(host, port)
     if allowed is None:
         return _deny(request, host, Reason.NOT_ALLOWED)
     return admit(policy, request, host, matched=allowed.text)
+
+
+def _in_allowed_range(policy: Policy, host: str) -> bool:
+    """
+    Whether the normalised C{host} is an IP literal that C{allowed_ranges}
+    keeps from being refused as non-public (SPEC §5.3); the allowlist
+    still decides about it.
+    """
+    ip = parse_ip_literal(host)
+    return ip is not None and policy.ranges.admits(ip)
+
+
+def vet(policy: Policy, verdict: Verdict, found: Sequence[IPAddress]) -> Verdict:
+    """
+    SPEC §4.1 step 7 for an allowed C{verdict} whose host is (or resolved
+    to) the addresses C{found}: any of them in C{denied_ranges} is
+    C{denied}; any non-public one outside C{allowed_ranges} refuses the
+    whole answer C{not_allowed_local}, unless local binding is allowed or
+    the host is a local target that passed step 4 (an exactly allowlisted
+    C{localhost} may resolve locally). Otherwise C{verdict} carries
+    C{found} as the addresses to dial.
+    """
+    ranges = policy.ranges
+    for ip in found:
+        net = ranges.denying(ip)
+        if net is not None:
+            return refused(verdict, Reason.DENIED, matched=str(net))
+    if not (policy.allow_local_binding or is_local_target(verdict.host)):
+        if not all(is_public(ip) or ranges.admits(ip) for ip in found):
+            return refused(verdict, Reason.NOT_ALLOWED_LOCAL)
+    return attrs.evolve(verdict, addresses=tuple(found))
+
+
+def refused(verdict: Verdict, reason: Reason, *, matched: Optional[str] = None) -> Verdict:
+    """
+    C{verdict} refused by the baseline policy for C{reason} after it was
+    allowed, with no address to dial; C{matched} names the range that
+    decided, if one did.
+    """
+    return attrs.evolve(
+        verdict,
+        decision=Decision.DENY,
+        source=Source.BASELINE_POLICY,
+        reason=reason,
+        addresses=(),
+        intercept=False,
+        override=False,
+        matched=verdict.matched if matched is None else matched,
+    )
 
 
 def _normalize(request: ProxyRequest) -> Optional[str]:
@@ -245,10 +308,14 @@ def admit(
         source=Source.BASELINE_POLICY,
         addresses=() if ip is None else (ip,),
         intercept=policy.mode is Mode.LIMITED
-        and request.protocol is Protocol.HTTPS_CONNECT,
+        and request.protocol in (Protocol.HTTPS_CONNECT, Protocol.SOCKS5_TCP),
         override=override,
         matched=matched,
     )
+
+
+#: The one SOCKS5 CONNECT port limited mode intercepts (SPEC §6).
+HTTPS_PORT = 443
 
 
 def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
@@ -257,9 +324,16 @@ def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
     means read-only: a body, an upgrade or a method override naming any
     other method is refused even on a GET.
     """
-    if policy.mode is not Mode.LIMITED:
+    if policy.mode is not Mode.LIMITED or request.protocol is Protocol.DNS:
+        # A name lookup reads; it writes nothing anywhere (SPEC §14.2).
         return None
-    if request.protocol in (Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP):
+    if request.protocol is Protocol.SOCKS5_TCP:
+        # HTTPS through SOCKS5 is intercepted like a CONNECT (SPEC §6); any
+        # other port carries bytes nobody can method-check.
+        if policy.mitm and request.port == HTTPS_PORT:
+            return None
+        return Reason.METHOD_NOT_ALLOWED
+    if request.protocol is Protocol.SOCKS5_UDP:
         return Reason.METHOD_NOT_ALLOWED
     if request.protocol is Protocol.HTTPS_CONNECT:
         return None if policy.mitm else Reason.MITM_REQUIRED

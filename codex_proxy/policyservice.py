@@ -4,10 +4,11 @@ history.
 
 L{PolicyService.check} runs the synchronous core (L{codex_proxy.policy}),
 puts an allowlist miss to the policy decider when there is one (SPEC §9.2),
-resolves an allowed name exactly once through the injected resolver, rejects
-the whole answer when any address is not public (SPEC §5.1), records the
-audit event, and hands back the vetted addresses: the only ones the caller
-may dial (SPEC §5.2).
+resolves an allowed name exactly once through the injected resolver, vets
+every address against the address ranges and the local-address rule
+(SPEC §5.1, §5.3; L{codex_proxy.policy.vet}), records the audit event, and
+hands back the vetted addresses: the only ones the caller may dial (SPEC
+§5.2).
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import UpstreamError
 from codex_proxy.metrics import timed
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
-from codex_proxy.policy import Policy, admit, decide, decide_association, is_local_target
+from codex_proxy.policy import (
+    Policy,
+    admit,
+    decide,
+    decide_association,
+    refused,
+    vet,
+)
 
 #: How many blocked decisions L{PolicyService.blocked} remembers.
 BLOCKED_HISTORY = 200
@@ -112,21 +120,6 @@ def _own_form(ip: IPAddress) -> IPAddress:
     """
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip if mapped is None else mapped
-
-
-def _not_allowed_local(verdict: Verdict) -> Verdict:
-    """
-    C{verdict} refused as a local destination, with no address to dial.
-    """
-    return attrs.evolve(
-        verdict,
-        decision=Decision.DENY,
-        source=Source.BASELINE_POLICY,
-        reason=Reason.NOT_ALLOWED_LOCAL,
-        addresses=(),
-        intercept=False,
-        override=False,
-    )
 
 
 class PolicyService:
@@ -281,7 +274,10 @@ class PolicyService:
         Record a final verdict, or resolve and vet the name of an allowed one.
         """
         request = verdict.request
-        if not verdict.allowed or verdict.addresses or request.unix_socket is not None:
+        if verdict.allowed and verdict.addresses:
+            # An IP literal: its one address meets the ranges like an answer.
+            return defer.succeed(self._vet(policy, verdict, list(verdict.addresses)))
+        if not verdict.allowed or request.unix_socket is not None:
             return defer.succeed(self._record(self._notSelf(verdict)))
         d = resolve(
             self._resolver,
@@ -352,12 +348,12 @@ class PolicyService:
         return defer.succeed(self._record(verdict))
 
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
-        # An exactly allowlisted local name (localhost) may resolve locally;
-        # any other name with one non-public answer is refused whole.
-        if not (policy.allow_local_binding or is_local_target(verdict.host)):
-            if not all(_addresses.is_public(ip) for ip in found):
-                return self._record(_not_allowed_local(verdict))
-        return self._record(self._notSelf(attrs.evolve(verdict, addresses=tuple(found))))
+        """
+        Record C{verdict} with the addresses C{found} vetted (SPEC §4.1 step
+        7, §5.3), never one of the proxy's own.
+        """
+        vetted = vet(policy, verdict, found)
+        return self._record(self._notSelf(vetted) if vetted.allowed else vetted)
 
     def _notSelf(self, verdict: Verdict) -> Verdict:
         """
@@ -369,10 +365,10 @@ class PolicyService:
             return verdict
         for ip in verdict.addresses:
             if port in self._ownAnywhere and not _addresses.is_public(ip):
-                return _not_allowed_local(verdict)
+                return refused(verdict, Reason.NOT_ALLOWED_LOCAL)
             ip = _own_form(ip)
             if ip.is_unspecified or (ip, port) in self._own:
-                return _not_allowed_local(verdict)
+                return refused(verdict, Reason.NOT_ALLOWED_LOCAL)
         return verdict
 
     def _resolutionFailed(self, verdict: Verdict, failure: Failure) -> Failure:

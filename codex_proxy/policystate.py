@@ -41,16 +41,18 @@ RunInThread = Callable[[Callable[[], _T]], "defer.Deferred[_T]"]
 _log = Logger()
 
 #: Keys fixed for the life of a process (SPEC §2.5), as ProxyConfig fields.
+#: C{enabled} is not one: a running proxy can be disabled and enabled again.
 LISTENER_FIELDS = (
-    "enabled",
     "http_listen",
     "socks_listen",
     "enable_socks5",
     "enable_socks5_udp",
+    "dns_listen",
     "admin_listen",
 )
 #: Fields whose change a reload reports, besides the domain lists.
 _REPORTED_FIELDS = (
+    "enabled",
     "mode",
     "mitm",
     "allow_local_binding",
@@ -78,22 +80,27 @@ class PolicyState:
         *,
         compile: Callable[[ProxyConfig], Policy],
         run_in_thread: RunInThread[Any],
+        disabled: Callable[[], None] = lambda: None,
     ) -> None:
         """
         @param service: holds the policy compiled from C{sources} already.
         @param compile: turns an effective config into the policy to swap in.
         @param run_in_thread: runs a blocking callable off the reactor thread
             and returns a Deferred of its result.
+        @param disabled: called when a reload disables a running proxy, after
+            the disabled policy is in force (it closes the open tunnels).
         """
         self._service = service
         self._sources = sources
         self._paths = paths
         self._compile = compile
         self._run_in_thread = run_in_thread
+        self._disabled = disabled
         self._runtime = RuntimeRules()
         self._writes = defer.DeferredLock()
         self._reloads = defer.DeferredLock()
         self.config = effective_config(sources)
+        self._started_enabled = self.config.enabled
 
     def reload(self) -> defer.Deferred[bool]:
         """
@@ -128,6 +135,12 @@ class PolicyState:
     def _swap(self, sources: Sources) -> bool:
         config = effective_config(sources, self._runtime)
         config, warnings = keep_listeners(self.config, config)
+        if config.enabled and not self._started_enabled:
+            config = attrs.evolve(config, enabled=False)
+            warnings += (
+                f"{config.source}: {config.section}.enabled: changed to true, but a"
+                " proxy started disabled has no listeners; keeping false until restart",
+            )
         for warning in (*warnings, *config.warnings):
             _log.warn("{warning}", warning=warning)
         changes = self._apply(sources, self._runtime, config)
@@ -160,8 +173,16 @@ class PolicyState:
         """
         policy = self._compile(config)
         changes = describe_changes(self.config, config)
+        was_enabled = self.config.enabled
         self._service.reload(policy)
         self._sources, self._runtime, self.config = sources, runtime, config
+        if was_enabled and not config.enabled:
+            _log.warn(
+                "codex-proxy disabled by reload (enabled = false in {source}): listeners"
+                " stay bound, every new request is refused, open tunnels are closed",
+                source=config.source,
+            )
+            self._disabled()
         return changes
 
     def add_allowed_domain(self, pattern: str, persist: bool = False) -> defer.Deferred[None]:
@@ -230,11 +251,16 @@ def keep_listeners(running: ProxyConfig, new: ProxyConfig) -> tuple[ProxyConfig,
 
 def _field_key(name: str) -> str:
     return {
-        "http_listen": "proxy_url", "socks_listen": "socks_url", "admin_listen": "admin_url"
+        "http_listen": "proxy_url",
+        "socks_listen": "socks_url",
+        "dns_listen": "dns_url",
+        "admin_listen": "admin_url",
     }.get(name, name)
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, enum.Enum):

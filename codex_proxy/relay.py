@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from codex_proxy.upstream import ISink
+from codex_proxy.upstream import IProxyTransport, ISink
 
 #: Bytes read per call on a relayed socket (Twisted's default is 64 KiB);
 #: also the write buffer above which the other side stops being read.
@@ -81,8 +81,8 @@ class Relay:
 
     def __init__(
         self,
-        client: ITransport,
-        server: ITransport,
+        client: IProxyTransport,
+        server: IProxyTransport,
         clock: IReactorTime,
         idle_timeout: float,
     ) -> None:
@@ -120,7 +120,7 @@ class Relay:
         self._serverEOF = True
         self._halfClose(self.client, self._clientEOF)
 
-    def _halfClose(self, other: ITransport, otherEOF: bool) -> None:
+    def _halfClose(self, other: IProxyTransport, otherEOF: bool) -> None:
         if otherEOF:
             self.close()
             return

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import attrs
 
-from codex_proxy.bypass import BLOCKED, OUTCOMES, Case, Corpus
+from codex_proxy.bypass import INVALID, OUTCOMES, Case, Corpus
 
 #: The probes of one case, in order: HTTP absolute-form, CONNECT, SOCKS5
 #: with a domain ATYP, SOCKS5 with an IP ATYP (IP literals only).
@@ -110,9 +110,10 @@ def judge_http(case: Case, probe: str, raw: bytes) -> Outcome:
     if reason:
         seen += f" ({reason})"
     want_status = OUTCOMES[case.expect][0]
-    ok = status == want_status and (case.expect != BLOCKED or header == BLOCKED)
+    want_header = None if case.expect == INVALID else case.expect
+    ok = status == want_status and (want_header is None or header == want_header)
     if not ok:
-        seen += f", expected {want_status}" + (f" {BLOCKED}" if case.expect == BLOCKED else "")
+        seen += f", expected {want_status}" + (f" {want_header}" if want_header else "")
     return Outcome(probe, ok, seen)
 
 

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from codex_proxy import _socks5wire as wire
 from codex_proxy._connection import ClientConnection
+from codex_proxy._text import escape
 from codex_proxy.config import Limits
 from codex_proxy.errors import (
     SOCKS_COMMAND_NOT_SUPPORTED,
@@ -39,10 +40,11 @@ from codex_proxy.errors import (
     reply_for,
 )
 from codex_proxy.connections import Connections
+from codex_proxy.httpproxy import HTTPProxyFactory, HTTPProxyProtocol
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.socks5udp import UDPAssociation
-from codex_proxy.upstream import IUpstream, Outbound
+from codex_proxy.upstream import IUpstream, Outbound, Route
 
 _log = Logger()
 
@@ -77,7 +79,12 @@ class SOCKS5Factory(Factory):
         enable_udp: bool = True,
         reactor: Any = None,
         connections: Optional[Connections] = None,
+        https: Optional[HTTPProxyFactory] = None,
     ) -> None:
+        """
+        @param https: the HTTP listener whose interception serves the SOCKS5
+            CONNECTs that limited mode intercepts (SPEC §6), when C{mitm} is on.
+        """
         self.policy = policy
         self.upstream = upstream
         self.clock = clock
@@ -86,6 +93,7 @@ class SOCKS5Factory(Factory):
         self.reactor = reactor
         self.associations = 0
         self.connections = connections if connections is not None else Connections()
+        self.https = https
 
     def buildProtocol(self, addr: object) -> "SOCKS5Protocol":
         proto = SOCKS5Protocol()
@@ -278,9 +286,21 @@ class SOCKS5Protocol(ClientConnection):
             self._refuseFor(verdict)
             return
         self.noteVerdict(verdict)
+        if verdict.intercept and self.factory.https is None:
+            # The policy asked for interception that this listener cannot do.
+            _log.error(
+                "refusing an intercepted SOCKS5 CONNECT to {host}: no MITM configured",
+                host=escape(verdict.host),
+            )
+            self.noteEnd("error")
+            self._refuse(SOCKS_GENERAL_FAILURE)
+            return
         self._state = DIALLING
-        d = self._work = self.factory.upstream.connect(verdict.addresses, verdict.port)
-        self.expect(d, self._connected, self._failed)
+        # Chained through the HTTPS_PROXY/ALL_PROXY parent, as HTTP CONNECT is (SPEC §7).
+        upstream = self.factory.upstream
+        route = upstream.route(verdict, tunnel=True)
+        d = self._work = upstream.dial(route)
+        self.expect(d, lambda out: self._connected(out, verdict, route), self._failed)
 
     def _failed(self, failure: Failure) -> None:
         self._work = None
@@ -290,10 +310,13 @@ class SOCKS5Protocol(ClientConnection):
         self.noteEnd("failed", e.reason.value)
         self._refuse(reply_for(e.reason).socks)
 
-    def _connected(self, out: Outbound) -> None:
+    def _connected(self, out: Outbound, verdict: Verdict, route: Route) -> None:
         self._work = None
         bound = out.transport.getHost()
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
+        if verdict.intercept:
+            self._handOver(verdict, out, route)
+            return
         self._state = RELAYING
         self.joinRelay(
             out,
@@ -301,6 +324,25 @@ class SOCKS5Protocol(ClientConnection):
             fromClient=self.takePending(),
             clientEOF=self.clientEOF,
         )
+
+    def _handOver(self, verdict: Verdict, out: Outbound, route: Route) -> None:
+        """
+        Give the answered connection to the HTTP listener as an intercepted
+        tunnel (SPEC §6): from here on it is that listener's connection,
+        registered (and ending with one outcome event) as such.
+        """
+        https = self.factory.https
+        assert https is not None
+        transport: Any = self.transport
+        handshake = self.takePending()
+        self.closing = True
+        self._state = CLOSED
+        self.factory.connections.closed(transport)
+        tunnel = _InterceptedTunnel()
+        tunnel.factory = https
+        transport.protocol = tunnel
+        tunnel.makeConnection(transport)
+        tunnel.start(verdict, out, route, handshake)
 
     # -- UDP ASSOCIATE ----------------------------------------------------
 
@@ -339,3 +381,26 @@ class SOCKS5Protocol(ClientConnection):
         # control connection carries nothing, so what came along is dropped.
         self.takePending()
         self.resumeReading("request")
+
+
+class _InterceptedTunnel(HTTPProxyProtocol):
+    """
+    A SOCKS5 CONNECT that limited mode intercepts, served by the HTTP
+    listener's intercepted-tunnel states: the SOCKS5 reply stands in for the
+    C{200}, then TLS with a leaf for the requested host, then inner requests,
+    each method-checked.
+    """
+
+    listener = "socks5"
+    tunnelAnswer = b""
+
+    def start(self, verdict: Verdict, out: Outbound, route: Route, handshake: bytes) -> None:
+        """
+        Start TLS toward the client on the answered connection; C{handshake}
+        is what the client sent after its SOCKS5 request.
+        """
+        self.abandon()  # connectionMade waits for a head: it comes inside TLS
+        self.keep(handshake)
+        transport: Any = self.transport
+        transport.resumeProducing()
+        self._intercept(verdict, out, route)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import enum
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Container, Iterable, Mapping, Optional
 
 import attrs
 
 from codex_proxy._toml import ConfigError, Table, load_toml, pattern_lists, read_file, readonly
-from codex_proxy.config import ProxyConfig, codex_home, load_config
-from codex_proxy.domains import DomainSet, PatternError, PatternKind, parse_pattern
+from codex_proxy.config import ProxyConfig, address_ranges, codex_home, load_config
+from codex_proxy.domains import ANY_PORT, DomainSet, Pattern, PatternError, PatternKind
+from codex_proxy.domains import parse_pattern
 from codex_proxy.errors import ProxyError
 from codex_proxy.model import Mode
 
@@ -46,6 +47,8 @@ _REQUIREMENTS_KEYS = (
     "denied_domains",
     "managed_allowed_domains_only",
     *_CEILING_KEYS,
+    "allowed_ranges",
+    "denied_ranges",
 )
 
 
@@ -63,7 +66,10 @@ class Requirements:
     @ivar ceilings: config key -> the most a user may set it to (C{False},
         or L{Mode.LIMITED}); keys absent are not capped.
     @ivar source: the requirements file name, or C{"<no requirements>"}.
-    @ivar pattern_sources: pattern -> C{"file: dotted.key[index]"}.
+    @ivar pattern_sources: pattern or range -> C{"file: dotted.key[index]"}.
+    @ivar allowed_ranges: canonical CIDRs added to every user's
+        C{allowed_ranges} (SPEC §5.3).
+    @ivar denied_ranges: canonical CIDRs no user can lift.
     """
 
     allowed_domains: tuple[str, ...] = ()
@@ -72,6 +78,8 @@ class Requirements:
     ceilings: Mapping[str, Any] = attrs.field(factory=dict, converter=readonly, hash=False)
     source: str = NO_REQUIREMENTS_SOURCE
     pattern_sources: Mapping[str, str] = attrs.field(factory=dict, converter=readonly, hash=False)
+    allowed_ranges: tuple[str, ...] = ()
+    denied_ranges: tuple[str, ...] = ()
 
 
 def parse_requirements(data: bytes, source: str) -> Requirements:
@@ -92,13 +100,17 @@ def parse_requirements(data: bytes, source: str) -> Requirements:
         value = table.mode(name) if name == "mode" else table.boolean(name, None)
         if value is not None:
             ceilings[name] = value
+    allowed_ranges = address_ranges(table, "allowed_ranges")
+    denied_ranges = address_ranges(table, "denied_ranges")
     return Requirements(
         allowed_domains=tuple(allowed),
         denied_domains=tuple(denied),
         managed_allowed_domains_only=table.boolean("managed_allowed_domains_only", False),
         ceilings=ceilings,
         source=source,
-        pattern_sources={**allowed, **denied},
+        pattern_sources={**allowed, **denied, **allowed_ranges, **denied_ranges},
+        allowed_ranges=tuple(allowed_ranges),
+        denied_ranges=tuple(denied_ranges),
     )
 
 
@@ -124,6 +136,28 @@ def _spell(value: Any) -> str:
     if isinstance(value, Mode):
         return json.dumps(value.value)
     return str(value).lower()
+
+
+def _ignored(
+    requirements: Requirements,
+    config: ProxyConfig,
+    what: str,
+    user: Iterable[str],
+    managed: Container[str],
+) -> tuple[str, ...]:
+    """
+    The warning, if any, that the C{user} entries of C{config} missing from
+    the C{managed} ones are ignored under C{managed_allowed_domains_only}.
+    """
+    ignored = [text for text in user if text not in managed]
+    if not ignored:
+        return ()
+    return (
+        f"{requirements.source}: {_REQUIREMENTS_TABLE}."
+        f"managed_allowed_domains_only = true: ignoring {what} "
+        "not in the managed allowlist: "
+        + ", ".join(f"{text} ({config.pattern_sources[text]})" for text in ignored),
+    )
 
 
 def merge_requirements(config: ProxyConfig, requirements: Requirements) -> ProxyConfig:
@@ -152,21 +186,17 @@ def merge_requirements(config: ProxyConfig, requirements: Requirements) -> Proxy
     denied = dict.fromkeys((*requirements.denied_domains, *config.denied_domains))
     warnings = config.warnings
     if requirements.managed_allowed_domains_only:
-        ignored = [
-            text
-            for text in config.allowed_domains
-            if text not in requirements.allowed_domains
-        ]
-        if ignored:
-            warnings += (
-                f"{requirements.source}: {_REQUIREMENTS_TABLE}."
-                "managed_allowed_domains_only = true: ignoring allowed patterns "
-                "not in the managed allowlist: "
-                + ", ".join(f"{text} ({config.pattern_sources[text]})" for text in ignored),
-            )
         allowed = dict.fromkeys(requirements.allowed_domains)
+        allowed_ranges = dict.fromkeys(requirements.allowed_ranges)
+        for what, user, kept in (
+            ("allowed patterns", config.allowed_domains, allowed),
+            ("allowed_ranges", config.allowed_ranges, allowed_ranges),
+        ):
+            warnings += _ignored(requirements, config, what, user, kept)
     else:
         allowed = dict.fromkeys((*requirements.allowed_domains, *config.allowed_domains))
+        allowed_ranges = dict.fromkeys((*requirements.allowed_ranges, *config.allowed_ranges))
+    denied_ranges = dict.fromkeys((*requirements.denied_ranges, *config.denied_ranges))
     allowed_domains = tuple(text for text in allowed if text not in denied)
     managed = requirements.pattern_sources
     sources = {
@@ -177,6 +207,8 @@ def merge_requirements(config: ProxyConfig, requirements: Requirements) -> Proxy
         sources[text] = (
             managed[text] if text in requirements.denied_domains else config.pattern_sources[text]
         )
+    for text in (*allowed_ranges, *denied_ranges):
+        sources[text] = managed.get(text) or config.pattern_sources[text]
     return attrs.evolve(
         config,
         **changes,
@@ -185,6 +217,8 @@ def merge_requirements(config: ProxyConfig, requirements: Requirements) -> Proxy
         pattern_sources=sources,
         warnings=warnings,
         managed_allowed_domains_only=requirements.managed_allowed_domains_only,
+        allowed_ranges=tuple(allowed_ranges),
+        denied_ranges=tuple(denied_ranges),
     )
 
 
@@ -400,11 +434,12 @@ def effective_config(sources: Sources, runtime: RuntimeRules = RuntimeRules()) -
         denied,
         [(text, action, RUNTIME_SOURCE) for text, action in runtime.entries.items()],
     )
+    ranges = {text: where[text] for text in (*config.allowed_ranges, *config.denied_ranges)}
     user = attrs.evolve(
         config,
         allowed_domains=tuple(allowed),
         denied_domains=tuple(denied),
-        pattern_sources={**allowed, **denied},
+        pattern_sources={**allowed, **denied, **ranges},
     )
     return merge_requirements(user, sources.requirements)
 
@@ -419,7 +454,7 @@ def check_addition(requirements: Requirements, pattern: str, action: Action) -> 
     @raise RuleError: saying what is wrong and which requirement forbids it.
     """
     try:
-        parsed = parse_pattern(pattern)
+        parsed = parse_pattern(pattern, deny=action is Action.DENY)
     except PatternError as e:
         raise RuleError(f"cannot {action.value} {pattern!r}: {e}") from None
     if action is Action.DENY:
@@ -430,8 +465,8 @@ def check_addition(requirements: Requirements, pattern: str, action: Action) -> 
             f"({requirements.source}: experimental_network."
             "managed_allowed_domains_only = true)"
         )
-    managed = DomainSet(parse_pattern(text) for text in requirements.denied_domains)
-    covering = _covering_deny(managed, parsed.kind, parsed.domain)
+    managed = DomainSet(parse_pattern(text, deny=True) for text in requirements.denied_domains)
+    covering = _covering_deny(managed, parsed)
     if covering is not None:
         raise RuleError(
             f"cannot allow {parsed.text!r}: managed requirements deny it "
@@ -440,15 +475,18 @@ def check_addition(requirements: Requirements, pattern: str, action: Action) -> 
     return parsed.text
 
 
-def _covering_deny(managed: DomainSet, kind: PatternKind, domain: str) -> Optional[str]:
+def _covering_deny(managed: DomainSet, pattern: Pattern) -> Optional[str]:
     """
-    The managed deny pattern that matches every host the pattern C{kind} +
-    C{domain} would allow, if any. A partial overlap is no reason to refuse:
-    the deny keeps winning where it applies.
+    The managed deny pattern that matches every host and port C{pattern}
+    would allow, if any: a deny on one port covers an allow on that port
+    only. A partial overlap is no reason to refuse: the deny keeps winning
+    where it applies.
     """
+    kind, domain = pattern.kind, pattern.domain
+    port = None if pattern.port == ANY_PORT else pattern.port
     # "*" is no hostname label, so this probe matches only subdomain wildcards.
-    below = managed.match(f"*.{domain}")
-    apex = managed.match(domain)
+    below = managed.match(f"*.{domain}", port)
+    apex = managed.match(domain, port)
     if kind is PatternKind.EXACT:
         found = apex
     elif kind is PatternKind.SUBDOMAINS:

@@ -15,12 +15,20 @@ protection that applies to destinations.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Optional, Sequence, Tuple, cast
 
 import attrs
 from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTCP,
+    IReactorTime,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -33,6 +41,13 @@ from codex_proxy.errors import ProtocolError, UpstreamError
 from codex_proxy.connections import Connections
 from codex_proxy.metrics import timed
 from codex_proxy.model import IPAddress, Reason, Verdict
+
+
+class IProxyTransport(ITLSTransport, IConsumer, IPushProducer):
+    """
+    What the proxy uses of a connection's transport (TCP): half-close, TLS
+    started on it, and flow control as consumer and as producer.
+    """
 
 
 class ISink(Interface):
@@ -68,6 +83,7 @@ class Outbound(Protocol):
         C{CONNECT}: the first tunnel bytes, for the caller to relay.
     """
 
+    transport: IProxyTransport
     sink: Optional[ISink] = None
     early = b""
     _handshake: Optional["_ParentConnect"] = None
@@ -104,7 +120,7 @@ class Outbound(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connections.closed(self.transport)
         if self._handshake is not None:
             self._handshake.lost(reason)
@@ -215,6 +231,21 @@ def _classify(failure: Failure, where: str) -> UpstreamError:
     )
 
 
+class _OutboundFactory(Factory):
+    """
+    Builds the L{Outbound} of each dial (quietly: a log line per connection
+    would cost more than the dial).
+    """
+
+    noisy = False
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Outbound:
+        return Outbound(self._connections)
+
+
 class IUpstream(Interface):
     """
     The upstream connector: how the listeners open every outbound
@@ -287,6 +318,7 @@ class Upstream:
         self._observe = observe
         self._timeout = connect_timeout
         self.connections = connections if connections is not None else Connections()
+        self._factory = _OutboundFactory(self.connections)
         self._parents = parents
         self._parent_tls = parent_tls
 
@@ -355,34 +387,23 @@ class Upstream:
         """
         The one dial path: connect an L{Outbound} through each endpoint in
         turn until one connects; fail with L{UpstreamError} describing the
-        last failure (C{where} names it).
+        last failure (C{where} names it). Cancelling reaches the attempt in
+        progress, through the chain.
         """
-        current: List[defer.Deferred[Outbound]] = []
-        cancelled = []
-
-        def cancel(_: object) -> None:
-            cancelled.append(True)
-            current[-1].cancel()
-
-        result: defer.Deferred[Outbound] = defer.Deferred(cancel)
-
-        def attempt(index: int) -> None:
-            endpoint, where = attempts[index]
-            d = endpoints.connectProtocol(endpoint, Outbound(self.connections))
-            current.append(d)
-
-            def failed(failure: Failure) -> None:
-                if cancelled:
-                    return
-                if index + 1 < len(attempts):
-                    attempt(index + 1)
-                else:
-                    result.errback(_classify(failure, where))
-
-            d.addCallbacks(result.callback, failed)
-
-        attempt(0)
         if self._observe is None:
-            return result
+            return self._attempt(attempts)
         clock = cast(IReactorTime, self._reactor)
-        return timed(result, clock, self._observe, clock.seconds())
+        return timed(self._attempt(attempts), clock, self._observe, clock.seconds())
+
+    def _attempt(self, attempts: Sequence[Tuple[Any, str]]) -> defer.Deferred[Outbound]:
+        endpoint, where = attempts[0]
+
+        def failed(failure: Failure) -> defer.Deferred[Outbound]:
+            if failure.check(error.ConnectingCancelledError, defer.CancelledError):
+                raise defer.CancelledError()
+            if len(attempts) > 1:
+                return self._attempt(attempts[1:])
+            raise _classify(failure, where)
+
+        d: defer.Deferred[Outbound] = endpoint.connect(self._factory)
+        return d.addErrback(failed)

@@ -61,7 +61,12 @@ def test_env_points_children_at_the_bound_addresses():
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY"):
         assert env[name] == env[name.lower()] == f"http://{handle.http_addr}"
     assert env["NO_PROXY"] == env["no_proxy"] == ""
-    assert "ALL_PROXY" not in env
+    assert env["ALL_PROXY"] == env["all_proxy"] == f"http://{handle.http_addr}"
+    for name in ("FTP_PROXY", "npm_config_proxy", "npm_config_https_proxy",
+                 "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY"):
+        assert env[name] == f"http://{handle.http_addr}"
+    for name in ("NODE_USE_ENV_PROXY", "ELECTRON_GET_USE_PROXY", "CODEX_NETWORK_PROXY_ACTIVE"):
+        assert env[name] == "1"
 
 
 def test_env_with_socks_local_binding_and_a_ca_bundle():

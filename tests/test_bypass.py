@@ -19,7 +19,7 @@ from support.socks import Harness as SOCKSHarness
 from twisted.internet.address import IPv4Address
 
 from codex_proxy import cli, selftest
-from codex_proxy.bypass import BLOCKED, BypassError, Case, load_corpus
+from codex_proxy.bypass import BLOCKED, DENIED, BypassError, Case, load_corpus
 from codex_proxy.policy import Policy
 from codex_proxy.testing import StaticResolver
 
@@ -38,7 +38,11 @@ def _resolver() -> StaticResolver:
 
 
 def _policy() -> Policy:
-    return Policy.build(allowed=CORPUS.allowed_domains)
+    return Policy.build(
+        allowed=CORPUS.allowed_domains,
+        allowed_ranges=CORPUS.allowed_ranges,
+        denied_ranges=CORPUS.denied_ranges,
+    )
 
 
 def _ids(cases) -> List[str]:
@@ -54,8 +58,11 @@ SOCKS_PROBES = [
 def _expect_refused(case: Case, probe: str, raw: bytes, resolver: StaticResolver) -> None:
     outcome = selftest.judge(case, probe, raw)
     assert outcome.ok, outcome.seen
-    if case.expect == BLOCKED and probe in (selftest.HTTP, selftest.CONNECT):
-        assert "(not_allowed_local)" in outcome.seen
+    if probe in (selftest.HTTP, selftest.CONNECT):
+        if case.expect == BLOCKED:
+            assert "(not_allowed_local)" in outcome.seen
+        elif case.expect == DENIED:
+            assert "(denied)" in outcome.seen
     # Literals and localhost names are never looked up; a name is looked up
     # once per request.
     name = case.resolved_name
@@ -147,6 +154,16 @@ def test_the_corpus_covers_the_issue():
         assert host in hosts
     assert any(c.answers and not c.live and not c.rebind_to for c in CORPUS.cases)  # mixed
     assert any(c.rebind_to for c in CORPUS.cases)
+    # SPEC §5.3: ranges that try to unlock loopback and metadata, a public
+    # answer in a denied range, one answer inside an allowed range and
+    # another private one outside it.
+    assert {"127.0.0.0/8", "169.254.169.0/24", "::/96", "fd00:ec2::/64"} <= set(
+        CORPUS.allowed_ranges
+    )
+    names = {case.name: case for case in CORPUS.cases}
+    assert names["denied-range-public"].expect == DENIED
+    assert not names["denied-range-public"].live
+    assert names["range-one-answer-outside"].live
     assert len({case.name for case in CORPUS.cases}) == len(CORPUS.cases)
 
 
@@ -169,6 +186,13 @@ def test_the_corpus_covers_the_issue():
         ),
         (b"allowed = []\n", "unknown key 'allowed'"),
         (b"allowed_domains = []\n", "no [[case]] tables"),
+        (b"allowed_ranges = ['10.0.0.1/8']\n", "allowed_ranges: invalid address range '10.0.0.1/8'"),
+        (b"denied_ranges = '10.0.0.0/8'\n", "denied_ranges must be a list of CIDRs"),
+        (
+            b"[[case]]\nname = 'a'\nhost = 'x.test'\nwhy = 'y'\nanswers = ['10.0.0.1']\n"
+            b"expect = 'invalid-host'\n",
+            "case 'a': key 'expect': a resolver case is never invalid-host",
+        ),
         (b"[[case\n", "not valid TOML"),
     ],
 )

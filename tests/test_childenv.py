@@ -23,9 +23,36 @@ def test_proxy_variables_in_both_cases_point_at_the_http_listener():
     assert not set(CA_BUNDLE_VARIABLES) & set(env)
 
 
-def test_no_all_proxy_without_socks5():
+def expected(http: str, all_proxy: str, no_proxy: str = "") -> dict:
+    """
+    Every variable of SPEC §10 without a CA bundle, key by key.
+    """
+    env = {}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY"):
+        env[name] = env[name.lower()] = http
+    env["ALL_PROXY"] = env["all_proxy"] = all_proxy
+    for name in (
+        "FTP_PROXY",
+        "npm_config_proxy",
+        "npm_config_https_proxy",
+        "YARN_HTTP_PROXY",
+        "YARN_HTTPS_PROXY",
+    ):
+        env[name] = http
+    for name in ("NODE_USE_ENV_PROXY", "ELECTRON_GET_USE_PROXY", "CODEX_NETWORK_PROXY_ACTIVE"):
+        env[name] = "1"
+    env["NO_PROXY"] = env["no_proxy"] = no_proxy
+    return env
+
+
+def test_every_variable_key_by_key_with_socks5():
+    env = child_env(config('proxy_url = "127.0.0.1:3130"\n'))
+    assert env == expected("http://127.0.0.1:3130", "socks5h://127.0.0.1:8081")
+
+
+def test_all_proxy_is_the_http_url_without_socks5():
     env = child_env(config("enable_socks5 = false\n"))
-    assert "ALL_PROXY" not in env and "all_proxy" not in env
+    assert env == expected("http://127.0.0.1:3128", "http://127.0.0.1:3128")
 
 
 def test_local_binding_lets_loopback_bypass_the_proxy():
@@ -58,3 +85,12 @@ def test_ca_bundle_sets_every_bundle_variable():
     assert {name: env[name] for name in CA_BUNDLE_VARIABLES} == dict.fromkeys(
         CA_BUNDLE_VARIABLES, "/h/proxy/bundle.pem"
     )
+
+
+def test_the_dns_listener_adds_nothing():
+    """
+    Resolvers are not configured by environment (SPEC §14.2): the sandbox's
+    resolver is pointed at the DNS listener some other way.
+    """
+    env = child_env(config('dns_url = "127.0.0.1:5353"\n'))
+    assert env == expected("http://127.0.0.1:3128", "socks5h://127.0.0.1:8081")

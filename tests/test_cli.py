@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,15 @@ def test_check_config_shows_clamping_warnings_and_empty_allowlist(config_file):
     assert code == 0
     assert "empty allowlist: every destination is blocked" in out
     assert "warning: " in out and "replaced by 127.0.0.1:3128" in out
+
+
+def test_check_config_shows_the_dns_listener(config_file):
+    code, out, _ = run("check-config", config_file())
+    assert code == 0
+    assert "dns_url:                              unset (default)\n" in out
+    path = config_file(text='[network]\ndns_url = "dns://127.0.0.1:5353"\n')
+    code, out, _ = run("check-config", path)
+    assert "dns_url:                              127.0.0.1:5353\n" in out
 
 
 def test_check_config_invalid_exits_1_naming_file_and_key(config_file):
@@ -266,6 +276,49 @@ def test_env_fish_and_json(config_file):
     code, out, _ = run("env", "-c", config_file(), "--shell", "json")
     assert code == 0
     assert json.loads(out)["wss_proxy"] == "http://127.0.0.1:3128"
+
+
+def _read_env(shell: str, out: str) -> dict:
+    """
+    The variables a C{codexproxy env} output sets, read back the way that
+    shell (or a JSON reader) would.
+    """
+    if shell == "json":
+        return json.loads(out)
+    if shell == "fish":
+        return {
+            name: shlex.split(value)[0]
+            for name, value in (line.split(" ", 3)[2:] for line in out.splitlines())
+        }
+    shown = subprocess.run(
+        ["sh", "-c", out + "env -0"], capture_output=True, text=True, env={}
+    ).stdout
+    env = dict(entry.split("=", 1) for entry in shown.split("\0") if entry)
+    for name in ("PWD", "SHLVL", "_", "OLDPWD"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.parametrize("shell", ["sh", "fish", "json"])
+def test_env_every_format_carries_every_variable(config_file, shell):
+    """
+    Each shell format sets exactly the variables of SPEC §10, key by key.
+    """
+    code, out, _ = run("env", "-c", config_file(), "--shell", shell)
+    assert code == 0
+    env = _read_env(shell, out)
+    http = "http://127.0.0.1:3128"
+    want = {}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "WS_PROXY", "WSS_PROXY"):
+        want[name] = want[name.lower()] = http
+    want["ALL_PROXY"] = want["all_proxy"] = "socks5h://127.0.0.1:8081"
+    for name in ("FTP_PROXY", "npm_config_proxy", "npm_config_https_proxy",
+                 "YARN_HTTP_PROXY", "YARN_HTTPS_PROXY"):
+        want[name] = http
+    for name in ("NODE_USE_ENV_PROXY", "ELECTRON_GET_USE_PROXY", "CODEX_NETWORK_PROXY_ACTIVE"):
+        want[name] = "1"
+    want["NO_PROXY"] = want["no_proxy"] = ""
+    assert env == want
 
 
 def test_env_reads_bound_addresses_from_the_ports_file(config_file, tmp_path):

@@ -663,3 +663,31 @@ def test_default_config_path_no_home():
     with pytest.raises(ConfigError) as info:
         default_config_path({})
     assert "HOME" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("127.0.0.1:5353", ListenAddress("127.0.0.1", 5353)),
+        ("dns://localhost:0", ListenAddress("127.0.0.1", 0)),
+        ("udp://[::1]:53", ListenAddress("::1", 53)),
+    ],
+)
+def test_dns_url_any_scheme_is_ignored(url, expected):
+    assert network(f'dns_url = "{url}"\n').dns_listen == expected
+
+
+def test_dns_url_is_unset_by_default():
+    assert network("").dns_listen is None
+
+
+@pytest.mark.parametrize("dangerous", ["", "dangerously_allow_non_loopback_proxy = true\n"])
+def test_dns_url_must_be_on_loopback(dangerous):
+    message = assert_error(
+        f'[network]\n{dangerous}dns_url = "0.0.0.0:53"\n', "network.dns_url", "0.0.0.0:53"
+    )
+    assert "loopback" in message
+
+
+def test_dns_url_bad_address_names_the_key():
+    assert_error('[network]\ndns_url = "resolver:53"\n', "network.dns_url", "'resolver:53'")

@@ -110,6 +110,18 @@ def test_a_thousand_pipelined_blocked_requests_get_a_thousand_replies_in_order()
     assert not h.client.disconnecting
 
 
+def test_pipelined_requests_then_eof_are_all_answered_then_closed():
+    h = Harness(False)
+    h.proto.dataReceived(blocked(3))
+    h.proto.readConnectionLost()
+    assert not h.client.disconnecting
+    h.turn()
+    raw = h.client.value()
+    assert replies(raw) == [b"d0.test", b"d1.test", b"d2.test"]
+    assert raw.count(b"Connection: keep-alive") == 2 and raw.count(b"Connection: close") == 1
+    assert h.client.disconnecting
+
+
 def test_a_thousand_pipelined_requests_in_an_intercepted_tunnel_are_answered(tmp_path):
     w = World(tmp_path, False)
     w.connect()

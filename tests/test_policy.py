@@ -192,7 +192,12 @@ _LIMITED_MITM = Policy.build(mode=Mode.LIMITED, mitm=True, allowed=["example.com
          None),
         (_LIMITED, _request("example.com"), Reason.MITM_REQUIRED),
         (_LIMITED_MITM, _request("example.com"), None),
-        (_LIMITED_MITM, _request("example.com", protocol=Protocol.SOCKS5_TCP),
+        (_LIMITED_MITM, _request("example.com", port=80, protocol=Protocol.SOCKS5_TCP),
+         Reason.METHOD_NOT_ALLOWED),
+        (_LIMITED_MITM, _request("example.com", protocol=Protocol.SOCKS5_TCP), None),
+        (_LIMITED, _request("example.com", protocol=Protocol.SOCKS5_TCP),
+         Reason.METHOD_NOT_ALLOWED),
+        (_LIMITED_MITM, _request("example.com", protocol=Protocol.SOCKS5_UDP),
          Reason.METHOD_NOT_ALLOWED),
         (_LIMITED, _request("example.com", protocol=Protocol.SOCKS5_UDP),
          Reason.METHOD_NOT_ALLOWED),
@@ -212,6 +217,7 @@ def test_limited_mode_guard(policy, request_, reason):
 
 def test_limited_mode_intercepts_connect_only_with_mitm():
     assert decide(_LIMITED_MITM, _request("example.com")).intercept
+    assert decide(_LIMITED_MITM, _request("example.com", protocol=Protocol.SOCKS5_TCP)).intercept
     assert not decide(_LIMITED_MITM, _get("example.com")).intercept
 
 

@@ -83,8 +83,14 @@ class Proxy:
             clock=clock,
             auditor=self.auditor,
         )
+        self.disabled: List[str] = []
         self.state = PolicyState(
-            self.service, sources, paths, compile=COMPILE, run_in_thread=run_in_thread
+            self.service,
+            sources,
+            paths,
+            compile=COMPILE,
+            run_in_thread=run_in_thread,
+            disabled=lambda: self.disabled.append("tunnels closed"),
         )
 
     def decide(self, host: str) -> str:
@@ -175,17 +181,47 @@ def test_new_ceiling_the_config_exceeds_keeps_the_old_policy(tmp_path, log):
 def test_listener_keys_cannot_change_but_the_rest_reloads(tmp_path, log):
     proxy = Proxy(tmp_path, config(extra='proxy_url = "127.0.0.1:3128"\n'))
     proxy.config_path.write_text(
-        config(allowed=["b.example"], extra='proxy_url = "127.0.0.1:4000"\nenabled = false\n')
-        .replace("enabled = true\n", "")
+        config(allowed=["b.example"], extra='proxy_url = "127.0.0.1:4000"\n')
     )
 
     assert proxy.reload() is True
 
     assert proxy.state.config.http_listen == ListenAddress("127.0.0.1", 3128)
-    assert proxy.state.config.enabled is True
     assert proxy.decide("b.example") == ALLOW
     assert any("network.proxy_url: changed to 127.0.0.1:4000" in line for line in log)
-    assert any("network.enabled: changed to false" in line for line in log)
+
+
+def test_reload_disables_a_running_proxy_and_enables_it_again(tmp_path, log):
+    """
+    C{enabled = false} on reload refuses every new request as
+    C{proxy_disabled} and closes the open tunnels; C{enabled = true} again
+    restores service (SPEC §2.5).
+    """
+    proxy = Proxy(tmp_path, config())
+    proxy.config_path.write_text(config().replace("enabled = true", "enabled = false"))
+
+    assert proxy.reload() is True
+
+    assert proxy.decide("a.example") == "deny proxy_disabled"
+    assert proxy.auditor.events[-1]["network.policy.source"] == "proxy_state"
+    assert proxy.disabled == ["tunnels closed"]
+    assert "policy reloaded: enabled true -> false" in log
+    proxy.config_path.write_text(config())
+    assert proxy.reload() is True
+    assert proxy.decide("a.example") == ALLOW
+    assert proxy.disabled == ["tunnels closed"]
+
+
+def test_a_proxy_started_disabled_stays_disabled(tmp_path, log):
+    proxy = Proxy(tmp_path, config().replace("enabled = true", "enabled = false"))
+    proxy.config_path.write_text(config())
+
+    assert proxy.reload() is True
+
+    assert proxy.decide("a.example") == "deny proxy_disabled"
+    assert any(
+        "network.enabled: changed to true, but a proxy started disabled" in line for line in log
+    )
 
 
 def test_runtime_additions_flip_lists_and_survive_a_reload(tmp_path, log):
@@ -210,7 +246,7 @@ def test_runtime_additions_flip_lists_and_survive_a_reload(tmp_path, log):
             "the allowlist is managed",
         ),
         ('[experimental_network]\ndenied_domains = ["**.example"]\n', "b.example", "managed requirements deny it"),
-        ("", "b.example:80", "port-agnostic"),
+        ("", "b.example:0", "invalid port"),
     ],
 )
 def test_runtime_allow_refused_changes_nothing(tmp_path, requirements, pattern, message):
@@ -308,3 +344,32 @@ def test_deeply_nested_toml_on_reload_is_logged_naming_the_file(tmp_path, log):
     assert line.endswith(f"{proxy.config_path}: invalid TOML: values nested too deeply")
     assert proxy.decide("a.example") == ALLOW
 
+
+
+def test_runtime_rules_with_ports_are_remembered_and_decide_per_port(tmp_path):
+    proxy = Proxy(tmp_path, config(allowed=["**.example"]))
+    proxy.state.add_allowed_domain("127.0.0.1:8000", persist=True)
+    proxy.state.add_denied_domain("*:22", persist=True)
+    rules = load_rules(str(proxy.rules_path))
+    assert (rules.allowed_domains, rules.denied_domains) == (("127.0.0.1:8000",), ("*:22",))
+    restarted = Proxy(tmp_path)
+    for host, port in [("127.0.0.1", 8000), ("127.0.0.1", 8001), ("a.example", 22), ("a.example", 80)]:
+        restarted.service.check(ProxyRequest(Protocol.HTTP, host, port, method="GET"))
+    assert [
+        f"{e['network.policy.decision']} {e['network.policy.reason']}"
+        for e in restarted.auditor.events
+    ] == [ALLOW, "deny not_allowed_local", DENIED, ALLOW]
+
+
+def test_dns_url_cannot_change_on_a_running_proxy(tmp_path, log):
+    proxy = Proxy(tmp_path, config(extra='dns_url = "127.0.0.1:5353"\n'))
+    proxy.config_path.write_text(config())
+
+    assert proxy.reload() is True
+
+    assert proxy.state.config.dns_listen == ListenAddress("127.0.0.1", 5353)
+    assert any(
+        "network.dns_url: changed to unset, but it cannot change on a running proxy;"
+        " keeping 127.0.0.1:5353 until restart" in line
+        for line in log
+    )

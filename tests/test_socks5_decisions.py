@@ -345,3 +345,20 @@ def test_the_listener_dials_through_any_upstream_connector(trickle):
     h.send(NO_AUTH + connect("origin.test", 443), other)
     upstream.refuse()
     assert other.transport.value() == b"\x05\x00" + reply(0x05)
+
+
+# -- interception (SPEC §6) ------------------------------------------------------
+
+
+def test_intercepted_connect_without_mitm_machinery_is_refused_and_never_dialled(trickle):
+    """
+    A listener built without the HTTP listener's interception cannot
+    intercept: the CONNECT the policy wants intercepted fails closed (REP
+    0x01) instead of becoming an opaque tunnel.
+    """
+    h = Harness(trickle, policy=Policy.build(mode=Mode.LIMITED, mitm=True, allowed=ALLOW))
+    with capturedLogs() as events:
+        h.send(NO_AUTH + connect("origin.test", 443))
+    assert h.client.value() == b"\x05\x00" + reply(0x01)
+    assert h.dials() == []
+    assert any("no MITM configured" in formatEvent(e) for e in events)

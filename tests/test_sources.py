@@ -199,6 +199,12 @@ def test_managed_only_ignores_remembered_allows_with_a_warning():
         ('denied_domains = ["*.a.example"]', "a.example", Action.ALLOW, "a.example"),
         ('denied_domains = ["*.a.example"]', "**.a.example", Action.ALLOW, "**.a.example"),
         ('denied_domains = ["a.example"]', "a.example", Action.DENY, "a.example"),
+        ("", " A.Example:8000 ", Action.ALLOW, "a.example:8000"),
+        ("", "[::1]:9000", Action.ALLOW, "[::1]:9000"),
+        ("", "*:22", Action.DENY, "*:22"),
+        ('denied_domains = ["*:22"]', "a.example", Action.ALLOW, "a.example"),
+        ('denied_domains = ["a.example:22"]', "a.example", Action.ALLOW, "a.example"),
+        ('denied_domains = ["a.example:22"]', "a.example:443", Action.ALLOW, "a.example:443"),
     ],
 )
 def test_additions_accepted(requirements, pattern, action, expected):
@@ -209,7 +215,11 @@ def test_additions_accepted(requirements, pattern, action, expected):
     "requirements, pattern, action, message",
     [
         ("", "*", Action.ALLOW, "cannot allow '*': the global pattern"),
-        ("", "a.example:443", Action.DENY, "cannot deny 'a.example:443': patterns are port-agnostic"),
+        ("", "a.example:0", Action.DENY, "cannot deny 'a.example:0': invalid port"),
+        ("", "*:22", Action.ALLOW, "cannot allow '*:22': '*:22' matches every host"),
+        ('denied_domains = ["*:22"]', "a.example:22", Action.ALLOW, "'*:22'"),
+        ('denied_domains = ["a.example"]', "a.example:443", Action.ALLOW, "'a.example'"),
+        ('denied_domains = ["*.example:22"]', "*.example:22", Action.ALLOW, "'*.example:22'"),
         (
             'allowed_domains = ["a.example"]\nmanaged_allowed_domains_only = true',
             "a.example",

@@ -193,8 +193,10 @@ class OriginServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), _OriginHandler)
+    def __init__(
+        self, tls: ssl.SSLContext | None = None, address: tuple[str, int] = ("127.0.0.1", 0)
+    ) -> None:
+        super().__init__(address, _OriginHandler)
         self.tls = tls
         self.requests: list[SeenRequest] = []
         self._lock = threading.Lock()
@@ -307,6 +309,29 @@ def tls_origin(tls_files: TLSFiles) -> Iterator[OriginServer]:
     server = OriginServer(tls=context).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def tls_origin_at(tls_files: TLSFiles) -> Iterator[Callable[[tuple[str, int]], OriginServer]]:
+    """
+    C{tls_origin_at(address)}: a L{tls_origin} on a chosen address (a
+    well-known port needs privileges: the test is skipped without them).
+    """
+    started: list[OriginServer] = []
+
+    def start(address: tuple[str, int]) -> OriginServer:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls_files.cert, tls_files.key)
+        try:
+            server = OriginServer(tls=context, address=address)
+        except OSError as e:
+            pytest.skip(f"cannot listen on {address}: {e}")
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """
 The bypass corpus against a real C{twistd codexproxy} through HTTP, CONNECT
 and SOCKS5, replayed by C{codexproxy selftest}: the proxy runs with the
-corpus's allowlist and its C{--resolve} answers (loopback and private), every
+corpus's allowlist, its address ranges and its C{--resolve} answers
+(loopback and private), every
 case is refused, and a loopback listener that every request names as its
 destination port receives no connection at all. Plus C{--resolve} doing its
 positive job where local binding is allowed.
@@ -89,6 +90,8 @@ def test_selftest_every_case_refused_and_nothing_reaches_loopback(proxy_factory,
             "enable_socks5": True,
             "socks_url": "127.0.0.1:0",
             "allowed_domains": list(CORPUS.allowed_domains),
+            "allowed_ranges": list(CORPUS.allowed_ranges),
+            "denied_ranges": list(CORPUS.denied_ranges),
         },
         args=tuple(printed.stdout.split()),
     )

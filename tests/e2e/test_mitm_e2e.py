@@ -14,6 +14,7 @@ import ssl
 import stat
 
 import pytest
+from test_socks5_proxy import socks_request
 
 LIMITED_MITM = {"mode": "limited", "mitm": True}
 
@@ -155,3 +156,43 @@ def test_one_ca_file_of_two_stops_start_up(proxyproc, tmp_path, name, content):
     assert f"{missing}: missing" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (directory / missing).exists()
+
+
+#: A loopback address of its own for an origin on the HTTPS port, which
+#: SOCKS5 interception needs (SPEC §6: port 443 only).
+ORIGIN_443 = ("127.0.0.43", 443)
+
+
+def test_socks5_connect_to_443_is_intercepted_in_limited_mode(
+    proxy_factory, tls_files, tls_origin_at, curl, proxyproc
+):
+    """
+    SPEC §6: C{curl --socks5-hostname} gets read-only HTTPS instead of REP
+    0x02: GET passes, POST is refused inside TLS and never reaches the
+    origin; the leaf is for the requested name.
+    """
+    tls_origin_443 = tls_origin_at(ORIGIN_443)
+    proxy = proxy_factory(
+        {**LIMITED_MITM, "enable_socks5": True, "socks_url": "127.0.0.1:0"},
+        args=("--resolve", f"localhost={ORIGIN_443[0]}"),
+        env={"SSL_CERT_FILE": str(tls_files.cert)},
+    )
+    socks = f"socks5h://{proxy.ports['socks']}"
+
+    got = curl.run("https://localhost/bytes/20000", "--cacert", _ca(proxy), proxy=socks)
+    posted = curl.run(
+        "https://localhost/sink", "--cacert", _ca(proxy), "--data-binary", "secret", proxy=socks
+    )
+
+    assert (got.returncode, got.status) == (0, 200), got.stderr
+    assert got.body == proxyproc.pattern_bytes(20000)
+    assert posted.status == 403, posted.stderr
+    assert posted.headers["x-proxy-error"] == "blocked-by-method-policy"
+    assert (posted.json()["reason"], posted.json()["protocol"]) == ("method_not_allowed", "https")
+    assert [(seen.method, seen.path) for seen in tls_origin_443.requests] == [
+        ("GET", "/bytes/20000")
+    ]
+    control, rep, _ = socks_request(proxy.socks_addr, 1, "localhost", 8443)
+    control.close()
+    assert rep == 0x02  # other ports carry bytes nobody can method-check
+    proxy.wait_for_line("deny (method_not_allowed) for socks5_tcp localhost:8443")

@@ -227,7 +227,7 @@ def test_non_loopback_admin_url_stops_start_up(proxy_factory, proxyproc):
                 "dangerously_allow_non_loopback_proxy": True,
             }
         )
-    assert "network.admin_url: '0.0.0.0:0' is not on loopback" in str(caught.value)
+    assert "network.admin_url: 0.0.0.0:0 is not on loopback" in str(caught.value)
 
 
 def test_reloads_counted_by_result(proxy_factory, proxyproc):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 
+from test_socks5_proxy import SOCKS, socks_request
+
 
 def _tunnel_get(sock, rest: bytes, host: str, path: str) -> bytes:
     """
@@ -71,4 +73,45 @@ def test_broken_file_keeps_the_previous_policy_until_fixed(proxy_factory, origin
     blocked = curl.run(origin.url("/now"), proxy=proxy.http_url)
     assert (blocked.status, blocked.headers["x-proxy-error"]) == (403, "blocked-by-allowlist")
     assert curl.run(origin.url("/named", host="localhost"), proxy=proxy.http_url).status == 200
+    assert proxy.process.poll() is None
+
+
+def test_reload_disables_a_running_proxy_and_enables_it_again(
+    proxy_factory, origin, curl, proxyproc
+):
+    """
+    SPEC §2.5: C{enabled = false} on SIGHUP keeps the listeners bound, answers
+    HTTP and CONNECT with 503 C{proxy-disabled} and SOCKS5 with REP 0x02, and
+    closes an open tunnel; C{enabled = true} again restores service.
+    """
+    proxy = proxy_factory(SOCKS)
+    target = f"127.0.0.1:{origin.port}"
+    sock, _ = proxyproc.open_tunnel(proxy.http_addr, target)
+
+    proxy.config_path.write_text(proxyproc.render_config({**SOCKS, "enabled": False}))
+    os.kill(proxy.pid, signal.SIGHUP)
+    assert "enabled true -> false" in proxy.wait_for_line("policy reloaded")
+
+    with sock:
+        assert sock.recv(1) == b""  # the open tunnel was closed
+    for args in ((), ("-p",)):
+        refused = curl.run(origin.url("/off"), *args, proxy=proxy.http_url)
+        status = refused.connect_status if args else refused.status
+        assert status == 503, refused.stderr
+        assert refused.headers["x-proxy-error"] == "proxy-disabled"
+    control, rep, _ = socks_request(proxy.socks_addr, 1, "127.0.0.1", origin.port)
+    control.close()
+    assert rep == 0x02
+    assert origin.requests == []
+
+    proxy.config_path.write_text(proxyproc.render_config(SOCKS))
+    os.kill(proxy.pid, signal.SIGHUP)
+    assert "enabled false -> true" in proxy.wait_for_line("policy reloaded", nth=2)
+
+    assert curl.run(origin.url("/on"), proxy=proxy.http_url).status == 200
+    assert curl.run(origin.url("/tunnel"), "-p", proxy=proxy.http_url).status == 200
+    control, rep, _ = socks_request(proxy.socks_addr, 1, "127.0.0.1", origin.port)
+    control.close()
+    assert rep == 0x00
+    assert [seen.path for seen in origin.requests] == ["/on", "/tunnel"]
     assert proxy.process.poll() is None

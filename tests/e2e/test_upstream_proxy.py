@@ -186,3 +186,40 @@ def test_socks_parent_is_ignored_with_one_warning(proxy_factory, origin, curl):
     assert result.status == 200
     warnings = [line for line in proxy.output.splitlines() if "ignoring ALL_PROXY" in line]
     assert len(warnings) == 1 and "hidden" not in proxy.output
+
+
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "ALL_PROXY"])
+def test_socks5_connect_is_chained_to_the_parent(proxy_factory, parent, origin, curl, variable):
+    """
+    SPEC §7: a SOCKS5 CONNECT goes through the HTTPS_PROXY (or ALL_PROXY)
+    parent with a CONNECT, as an HTTP CONNECT does.
+    """
+    proxy = proxy_factory(
+        {"enable_socks5": True, "socks_url": "127.0.0.1:0"},
+        env={variable: parent.url()},
+    )
+
+    result = curl.run(
+        origin.url("/socks", host="localhost"), proxy=f"socks5h://{proxy.ports['socks']}"
+    )
+
+    assert (result.returncode, result.status) == (0, 200), result.stderr
+    assert result.body == b"hello from origin /socks\n"
+    [head] = parent.heads
+    assert head.startswith(f"CONNECT localhost:{origin.port} HTTP/1.1\r\n".encode())
+    assert [seen.path for seen in origin.requests] == ["/socks"]
+
+
+def test_socks5_connect_honours_no_proxy(proxy_factory, parent, origin, curl):
+    proxy = proxy_factory(
+        {"enable_socks5": True, "socks_url": "127.0.0.1:0"},
+        env={"HTTPS_PROXY": parent.url(), "NO_PROXY": "localhost"},
+    )
+
+    result = curl.run(
+        origin.url("/direct", host="localhost"), proxy=f"socks5h://{proxy.ports['socks']}"
+    )
+
+    assert (result.returncode, result.status) == (0, 200), result.stderr
+    assert parent.heads == []
+    assert [seen.path for seen in origin.requests] == ["/direct"]
