@@ -17,12 +17,18 @@ label combination, and its child is kept.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import (
-    AbstractSet, Any, Callable, Dict, Iterable, List, Mapping, Protocol, Sequence, Tuple, TypeVar,
+    AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Protocol, Sequence,
+    Tuple, TypeVar,
 )  # fmt: skip
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -145,17 +151,17 @@ class Metrics:
         )
         self._up = relayed.labels("up")
         self._down = relayed.labels("down")
-        self._decision_seconds = Histogram(
+        self._decision_seconds = _Histogram(
             "codexproxy_decision_seconds",
             "Time from a complete request to its policy verdict.",
-            buckets=DECISION_BUCKETS,
-            registry=registry,
+            DECISION_BUCKETS,
+            registry,
         )
-        self._connect_seconds = Histogram(
+        self._connect_seconds = _Histogram(
             "codexproxy_upstream_connect_seconds",
             "Time to open an outbound connection.",
-            buckets=CONNECT_BUCKETS,
-            registry=registry,
+            CONNECT_BUCKETS,
+            registry,
         )
         audit = Counter(
             "codexproxy_audit_lines",
@@ -303,6 +309,41 @@ class Metrics:
         A configuration reload finished; C{ok} says whether it took effect.
         """
         (self._reload_ok if ok else self._reload_failed).inc()
+
+
+class _Histogram(Collector):
+    """
+    A histogram without labels, counted in plain numbers: one observation
+    per decision is on the keep-alive hot path, and
+    C{prometheus_client.Histogram} takes two locks and validates its state
+    on each (everything here runs in the reactor thread). The registry
+    still renders it (C{HistogramMetricFamily}).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(buckets)
+        self._les = [floatToGoString(bound) for bound in self._bounds] + ["+Inf"]
+        self._counts = [0] * (len(self._bounds) + 1)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        # Buckets are "less or equal": the first bound >= value.
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative = itertools.accumulate(self._counts)
+        yield HistogramMetricFamily(
+            self._name,
+            self._documentation,
+            buckets=list(zip(self._les, cumulative)),
+            sum_value=self._sum,
+        )
 
 
 _T = TypeVar("_T")
