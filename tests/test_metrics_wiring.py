@@ -182,3 +182,15 @@ def test_audit_lines_written_and_dropped(tmp_path):
     assert value(full, "codexproxy_audit_lines_total", result="written") == 0
     log.close()
     failing.close()
+
+
+def test_histogram_buckets_are_less_or_equal():
+    metrics = Metrics(start_time=0.0)
+    metrics.observe_decision(0.001)
+    metrics.observe_decision(100.0)
+    assert value(metrics, "codexproxy_decision_seconds_bucket", le="0.0005") == 0
+    assert value(metrics, "codexproxy_decision_seconds_bucket", le="0.001") == 1
+    assert value(metrics, "codexproxy_decision_seconds_bucket", le="10.0") == 1
+    assert value(metrics, "codexproxy_decision_seconds_bucket", le="+Inf") == 2
+    assert value(metrics, "codexproxy_decision_seconds_count") == 2
+    assert value(metrics, "codexproxy_decision_seconds_sum") == 100.001
