@@ -1,14 +1,19 @@
 """
-What the operations listener costs on the keep-alive hot path: proxy CPU
-microseconds per request (user + system time of the proxy process, from
-C{/proc/PID/stat}) with and without C{admin_url}: two proxies side by
-side, the same wrk load through each in turn (alternating which goes
-first), and the median of the paired ratios.
+What the operations listener costs on the keep-alive hot path, with and
+without C{admin_url}, where C{make bench} cannot run (a shared machine):
 
-CPU time per request, unlike throughput, hardly moves when other work
-shares the machine, so this runs where C{make bench} cannot.
+  - C{cpu}: proxy CPU microseconds per request (user + system time of the
+    proxy process, from C{/proc/PID/stat}): two proxies side by side, the
+    same wrk load through each in turn (alternating which goes first), the
+    median of the paired ratios. CPU time per request hardly moves when
+    other work shares the machine; it is still noisy by a few percent.
+  - C{instructions}: instructions per request of the proxy process under
+    callgrind, from two runs of N1 and N2 keep-alive requests on one
+    connection (start-up and shut-down cancel out). Exact to a fraction of
+    a percent, whatever else runs; takes some minutes.
 
-    .venv/bin/python -m bench.admin_cost [ROUNDS] [SECONDS]   # default 10 3
+    .venv/bin/python -m bench.admin_cost cpu [ROUNDS] [SECONDS]      # default 10 3
+    .venv/bin/python -m bench.admin_cost instructions [N1] [N2]      # default 500 2500
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,7 +30,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Sequence, Tuple
 
 from bench.origin import Nginx
 
@@ -39,13 +46,19 @@ allowed_domains = ["127.0.0.1", "**.github.com", "pypi.org", "files.pythonhosted
 denied_domains = ["gist.github.com"]
 """
 
+Proxy = Tuple["subprocess.Popen[bytes]", dict]
+
 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def _start(workdir: Path, admin: bool) -> Tuple[subprocess.Popen[bytes], dict[str, str]]:
+def _start(workdir: Path, admin: bool, wrapper: Sequence[str] = (), wait: float = 30) -> Proxy:
+    """
+    A proxy with an audit log, and C{admin_url} when C{admin}; C{wrapper}
+    runs it (valgrind).
+    """
     workdir.mkdir()
     (workdir / "home").mkdir()
     config = workdir / "config.toml"
@@ -54,67 +67,118 @@ def _start(workdir: Path, admin: bool) -> Tuple[subprocess.Popen[bytes], dict[st
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(CODEX_HOME=str(workdir / "home"), PYTHONPATH=str(_HERE.parent))
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
-         "--logfile", str(workdir / "log"), "codexproxy", "--config", str(config),
-         "--ports-file", str(ports), "--audit-log", str(workdir / "audit.jsonl")],
+        [*wrapper, sys.executable, str(Path(sys.executable).with_name("twistd")), "-n",
+         "--pidfile=", "--logfile", str(workdir / "log"), "codexproxy", "--config",
+         str(config), "--ports-file", str(ports), "--audit-log", str(workdir / "audit.jsonl")],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+        stderr=open(workdir / "stderr", "w"),
     )  # fmt: skip
     os.sched_setaffinity(proc.pid, {0})
-    end = time.monotonic() + 30
+    end = time.monotonic() + wait
     while not ports.exists():
         if proc.poll() is not None or time.monotonic() > end:
-            raise SystemExit(f"codexproxy did not start: {(workdir / 'log').read_text()}")
+            raise SystemExit(f"codexproxy did not start: {(workdir / 'stderr').read_text()}")
         time.sleep(0.05)
     return proc, json.loads(ports.read_text())
 
 
-def _load(proxy: subprocess.Popen[bytes], ports: dict[str, str], nginx: Nginx, seconds: int) -> float:
+def _stop(proxy: Proxy) -> None:
+    proxy[0].send_signal(signal.SIGTERM)
+    proxy[0].wait(600)
+
+
+def _load(proxy: Proxy, nginx: Nginx, seconds: int) -> float:
     """
     One wrk run through C{proxy}: its CPU microseconds per request.
     """
     env = {**os.environ, "BENCH_ORIGIN": nginx.authority}
     wrk = ["taskset", "-c", "1", "wrk", "-t1", "-c20", f"-d{seconds}s",
-           "-s", str(_HERE / "absolute.lua"), f"http://{ports['http']}"]  # fmt: skip
-    before = _cpu_seconds(proxy.pid)
+           "-s", str(_HERE / "absolute.lua"), f"http://{proxy[1]['http']}"]  # fmt: skip
+    before = _cpu_seconds(proxy[0].pid)
     done = subprocess.run(wrk, env=env, capture_output=True, text=True, check=True)
-    used = _cpu_seconds(proxy.pid) - before
+    used = _cpu_seconds(proxy[0].pid) - before
     found = re.search(r"(\d+) requests in", done.stdout)
     assert found is not None and "Non-2xx" not in done.stdout, done.stdout
     return used * 1e6 / int(found.group(1))
 
 
-def main(rounds: int, seconds: int) -> None:
+def cpu(root: Path, nginx: Nginx, rounds: int = 10, seconds: int = 3) -> float:
+    off, on = _start(root / "off", admin=False), _start(root / "on", admin=True)
+    try:
+        for proxy in (off, on):  # warm up
+            _load(proxy, nginx, 1)
+        ratios = []
+        for n in range(rounds):
+            first, second = (off, on) if n % 2 == 0 else (on, off)
+            taken = {id(first): _load(first, nginx, seconds)}
+            taken[id(second)] = _load(second, nginx, seconds)
+            without, with_ = taken[id(off)], taken[id(on)]
+            ratios.append(with_ / without)
+            print(f"round {n}: off {without:.1f} us/request, on {with_:.1f} us/request")
+        _fed(on)
+    finally:
+        _stop(off)
+        _stop(on)
+    return statistics.median(ratios)
+
+
+def _fed(proxy: Proxy) -> None:
+    """
+    The counters saw the traffic: the listener was on and fed.
+    """
+    page = urllib.request.urlopen(f"http://{proxy[1]['admin']}/metrics").read()
+    assert b'codexproxy_decisions_total{client="anonymous",decision="allow"' in page
+
+
+def _requests(proxy: Proxy, nginx: Nginx, n: int) -> None:
+    """
+    C{n} keep-alive requests for the tiny body, one after the other.
+    """
+    request = f"GET http://{nginx.authority}/tiny HTTP/1.1\r\nHost: {nginx.authority}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", int(proxy[1]["http"].rsplit(":", 1)[1]))) as s:
+        for _ in range(n):
+            s.sendall(request.encode())
+            data = b""
+            while not data.endswith(b"x" * 100):
+                data += s.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200"), data
+
+
+def instructions(root: Path, nginx: Nginx, n1: int = 500, n2: int = 2500) -> float:
+    per = {}
+    for admin in (False, True):
+        counted = []
+        for n in (n1, n2):
+            out = root / f"{admin}-{n}.callgrind"
+            wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+            proxy = _start(root / f"{admin}-{n}", admin, wrapper, wait=600)
+            _requests(proxy, nginx, n)
+            if admin:
+                _fed(proxy)
+            _stop(proxy)
+            stderr = (root / f"{admin}-{n}" / "stderr").read_text()
+            counted.append(int(re.findall(r"Collected : (\d+)", stderr)[-1]))
+        per[admin] = (counted[1] - counted[0]) / (n2 - n1)
+        print(f"admin_url {'on' if admin else 'off'}: {per[admin]:.0f} instructions/request")
+    return per[True] / per[False]
+
+
+_MODES: dict[str, Callable[..., float]] = {"cpu": cpu, "instructions": instructions}
+
+
+def main(mode: str, arguments: Sequence[str]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         root.chmod(0o755)  # nginx workers run unprivileged
         (root / "nginx").mkdir()
         nginx = Nginx(root / "nginx")
-        off, on = _start(root / "off", admin=False), _start(root / "on", admin=True)
         try:
-            for proxy, ports in (off, on):  # warm up
-                _load(proxy, ports, nginx, 1)
-            ratios = []
-            for n in range(rounds):
-                # Alternate which goes first, so drift on the machine
-                # weighs on both alike.
-                first, second = (off, on) if n % 2 == 0 else (on, off)
-                taken = {id(first): _load(*first, nginx, seconds)}
-                taken[id(second)] = _load(*second, nginx, seconds)
-                without, with_ = taken[id(off)], taken[id(on)]
-                ratios.append(with_ / without)
-                print(f"round {n}: off {without:.1f} us/request, on {with_:.1f} us/request")
-            # The counters saw the traffic: the listener was on and fed.
-            page = urllib.request.urlopen(f"http://{on[1]['admin']}/metrics").read()
-            assert b'codexproxy_decisions_total{client="anonymous",decision="allow"' in page
+            ratio = _MODES[mode](root, nginx, *map(int, arguments))
         finally:
-            for proxy, _ in (off, on):
-                proxy.terminate()
-                proxy.wait(15)
             nginx.stop()
-    print(f"median of the paired ratios on/off: {statistics.median(ratios):.3f}")
+    print(f"{mode}: on/off {ratio:.4f}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10, int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    main(sys.argv[1] if len(sys.argv) > 1 else "cpu", sys.argv[2:])
