@@ -65,7 +65,8 @@ def _start(workdir: Path, admin: bool, wrapper: Sequence[str] = (), wait: float 
     config.write_text(CONFIG + ('admin_url = "127.0.0.1:0"\n' if admin else ""))
     ports = workdir / "ports.json"
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.update(CODEX_HOME=str(workdir / "home"), PYTHONPATH=str(_HERE.parent))
+    # One hash seed: set and dict layouts, so instruction counts, repeat.
+    env.update(CODEX_HOME=str(workdir / "home"), PYTHONPATH=str(_HERE.parent), PYTHONHASHSEED="0")
     proc = subprocess.Popen(
         [*wrapper, sys.executable, str(Path(sys.executable).with_name("twistd")), "-n",
          "--pidfile=", "--logfile", str(workdir / "log"), "codexproxy", "--config",
