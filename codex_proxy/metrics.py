@@ -10,9 +10,11 @@ reloads. Label values are bounded: decisions, reasons, protocols and
 listeners come from fixed vocabularies, and a client is named only when it
 is a configured client; a host name is never a label.
 
-The hot path is one dictionary lookup and one child increment per event:
-C{labels()} (slow: it validates and hashes its arguments) runs once per
-label combination, and its child is kept.
+The hot path (one decision count and one decision latency per request)
+is counted in plain numbers that a collector hands to the registry at
+scrape time; the per-connection events use C{prometheus_client}'s own
+families, whose C{labels()} (slow: it validates and hashes its
+arguments) runs once per label combination, its child kept.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import (
 )  # fmt: skip
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -119,11 +121,11 @@ class Metrics:
         registry = self.registry
         ProcessCollector(registry=registry)
         self.set_clients(clients)
-        self._decisions_total = Counter(
+        self._decisions = _Counts(
             "codexproxy_decisions",
             "Policy decisions, one per audit event.",
             ("decision", "reason", "protocol", "client"),
-            registry=registry,
+            registry,
         )
         self._connections_open = Gauge(
             "codexproxy_connections_open",
@@ -184,7 +186,6 @@ class Metrics:
             "When the proxy started, in seconds since the epoch.",
             registry=registry,
         ).set(start_time)
-        self._decisions: Dict[Tuple[str, ...], Counter] = {}
         self._open: Dict[Tuple[str, ...], Gauge] = {}
         self._tunnels: Dict[Tuple[str, ...], Gauge] = {}
         self._ended: Dict[Tuple[str, ...], Counter] = {}
@@ -232,10 +233,13 @@ class Metrics:
             fields["network.transport.protocol"],
             identity,
         )
-        child = self._decisions.get(key)
-        if child is None:
-            child = _bind(self._decisions_total, self._decisions, key, self._decision_labels)
-        child.inc()
+        counts = self._decisions.counts
+        if key in counts:
+            counts[key] += 1
+        else:
+            # Only keys within bounds are kept, so odd values cannot grow it.
+            bounded = _bounded(key, self._decision_labels)
+            counts[bounded] = counts.get(bounded, 0) + 1
 
     def observe_decision(self, seconds: float) -> None:
         """
@@ -346,6 +350,30 @@ class _Histogram(Collector):
         )
 
 
+class _Counts(Collector):
+    """
+    A labelled counter in plain numbers, for the same reason as
+    L{_Histogram}: one count per decision is on the hot path.
+
+    @ivar counts: label values (in the order of C{labels}) -> count.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = labels
+        self.counts: Dict[Tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for key, count in self.counts.items():
+            family.add_metric(key, count)
+        yield family
+
+
 _T = TypeVar("_T")
 
 
@@ -389,11 +417,18 @@ def _bind(
     its vocabulary exported as C{other}. Only keys already within bounds
     are remembered in C{cache}, so odd values cannot grow it.
     """
-    bounded = tuple(v if v in known else OTHER for v, known in zip(key, vocabularies))
+    bounded = _bounded(key, vocabularies)
     child = family.labels(*bounded)
     if bounded == key:
         cache[key] = child
     return child
+
+
+def _bounded(key: Tuple[str, ...], vocabularies: Sequence[AbstractSet[str]]) -> Tuple[str, ...]:
+    """
+    C{key} with each value outside its vocabulary replaced by C{other}.
+    """
+    return tuple(v if v in known else OTHER for v, known in zip(key, vocabularies))
 
 
 __all__ = [
