@@ -25,9 +25,6 @@ import time
 from typing import List, Tuple
 
 from codex_proxy import cli
-from codex_proxy.policy import policy_from_config
-from codex_proxy.config import ProxyConfig
-from codex_proxy.model import ProxyRequest
 
 CONFIG = """\
 [network]
@@ -102,13 +99,6 @@ def write_log(path: str, lines: int, seed: int = 19) -> None:
         f.write("".join(batch))
 
 
-def explain(config: ProxyConfig, request: ProxyRequest) -> Tuple[List[Tuple[str, str]], bool]:
-    """
-    What the command line hands the report.
-    """
-    return cli.explain(config, policy_from_config(config, os.path.realpath), request, "GET")
-
-
 def _child(log: str, config: str) -> None:
     import argparse
 
@@ -117,7 +107,7 @@ def _child(log: str, config: str) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = io.StringIO()
-    run_report(parser.parse_args([log, "--config", config]), out, explain)
+    run_report(parser.parse_args([log, "--config", config]), out, cli._judge)
     sys.stderr.write(out.getvalue())
 
 

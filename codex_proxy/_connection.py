@@ -81,7 +81,7 @@ class ClientConnection(Protocol):
     transport: IProxyTransport
 
     def connectionMade(self) -> None:
-        self.admitted = self.factory.connections.admit(self.transport)
+        self.admitted = self.factory.connections.admit(self.transport, self.listener)
         self.closing = False
         self.relay: Optional[Relay] = None
         self.bytesUp = 0
@@ -119,6 +119,7 @@ class ClientConnection(Protocol):
                 bytes_up=up,
                 bytes_down=down,
                 duration=self.factory.clock.seconds() - self._started,
+                tunnel=self.relay is not None,
             ),
         )
 
@@ -127,9 +128,8 @@ class ClientConnection(Protocol):
 
     def abandon(self) -> None:
         """
-        Release what the current state holds: cancel its pending Deferred,
-        stop its timer, close its outbound leg. Called when the connection
-        closes or aborts; must be idempotent.
+        Release what the current state holds (its pending Deferred, timer,
+        outbound leg), when the connection closes or aborts; idempotent.
         """
         raise NotImplementedError
 
@@ -346,6 +346,7 @@ class ClientConnection(Protocol):
         # destination for the portable relay, none for a spliced one.
         self._producer = getattr(self.transport, "producer", None)
         out.attach(relay)
+        self.factory.connections.tunnelled(self.listener)
         self._paused.clear()
         self.transport.resumeProducing()
         if fromServer:

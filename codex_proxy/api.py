@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import Any, Dict, List, Mapping, Optional
 
 import attrs
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.logger import Logger
@@ -33,6 +32,7 @@ from codex_proxy.connections import Connections
 from codex_proxy.decider import Decider
 from codex_proxy.descriptors import fit_max_connections
 from codex_proxy.listening import ListenError, address_text, bind, bound_address, listeners
+from codex_proxy.metrics import Metrics
 from codex_proxy.mitm import Interception, load_interception
 from codex_proxy.model import Verdict
 from codex_proxy.parents import parents_from_config
@@ -40,6 +40,7 @@ from codex_proxy.policy import policy_from_config
 from codex_proxy.policystate import PolicyState
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.secrets import Secrets
+from codex_proxy.service import ProxyService
 from codex_proxy.sources import SourcePaths, Sources, effective_config
 
 _log = Logger()
@@ -56,12 +57,14 @@ class ProxyHandle:
     socks_addr: Optional[str]
     _proxy: "NetworkProxy" = attrs.field(repr=False)
     dns_addr: Optional[str] = None
+    admin_addr: Optional[str] = None
 
     def addresses(self) -> Dict[str, str]:
         """
         The bound listeners by name, C{{"http": "127.0.0.1:PORT"}}.
         """
         named = {"http": self.http_addr, "socks": self.socks_addr, "dns": self.dns_addr}
+        named["admin"] = self.admin_addr
         return {name: address for name, address in named.items() if address is not None}
 
     def shutdown(self) -> defer.Deferred[None]:
@@ -245,6 +248,8 @@ class NetworkProxy:
 
     @ivar policy: the L{PolicyService} deciding every request.
     @ivar secrets: the secrets' placeholders and values (SPEC §12).
+
+    @ivar metrics: the figures of SPEC §13, kept when C{admin_url} is set.
     """
 
     def __init__(
@@ -268,6 +273,13 @@ class NetworkProxy:
         self._connections = Connections(config.limits.max_connections, config.limits.max_connections_per_client)
         self._listening: Optional[MultiService] = None
         self._handle: Optional[ProxyHandle] = None
+        self.metrics = (
+            Metrics(reactor.seconds(), (client.name for client in config.clients))
+            if config.admin_listen is not None
+            else None
+        )
+        if self.metrics is not None:
+            self.metrics.attach(auditor.sinks, self._connections)
         self.policy = PolicyService(
             _compile(config),
             resolver=resolver or reactor.nameResolver,
@@ -276,6 +288,7 @@ class NetworkProxy:
             resolve_timeout=config.limits.connect_timeout_s,
             decider=decider,
             decider_timeout=config.limits.decider_timeout_s,
+            observe=None if self.metrics is None else self.metrics.observe_decision,
         )
         self._state = PolicyState(
             self.policy,
@@ -332,6 +345,9 @@ class NetworkProxy:
             self._interception,
             self._environ,
             self.secrets,
+            metrics=self.metrics,
+            ready=lambda: self._handle is not None,
+            current=lambda: self.config,
         )
         self._listening, ports = bind(wanted, self._reactor)
         bound = {name: address_text(port) for name, port in ports.items()}
@@ -343,7 +359,7 @@ class NetworkProxy:
             )
         self.policy.set_own_addresses(bound_address(port) for port in ports.values())
         self._handle = ProxyHandle(
-            bound.get("http"), bound.get("socks"), self, dns_addr=bound.get("dns")
+            bound.get("http"), bound.get("socks"), self, bound.get("dns"), bound.get("admin")
         )
         return self._handle
 
@@ -418,13 +434,26 @@ class NetworkProxy:
             C{False} when it was invalid (logged) and the old one kept.
         """
         if config is None:
-            return self._state.reload()
-        try:
-            self._state.replace(config)
-        except ConfigError as e:
-            _log.error("policy reload failed, previous policy kept: {error}", error=str(e))
-            return defer.succeed(False)
-        return defer.succeed(True)
+            done = self._state.reload()
+        else:
+            try:
+                self._state.replace(config)
+                done = defer.succeed(True)
+            except ConfigError as e:
+                _log.error("policy reload failed, previous policy kept: {error}", error=str(e))
+                done = defer.succeed(False)
+        return done if self.metrics is None else done.addCallback(self._counted)
+
+    def _counted(self, ok: bool) -> bool:
+        """
+        Count a reload's result (SPEC §13); a new config may name other
+        clients, the only values of the metrics' C{client} label.
+        """
+        assert self.metrics is not None
+        self.metrics.reloaded(ok)
+        if ok:
+            self.metrics.set_clients(client.name for client in self.config.clients)
+        return ok
 
     def add_allowed_domain(self, pattern: str, persist: bool = False) -> defer.Deferred[None]:
         """
@@ -443,54 +472,6 @@ class NetworkProxy:
         L{add_allowed_domain}.
         """
         return self._state.add_denied_domain(pattern, persist)
-
-
-class ProxyService(Service):
-    """
-    Runs a L{NetworkProxy} as an C{IService}: bound on start, shut down
-    (connections included) on stop. A listener that cannot be bound stops
-    start-up with one line on stderr and exit status 1.
-
-    @ivar proxy: the proxy.
-    @ivar addresses: the bound listeners, C{{"http": "127.0.0.1:PORT"}}.
-    """
-
-    def __init__(self, proxy: NetworkProxy, *, exit_on_error: bool = True) -> None:
-        """
-        @param exit_on_error: a start-up failure prints one line on stderr
-            and exits 1; when false it is logged and raised (a daemonizing
-            C{twistd} reports it to its waiting parent).
-        """
-        self.proxy = proxy
-        self._exit_on_error = exit_on_error
-        self.addresses: Dict[str, str] = {}
-        self._handle: Optional[ProxyHandle] = None
-
-    @property
-    def config(self) -> ProxyConfig:
-        """
-        The effective config of the proxy in force.
-        """
-        return self.proxy.config
-
-    def startService(self) -> None:
-        super().startService()
-        try:
-            self._handle = self.proxy.listen()
-        except ListenError as e:
-            if not self._exit_on_error:
-                _log.error("codexproxy: {message}", message=str(e))
-                raise
-            sys.stderr.write(f"codexproxy: {e}\n")
-            raise SystemExit(1)
-        self.addresses = self._handle.addresses()
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        handle, self._handle = self._handle, None
-        if handle is None:
-            return defer.succeed(None)
-        return handle.shutdown()
 
 
 __all__ = [

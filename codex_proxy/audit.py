@@ -183,7 +183,13 @@ class JSONLinesLog:
     many lines were lost is logged.
 
     @param write: C{os.write}, or a stand-in that fails like a full disk.
+    @ivar written: if set, told how many lines each successful write
+        wrote (the audit-lines metric).
+    @ivar dropped: if set, told how many lines each failed write lost.
     """
+
+    written: Optional[Callable[[int], None]] = None
+    dropped: Optional[Callable[[int], None]] = None
 
     def __init__(
         self,
@@ -245,6 +251,8 @@ class JSONLinesLog:
             self._failed(fd, len(lines), e)
             return
         self._end = os.fstat(fd).st_size
+        if self.written is not None:
+            self.written(len(lines))
         if self._dropped:
             _ownLog.warn(
                 "the audit log {path} is writable again; {count} lines were dropped",
@@ -269,6 +277,8 @@ class JSONLinesLog:
                 error=e,
             )
         self._dropped += count
+        if self.dropped is not None:
+            self.dropped(count)
 
     def close(self) -> None:
         """

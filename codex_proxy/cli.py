@@ -13,7 +13,10 @@ running the proxy (SPEC §10, issue 7).
   - C{selftest --proxy URL [--socks H:P] [--port N] [--with-resolve]}:
     replay the bypass corpus against a running proxy (the one command that
     sends traffic); C{selftest --print-resolve} prints the C{--resolve}
-    options its resolver cases need.
+    options its resolver cases need;
+  - C{report [--config F] [--since W] [--client N] [--top N] [--json] LOG}:
+    what an audit log says was blocked, and the allowlist edit for it
+    (L{codex_proxy.report}).
 
 Exit status: 0 ok (valid, allowed, printed), 1 blocked or invalid, 2 usage.
 """
@@ -27,15 +30,15 @@ import shlex
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
-import attrs
-
-from codex_proxy import selftest
+from codex_proxy import report, selftest
 from codex_proxy.bypass import BypassError, load_corpus
 from codex_proxy.childenv import EnvError, child_env, unknown_client
 from codex_proxy.clients import named
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path, load_config
+from codex_proxy.configview import policy_document
 from codex_proxy.errors import ProxyError
 from codex_proxy.explain import UsageError, explain, parse_target
+from codex_proxy.model import ProxyRequest
 from codex_proxy.policy import client_config, policy_from_config
 from codex_proxy.secrets import read_secret
 
@@ -53,94 +56,54 @@ def _load(path: Optional[str]) -> ProxyConfig:
 
 def check_config(path: Optional[str], out: TextIO) -> int:
     """
-    Print the effective policy of the config at C{path}.
+    Print the effective policy of the config at C{path}: the text form of
+    L{policy_document}, which the operations listener serves as JSON.
     """
     config = _load(path)
-    rows: List[Tuple[str, str]] = [
-        ("section", f"[{config.section}]"),
-        ("enabled", _flag(config, "enabled")),
-        ("proxy_url", _setting(config, "proxy_url", str(config.http_listen))),
-        ("enable_socks5", _flag(config, "enable_socks5")),
-        ("socks_url", _setting(config, "socks_url", str(config.socks_listen))),
-        ("enable_socks5_udp", _flag(config, "enable_socks5_udp")),
-        ("dns_url", _setting(config, "dns_url", str(config.dns_listen or "unset"))),
-        ("mode", _setting(config, "mode", config.mode.value)),
-        ("mitm", _flag(config, "mitm")),
-        ("allow_local_binding", _flag(config, "allow_local_binding")),
-        ("allow_upstream_proxy", _flag(config, "allow_upstream_proxy")),
-        (
-            "dangerously_allow_non_loopback_proxy",
-            _flag(config, "dangerously_allow_non_loopback_proxy"),
-        ),
-        (
-            "dangerously_allow_all_unix_sockets",
-            _flag(config, "dangerously_allow_all_unix_sockets"),
-        ),
-        (
-            "dangerously_allow_plaintext_secrets",
-            _flag(config, "dangerously_allow_plaintext_secrets"),
-        ),
-    ]
-    out.write(f"{config.source}: valid\n")
-    _table(out, rows)
-    for title, patterns in (
-        ("allowed_domains", config.allowed_domains),
-        ("denied_domains", config.denied_domains),
-        ("allowed_ranges", config.allowed_ranges),
-        ("denied_ranges", config.denied_ranges),
-    ):
+    document = policy_document(config)
+    out.write(f"{document['source']}: valid\n")
+    _table(out, list(document["settings"].items()))
+    for title in ("allowed_domains", "denied_domains", "allowed_ranges", "denied_ranges"):
+        patterns = document[title]
         out.write(f"{title} ({len(patterns)}):\n")
-        width = max((len(p) for p in patterns), default=0)
+        width = max((len(p["pattern"]) for p in patterns), default=0)
         for pattern in patterns:
-            out.write(f"  {pattern.ljust(width)}  {config.pattern_sources[pattern]}\n")
+            out.write(f"  {pattern['pattern'].ljust(width)}  {pattern['source']}\n")
         if title == "allowed_domains" and not patterns:
             out.write("  (empty allowlist: every destination is blocked)\n")
-    _clients(config, out)
-    out.write(f"allow_unix_sockets ({len(config.allow_unix_sockets)}):\n")
-    for path in config.allow_unix_sockets:
-        out.write(f"  {path}\n")
-    out.write(f"secrets ({len(config.secrets)}):\n")
+    _clients(document, out)
+    sockets = document["allow_unix_sockets"]
+    out.write(f"allow_unix_sockets ({len(sockets)}):\n")
+    for socket_path in sockets:
+        out.write(f"  {socket_path}\n")
     for secret in config.secrets:
-        # Where the value comes from, never the value; one that cannot be
-        # read is a config error, as at start.
+        # One whose value cannot be read is a config error, as at start.
         read_secret(secret, os.environ)
-        out.write(f"  {secret.name}  from {secret.source}  to {', '.join(secret.hosts)}\n")
+    out.write(f"secrets ({len(document['secrets'])}):\n")
+    for entry in document["secrets"]:
+        # Where the value comes from, never the value.
+        out.write(f"  {entry['name']}  from {entry['source']}  to {', '.join(entry['hosts'])}\n")
     out.write("limits:\n")
-    limits = config.limits
-    defaults = type(limits)()
-    for name in attrs.fields_dict(type(limits)):
-        value = getattr(limits, name)
-        origin = "(default)" if value == getattr(defaults, name) else ""
-        out.write(f"  {name} = {value} {origin}".rstrip() + "\n")
-    for warning in config.warnings:
+    for name, limit in document["limits"].items():
+        origin = "(default)" if limit["default"] else ""
+        out.write(f"  {name} = {limit['value']} {origin}".rstrip() + "\n")
+    for warning in document["warnings"]:
         out.write(f"warning: {warning}\n")
     return EXIT_OK
 
 
-def _clients(config: ProxyConfig, out: TextIO) -> None:
+def _clients(document: Dict[str, Any], out: TextIO) -> None:
     """
     The clients section of C{check-config}: names, modes and overlays,
     never a token (SPEC §11).
     """
-    out.write(f"require_client_auth: {str(config.require_client_auth).lower()}\n")
-    out.write(f"clients ({len(config.clients)}):\n")
-    for client in config.clients:
-        mode = client.mode.value if client.mode is not None else f"{config.mode.value} (base)"
-        out.write(f"  {client.name}: mode {mode}\n")
-        for title, patterns in (
-            ("allowed_domains", client.allowed_domains),
-            ("denied_domains", client.denied_domains),
-        ):
-            for pattern in patterns:
-                out.write(f"    {title} + {pattern}  {client.pattern_sources[pattern]}\n")
-
-
-def _setting(config: ProxyConfig, key: str, value: str) -> str:
-    return value if key in config.explicit else f"{value} (default)"
-
-
-def _flag(config: ProxyConfig, key: str) -> str:
-    return _setting(config, key, str(getattr(config, key)).lower())
+    out.write(f"require_client_auth: {str(document['require_client_auth']).lower()}\n")
+    out.write(f"clients ({len(document['clients'])}):\n")
+    for client in document["clients"]:
+        out.write(f"  {client['name']}: mode {client['mode']}\n")
+        for title in ("allowed_domains", "denied_domains"):
+            for pattern in client[title]:
+                out.write(f"    {title} + {pattern['pattern']}  {pattern['source']}\n")
 
 
 def _table(out: TextIO, rows: Sequence[Tuple[str, str]]) -> None:
@@ -174,6 +137,14 @@ def run_explain(
     out.write(title + "\n")
     _table(out, rows)
     return EXIT_OK if allowed else EXIT_BLOCKED
+
+
+def _judge(config: ProxyConfig, request: ProxyRequest) -> Tuple[List[Tuple[str, str]], bool]:
+    """
+    What C{explain} says about C{request} under C{config}: the report's
+    judge of each blocked destination and of its own snippet.
+    """
+    return explain(config, policy_from_config(config, os.path.realpath), request, "GET")
 
 
 # env
@@ -400,6 +371,14 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="per request (default 10)"
     )
+    report.add_arguments(
+        commands.add_parser(
+            "report",
+            help="what an audit log says was blocked, and what to allow",
+            description="Totals, most-blocked destinations with the edit that would"
+            " allow each, and a TOML allowed_domains snippet. See codexproxy(1).",
+        )
+    )
     return parser
 
 
@@ -428,8 +407,10 @@ def main(
             return run_ca(args.bundle, out)
         if args.command == "selftest":
             return run_selftest(args, out)
+        if args.command == "report":
+            return report.run_report(args, out, _judge)
         return run_env(args.config, args.ports_file, args.shell, out, err, args.client)
-    except UsageError as e:
+    except (UsageError, report.ReportError) as e:
         err.write(f"codexproxy {args.command}: {e}\n")
         return EXIT_USAGE
     except ConfigError as e:

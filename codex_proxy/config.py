@@ -11,16 +11,14 @@ L{codex_proxy.sources}'.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
-import re
 from typing import Any, Mapping, Optional
 
 import attrs
 
 from codex_proxy import _httpbody
-from codex_proxy.addresses import authority, parse_range
+from codex_proxy.addresses import parse_range
 from codex_proxy._placeholders import SecretConfig, parse_secrets
 from codex_proxy._toml import (
     ConfigError as ConfigError,
@@ -33,92 +31,13 @@ from codex_proxy._toml import (
     readonly,
     show,
 )
+from codex_proxy._listen import ListenAddress as ListenAddress
+from codex_proxy._listen import clamp_listens, loopback_listen
+from codex_proxy._listen import parse_listen_address as parse_listen_address
 from codex_proxy.clients import CLIENT_KEYS, Client, parse_clients
 from codex_proxy.model import Mode
 
 DEFAULTS_SOURCE = "<defaults>"
-
-
-@attrs.frozen
-class ListenAddress:
-    """
-    Where a listener binds: an IP literal (IPv6 without brackets) and a port,
-    0 meaning ephemeral.
-    """
-
-    host: str
-    port: int
-
-    @property
-    def is_loopback(self) -> bool:
-        """
-        Only 127.0.0.0/8 and ::1 count: anything else is reachable from
-        elsewhere (SPEC §2.3).
-        """
-        address = ipaddress.ip_address(self.host)
-        if address.version == 4:
-            return address in _LOOPBACK_V4
-        return address == _LOOPBACK_V6
-
-    def __str__(self) -> str:
-        return authority(self.host, self.port)
-
-
-_LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
-_LOOPBACK_V6 = ipaddress.ip_address("::1")
-_LISTEN_SCHEMES = frozenset({"http", "https", "socks5", "socks5h"})
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def parse_listen_address(text: str) -> ListenAddress:
-    """
-    Parse C{[scheme://]host:port[/]} where host is an IP literal (IPv6 in
-    brackets) or C{localhost}; names are refused so a listener never depends
-    on DNS.
-
-    @raise ValueError: with a message saying what is wrong.
-    """
-    rest = text.strip()
-    scheme = _SCHEME.match(rest)
-    if scheme:
-        if scheme.group(1).lower() not in _LISTEN_SCHEMES:
-            raise ValueError(
-                f"unsupported scheme {scheme.group(1)!r} "
-                "(expected http, https, socks5 or socks5h)"
-            )
-        rest = rest[scheme.end() :]
-    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
-    tail = rest[len(authority) :]
-    if tail not in ("", "/"):
-        raise ValueError(f"unexpected {tail!r} after host:port")
-    if "@" in authority:
-        raise ValueError("credentials are not allowed in a listener address")
-    if authority.startswith("["):
-        host, bracket, port = authority[1:].partition("]")
-        if not bracket or not port.startswith(":"):
-            raise ValueError("expected [IPv6]:port")
-        port = port[1:]
-        version = 6
-    else:
-        host, colon, port = authority.rpartition(":")
-        if not colon:
-            raise ValueError("a port is required (host:port)")
-        if ":" in host:
-            raise ValueError("an IPv6 address must be in brackets: [::1]:port")
-        version = 4
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError(f"invalid port {port!r} (expected 0..65535)")
-    if version == 4 and host.lower() == "localhost":
-        return ListenAddress("127.0.0.1", int(port))
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"host {host!r} must be an IP address or 'localhost'"
-        ) from None
-    if address.version != version:
-        raise ValueError("an IPv6 address must be in brackets: [::1]:port")
-    return ListenAddress(str(address), int(port))
 
 
 def _positive_number(value: Any) -> bool:
@@ -214,6 +133,8 @@ class ProxyConfig:
     dangerously_allow_plaintext_secrets: bool = False
     clients: tuple[Client, ...] = ()
     require_client_auth: bool = False
+    admin_listen: Optional[ListenAddress] = None
+    admin_token: Optional[str] = attrs.field(default=None, repr=False)
 
     @classmethod
     def default(cls) -> ProxyConfig:
@@ -251,6 +172,9 @@ _NETWORK_KEYS = (
     "dns_url",
     "secrets",
     *CLIENT_KEYS,
+    "admin_url",
+    "admin_token",
+    "admin_token_file",
 )
 _LIMIT_KEYS = tuple(attrs.fields_dict(Limits))
 
@@ -325,67 +249,6 @@ def _limits(network: Table) -> Limits:
     return Limits(**values)
 
 
-def _clamp(
-    network: Table, listens: dict[str, ListenAddress], dangerous: bool, unix: bool
-) -> tuple[dict[str, ListenAddress], tuple[str, ...]]:
-    """
-    Force non-loopback listeners back to 127.0.0.1 unless the user took the
-    risk explicitly and no unix socket is exposed (SPEC §2.3).
-    """
-    clamped = dict(listens)
-    warnings = []
-    for name, address in listens.items():
-        if address.is_loopback:
-            continue
-        where = f"{network.source}: {network.key(name)}"
-        safe = ListenAddress("127.0.0.1", address.port)
-        if unix:
-            clamped[name] = safe
-            warnings.append(
-                f"{where}: non-loopback address {address} replaced by {safe} "
-                "because unix sockets are allowed (allow_unix_sockets or "
-                "dangerously_allow_all_unix_sockets)"
-            )
-        elif dangerous:
-            warnings.append(
-                f"{where}: DANGEROUS: listening on non-loopback address {address} "
-                "(dangerously_allow_non_loopback_proxy = true); other machines "
-                "can use this proxy"
-            )
-        else:
-            clamped[name] = safe
-            warnings.append(
-                f"{where}: non-loopback address {address} replaced by {safe} "
-                "(set dangerously_allow_non_loopback_proxy = true to keep it)"
-            )
-    return clamped, tuple(warnings)
-
-
-def _dns_listen(network: Table) -> Optional[ListenAddress]:
-    """
-    The DNS listener address (SPEC §14.2), or C{None} when C{dns_url} is
-    unset. Any scheme is ignored; the address must be on loopback, whatever
-    C{dangerously_allow_non_loopback_proxy} says: an open resolver answering
-    for the allowlist is never wanted.
-    """
-    text = network.get("dns_url", None, is_str, "a string")
-    if text is None:
-        return None
-    scheme = _SCHEME.match(text.strip())
-    try:
-        address = parse_listen_address(text.strip()[scheme.end() :] if scheme else text)
-    except ValueError as e:
-        raise network.error(
-            network.key("dns_url"), f"invalid listener address {text!r}: {e}"
-        ) from None
-    if not address.is_loopback:
-        raise network.error(
-            network.key("dns_url"),
-            f"{address} is not on loopback (the DNS listener is loopback only)",
-        )
-    return address
-
-
 def _network_config(network: Table) -> ProxyConfig:
     network.check_keys(_NETWORK_KEYS)
     flags = {name: network.boolean(name, getattr(_DEFAULT_CONFIG, name)) for name in _BOOL_KEYS}
@@ -404,7 +267,7 @@ def _network_config(network: Table) -> ProxyConfig:
             ) from None
     allowed, denied = _domain_lists(network)
     unix_sockets = _unix_sockets(network)
-    listens, warnings = _clamp(
+    listens, warnings = clamp_listens(
         network,
         listens,
         flags["dangerously_allow_non_loopback_proxy"],
@@ -414,6 +277,13 @@ def _network_config(network: Table) -> ProxyConfig:
     allowed_ranges = address_ranges(network, "allowed_ranges")
     denied_ranges = address_ranges(network, "denied_ranges")
     clients, require_client_auth = parse_clients(network, mode)
+    admin_listen = loopback_listen(network, "admin_url", "operations listener", "http")
+    admin_token = network.token("admin_token", "admin_token_file")
+    if clients and admin_listen is not None and admin_token is None:
+        # Who may use the proxy is controlled: so is who may look at it.
+        raise network.error(
+            network.key("admin_token"), "required when clients are configured (SPEC §13)"
+        )
     return ProxyConfig(
         **flags,
         http_listen=listens["proxy_url"],
@@ -430,7 +300,9 @@ def _network_config(network: Table) -> ProxyConfig:
         section=network.path,
         allowed_ranges=tuple(allowed_ranges),
         denied_ranges=tuple(denied_ranges),
-        dns_listen=_dns_listen(network),
+        dns_listen=loopback_listen(network, "dns_url", "DNS listener"),
+        admin_listen=admin_listen,
+        admin_token=admin_token,
         secrets=parse_secrets(network),
         clients=clients,
         require_client_auth=require_client_auth,

@@ -38,6 +38,7 @@ class ConnectionOutcome:
         tunnel bytes; heads not counted).
     @ivar bytes_down: bytes forwarded destination to client.
     @ivar duration: seconds from accept to close.
+    @ivar tunnel: it became a tunnel (a relay of bytes both ways).
     """
 
     listener: str
@@ -49,6 +50,7 @@ class ConnectionOutcome:
     bytes_down: int
     duration: float
     identity: Optional[str] = None
+    tunnel: bool = False
 
 
 class Connections:
@@ -62,12 +64,19 @@ class Connections:
         L{ConnectionOutcome} when it ends (after the log event).
     @ivar max_per_client: how many connections one authenticated client
         (SPEC §11) may hold open at once.
+
+    @ivar open_observers: called with the listener name of each client
+        connection accepted (refused ones too: their outcome ends them).
+    @ivar tunnel_observers: called with the listener name of each client
+        connection that becomes a tunnel.
     """
 
     def __init__(self, max_clients: int = 4096, max_per_client: int = 1024) -> None:
         self.max_clients = max_clients
         self.max_per_client = max_per_client
         self.observers: List[Callable[[ConnectionOutcome], None]] = []
+        self.open_observers: List[Callable[[str], None]] = []
+        self.tunnel_observers: List[Callable[[str], None]] = []
         self._open: Set[ITCPTransport] = set()
         self._clients: Set[ITCPTransport] = set()
         self._byIdentity: Dict[str, Set[ITCPTransport]] = {}
@@ -87,14 +96,16 @@ class Connections:
     def opened(self, transport: ITCPTransport) -> None:
         self._open.add(transport)
 
-    def admit(self, transport: ITCPTransport) -> bool:
+    def admit(self, transport: ITCPTransport, listener: str) -> bool:
         """
-        Register a new client connection; C{False} when C{max_clients} are
-        already open: the listener then refuses its request. A refused
-        connection is still registered (a shutdown closes it) but not
-        counted.
+        Register a new client connection of C{listener}; C{False} when
+        C{max_clients} are already open: the listener then refuses its
+        request. A refused connection is still registered (a shutdown
+        closes it) but not counted.
         """
         self._open.add(transport)
+        for observer in self.open_observers:
+            observer(listener)
         if len(self._clients) >= self.max_clients:
             return False
         self._clients.add(transport)
@@ -128,6 +139,13 @@ class Connections:
             mine.discard(transport)
             if not mine:
                 del self._byIdentity[identity]
+
+    def tunnelled(self, listener: str) -> None:
+        """
+        A client connection of C{listener} became a tunnel.
+        """
+        for observer in self.tunnel_observers:
+            observer(listener)
 
     def closed(
         self, transport: ITCPTransport, outcome: Optional[ConnectionOutcome] = None

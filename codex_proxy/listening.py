@@ -25,12 +25,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy.addresses import authority
+from codex_proxy.admin import admin_site
 from codex_proxy.ca import system_roots_file
 from codex_proxy.config import ListenAddress, ProxyConfig, head_limits
+from codex_proxy.configview import policy_document
 from codex_proxy.connections import Connections
 from codex_proxy.dnsserver import DNSFactory
 from codex_proxy.errors import ProxyError
 from codex_proxy.httpproxy import HTTPProxyFactory
+from codex_proxy.metrics import Metrics
 from codex_proxy.mitm import Interception, Interceptor, OriginTLS, UpstreamTrust, trust_files
 from codex_proxy.parents import ParentProxies
 from codex_proxy.policyservice import PolicyService
@@ -76,15 +79,30 @@ def listeners(
     interception: Optional[Interception],
     environ: Mapping[str, str],
     secrets: Optional[Secrets] = None,
+    metrics: Optional[Metrics] = None,
+    ready: Callable[[], bool] = lambda: False,
+    current: Optional[Callable[[], ProxyConfig]] = None,
 ) -> List[Listener]:
     """
     The listeners of an enabled C{config} (none of a disabled one), sharing
     one upstream dialler and one connection registry.
+
+    @param metrics: fed with connect times, and served by the operations
+        listener (SPEC §13) when C{admin_url} is set.
+    @param ready: whether the proxy's listeners are bound (C{/healthz}).
+    @param current: the effective config in force (C{/policy}; default
+        C{config}).
     """
     if not config.enabled:
         return []
     limits = config.limits
-    upstream = Upstream(reactor, limits.connect_timeout_s, connections, parents=parents)
+    upstream = Upstream(
+        reactor,
+        limits.connect_timeout_s,
+        connections,
+        parents=parents,
+        observe=None if metrics is None else metrics.observe_connect,
+    )
     interceptor = (
         None
         if interception is None
@@ -120,6 +138,17 @@ def listeners(
     if config.dns_listen is not None:
         dns = DNSFactory(policy, connections)
         found.append(Listener("dns", "dns_url", config.dns_listen, dns, dns.datagram()))
+    if config.admin_listen is not None and metrics is not None:
+        shown = current or (lambda: config)
+        site = admin_site(
+            metrics,
+            ready=ready,
+            blocked=policy.blocked_events,
+            policy=lambda: policy_document(shown()),
+            token=config.admin_token,
+            reactor=reactor,
+        )
+        found.append(Listener("admin", "admin_url", config.admin_listen, site))
     return found
 
 

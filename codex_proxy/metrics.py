@@ -10,21 +10,33 @@ reloads. Label values are bounded: decisions, reasons, protocols and
 listeners come from fixed vocabularies, and a client is named only when it
 is a configured client; a host name is never a label.
 
-The hot path is one dictionary lookup and one child increment per event:
-C{labels()} (slow: it validates and hashes its arguments) runs once per
-label combination, and its child is kept.
+The hot path (one decision count and one decision latency per request)
+is counted in plain numbers that a collector hands to the registry at
+scrape time; the per-connection events use C{prometheus_client}'s own
+families, whose C{labels()} (slow: it validates and hashes its
+arguments) runs once per label combination, its child kept.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import (
-    AbstractSet, Any, Dict, Iterable, Mapping, Protocol, Sequence, Tuple, TypeVar,
+    AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Protocol, Sequence,
+    Tuple, TypeVar,
 )  # fmt: skip
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from codex_proxy import model
+from codex_proxy.connections import Connections
 
 #: The listeners a client connection can arrive on (the C{listener} label).
 LISTENERS = frozenset({"http", "socks5"})
@@ -109,11 +121,11 @@ class Metrics:
         registry = self.registry
         ProcessCollector(registry=registry)
         self.set_clients(clients)
-        self._decisions_total = Counter(
+        self._decisions = _Counts(
             "codexproxy_decisions",
             "Policy decisions, one per audit event.",
             ("decision", "reason", "protocol", "client"),
-            registry=registry,
+            registry,
         )
         self._connections_open = Gauge(
             "codexproxy_connections_open",
@@ -141,17 +153,17 @@ class Metrics:
         )
         self._up = relayed.labels("up")
         self._down = relayed.labels("down")
-        self._decision_seconds = Histogram(
+        self._decision_seconds = _Histogram(
             "codexproxy_decision_seconds",
             "Time from a complete request to its policy verdict.",
-            buckets=DECISION_BUCKETS,
-            registry=registry,
+            DECISION_BUCKETS,
+            registry,
         )
-        self._connect_seconds = Histogram(
+        self._connect_seconds = _Histogram(
             "codexproxy_upstream_connect_seconds",
             "Time to open an outbound connection.",
-            buckets=CONNECT_BUCKETS,
-            registry=registry,
+            CONNECT_BUCKETS,
+            registry,
         )
         audit = Counter(
             "codexproxy_audit_lines",
@@ -174,7 +186,6 @@ class Metrics:
             "When the proxy started, in seconds since the epoch.",
             registry=registry,
         ).set(start_time)
-        self._decisions: Dict[Tuple[str, ...], Counter] = {}
         self._open: Dict[Tuple[str, ...], Gauge] = {}
         self._tunnels: Dict[Tuple[str, ...], Gauge] = {}
         self._ended: Dict[Tuple[str, ...], Counter] = {}
@@ -192,6 +203,17 @@ class Metrics:
         self._decision_labels = (
             _DECISIONS, _REASONS, _PROTOCOLS, self._clients | {ANONYMOUS, OTHER}
         )  # fmt: skip
+
+    def attach(self, sinks: List[Callable[[Dict[str, Any]], None]], connections: Connections) -> None:
+        """
+        Be fed by these events: every decision (one of an auditor's
+        C{sinks}) and every client connection's opening, tunnel and
+        outcome in C{connections}.
+        """
+        sinks.append(self.decision)
+        connections.open_observers.append(self.connection_opened)
+        connections.tunnel_observers.append(self.tunnel_opened)
+        connections.observers.append(self.connection_closed)
 
     # Decision events.
 
@@ -211,10 +233,13 @@ class Metrics:
             fields["network.transport.protocol"],
             identity,
         )
-        child = self._decisions.get(key)
-        if child is None:
-            child = _bind(self._decisions_total, self._decisions, key, self._decision_labels)
-        child.inc()
+        counts = self._decisions.counts
+        if key in counts:
+            counts[key] += 1
+        else:
+            # Only keys within bounds are kept, so odd values cannot grow it.
+            bounded = _bounded(key, self._decision_labels)
+            counts[bounded] = counts.get(bounded, 0) + 1
 
     def observe_decision(self, seconds: float) -> None:
         """
@@ -290,6 +315,94 @@ class Metrics:
         (self._reload_ok if ok else self._reload_failed).inc()
 
 
+class _Histogram(Collector):
+    """
+    A histogram without labels, counted in plain numbers: one observation
+    per decision is on the keep-alive hot path, and
+    C{prometheus_client.Histogram} takes two locks and validates its state
+    on each (everything here runs in the reactor thread). The registry
+    still renders it (C{HistogramMetricFamily}).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(buckets)
+        self._les = [floatToGoString(bound) for bound in self._bounds] + ["+Inf"]
+        self._counts = [0] * (len(self._bounds) + 1)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        # Buckets are "less or equal": the first bound >= value.
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative = itertools.accumulate(self._counts)
+        yield HistogramMetricFamily(
+            self._name,
+            self._documentation,
+            buckets=list(zip(self._les, cumulative)),
+            sum_value=self._sum,
+        )
+
+
+class _Counts(Collector):
+    """
+    A labelled counter in plain numbers, for the same reason as
+    L{_Histogram}: one count per decision is on the hot path.
+
+    @ivar counts: label values (in the order of C{labels}) -> count.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = labels
+        self.counts: Dict[Tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for key, count in self.counts.items():
+            family.add_metric(key, count)
+        yield family
+
+
+_T = TypeVar("_T")
+
+
+def timed(
+    d: "defer.Deferred[_T]",
+    clock: IReactorTime,
+    observe: Callable[[float], None],
+    started: float,
+) -> "defer.Deferred[_T]":
+    """
+    C{d}, which tells C{observe} how many seconds after C{started} it
+    fired, successful or not; a cancelled attempt (its client left) is no
+    measurement. An answer that is already there (most decisions) is
+    measured at once, without adding a callback.
+    """
+    if d.called:
+        _measured(d.result, clock, observe, started)
+        return d
+    return d.addBoth(_measured, clock, observe, started)
+
+
+def _measured(
+    result: Any, clock: IReactorTime, observe: Callable[[float], None], started: float
+) -> Any:
+    if not (isinstance(result, Failure) and result.check(defer.CancelledError)):
+        observe(clock.seconds() - started)
+    return result
+
+
 _Family = TypeVar("_Family", Counter, Gauge)
 
 
@@ -304,11 +417,18 @@ def _bind(
     its vocabulary exported as C{other}. Only keys already within bounds
     are remembered in C{cache}, so odd values cannot grow it.
     """
-    bounded = tuple(v if v in known else OTHER for v, known in zip(key, vocabularies))
+    bounded = _bounded(key, vocabularies)
     child = family.labels(*bounded)
     if bounded == key:
         cache[key] = child
     return child
+
+
+def _bounded(key: Tuple[str, ...], vocabularies: Sequence[AbstractSet[str]]) -> Tuple[str, ...]:
+    """
+    C{key} with each value outside its vocabulary replaced by C{other}.
+    """
+    return tuple(v if v in known else OTHER for v, known in zip(key, vocabularies))
 
 
 __all__ = [
@@ -320,4 +440,5 @@ __all__ = [
     "Metrics",
     "OTHER",
     "OUTCOMES",
+    "timed",
 ]

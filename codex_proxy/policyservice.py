@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-from typing import Deque, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IReactorTime,
-    IResolutionReceiver,
 )
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from codex_proxy import addresses as _addresses
 from codex_proxy.audit import Auditor
@@ -40,7 +37,9 @@ from codex_proxy.decider import (
 )
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import UpstreamError
+from codex_proxy.metrics import timed
 from codex_proxy.model import Decision, IPAddress, ProxyRequest, Reason, Source, Verdict
+from codex_proxy.resolver import resolve
 from codex_proxy.policy import (
     Policy,
     admit,
@@ -56,64 +55,6 @@ BLOCKED_HISTORY = 200
 #: How many verdicts L{PolicyService} keeps for one policy before it
 #: starts over (each key is a destination and request kind).
 VERDICT_CACHE = 4096
-
-
-@implementer(IResolutionReceiver)
-class _Collector:
-    """
-    Gathers one resolution's answers into a Deferred list of IP addresses.
-    """
-
-    def __init__(self) -> None:
-        self.deferred: defer.Deferred[List[IPAddress]] = defer.Deferred()
-        self._found: List[IPAddress] = []
-
-    def resolutionBegan(self, resolution: object) -> None:
-        pass
-
-    def addressResolved(self, address: object) -> None:
-        if isinstance(address, (IPv4Address, IPv6Address)):
-            # getaddrinfo may append a zone to link-local answers.
-            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
-            if ip not in self._found:
-                self._found.append(ip)
-
-    def resolutionComplete(self) -> None:
-        if not self.deferred.called:
-            self.deferred.callback(self._found)
-
-
-def resolve(
-    resolver: IHostnameResolver,
-    clock: IReactorTime,
-    name: str,
-    port: int,
-    timeout: float,
-) -> defer.Deferred[List[IPAddress]]:
-    """
-    Resolve C{name} to its addresses, failing with L{UpstreamError} when there
-    are none or the resolver does not answer within C{timeout} seconds.
-    """
-    collector = _Collector()
-    resolver.resolveHostName(collector, name, port)
-    d = collector.deferred
-    d.addTimeout(timeout, clock)
-
-    def check(found: List[IPAddress]) -> List[IPAddress]:
-        if not found:
-            raise UpstreamError(
-                Reason.UPSTREAM_DNS_FAILED, f"{name} did not resolve to any address"
-            )
-        return found
-
-    def timedOut(failure: Failure) -> List[IPAddress]:
-        failure.trap(defer.TimeoutError)
-        raise UpstreamError(
-            Reason.UPSTREAM_DNS_FAILED, f"resolving {name} timed out after {timeout}s"
-        )
-
-    d.addCallbacks(check, timedOut)
-    return d
 
 
 def _own_form(ip: IPAddress) -> IPAddress:
@@ -183,6 +124,45 @@ class _Verdicts:
         self._vetted = {}
 
 
+class _OwnAddresses:
+    """
+    The proxy's own listening addresses, as destinations to refuse. A
+    wildcard listener (C{0.0.0.0}, C{::}) stands for every address of this
+    machine on its port: any non-public address matches it.
+
+    @ivar given: the C{(host, port)} pairs as given.
+    """
+
+    def __init__(self, addresses: Iterable[Tuple[str, int]]) -> None:
+        self.given = frozenset(addresses)
+        exact: Set[Tuple[IPAddress, int]] = set()
+        anywhere: Set[int] = set()
+        for host, port in self.given:
+            ip = _own_form(ipaddress.ip_address(host.split("%", 1)[0]))
+            if ip.is_unspecified:
+                anywhere.add(port)
+            else:
+                exact.add((ip, port))
+        self._exact = frozenset(exact)
+        self._anywhere = frozenset(anywhere)
+        self._ports = frozenset(port for _, port in exact) | self._anywhere
+
+    def includes(self, verdict: Verdict) -> bool:
+        """
+        Whether one of C{verdict}'s vetted addresses, on its port, is ours.
+        """
+        port = verdict.port
+        if port not in self._ports:
+            return False
+        for ip in verdict.addresses:
+            if port in self._anywhere and not _addresses.is_public(ip):
+                return True
+            ip = _own_form(ip)
+            if ip.is_unspecified or (ip, port) in self._exact:
+                return True
+        return False
+
+
 class PolicyService:
     """
     Decides requests against the current policy; C{reload} swaps the policy
@@ -206,8 +186,14 @@ class PolicyService:
         resolve_timeout: float = 10.0,
         decider: Optional[Decider] = None,
         decider_timeout: float = 30.0,
+        observe: Optional[Callable[[float], None]] = None,
     ) -> None:
+        """
+        @param observe: given the seconds each L{check} took to its verdict
+            (the decision latency histogram), when metrics are kept.
+        """
         self.policy = policy
+        self._observe = observe
         self.generation = 0
         self.decider = decider
         self._resolver = resolver
@@ -215,11 +201,11 @@ class PolicyService:
         self._auditor = auditor or Auditor(clock.seconds)
         self._resolve_timeout = resolve_timeout
         self._decider_timeout = decider_timeout
-        self._blocked: Deque[Verdict] = collections.deque(maxlen=BLOCKED_HISTORY)
-        self.own_addresses: FrozenSet[Tuple[str, int]] = frozenset()
-        self._own: FrozenSet[Tuple[IPAddress, int]] = frozenset()
-        self._ownAnywhere: FrozenSet[int] = frozenset()
-        self._ownPorts: FrozenSet[int] = frozenset()
+        self._blocked: Deque[Tuple[Verdict, Dict[str, Any]]] = collections.deque(
+            maxlen=BLOCKED_HISTORY
+        )
+        self._own = _OwnAddresses(())
+        self.own_addresses = self._own.given
         self._verdicts = _Verdicts(None)
 
     def set_own_addresses(self, addresses: Iterable[Tuple[str, int]]) -> None:
@@ -227,25 +213,12 @@ class PolicyService:
         Name the proxy's own listening addresses (the IP as bound, the
         port): from now on a vetted destination that is one of them is
         refused C{not_allowed_local}, whatever the policy says, so the proxy
-        never dials itself (SPEC §4.2b). A wildcard listener (C{0.0.0.0},
-        C{::}) stands for every address of this machine on its port: any
-        non-public address matches it.
+        never dials itself (SPEC §4.2b); see L{_OwnAddresses}.
 
         @raise ValueError: a host is not an IP address.
         """
-        given = frozenset(addresses)
-        exact: Set[Tuple[IPAddress, int]] = set()
-        anywhere: Set[int] = set()
-        for host, port in given:
-            ip = _own_form(ipaddress.ip_address(host.split("%", 1)[0]))
-            if ip.is_unspecified:
-                anywhere.add(port)
-            else:
-                exact.add((ip, port))
-        self.own_addresses = given
-        self._own = frozenset(exact)
-        self._ownAnywhere = frozenset(anywhere)
-        self._ownPorts = frozenset(port for _, port in exact) | self._ownAnywhere
+        self._own = _OwnAddresses(addresses)
+        self.own_addresses = self._own.given
         self._verdicts.forgetVetted()
 
     def reload(self, policy: Policy) -> None:
@@ -256,10 +229,15 @@ class PolicyService:
         self.generation += 1
 
     def blocked(self) -> List[Verdict]:
+        """The most recent blocked decisions, oldest first."""
+        return [verdict for verdict, _ in self._blocked]
+
+    def blocked_events(self) -> List[Dict[str, Any]]:
         """
-        The most recent blocked decisions, oldest first.
+        The audit fields (SPEC §9.3) of the most recent blocked decisions,
+        oldest first.
         """
-        return list(self._blocked)
+        return [fields for _, fields in self._blocked]
 
     def decide_now(self, request: ProxyRequest) -> Optional[Verdict]:
         """
@@ -268,16 +246,22 @@ class PolicyService:
         (a refusal, an IP literal, a unix socket); C{None} when it needs
         either, and then nothing is recorded: call L{check}.
         """
+        started = self._clock.seconds() if self._observe is not None else 0.0
         policy = self.policy.for_client(request.client_identity)
         verdict = self._decide(policy, request)
         if verdict.reason is Reason.NOT_ALLOWED and self._asks(policy):
             return None
-        return self._final(policy, verdict)
+        final = self._final(policy, verdict)
+        return None if final is None else self._timed(final, started)
+
+    def _timed(self, verdict: Verdict, started: float) -> Verdict:
+        """C{verdict}, its decision time observed when metrics are kept."""
+        if self._observe is not None:
+            self._observe(self._clock.seconds() - started)
+        return verdict
 
     def _asks(self, policy: Policy) -> bool:
-        """
-        An allowlist miss goes to the decider under C{policy}.
-        """
+        """An allowlist miss goes to the decider under C{policy}."""
         return self.decider is not None and not policy.managed_allowed_domains_only
 
     def _decide(self, policy: Policy, request: ProxyRequest) -> Verdict:
@@ -295,6 +279,12 @@ class PolicyService:
         Cancelling it while the decider or the resolver is busy records
         nothing: no decision was made.
         """
+        if self._observe is None:
+            return self._check(request)
+        started = self._clock.seconds()
+        return timed(self._check(request), self._clock, self._observe, started)
+
+    def _check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:
         policy = self.policy.for_client(request.client_identity)
         verdict = self._decide(policy, request)
         decider = self.decider
@@ -426,13 +416,14 @@ class PolicyService:
         """
         L{check_pinned}, whose answer is always synchronous.
         """
+        started = self._clock.seconds() if self._observe is not None else 0.0
         policy = self.policy.for_client(request.client_identity)
         verdict = self._decide(policy, request)
         if verdict.reason is Reason.NOT_ALLOWED and tunnel.override:
             verdict = admit(policy, request, verdict.host, override=True)
         if verdict.allowed:
-            return self._vet(policy, verdict, list(tunnel.addresses))
-        return self._record(verdict)
+            return self._timed(self._vet(policy, verdict, list(tunnel.addresses)), started)
+        return self._timed(self._record(verdict), started)
 
     def _vet(self, policy: Policy, verdict: Verdict, found: List[IPAddress]) -> Verdict:
         """
@@ -450,16 +441,7 @@ class PolicyService:
         C{verdict}, refused C{not_allowed_local} when one of its vetted
         addresses is one of the proxy's own listening addresses.
         """
-        port = verdict.port
-        if port not in self._ownPorts:
-            return verdict
-        for ip in verdict.addresses:
-            if port in self._ownAnywhere and not _addresses.is_public(ip):
-                return refused(verdict, Reason.NOT_ALLOWED_LOCAL)
-            ip = _own_form(ip)
-            if ip.is_unspecified or (ip, port) in self._own:
-                return refused(verdict, Reason.NOT_ALLOWED_LOCAL)
-        return verdict
+        return refused(verdict, Reason.NOT_ALLOWED_LOCAL) if self._own.includes(verdict) else verdict
 
     def _resolutionFailed(self, verdict: Verdict, failure: Failure) -> Failure:
         error = failure.value
@@ -477,7 +459,7 @@ class PolicyService:
         return failure
 
     def _record(self, verdict: Verdict) -> Verdict:
-        self._auditor.record(verdict)
+        fields = self._auditor.record(verdict)
         if not verdict.allowed:
-            self._blocked.append(verdict)
+            self._blocked.append((verdict, fields))
         return verdict

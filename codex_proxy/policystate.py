@@ -49,6 +49,7 @@ LISTENER_FIELDS = (
     "enable_socks5",
     "enable_socks5_udp",
     "dns_listen",
+    "admin_listen",
 )
 #: Fields whose change a reload reports, besides the domain lists.
 _REPORTED_FIELDS = (
@@ -266,9 +267,12 @@ def keep_listeners(running: ProxyConfig, new: ProxyConfig) -> tuple[ProxyConfig,
 
 
 def _field_key(name: str) -> str:
-    return {"http_listen": "proxy_url", "socks_listen": "socks_url", "dns_listen": "dns_url"}.get(
-        name, name
-    )
+    return {
+        "http_listen": "proxy_url",
+        "socks_listen": "socks_url",
+        "dns_listen": "dns_url",
+        "admin_listen": "admin_url",
+    }.get(name, name)
 
 
 def _show(value: Any) -> str:

@@ -1,5 +1,7 @@
 """
-Name resolution with fixed answers for chosen names (C{--resolve}).
+Name resolution: L{resolve}, the one lookup of a name the policy service
+makes (with a timeout, answers collected into IP addresses), and fixed
+answers for chosen names (C{--resolve}).
 
 L{TableResolver} answers the names of its table itself and hands every other
 name to the resolver it wraps (the reactor's, which runs C{getaddrinfo} off
@@ -13,22 +15,25 @@ addresses").
 from __future__ import annotations
 
 import ipaddress
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
 
+from twisted.internet import defer
 from twisted.internet._resolver import HostResolution
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
     IHostnameResolver,
     IHostResolution,
+    IReactorTime,
     IResolutionReceiver,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy.addresses import parse_ip_literal
 from codex_proxy.domains import InvalidHost, normalize_host
-from codex_proxy.errors import ProxyError
-from codex_proxy.model import IPAddress
+from codex_proxy.errors import ProxyError, UpstreamError
+from codex_proxy.model import IPAddress, Reason
 
 
 class ResolveEntryError(ProxyError, ValueError):
@@ -129,3 +134,61 @@ def resolver_with(
     if not table:
         return fallback
     return TableResolver(table, fallback)
+
+
+@implementer(IResolutionReceiver)
+class _Collector:
+    """
+    Gathers one resolution's answers into a Deferred list of IP addresses.
+    """
+
+    def __init__(self) -> None:
+        self.deferred: defer.Deferred[List[IPAddress]] = defer.Deferred()
+        self._found: List[IPAddress] = []
+
+    def resolutionBegan(self, resolution: object) -> None:
+        pass
+
+    def addressResolved(self, address: object) -> None:
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            # getaddrinfo may append a zone to link-local answers.
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+            if ip not in self._found:
+                self._found.append(ip)
+
+    def resolutionComplete(self) -> None:
+        if not self.deferred.called:
+            self.deferred.callback(self._found)
+
+
+def resolve(
+    resolver: IHostnameResolver,
+    clock: IReactorTime,
+    name: str,
+    port: int,
+    timeout: float,
+) -> defer.Deferred[List[IPAddress]]:
+    """
+    Resolve C{name} to its addresses, failing with L{UpstreamError} when there
+    are none or the resolver does not answer within C{timeout} seconds.
+    """
+    collector = _Collector()
+    resolver.resolveHostName(collector, name, port)
+    d = collector.deferred
+    d.addTimeout(timeout, clock)
+
+    def check(found: List[IPAddress]) -> List[IPAddress]:
+        if not found:
+            raise UpstreamError(
+                Reason.UPSTREAM_DNS_FAILED, f"{name} did not resolve to any address"
+            )
+        return found
+
+    def timedOut(failure: Failure) -> List[IPAddress]:
+        failure.trap(defer.TimeoutError)
+        raise UpstreamError(
+            Reason.UPSTREAM_DNS_FAILED, f"resolving {name} timed out after {timeout}s"
+        )
+
+    d.addCallbacks(check, timedOut)
+    return d

@@ -267,6 +267,7 @@ def assemble(
         from twisted.internet import reactor
     top = MultiService()
     sinks: list[Sink] = []
+    log = None
     if audit_log is not None:
         log = JSONLinesLog(audit_log, reactor)
         _AuditSink(log.close, log.open).setServiceParent(top)
@@ -295,6 +296,9 @@ def assemble(
         sys.stderr.write(f"codexproxy: config error: {e}\n")
         raise SystemExit(1)
     proxy = ProxyService(created, exit_on_error=not daemon)
+    metrics = created.metrics
+    if metrics is not None and log is not None:
+        log.written, log.dropped = metrics.audit_written, metrics.audit_dropped
     for entry in resolve:
         _log.info("--resolve {entry}: answered without DNS, vetted like DNS", entry=entry)
     proxy.setServiceParent(top)

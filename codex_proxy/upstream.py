@@ -15,7 +15,7 @@ protection that applies to destinations.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple, cast
 
 import attrs
 from twisted.internet import defer, endpoints, error
@@ -25,6 +25,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
     IReactorTCP,
+    IReactorTime,
     ITLSTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -39,6 +40,7 @@ from codex_proxy.addresses import parse_ip_literal
 from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError
 from codex_proxy.connections import Connections
+from codex_proxy.metrics import timed
 from codex_proxy.model import IPAddress, Reason, Verdict
 
 
@@ -297,6 +299,9 @@ class Upstream:
     @param parent_tls: makes the client TLS options for an C{https://}
         parent from its host name (default: the platform trust store,
         which honours C{SSL_CERT_FILE}, with host name checking).
+    @param observe: given the seconds each outbound connection took to
+        connect or fail (the connect latency histogram), when metrics are
+        kept.
 
     @ivar connections: where outbound connections register while open.
     """
@@ -308,8 +313,10 @@ class Upstream:
         connections: Optional[Connections] = None,
         parents: Optional[ParentProxies] = None,
         parent_tls: Callable[[str], Any] = optionsForClientTLS,
+        observe: Optional[Callable[[float], None]] = None,
     ) -> None:
         self._reactor = reactor
+        self._observe = observe
         self._timeout = connect_timeout
         self.connections = connections if connections is not None else Connections()
         self._factory = _OutboundFactory(self.connections)
@@ -384,13 +391,19 @@ class Upstream:
         last failure (C{where} names it). Cancelling reaches the attempt in
         progress, through the chain.
         """
+        if self._observe is None:
+            return self._attempt(attempts)
+        clock = cast(IReactorTime, self._reactor)
+        return timed(self._attempt(attempts), clock, self._observe, clock.seconds())
+
+    def _attempt(self, attempts: Sequence[Tuple[Any, str]]) -> defer.Deferred[Outbound]:
         endpoint, where = attempts[0]
 
         def failed(failure: Failure) -> defer.Deferred[Outbound]:
             if failure.check(error.ConnectingCancelledError, defer.CancelledError):
                 raise defer.CancelledError()
             if len(attempts) > 1:
-                return self._first(attempts[1:])
+                return self._attempt(attempts[1:])
             raise _classify(failure, where)
 
         d: defer.Deferred[Outbound] = endpoint.connect(self._factory)

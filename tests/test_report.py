@@ -8,17 +8,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import pytest
 
 from codex_proxy import cli
-from codex_proxy.policy import policy_from_config
 from codex_proxy.audit import decision_fields
-from codex_proxy.config import ProxyConfig
 from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
 from codex_proxy._auditlog import ReportError, parse_since, read_lines, tally
 from codex_proxy.report import add_arguments, run_report
@@ -33,12 +30,9 @@ denied_domains = ["denied.example"]
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
-def explain(config: ProxyConfig, request: ProxyRequest) -> Tuple[List[Tuple[str, str]], bool]:
-    """
-    What the command line hands the report: C{explain} over the config's
-    policy.
-    """
-    return cli.explain(config, policy_from_config(config, os.path.realpath), request, "GET")
+#: What the command line hands the report: C{explain} over the config's
+#: policy.
+explain = cli._judge
 
 
 def event(

@@ -16,7 +16,8 @@ from codex_proxy.api import NetworkProxy
 from codex_proxy.config import parse_config
 from codex_proxy.model import Protocol, ProxyRequest, Reason
 from codex_proxy.policy import Policy
-from codex_proxy.policyservice import PolicyService, resolve
+from codex_proxy.policyservice import PolicyService
+from codex_proxy.resolver import resolve
 from codex_proxy.resolver import (
     ResolveEntryError,
     TableResolver,

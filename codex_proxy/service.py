@@ -1,0 +1,70 @@
+"""
+L{ProxyService}: a L{codex_proxy.api.NetworkProxy} as a Twisted C{IService},
+for C{twistd codexproxy} and C{.tac} files (SPEC §9.1). Importable as
+C{codex_proxy.api.ProxyService}.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Dict, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from codex_proxy.config import ProxyConfig
+from codex_proxy.listening import ListenError
+
+if TYPE_CHECKING:
+    from codex_proxy.api import NetworkProxy, ProxyHandle
+
+_log = Logger()
+
+
+class ProxyService(Service):
+    """
+    Runs a L{NetworkProxy} as an C{IService}: bound on start, shut down
+    (connections included) on stop. A listener that cannot be bound stops
+    start-up with one line on stderr and exit status 1.
+
+    @ivar proxy: the proxy.
+    @ivar addresses: the bound listeners, C{{"http": "127.0.0.1:PORT"}}.
+    """
+
+    def __init__(self, proxy: NetworkProxy, *, exit_on_error: bool = True) -> None:
+        """
+        @param exit_on_error: a start-up failure prints one line on stderr
+            and exits 1; when false it is logged and raised (a daemonizing
+            C{twistd} reports it to its waiting parent).
+        """
+        self.proxy = proxy
+        self._exit_on_error = exit_on_error
+        self.addresses: Dict[str, str] = {}
+        self._handle: Optional[ProxyHandle] = None
+
+    @property
+    def config(self) -> ProxyConfig:
+        """
+        The effective config of the proxy in force.
+        """
+        return self.proxy.config
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._handle = self.proxy.listen()
+        except ListenError as e:
+            if not self._exit_on_error:
+                _log.error("codexproxy: {message}", message=str(e))
+                raise
+            sys.stderr.write(f"codexproxy: {e}\n")
+            raise SystemExit(1)
+        self.addresses = self._handle.addresses()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return defer.succeed(None)
+        return handle.shutdown()
