@@ -48,7 +48,7 @@ def settings(config: ProxyConfig) -> List[Tuple[str, str]]:
             "dangerously_allow_plaintext_secrets",
             _flag(config, "dangerously_allow_plaintext_secrets"),
         ),
-        ("admin_url", "none (default)" if config.admin_listen is None else str(config.admin_listen)),
+        ("admin_url", _setting(config, "admin_url", str(config.admin_listen or "unset"))),
         ("admin_token", _token(config)),
     ]
 

@@ -125,7 +125,7 @@ def test_check_config_without_the_listener(tmp_path: Path):
     out = io.StringIO()
     assert cli.main(["check-config", str(path)], out, io.StringIO()) == 0
     lines = [line.split(None, 1) for line in out.getvalue().splitlines()]
-    assert ["admin_url:", "none (default)"] in lines
+    assert ["admin_url:", "unset (default)"] in lines
     assert ["admin_token:", "none"] in lines
 
 
