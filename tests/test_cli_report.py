@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Tuple
 
 from codex_proxy import cli
-from test_report import CONFIG, event
+from support.auditlog import CONFIG, event
 
 
 def report(tmp_path: Path, *options: str, config: str = CONFIG) -> Tuple[int, str, str]:

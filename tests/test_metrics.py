@@ -9,11 +9,11 @@ from typing import Any, Dict, Optional
 
 import attrs
 from prometheus_client import REGISTRY, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from codex_proxy.audit import Auditor
 from codex_proxy.metrics import Metrics
 from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
+from support.metrics import value
 
 
 @attrs.frozen
@@ -32,23 +32,6 @@ class Ended:
     decision: Optional[str] = None
     reason: Optional[str] = None
     duration: float = 0.5
-
-
-def samples(metrics: Metrics) -> Dict[Any, float]:
-    """
-    Every sample of the exposition, parsed with prometheus_client's own
-    parser, keyed by (sample name, sorted labels).
-    """
-    text = generate_latest(metrics.registry).decode("utf-8")
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(metrics: Metrics, name: str, **labels: str) -> Optional[float]:
-    return samples(metrics).get((name, tuple(sorted(labels.items()))))
 
 
 def fields(

@@ -27,7 +27,7 @@ from codex_proxy.policyservice import PolicyService
 from codex_proxy.upstream import Upstream
 from support.disk import FullDisk
 from support.http import Harness, HalfCloseTransport
-from test_metrics import value
+from support.metrics import value
 
 
 def attached(h: Harness) -> Metrics:

@@ -10,49 +10,20 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import pytest
 
 from codex_proxy import cli
-from codex_proxy.audit import decision_fields
-from codex_proxy.model import Decision, Protocol, ProxyRequest, Reason, Source, Verdict
+from codex_proxy.model import Protocol, Reason
 from codex_proxy._auditlog import ReportError, parse_since, read_lines, tally
 from codex_proxy.report import add_arguments, run_report
-
-CONFIG = """\
-[network]
-enabled = true
-allowed_domains = ["allowed.example", "*.wild.example"]
-denied_domains = ["denied.example"]
-"""
-
-T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+from support.auditlog import CONFIG, T0, event
 
 
 #: What the command line hands the report: C{explain} over the config's
 #: policy.
 explain = cli._judge
-
-
-def event(
-    host: str,
-    port: int = 443,
-    protocol: Protocol = Protocol.HTTPS_CONNECT,
-    reason: Optional[Reason] = Reason.NOT_ALLOWED,
-    at: float = T0,
-    identity: Optional[str] = None,
-) -> str:
-    """
-    One audit line exactly as the auditor writes it.
-    """
-    method = {Protocol.HTTPS_CONNECT: "CONNECT", Protocol.HTTP: "GET"}.get(protocol)
-    request = ProxyRequest(
-        protocol, host, port, method=method, client="127.0.0.1:5000", command=identity, client_identity=identity
-    )
-    decision = Decision.ALLOW if reason is None else Decision.DENY
-    verdict = Verdict(request, host, decision, Source.BASELINE_POLICY, reason)
-    return json.dumps(decision_fields(verdict, at), separators=(",", ":"))
 
 
 def run(

@@ -14,7 +14,7 @@ import ssl
 import stat
 
 import pytest
-from test_socks5_proxy import socks_request
+from support.socksclient import socks_request
 
 LIMITED_MITM = {"mode": "limited", "mitm": True}
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_socks5_proxy import socks_request
+from support.socksclient import socks_request
 
 TOKEN = "e2e-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

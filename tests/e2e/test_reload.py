@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 
-from test_socks5_proxy import SOCKS, socks_request
+from support.socksclient import SOCKS, socks_request
 
 
 def _tunnel_get(sock, rest: bytes, host: str, path: str) -> bytes:

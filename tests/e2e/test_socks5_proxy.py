@@ -9,50 +9,12 @@ from __future__ import annotations
 import json
 
 import socket
-import struct
 import threading
 from typing import Iterator
 
 import pytest
 
-SOCKS = {"enable_socks5": True, "socks_url": "127.0.0.1:0"}
-
-
-def _address(host: str, port: int) -> bytes:
-    try:
-        packed = socket.inet_aton(host) if host.count(".") == 3 else None
-    except OSError:
-        packed = None
-    if packed is not None:
-        return b"\x01" + packed + struct.pack("!H", port)
-    return b"\x03" + bytes([len(host)]) + host.encode() + struct.pack("!H", port)
-
-
-def socks_request(
-    addr: tuple[str, int], command: int, host: str, port: int
-) -> tuple[socket.socket, int, tuple[str, int]]:
-    """
-    Greet with no-auth and send one request; return the socket, the REP code
-    and BND.ADDR/BND.PORT (IPv4 replies only, which is all we bind).
-    """
-    sock = socket.create_connection(addr, timeout=30)
-    sock.sendall(b"\x05\x01\x00" + b"\x05" + bytes([command, 0]) + _address(host, port))
-    assert _recv_exactly(sock, 2) == b"\x05\x00"
-    head = _recv_exactly(sock, 4)
-    assert head[0] == 5 and head[3] == 1, head
-    bound = _recv_exactly(sock, 6)
-    return sock, head[1], (socket.inet_ntoa(bound[:4]), struct.unpack("!H", bound[4:])[0])
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        piece = sock.recv(n - len(data))
-        if not piece:
-            raise ConnectionError(f"closed after {data!r}")
-        data += piece
-    return data
-
+from support.socksclient import SOCKS, socks_address, socks_request
 
 class UDPEcho:
     """
@@ -159,7 +121,7 @@ def _associate(proxy) -> tuple[socket.socket, socket.socket, tuple[str, int]]:
 
 
 def _datagram(host: str, port: int, payload: bytes) -> bytes:
-    return b"\x00\x00\x00" + _address(host, port) + payload
+    return b"\x00\x00\x00" + socks_address(host, port) + payload
 
 
 def test_udp_echo_through_the_relay(socks_proxy, udp_echo):
