@@ -53,8 +53,11 @@ from codex_proxy.policy import (
 BLOCKED_HISTORY = 200
 
 #: How many verdicts L{PolicyService} keeps for one policy before it
-#: starts over (each key is a destination and request kind).
-VERDICT_CACHE = 4096
+#: starts over. Each new client connection adds one (its requests are keyed
+#: with its address, so keep-alive requests hit), next to one per
+#: destination and request kind: a few hundred keep memory flat under a
+#: stream of new connections, and starting over costs one decision.
+VERDICT_CACHE = 256
 
 
 def _own_form(ip: IPAddress) -> IPAddress:
