@@ -258,7 +258,7 @@ class _TCPDial:
     connecting our L{Outbound} itself. Twisted's C{TCP4ClientEndpoint}/C{TCP6ClientEndpoint} put a
     wrapping protocol between the transport and ours, with its own
     Deferreds: measured with C{bench/cpu_per_request.py --only connect},
-    dials through them cost the proxy about 40 CPU us more per tunnel.
+    dials through them cost the proxy about 20 CPU us more per tunnel.
     """
 
     def __init__(self, reactor: IReactorTCP, host: str, port: int, timeout: float) -> None:

@@ -100,9 +100,26 @@ def test_dns_listener_port_is_in_the_ports_file_and_nothing_else_changes(proxy_f
     assert proxy.ports["dns"] != proxy.ports["http"]
 
 
-def test_dns_port_taken_for_udp_aborts_start_up(proxyproc, tmp_path):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+def _udp_taken_tcp_free() -> socket.socket:
+    """
+    A UDP socket bound to a port whose TCP side is free, so that only the
+    UDP bind can fail (other tests hold ephemeral TCP ports meanwhile).
+    """
+    for _ in range(50):
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         taken.bind(("127.0.0.1", 0))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", taken.getsockname()[1]))
+                return taken
+            except OSError:
+                taken.close()
+    raise AssertionError("no UDP port with a free TCP side in 50 tries")
+
+
+def test_dns_port_taken_for_udp_aborts_start_up(proxyproc, tmp_path):
+    with _udp_taken_tcp_free() as taken:
         port = taken.getsockname()[1]
         done = proxyproc.run_to_exit({"dns_url": f"127.0.0.1:{port}"}, tmp_path)
     assert done.returncode == 1
