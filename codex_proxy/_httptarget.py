@@ -80,11 +80,14 @@ def request_for(
     head: _httphead.RequestHead,
     client: Optional[str],
     resolve_socket: Callable[[str], str],
+    placeholders: bool = True,
 ) -> ProxyRequest:
     """
     What a head on the listener asks for. C{resolve_socket} turns an
     absolute C{x-unix-socket} path into the one the policy compares (it
-    resolves symlinks: I/O, so the caller provides it).
+    resolves symlinks: I/O, so the caller provides it). Without
+    C{placeholders} (no secret is configured, so none can be misused) the
+    header values are not scanned for them.
 
     @raise ProtocolError: the target cannot be served by a proxy.
     """
@@ -117,15 +120,20 @@ def request_for(
         # A relative path is kept as sent, for the policy to refuse.
         unix_socket = resolve_socket(path) if path.startswith("/") and "\0" not in path else path
         host, port = UNIX_SOCKET_HOST, 0
-    return _request(head, protocol, host, port, client, unix_socket)
+    return _request(head, protocol, host, port, client, placeholders, unix_socket)
 
 
 def inner_request(
-    head: _httphead.RequestHead, host: str, port: int, client: Optional[str]
+    head: _httphead.RequestHead,
+    host: str,
+    port: int,
+    client: Optional[str],
+    placeholders: bool = True,
 ) -> ProxyRequest:
     """
     A request inside the intercepted tunnel to C{host:port}: its target must
-    be the tunnel's own host and port (SPEC §6), named by C{Host}.
+    be the tunnel's own host and port (SPEC §6), named by C{Host}. See
+    L{request_for} for C{placeholders}.
 
     @raise ProtocolError: it names another target (421), is a CONNECT (405)
         or has no C{Host} (400).
@@ -150,7 +158,7 @@ def inner_request(
             raise ProtocolError(
                 f"request for {authority(*other)} inside the tunnel to {tunnel}", 421
             )
-    return _request(head, Protocol.HTTPS, host, port, client)
+    return _request(head, Protocol.HTTPS, host, port, client, placeholders)
 
 
 def _request(
@@ -159,6 +167,7 @@ def _request(
     host: str,
     port: int,
     client: Optional[str],
+    placeholders: bool,
     unix_socket: Optional[str] = None,
 ) -> ProxyRequest:
     """
@@ -176,7 +185,7 @@ def _request(
         override_methods=method_overrides(head.headers, head.path),
         client=client,
         unix_socket=unix_socket,
-        secrets=_placeholders.named(head.headers),
+        secrets=_placeholders.named(head.headers) if placeholders else (),
     )
 
 

@@ -88,14 +88,18 @@ def _resolve_socket(path: str) -> str:
     return os.path.realpath(path)
 
 
-def _request_for(head: _httphead.RequestHead, tunnel: Optional[Verdict], client: Optional[str]) -> ProxyRequest:
+def _request_for(
+    head: _httphead.RequestHead, tunnel: Optional[Verdict], client: Optional[str], secrets: Optional[Secrets]
+) -> ProxyRequest:
     """
     What C{head} asks for: an inner request of the intercepted C{tunnel},
-    or a request of its own.
+    or a request of its own; its header values are scanned for
+    placeholders only while some secret is configured.
     """
+    placeholders = secrets is not None and bool(secrets.placeholders)
     if tunnel is not None:
-        return _httptarget.inner_request(head, tunnel.host, tunnel.port, client)
-    return _httptarget.request_for(head, client, _resolve_socket)
+        return _httptarget.inner_request(head, tunnel.host, tunnel.port, client, placeholders)
+    return _httptarget.request_for(head, client, _resolve_socket, placeholders)
 
 
 class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
@@ -238,7 +242,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
         try:
-            request = _request_for(head, self._tunnel, self.client)
+            request = _request_for(head, self._tunnel, self.client, self.factory.secrets)
         except errors.ProtocolError as e:
             if kept is not None:
                 kept.drop()

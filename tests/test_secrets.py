@@ -16,7 +16,7 @@ import attrs
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from codex_proxy import cli, errors
+from codex_proxy import _httptarget, cli, errors, httpproxy
 from codex_proxy._httphead import RequestHeadParser
 from codex_proxy._placeholders import named, substitute
 from codex_proxy.childenv import child_env
@@ -486,3 +486,19 @@ def test_the_basic_scheme_is_matched_in_any_case():
     assert substitute(((b"Authorization", value),), {PLACEHOLDER.encode(): VALUE.encode()}) == (
         (b"Authorization", b"bAsIc " + base64.b64encode(f"u:{VALUE}".encode())),
     )
+
+
+def test_heads_are_scanned_for_placeholders_only_while_a_secret_is_configured():
+    # Without a secret no placeholder can be misused: the per-request scan
+    # of header values is skipped (a placeholder-looking value is then just
+    # a value, forwarded as sent).
+    head = _head(f"Bearer {PLACEHOLDER}")
+    assert _httptarget.request_for(head, None, str).secrets == ("API_KEY",)
+    assert _httptarget.request_for(head, None, str, placeholders=False).secrets == ()
+    none = Secrets({}, token=lambda: TOKEN)
+    configured = Secrets({"REAL_KEY": VALUE}, token=lambda: TOKEN).load(
+        _config('source = "env:REAL_KEY"\nhosts = ["origin.test"]').secrets
+    )
+    assert httpproxy._request_for(head, None, None, None).secrets == ()
+    assert httpproxy._request_for(head, None, None, none).secrets == ()
+    assert httpproxy._request_for(head, None, None, configured).secrets == ("API_KEY",)
