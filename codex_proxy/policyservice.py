@@ -82,9 +82,11 @@ class _Verdicts:
 
     def __init__(self, policy: Optional[Policy]) -> None:
         self.policy = policy
-        self._decided: Dict[object, Verdict] = {}
+        self._decided: Dict[ProxyRequest, Verdict] = {}
+        self._kinds: Dict[Tuple[object, ...], Verdict] = {}
         # By id: the pair keeps the verdict alive, so its id is not reused.
         self._vetted: Dict[int, Tuple[Verdict, Verdict]] = {}
+        self._vettedKinds: Dict[Tuple[object, ...], Verdict] = {}
 
     @property
     def full(self) -> bool:
@@ -94,28 +96,28 @@ class _Verdicts:
         """
         L{decide}C{(policy, request)}, computed once per kind of request.
         """
-        decided = self._decided
-        known = decided.get(request)
+        known = self._decided.get(request)
         if known is None:
-            # What decide() may read: all of the request but its client.
-            kind = attrs.evolve(request, client=None)
-            like = decided.get(kind)
+            kind = request.kind()
+            like = self._kinds.get(kind)
             if like is None:
-                like = decided[kind] = decide(policy, kind)
-            known = decided[request] = like if kind == request else attrs.evolve(like, request=request)
+                like = self._kinds[kind] = decide(policy, request)
+            known = self._decided[request] = like if like.request is request else like.about(request)
         return known
 
-    def vetted(self, verdict: Verdict) -> Optional[Verdict]:
+    def vetted(self, verdict: Verdict, vet: Callable[[Verdict], Verdict]) -> Verdict:
         """
-        The vetted form of C{verdict} kept by L{keepVetted}, or C{None}.
+        C{vet(verdict)}, computed once per kind of request.
         """
         known = self._vetted.get(id(verdict))
-        return known[1] if known is not None and known[0] is verdict else None
-
-    def keepVetted(self, verdict: Verdict, vetted: Verdict) -> Verdict:
-        """
-        Keep C{vetted} as the vetted form of C{verdict}, and return it.
-        """
+        if known is not None and known[0] is verdict:
+            return known[1]
+        request = verdict.request
+        kind = request.kind()
+        like = self._vettedKinds.get(kind)
+        if like is None:
+            like = self._vettedKinds[kind] = vet(verdict)
+        vetted = like if like.request is request else like.about(request)
         if len(self._vetted) < VERDICT_CACHE:
             self._vetted[id(verdict)] = (verdict, vetted)
         return vetted
@@ -125,6 +127,7 @@ class _Verdicts:
         The proxy's own addresses changed: vet again.
         """
         self._vetted = {}
+        self._vettedKinds = {}
 
 
 class _OwnAddresses:
@@ -356,10 +359,9 @@ class PolicyService:
         if verdict.allowed and verdict.addresses:
             # An IP literal: its one address meets the ranges like an answer,
             # once per verdict kept.
-            vetted = self._verdicts.vetted(verdict)
-            if vetted is None:
-                vetted = self._verdicts.keepVetted(verdict, self._vetted(policy, verdict, list(verdict.addresses)))
-            return self._record(vetted)
+            return self._record(
+                self._verdicts.vetted(verdict, lambda v: self._vetted(policy, v, list(v.addresses)))
+            )
         if not verdict.allowed or verdict.request.unix_socket is not None:
             return self._record(self._notSelf(verdict))
         return None

@@ -4,6 +4,7 @@ PolicyService: resolution, vetting, audit events and blocked history.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import List
 
 import attrs
@@ -12,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from codex_proxy.audit import rfc3339
 from codex_proxy.errors import UpstreamError
-from codex_proxy.model import Mode, Protocol, ProxyRequest, Reason
+from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Reason, Source, Verdict
 from codex_proxy.policy import Policy
 from codex_proxy import policyservice
 from codex_proxy.policyservice import BLOCKED_HISTORY, PolicyService
@@ -289,3 +290,27 @@ def test_each_client_is_decided_by_its_own_policy_through_the_cache():
     assert svc.decide_now(anonymous).allowed
     assert svc.decide_now(attrs.evolve(anonymous, client_identity="ci")).reason is Reason.DENIED
     assert svc.decide_now(anonymous).allowed
+
+
+def test_a_literal_is_vetted_once_per_kind_and_each_connection_sees_its_own_client(monkeypatch):
+    vetted: List[str] = []
+    real = policyservice.vet
+    monkeypatch.setattr(policyservice, "vet", lambda p, v, found: vetted.append(v.request.client) or real(p, v, found))
+    svc, auditor = service(StaticResolver({}), allowed=["127.0.0.1"])
+    clients = ["127.0.0.1:5000", "127.0.0.1:5001", "127.0.0.1:5002", "127.0.0.1:5001"]
+    verdicts = [svc.decide_now(_get(client)) for client in clients]
+    assert vetted == ["127.0.0.1:5000"]
+    assert [(v.request.client, [str(ip) for ip in v.addresses]) for v in verdicts] == [
+        (client, ["127.0.0.1"]) for client in clients
+    ]
+    assert [e["client.address"] for e in auditor.events] == clients
+
+
+def test_a_verdict_about_another_request_differs_in_its_request_only():
+    request = _get("127.0.0.1:5000")
+    verdict = Verdict(
+        request, "h.test", Decision.DENY, Source.DECIDER, Reason.DENIED, (ipaddress.ip_address("192.0.2.1"),),
+        intercept=True, override=True, matched="*.test", detail="why", secret="TOKEN",
+    )
+    other = _get("127.0.0.1:5001")
+    assert verdict.about(other) == attrs.evolve(verdict, request=other)
