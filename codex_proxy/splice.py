@@ -6,14 +6,14 @@ a transport without a socket, a system without C{splice}) gets the
 portable L{Relay}. Idle timeout, half-close, closing and byte counts are
 the L{Relay}'s own, inherited.
 
-It works under Twisted's TCP transports: past a direction's first
-L{SPLICE_AFTER} bytes (read the portable way: a short exchange is cheaper
-without a pipe), the reading side's C{doRead} moves bytes socket to pipe
-to socket, and the writing side's C{doWrite} first
-drains what its pipe still holds, then does Twisted's own (the bytes
-written through the transport, a half-close, a close). A side is only read
-while the other has nothing waiting, so bytes keep their order and at most
-one pipe's worth waits per direction.
+A L{SpliceRelay} starts as the portable relay: most tunnels carry a short
+exchange, which is cheaper without a pipe. Once a direction has carried
+L{SPLICE_AFTER} bytes it moves to the kernel: the reading side's
+C{doRead} moves bytes socket to pipe to socket, and the writing side's
+C{doWrite} first drains what its pipe still holds, then does Twisted's own
+(the bytes written through the transport, a half-close, a close). A side is
+only read while the other has nothing waiting, so bytes keep their order
+and at most one pipe's worth waits per direction.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
@@ -73,49 +73,47 @@ def _unsent(transport: Any) -> int:
 
 class _Direction:
     """
-    One way through the tunnel: C{source} socket, a pipe, C{sink} socket;
-    C{count} adds what went through, C{moved} tells how much has. The first
-    L{SPLICE_AFTER} bytes go the portable way (a short exchange costs no
-    pipe), the rest through the pipe.
+    One way through the tunnel, once it moves by C{splice}: C{source}
+    socket, a pipe, C{sink} socket; C{count} adds what went through. Built
+    while the source's read is being delivered (the portable way), and
+    takes over the pacing the sink's producer did until then.
     """
 
-    def __init__(
-        self, source: Any, sink: Any, count: Callable[[int], None], moved: Callable[[], int]
-    ) -> None:
+    def __init__(self, source: Any, sink: Any, count: Callable[[int], None]) -> None:
         assert _splice is not None
         self._splice = _splice
         self.source = source
         self.sink = sink
         self.count = count
-        self._moved = moved
-        self._read = source.doRead
         self._from = source.fileno()
         self._to = sink.fileno()
-        # Opened on the first byte: a direction that never carries any
-        # (a reply to a refused request) costs no descriptors.
-        self.pipe: Optional[Tuple[int, int]] = None
+        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe[1], _F_SETPIPE_SZ, _CHUNK)
+        except OSError:
+            pass
         self.inPipe = 0
         self.held = False
         self.eof = False
         self._sinkWrite = sink.doWrite
         source.doRead = self.doRead
         sink.doWrite = self.doWrite
+        # The sink stops being paced by its producer (the source): a source
+        # it paused stays paused until the sink has written what it holds.
+        paused = sink.producerPaused
+        sink.unregisterProducer()
+        if paused:
+            self.held = True
 
     def doRead(self) -> Any:
         """
         The source is readable: splice what it has through the pipe.
         """
-        if self.pipe is None and self._moved() < SPLICE_AFTER:
-            # Twisted's own read; the relay writes what it gets.
-            result = self._read()
-            self.eof = result is main.CONNECTION_DONE
-            return result
         if self.inPipe or _unsent(self.sink):
             self._hold()
             return None
-        pipe = self.pipe or self._open()
         try:
-            n = self._splice(self._from, pipe[1], _CHUNK, flags=_FLAGS)
+            n = self._splice(self._from, self.pipe[1], _CHUNK, flags=_FLAGS)
         except OSError as e:
             return None if e.errno == errno.EAGAIN else main.CONNECTION_LOST
         if not n:
@@ -146,20 +144,10 @@ class _Direction:
                 self.source.startReading()
         return result
 
-    def _open(self) -> Tuple[int, int]:
-        pipe = self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, _CHUNK)
-        except OSError:
-            pass
-        return pipe
-
     def _drain(self) -> Any:
-        pipe = self.pipe
-        assert pipe is not None
         try:
             while self.inPipe:
-                self.inPipe -= self._splice(pipe[0], self._to, self.inPipe, flags=_FLAGS)
+                self.inPipe -= self._splice(self.pipe[0], self._to, self.inPipe, flags=_FLAGS)
         except OSError as e:
             if e.errno != errno.EAGAIN:
                 return main.CONNECTION_LOST
@@ -174,7 +162,7 @@ class _Direction:
         """
         Close the pipe, and give both transports their own methods back.
         """
-        for fd in self.pipe or ():
+        for fd in self.pipe:
             os.close(fd)
         del self.source.doRead, self.sink.doWrite
 
@@ -183,19 +171,32 @@ class SpliceRelay(Relay):
     """
     A L{Relay} whose bytes move by C{splice} (see the module docstring).
     Built by L{relay} only for two plain sockets.
+
+    @ivar _directions: the directions that moved to the kernel so far.
     """
 
-    def _pace(self) -> None:
-        self._lost = 0
-        self._directions: List[_Direction] = [
-            _Direction(self.client, self.server, self._up, lambda: self.bytesUp),
-            _Direction(self.server, self.client, self._down, lambda: self.bytesDown),
-        ]
+    _lost = 0
+    _up: Optional[_Direction] = None
+    _down: Optional[_Direction] = None
 
-    def _up(self, n: int) -> None:
+    @property
+    def _directions(self) -> List[_Direction]:
+        return [d for d in (self._up, self._down) if d is not None]
+
+    def fromClient(self, data: bytes) -> None:
+        super().fromClient(data)
+        if self.bytesUp >= SPLICE_AFTER and self._up is None and not self._closed:
+            self._up = _Direction(self.client, self.server, self._countUp)
+
+    def outboundData(self, data: bytes) -> None:
+        super().outboundData(data)
+        if self.bytesDown >= SPLICE_AFTER and self._down is None and not self._closed:
+            self._down = _Direction(self.server, self.client, self._countDown)
+
+    def _countUp(self, n: int) -> None:
         self.bytesUp += n
 
-    def _down(self, n: int) -> None:
+    def _countDown(self, n: int) -> None:
         self.bytesDown += n
 
     def clientLost(self) -> None:

@@ -137,7 +137,21 @@ def test_bytes_pass_in_order_both_ways_and_are_counted(tunnel):
     assert (relay.bytesUp, relay.bytesDown) == (len(up), len(down) + 6)
     if isinstance(relay, splice.SpliceRelay):
         # Past the first bytes, both ways went through a pipe.
-        assert all(direction.pipe is not None for direction in relay._directions)
+        assert [(d.source, d.sink) for d in relay._directions] == [
+            (relay.client, relay.server), (relay.server, relay.client)
+        ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_short_exchange_takes_no_pipe(tunnel):
+    client, relay, server, _ = tunnel
+    client.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+    yield server.until(18)
+    server.transport.write(b"HTTP/1.1 204 \r\n\r\n")
+    yield client.until(17)
+    assert (relay.bytesUp, relay.bytesDown) == (18, 17)
+    if isinstance(relay, splice.SpliceRelay):
+        assert relay._directions == []
 
 
 @pytest.mark.parametrize("size", [7, 3 * splice.SPLICE_AFTER], ids=["small", "piped"])
