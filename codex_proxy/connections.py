@@ -12,7 +12,9 @@ from typing import Callable, Dict, List, Optional, Set
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import ITCPTransport
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
+
+from codex_proxy.audit import emit_structured
 
 _log = Logger()
 
@@ -160,7 +162,7 @@ class Connections:
         self._clients.discard(transport)
         self._release(transport)
         if outcome is not None:
-            _log.emit(LogLevel.info, None, connection=outcome)
+            emit_structured(_log, connection=outcome)
             for observer in self.observers:
                 observer(outcome)
         if not self._open:

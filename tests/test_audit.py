@@ -311,3 +311,17 @@ def test_process_log_text_is_for_blocks_only():
     assert [e["audit"]["server.address"] for e in seen] == ["a.test", "b.test"]
     assert seen[0].get("log_format") is None
     assert formatEvent(seen[1]) == "policy decision deny (not_allowed) for http b.test:80"
+
+
+def test_a_structured_event_is_what_logger_emit_would_send():
+    from twisted.logger import Logger, LogLevel
+
+    from codex_proxy.audit import emit_structured
+
+    seen: List[Dict[str, Any]] = []
+    logger = Logger(namespace="codex_proxy.test", source=object(), observer=seen.append)
+    logger.emit(LogLevel.info, None, connection="c")
+    emit_structured(logger, connection="c")
+    emitted, structured = seen
+    assert structured["log_time"] >= emitted["log_time"]
+    assert {**structured, "log_time": None} == {**emitted, "log_time": None}
