@@ -4,6 +4,7 @@ The twistd plugin: option parsing, config errors, binding and the ports file.
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 
@@ -252,3 +253,12 @@ def test_deeply_nested_toml_exits_1_naming_the_file(tmp_path, capsys, nested):
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert err == f"codexproxy: config error: {files[nested]}: invalid TOML: values nested too deeply\n"
+
+
+def test_a_started_proxy_leaves_what_it_built_out_of_garbage_collections_until_stopped(tmp_path):
+    service = assemble(parse_config(ENABLED, "c.toml"), MemoryReactorClock(), str(tmp_path / "p.json"), environ={})
+    gc.unfreeze()
+    service.startService()
+    assert gc.get_freeze_count() > 0
+    service.stopService()
+    assert gc.get_freeze_count() == 0
