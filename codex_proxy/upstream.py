@@ -267,6 +267,9 @@ class _TCPDial:
         self._port = port
         self._timeout = timeout
 
+    def __str__(self) -> str:
+        return authority(self._host, self._port)
+
     def connect(self, factory: _OutboundFactory) -> defer.Deferred[Outbound]:
         dialling = _Dialling(factory)
         connector = self._reactor.connectTCP(self._host, self._port, dialling, self._timeout)
@@ -423,26 +426,22 @@ class Upstream:
             return defer.fail(
                 UpstreamError(Reason.UPSTREAM_DNS_FAILED, "no address to connect to")
             )
-        return self._first(
-            [
-                (_TCPDial(self._reactor, str(ip), port, self._timeout), authority(str(ip), port))
-                for ip in addresses
-            ]
-        )
+        return self._first([(_TCPDial(self._reactor, str(ip), port, self._timeout), None) for ip in addresses])
 
-    def _first(self, attempts: Sequence[Tuple[Any, str]]) -> defer.Deferred[Outbound]:
+    def _first(self, attempts: Sequence[Tuple[Any, Optional[str]]]) -> defer.Deferred[Outbound]:
         """
         The one dial path: connect an L{Outbound} through each endpoint in
         turn until one connects; fail with L{UpstreamError} describing the
-        last failure (C{where} names it). Cancelling reaches the attempt in
-        progress, through the chain.
+        last failure (C{where} names it; C{None}: the endpoint's own C{str},
+        built only then). Cancelling reaches the attempt in progress,
+        through the chain.
         """
         if self._observe is None:
             return self._attempt(attempts)
         clock = cast(IReactorTime, self._reactor)
         return timed(self._attempt(attempts), clock, self._observe, clock.seconds())
 
-    def _attempt(self, attempts: Sequence[Tuple[Any, str]]) -> defer.Deferred[Outbound]:
+    def _attempt(self, attempts: Sequence[Tuple[Any, Optional[str]]]) -> defer.Deferred[Outbound]:
         endpoint, where = attempts[0]
 
         def failed(failure: Failure) -> defer.Deferred[Outbound]:
@@ -450,7 +449,7 @@ class Upstream:
                 raise defer.CancelledError()
             if len(attempts) > 1:
                 return self._attempt(attempts[1:])
-            raise _classify(failure, where)
+            raise _classify(failure, str(endpoint) if where is None else where)
 
         d: defer.Deferred[Outbound] = endpoint.connect(self._factory)
         return d.addErrback(failed)

@@ -84,3 +84,18 @@ def test_a_dial_logs_nothing():
     finally:
         globalLogPublisher.removeObserver(logged.append)
     assert logged == []
+
+
+def test_a_refused_dial_names_each_address_tried_last():
+    reactor = MemoryReactorClock()
+    d = Upstream(reactor).connect([ip_address("127.0.0.1"), ip_address("::1")], 8080)
+    failures: list = []
+    d.addErrback(failures.append)
+    for attempt in (0, 1):
+        host, port, factory, *_ = reactor.tcpClients[attempt]
+        assert (host, port) == (["127.0.0.1", "::1"][attempt], 8080)
+        factory.clientConnectionFailed(reactor.connectors[attempt], Failure(error.ConnectionRefusedError()))
+    [failure] = failures
+    assert (failure.value.reason.value, failure.value.message) == (
+        "upstream_refused", "[::1]:8080 refused the connection"
+    )
