@@ -182,7 +182,10 @@ def _request(
         method=head.method,
         has_body=head.framing is not _httpbody.NO_BODY,
         upgrade=head.upgrade,
-        override_methods=method_overrides(head.headers, head.path),
+        # A tunnel's own fields name no method of a request it carries.
+        override_methods=(
+            () if protocol is Protocol.HTTPS_CONNECT else method_overrides(head.headers, head.path)
+        ),
         client=client,
         unix_socket=unix_socket,
         secrets=_placeholders.named(head.headers) if placeholders else (),

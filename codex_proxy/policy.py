@@ -450,12 +450,14 @@ def method_overrides(headers: Iterable[Tuple[bytes, bytes]], target: str) -> Tup
     named = [
         value.decode("latin-1") for name, value in headers if name.lower() in _OVERRIDE_FIELDS
     ]
-    query = target.partition("?")[2].partition("#")[0]
+    query = target.partition("?")[2].partition("#")[0] if "?" in target else ""
     if _OVERRIDE_PARAMETER in query.lower() or "%" in query:
         for pair in _QUERY_SEPARATOR.split(query):
             name, _, value = pair.partition("=")
             if unquote_plus(name).strip().lower() == _OVERRIDE_PARAMETER:
                 named.append(unquote_plus(value))
+    if not named:
+        return ()
     return tuple(
         method
         for text in named
