@@ -13,12 +13,12 @@ current state holds (a pending Deferred, a timer, an outbound leg).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Set, TypeVar
+from typing import Any, Callable, FrozenSet, Optional, TypeVar
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,6 +46,18 @@ OVER_LIMIT = frozenset({Reason.TOO_MANY_CONNECTIONS, Reason.TOO_MANY_CLIENT_CONN
 PENDING_LIMIT = 1 << 16
 
 
+def client_address(address: Optional[IAddress]) -> Optional[str]:
+    """
+    The client's C{ip:port} for audit events and logs, or C{None} when it
+    did not connect over IP. A factory hands it to each connection from the
+    address C{buildProtocol} gets (asking the transport builds the address
+    again).
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return authority(address.host, address.port)
+    return None
+
+
 def no_delay(transport: Any) -> None:
     """
     Turn Nagle off: a proxy forwards what it has at once, and a response
@@ -56,7 +68,95 @@ def no_delay(transport: Any) -> None:
         setNoDelay(True)
 
 
-class ClientConnection(Protocol):
+class _ClientFlow:
+    """
+    The flow of a client connection's bytes: the read gate (reading
+    paused for independent reasons), client bytes kept for later, and
+    back-pressure on what the connection writes itself.
+
+    @ivar pending: client bytes kept for later (L{keep}).
+    """
+
+    transport: IProxyTransport
+    closing: bool
+    pending = b""
+    _paused: FrozenSet[str] = frozenset()
+    _writeGate: Optional[_WriteGate] = None
+    _producer: Optional[IPushProducer] = None
+
+    def pauseReading(self, why: str) -> None:
+        """
+        Stop reading the client for C{why}; reading resumes once every
+        reason is gone, so independent reasons never undo each other.
+        """
+        if not self._paused:
+            self.transport.pauseProducing()
+        self._paused = self._paused | {why}
+
+    def resumeReading(self, why: str) -> None:
+        if why not in self._paused:
+            return
+        self._paused = self._paused - {why}
+        if not self._paused and not self.closing:
+            self.transport.resumeProducing()
+
+    def readingPaused(self, why: str) -> bool:
+        return why in self._paused
+
+    def keep(self, data: bytes) -> None:
+        """
+        Keep client bytes that arrived while a request is decided or served
+        (its body, the next request); past L{PENDING_LIMIT}, reading pauses.
+        """
+        self.pending += data
+        if len(self.pending) >= PENDING_LIMIT:
+            self.pauseReading("pending")
+
+    def takePending(self) -> bytes:
+        """
+        The bytes kept so far, which are no longer held against the bound.
+        """
+        data, self.pending = self.pending, b""
+        self.resumeReading("pending")
+        return data
+
+    def watchWrites(self) -> None:
+        """
+        Count what the connection writes itself against back-pressure: a
+        gate becomes the client transport's producer, and reading pauses
+        while the transport's write buffer is above its high-water mark;
+        L{writesDrained} runs once it is below again. A relay or exchange
+        registers its own producer while it runs: call this again after.
+        """
+        gate = self._writeGate
+        if gate is None:
+            gate = self._writeGate = _WriteGate(self)
+        self.produce(gate)
+
+    def produce(self, producer: Optional[IPushProducer]) -> None:
+        """
+        Make C{producer} the client transport's (streaming) producer, in
+        place of the one before; C{None} for none.
+        """
+        if producer is self._producer:
+            return
+        if self._producer is not None and self._producer is self._writeGate:
+            # An unregistered gate can no longer resume what it paused.
+            self.resumeReading("write")
+        if self._producer is not None:
+            self.transport.unregisterProducer()
+        self._producer = producer
+        if producer is not None:
+            self.transport.registerProducer(producer, True)
+
+    def writesDrained(self) -> None:
+        """
+        The client read what was written: override to go on with work held
+        back meanwhile.
+        """
+
+
+class ClientConnection(_ClientFlow, Protocol):
     """
     One client connection of a listener. The factory provides
     C{connections} (a L{codex_proxy.connections.Connections}) and C{clock}.
@@ -70,7 +170,6 @@ class ClientConnection(Protocol):
     @ivar relay: the relay once the connection has become a tunnel.
     @ivar bytesUp: bytes forwarded client to destination outside a relay.
     @ivar bytesDown: bytes forwarded destination to client outside a relay.
-    @ivar pending: client bytes kept for later (L{keep}).
     @ivar clientEOF: the client has half-closed its side.
     @ivar identity: the client that authenticated last on this connection
         (SPEC §11), or C{None}.
@@ -79,26 +178,24 @@ class ClientConnection(Protocol):
     listener = "client"
     factory: Any
     transport: IProxyTransport
+    # What a connection starts with, as class defaults: a connection sets
+    # its own only when one changes (most never do).
+    closing = False
+    relay: Optional[Relay] = None
+    bytesUp = 0
+    bytesDown = 0
+    clientEOF = False
+    identity: Optional[str] = None
+    client: Optional[str] = None
+    _decision: Optional[str] = None
+    _reason: Optional[str] = None
+    _outcome = "closed"
 
     def connectionMade(self) -> None:
         self.admitted = self.factory.connections.admit(self.transport, self.listener)
-        self.closing = False
-        self.relay: Optional[Relay] = None
-        self.bytesUp = 0
-        self.bytesDown = 0
-        self.pending = b""
-        self.clientEOF = False
-        self.identity: Optional[str] = None
-        self._paused: Set[str] = set()
-        self._writeGate = _WriteGate(self)
-        self._producer: Optional[IPushProducer] = None
         self._started = self.factory.clock.seconds()
-        self._decision: Optional[str] = None
-        self._reason: Optional[str] = None
-        self._outcome = "closed"
-        peer = self.transport.getPeer()
-        is_ip = isinstance(peer, (IPv4Address, IPv6Address))
-        self.client = authority(peer.host, peer.port) if is_ip else None
+        if self.client is None:
+            self.client = client_address(self.transport.getPeer())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
@@ -202,76 +299,6 @@ class ClientConnection(Protocol):
         if reason is not None:
             self._reason = reason
 
-    # -- read gate --------------------------------------------------------
-
-    def pauseReading(self, why: str) -> None:
-        """
-        Stop reading the client for C{why}; reading resumes once every
-        reason is gone, so independent reasons never undo each other.
-        """
-        if not self._paused:
-            self.transport.pauseProducing()
-        self._paused.add(why)
-
-    def resumeReading(self, why: str) -> None:
-        if why not in self._paused:
-            return
-        self._paused.discard(why)
-        if not self._paused and not self.closing:
-            self.transport.resumeProducing()
-
-    def readingPaused(self, why: str) -> bool:
-        return why in self._paused
-
-    def keep(self, data: bytes) -> None:
-        """
-        Keep client bytes that arrived while a request is decided or served
-        (its body, the next request); past L{PENDING_LIMIT}, reading pauses.
-        """
-        self.pending += data
-        if len(self.pending) >= PENDING_LIMIT:
-            self.pauseReading("pending")
-
-    def takePending(self) -> bytes:
-        """
-        The bytes kept so far, which are no longer held against the bound.
-        """
-        data, self.pending = self.pending, b""
-        self.resumeReading("pending")
-        return data
-
-    def watchWrites(self) -> None:
-        """
-        Count what the connection writes itself against back-pressure: a
-        gate becomes the client transport's producer, and reading pauses
-        while the transport's write buffer is above its high-water mark;
-        L{writesDrained} runs once it is below again. A relay or exchange
-        registers its own producer while it runs: call this again after.
-        """
-        self.produce(self._writeGate)
-
-    def produce(self, producer: Optional[IPushProducer]) -> None:
-        """
-        Make C{producer} the client transport's (streaming) producer, in
-        place of the one before; C{None} for none.
-        """
-        if producer is self._producer:
-            return
-        if self._producer is self._writeGate:
-            # An unregistered gate can no longer resume what it paused.
-            self.resumeReading("write")
-        if self._producer is not None:
-            self.transport.unregisterProducer()
-        self._producer = producer
-        if producer is not None:
-            self.transport.registerProducer(producer, True)
-
-    def writesDrained(self) -> None:
-        """
-        The client read what was written: override to go on with work held
-        back meanwhile.
-        """
-
     # -- pending work and endings -------------------------------------------
 
     def expect(
@@ -347,7 +374,7 @@ class ClientConnection(Protocol):
         self._producer = getattr(self.transport, "producer", None)
         out.attach(relay)
         self.factory.connections.tunnelled(self.listener)
-        self._paused.clear()
+        self._paused = frozenset()
         self.transport.resumeProducing()
         if fromServer:
             relay.outboundData(fromServer)
@@ -362,10 +389,10 @@ class ClientConnection(Protocol):
 class _WriteGate:
     """
     The client transport's producer between relays and exchanges (see
-    L{ClientConnection.watchWrites}).
+    L{_ClientFlow.watchWrites}).
     """
 
-    def __init__(self, connection: ClientConnection) -> None:
+    def __init__(self, connection: _ClientFlow) -> None:
         self._connection = connection
 
     def pauseProducing(self) -> None:

@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
-from codex_proxy._connection import OVER_LIMIT, ClientConnection, no_delay
+from codex_proxy._connection import OVER_LIMIT, ClientConnection, client_address, no_delay
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
 from codex_proxy._httpstates import (
     CLOSING,
@@ -154,6 +154,7 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
     def buildProtocol(self, addr: Optional[IAddress]) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
         proto.factory = self
+        proto.client = client_address(addr)
         return proto
 
 

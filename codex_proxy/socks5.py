@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _socks5wire as wire
-from codex_proxy._connection import ClientConnection
+from codex_proxy._connection import ClientConnection, client_address
 from codex_proxy._text import escape
 from codex_proxy.config import Limits
 from codex_proxy.errors import (
@@ -106,6 +106,7 @@ class SOCKS5Factory(Factory["SOCKS5Protocol"]):
     def buildProtocol(self, addr: Optional[IAddress]) -> "SOCKS5Protocol":
         proto = SOCKS5Protocol()
         proto.factory = self
+        proto.client = client_address(addr)
         return proto
 
 
