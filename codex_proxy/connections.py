@@ -135,6 +135,8 @@ class Connections:
         return True
 
     def _release(self, transport: ITCPTransport) -> None:
+        if not self._identityOf:
+            return
         identity = self._identityOf.pop(transport, None)
         if identity is not None:
             mine = self._byIdentity[identity]

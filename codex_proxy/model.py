@@ -88,7 +88,7 @@ class Source(str, enum.Enum):
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a key of the verdict cache, looked up per request
 class ProxyRequest:
     """
     One thing to decide: a plain request, a tunnel, a SOCKS connect or a

@@ -184,12 +184,15 @@ class SpliceRelay(Relay):
         return [d for d in (self._up, self._down) if d is not None]
 
     def fromClient(self, data: bytes) -> None:
-        super().fromClient(data)
+        # Relay.fromClient and outboundData, inlined: one call per chunk.
+        self.bytesUp += len(data)
+        self.server.write(data)
         if self.bytesUp >= SPLICE_AFTER and self._up is None and not self._closed:
             self._up = _Direction(self.client, self.server, self._countUp)
 
     def outboundData(self, data: bytes) -> None:
-        super().outboundData(data)
+        self.bytesDown += len(data)
+        self.client.write(data)
         if self.bytesDown >= SPLICE_AFTER and self._down is None and not self._closed:
             self._down = _Direction(self.server, self.client, self._countDown)
 
