@@ -130,21 +130,19 @@ class ResponseHead:
         return _first(self.headers, name)
 
 
-def _parse_fields(
-    lines: list[bytes], status: int
-) -> tuple[Headers, dict[bytes, list[bytes]]]:
+def _parse_fields(block: bytes, status: int) -> tuple[Headers, dict[bytes, list[bytes]]]:
     """
-    Validate header lines; also collect the values of L{_FRAMING_FIELDS}.
+    Validate the field lines of C{block} (each with its CRLF); also collect
+    the values of L{_FRAMING_FIELDS}.
 
     The common case (every line well formed) is checked and split by two
     regular expressions over the whole block, in C; only a block that fails
     is walked line by line, to name what is wrong.
     """
-    block = b"\r\n".join(lines) + b"\r\n" if lines else b""
     if _FIELD_BLOCK.fullmatch(block):
         headers = _FIELD.findall(block)
     else:
-        headers = [parse_field(line, status) for line in lines]
+        headers = [parse_field(line, status) for line in block[:-2].split(b"\r\n")]
     seen: dict[bytes, list[bytes]] = {}
     for name, value in headers:
         key = name.lower()
@@ -167,21 +165,25 @@ def _keep_alive(seen: dict[bytes, list[bytes]], version: tuple[int, int]) -> boo
     Persistence per RFC 9112 §9.3: HTTP/1.1 unless C{close}, HTTP/1.0 only
     with C{keep-alive}.
     """
-    tokens = connection_tokens(seen.get(b"connection", ()))
+    if b"connection" not in seen:
+        return version >= (1, 1)
+    tokens = connection_tokens(seen[b"connection"])
     if b"close" in tokens:
         return False
     return version >= (1, 1) or b"keep-alive" in tokens
 
 
-def _split_head(head: bytes, status: int) -> list[bytes]:
+def _split_head(head: bytes, status: int) -> tuple[bytes, bytes]:
     """
-    The lines of a complete head (which ends with an empty line).
+    The start line and the field block (its lines each with their CRLF) of
+    a complete head (which ends with an empty line).
     """
     # Every LF was checked to follow a CR while scanning, so an excess CR is
     # a bare one.
     if head.count(b"\r") != head.count(b"\n"):
         raise ProtocolError("bare CR in the message head", status)
-    return head[:-4].split(b"\r\n")
+    end = head.index(b"\r\n")
+    return head[:end], head[end + 2 : -2]
 
 
 class _HeadParser:
@@ -217,6 +219,9 @@ class _HeadParser:
         """
         Drop CRLFs before a start line (RFC 9112 §2.2); return what follows.
         """
+        if data[:1] not in (b"\r", b"\n", b""):
+            self._buf = bytearray()
+            return data
         rest = data.lstrip(b"\r\n")
         pairs, odd = divmod(len(data) - len(rest), 2)
         if data[: pairs * 2] != b"\r\n" * pairs or (odd and (rest or data[-1] != 13)):
@@ -229,7 +234,7 @@ class _HeadParser:
         Add C{data}; return (head, leftover) once a head is complete.
         """
         if not self._started:
-            data = self._skip_empty_lines(bytes(self._buf) + data)
+            data = self._skip_empty_lines(bytes(self._buf) + data if self._buf else data)
             if not data:
                 return None
             self._started = True
@@ -300,8 +305,8 @@ def _parse_request(head: bytes) -> RequestHead:
     """
     Validate a complete request head and decide its framing and form.
     """
-    lines = _split_head(head, 400)
-    parts = lines[0].split(b" ")
+    start, block = _split_head(head, 400)
+    parts = start.split(b" ")
     if len(parts) != 3:
         raise ProtocolError("malformed request line", 400)
     raw_method, raw_target, raw_version = parts
@@ -310,7 +315,7 @@ def _parse_request(head: bytes) -> RequestHead:
     if not _TARGET.fullmatch(raw_target):
         raise ProtocolError("invalid request target", 400)
     version = _version(raw_version, 400, 505)
-    headers, seen = _parse_fields(lines[1:], 400)
+    headers, seen = _parse_fields(block, 400)
     if len(seen.get(b"host", ())) > 1:
         raise ProtocolError("more than one Host", 400)
     framing = declared_framing(seen, version, 400, 501) or NO_BODY
@@ -329,8 +334,9 @@ def _parse_request(head: bytes) -> RequestHead:
         framing=framing,
         keep_alive=_keep_alive(seen, version),
         upgrade=b"upgrade" in seen,
-        expect_continue=version >= (1, 1)
-        and any(v.lower() == b"100-continue" for v in seen.get(b"expect", ())),
+        expect_continue=b"expect" in seen
+        and version >= (1, 1)
+        and any(v.lower() == b"100-continue" for v in seen[b"expect"]),
     )
 
 
@@ -431,15 +437,15 @@ class ResponseHeadParser(_HeadParser):
         Validate a complete response head and decide its framing (RFC 9112
         §6.3).
         """
-        lines = _split_head(head, 502)
-        match = _STATUS_LINE.fullmatch(lines[0])
+        start, block = _split_head(head, 502)
+        match = _STATUS_LINE.fullmatch(start)
         if match is None:
             raise ProtocolError("malformed status line", 502)
         version = (int(match[1]), int(match[2]))
         if version not in ((1, 0), (1, 1)):
             raise ProtocolError("unsupported HTTP version", 502)
         status = int(match[3])
-        headers, seen = _parse_fields(lines[1:], 502)
+        headers, seen = _parse_fields(block, 502)
         framing = declared_framing(seen, version, 502, 502) or UNTIL_CLOSE
         method = self._request_method
         if (
