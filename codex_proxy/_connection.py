@@ -31,7 +31,7 @@ from codex_proxy.addresses import authority
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError
 from codex_proxy.model import ProxyRequest, Reason, Verdict
-from codex_proxy.relay import Relay
+from codex_proxy.relay import Relay, Timer
 from codex_proxy.upstream import IProxyTransport, Outbound
 
 _log = Logger()
@@ -360,15 +360,17 @@ class ClientConnection(_ClientFlow, Protocol):
         fromServer: bytes = b"",
         fromClient: bytes = b"",
         clientEOF: bool = False,
+        timer: Optional[Timer] = None,
     ) -> Relay:
         """
         Become a byte tunnel between the client and C{out}: first relay
         C{fromServer} (bytes the destination already sent) and
         C{fromClient} (bytes the client pipelined), then pass on a
-        half-close the client already made.
+        half-close the client already made. The tunnel's idle watch takes
+        the connection's C{timer}, if it has one.
         """
         self.produce(None)
-        relay = self.relay = splice.relay(self.transport, out.transport, self.factory.clock, idle_timeout)
+        relay = self.relay = splice.relay(self.transport, out.transport, self.factory.clock, idle_timeout, timer)
         # What the relay made the client transport's producer: the
         # destination for the portable relay, none for a spliced one.
         self._producer = getattr(self.transport, "producer", None)

@@ -38,7 +38,7 @@ from codex_proxy.addresses import authority
 from codex_proxy.errors import ProtocolError
 from codex_proxy.mitm import is_tls_failure
 from codex_proxy.model import ProxyRequest, Reason
-from codex_proxy.relay import IdleWatch
+from codex_proxy.relay import IdleWatch, Timer
 from codex_proxy.upstream import IProxyTransport, ISink, Outbound, Route
 
 
@@ -153,6 +153,7 @@ class Exchange:
         *,
         limits: _httpbody.HeadLimits,
         clock: IReactorTime,
+        timer: Timer,
         timeout: float,
         reused: bool,
         close: bool,
@@ -176,7 +177,7 @@ class Exchange:
         self._reqReader = _httpbody.body_reader(head.framing, limits)
         # Response heads received: progress for the timeout, like body bytes.
         self._heads = 0
-        self._watch = IdleWatch(clock, timeout, self._moved, self._timedOut)
+        self._watch = IdleWatch(clock, timeout, self._moved, self._timedOut, timer)
 
     def start(self, via: bytes) -> None:
         """

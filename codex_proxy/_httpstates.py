@@ -15,7 +15,7 @@ forwarded data.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import attrs
 from twisted.internet import defer
@@ -26,6 +26,7 @@ from codex_proxy import _httphead
 from codex_proxy._exchange import Exchange, Leg
 from codex_proxy.errors import ProtocolError
 from codex_proxy.model import ProxyRequest, Verdict
+from codex_proxy.relay import Timer
 from codex_proxy.upstream import Outbound, Route
 
 
@@ -55,51 +56,6 @@ class IHeadOwner(Interface):
 
     def headArrived(head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
         """A complete head: decide it; C{kept} is the kept-alive leg, if any."""
-
-
-class Timer:
-    """
-    A connection's one head timer, kept across its requests: arming it
-    again moves the pending call (a later deadline is O(1) in the reactor)
-    instead of cancelling one call and scheduling another per request.
-    """
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-        self._call: Optional[IDelayedCall] = None
-        self._expired: Optional[Callable[[], None]] = None
-
-    def arm(self, seconds: float, expired: Callable[[], None]) -> None:
-        """
-        Call C{expired} in C{seconds}, instead of what was armed before.
-        """
-        self._expired = expired
-        call = self._call
-        if call is not None and call.active():
-            call.reset(seconds)
-        else:
-            self._call = self._clock.callLater(seconds, self._fire)
-
-    def disarm(self) -> None:
-        """
-        Call nothing; the pending call stays, to be moved by the next L{arm}.
-        """
-        self._expired = None
-
-    def stop(self) -> None:
-        """
-        Cancel the pending call: the connection is closing.
-        """
-        self._expired = None
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _fire(self) -> None:
-        self._call = None
-        expired, self._expired = self._expired, None
-        if expired is not None:
-            expired()
 
 
 class ReadingHead:
@@ -139,11 +95,13 @@ class ReadingHead:
         what is.
         """
         owner = self._owner
-        if self.idle:
-            self._arm(idle=False)
         if self._step or owner.pending or owner.readingPaused("write"):
             owner.keep(data)
+            if self.idle:
+                self._arm(idle=False)
         else:
+            # A head that arrives whole needs no header timer: the idle
+            # one stays armed (to be moved on) unless it is left incomplete.
             self._feed(data)
 
     def stepSoon(self) -> None:
@@ -193,6 +151,8 @@ class ReadingHead:
             if owner.clientEOF:
                 # A head that can now never end.
                 owner.close()
+            elif self.idle:
+                self._arm(idle=False)
             return
         head, rest = result
         owner.keep(rest)

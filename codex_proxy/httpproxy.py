@@ -60,7 +60,6 @@ from codex_proxy._httpstates import (
     Job,
     ReadingHead,
     State,
-    Timer,
     Tunnelling,
 )
 from codex_proxy._text import escape
@@ -69,6 +68,7 @@ from codex_proxy.mitm import Interceptor, OriginTLS
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.secrets import Secrets
+from codex_proxy.relay import Timer
 from codex_proxy.upstream import IUpstream, Outbound, Route
 
 _log = Logger()
@@ -334,7 +334,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     def _relayTo(self, out: Outbound, fromServer: bytes) -> None:
         self._state = Tunnelling()
-        self.joinRelay(out, self.factory.tunnel_idle, fromServer, self.takePending(), self.clientEOF)
+        self.joinRelay(out, self.factory.tunnel_idle, fromServer, self.takePending(), self.clientEOF, self._timer)
 
     def _intercept(self, verdict: Verdict, out: Outbound, route: Route) -> None:
         """
@@ -369,6 +369,7 @@ class HTTPProxyProtocol(ClientConnection):
             job.request,
             limits=factory.head_limits,
             clock=factory.clock,
+            timer=self._timer,
             timeout=factory.response_timeout,
             reused=reused,
             close=job.close,

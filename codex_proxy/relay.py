@@ -24,12 +24,63 @@ from codex_proxy.upstream import IProxyTransport, ISink
 _READ_SIZE = 1 << 17
 
 
+class Timer:
+    """
+    A connection's one timer, kept across its requests and its tunnel:
+    arming it for a later deadline moves the pending call (O(1) in the
+    reactor) instead of cancelling one call and scheduling another; a
+    sooner deadline takes a new call (Twisted moves a call sooner by a
+    linear search of all pending calls).
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._call: Optional[IDelayedCall] = None
+        self._expired: Optional[Callable[[], None]] = None
+
+    def arm(self, seconds: float, expired: Callable[[], None]) -> None:
+        """
+        Call C{expired} in C{seconds}, instead of what was armed before.
+        """
+        self._expired = expired
+        call = self._call
+        if call is not None and call.active():
+            if self._clock.seconds() + seconds >= call.getTime():
+                call.reset(seconds)
+                return
+            call.cancel()
+        self._call = self._clock.callLater(seconds, self._fire)
+
+    def disarm(self) -> None:
+        """
+        Call nothing; the pending call stays, to be moved by the next L{arm}.
+        """
+        self._expired = None
+
+    def stop(self) -> None:
+        """
+        Cancel the pending call: the connection is closing.
+        """
+        self._expired = None
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _fire(self) -> None:
+        self._call = None
+        expired, self._expired = self._expired, None
+        if expired is not None:
+            expired()
+
+
 class IdleWatch:
     """
     Calls C{expired} once C{progress()} has not changed for C{timeout}
     seconds. One timer, checking a quarter period at a time instead of
     re-arming per chunk: the hot path only adds to counters, and silence
-    ends between 1 and 1.25 periods after the last byte.
+    ends between 1 and 1.25 periods after the last byte. It takes the
+    connection's own L{Timer} when given one (and leaves it pending on
+    L{stop}, for the connection's next use), else keeps its own.
     """
 
     def __init__(
@@ -38,6 +89,7 @@ class IdleWatch:
         timeout: float,
         progress: Callable[[], int],
         expired: Callable[[], None],
+        timer: Optional[Timer] = None,
     ) -> None:
         self._clock = clock
         self._timeout = timeout
@@ -45,12 +97,15 @@ class IdleWatch:
         self._expired = expired
         self._seen = progress()
         self._lastActive = clock.seconds()
-        self._timer: Optional[IDelayedCall] = clock.callLater(timeout / 4, self._check)
+        self._own = timer is None
+        self._timer = Timer(clock) if timer is None else timer
+        self._timer.arm(timeout / 4, self._check)
 
     def stop(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self._own:
+            self._timer.stop()
+        else:
+            self._timer.disarm()
 
     def _check(self) -> None:
         now = self._clock.seconds()
@@ -59,10 +114,9 @@ class IdleWatch:
             self._seen = moved
             self._lastActive = now
         elif now - self._lastActive >= self._timeout:
-            self._timer = None
             self._expired()
             return
-        self._timer = self._clock.callLater(self._timeout / 4, self._check)
+        self._timer.arm(self._timeout / 4, self._check)
 
 
 @implementer(ISink)
@@ -85,6 +139,7 @@ class Relay:
         server: IProxyTransport,
         clock: IReactorTime,
         idle_timeout: float,
+        timer: Optional[Timer] = None,
     ) -> None:
         self.client = client
         self.server = server
@@ -94,7 +149,7 @@ class Relay:
         self._serverEOF = False
         self._closed = False
         self._pace()
-        self._idle = IdleWatch(clock, idle_timeout, self._moved, self.close)
+        self._idle = IdleWatch(clock, idle_timeout, self._moved, self.close, timer)
 
     def _pace(self) -> None:
         """

@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Optional
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 
-from codex_proxy.relay import Relay
+from codex_proxy.relay import Relay, Timer
 from codex_proxy.upstream import IProxyTransport
 
 #: C{os.splice}, absent off Linux (and replaced by C{None} in tests).
@@ -52,14 +52,20 @@ def _plain(transport: IProxyTransport) -> bool:
     )
 
 
-def relay(client: IProxyTransport, server: IProxyTransport, clock: IReactorTime, idle_timeout: float) -> Relay:
+def relay(
+    client: IProxyTransport,
+    server: IProxyTransport,
+    clock: IReactorTime,
+    idle_timeout: float,
+    timer: Optional[Timer] = None,
+) -> Relay:
     """
     The relay for a tunnel: a L{SpliceRelay} when both sides are plain
     sockets and C{splice} is there, else the portable L{Relay}.
     """
     if _splice is not None and _plain(client) and _plain(server):
-        return SpliceRelay(client, server, clock, idle_timeout)
-    return Relay(client, server, clock, idle_timeout)
+        return SpliceRelay(client, server, clock, idle_timeout, timer)
+    return Relay(client, server, clock, idle_timeout, timer)
 
 
 def _unsent(transport: Any) -> int:

@@ -13,8 +13,9 @@ from twisted.internet.interfaces import IHostnameResolver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from codex_proxy._httpstates import ReadingHead, Timer
+from codex_proxy._httpstates import ReadingHead
 from codex_proxy.httpproxy import HTTPProxyProtocol
+from codex_proxy.relay import IdleWatch, Timer
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
 from codex_proxy.testing import StaticResolver
@@ -608,8 +609,11 @@ def test_a_response_head_goes_out_with_the_body_bytes_that_came_with_it():
 
 def test_keep_alive_requests_move_one_head_timer_instead_of_scheduling_new_ones():
     """
-    One head timer per connection: each request used to schedule (and
-    cancel) an idle and a header timeout of its own.
+    One timer per connection: each request used to schedule (and cancel)
+    an idle and a header timeout of its own, and its response timeout on a
+    timer of its own. A head that arrives whole needs no header timeout;
+    the response timeout, sooner than the idle one, takes the connection's
+    timer.
     """
     h = Harness(trickle=False)
     get = b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n"
@@ -623,7 +627,50 @@ def test_keep_alive_requests_move_one_head_timer_instead_of_scheduling_new_ones(
         h.send(get)
         h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert h.client.value().count(b"HTTP/1.1 200 OK") == 4
-    heads = [f for f in scheduled if isinstance(getattr(f, "__self__", None), (HTTPProxyProtocol, ReadingHead, Timer))]
-    assert heads == []
+    ours = [f for f in scheduled if isinstance(getattr(f, "__self__", None), (HTTPProxyProtocol, ReadingHead, IdleWatch, Timer))]
+    assert len(ours) == 3
+    assert all(isinstance(f.__self__, Timer) for f in ours)
     h.reactor.advance(120)
     assert h.client.disconnecting
+
+
+def test_a_tunnel_watches_idleness_on_the_connections_one_timer():
+    h = make(False)
+    # The default: its checks (every quarter) come later than the header
+    # timeout the timer was armed with, so the pending call just moves.
+    h.proto.factory.tunnel_idle = 3600.0
+    scheduled: list = []
+    real = h.reactor.callLater
+    h.reactor.callLater = lambda *a, **kw: (scheduled.append(a[1]), real(*a, **kw))[1]
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+    server, upstream = h.accept()
+    h.send(b"hello")
+    assert upstream.value() == b"hello"
+    ours = [f for f in scheduled if isinstance(getattr(f, "__self__", None), (HTTPProxyProtocol, ReadingHead, IdleWatch, Timer))]
+    assert ours == []
+    # The idle limit still closes a silent tunnel (1 to 1.25 periods).
+    h.reactor.pump([900] * 4)
+    assert not h.client.disconnecting
+    h.reactor.pump([900])
+    assert h.client.disconnecting
+
+
+def test_the_connection_timer_moves_a_later_deadline_and_replaces_a_sooner_one():
+    """
+    Twisted moves a pending call sooner by searching every pending call:
+    with thousands of connections, each keep-alive request paid for it.
+    """
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    fired: list = []
+    timer = Timer(clock)
+    timer.arm(30, lambda: fired.append("header"))
+    (first,) = clock.getDelayedCalls()
+    timer.arm(120, lambda: fired.append("idle"))
+    assert clock.getDelayedCalls() == [first] and first.getTime() == 120
+    timer.arm(15, lambda: fired.append("response"))
+    (second,) = clock.getDelayedCalls()
+    assert second is not first and not first.active() and second.getTime() == 15
+    clock.advance(15)
+    assert fired == ["response"]
