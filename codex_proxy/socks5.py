@@ -25,7 +25,6 @@ from typing import Any, Optional
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IHalfCloseableProtocol,
     IReactorTime,
 )
@@ -48,6 +47,7 @@ from codex_proxy.connections import Connections
 from codex_proxy.httpproxy import HTTPProxyFactory, HTTPProxyProtocol
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
+from codex_proxy.relay import Timer
 from codex_proxy.socks5udp import UDPAssociation
 from codex_proxy.upstream import IUpstream, Outbound, Route
 
@@ -129,9 +129,10 @@ class SOCKS5Protocol(ClientConnection):
         self._udp: Optional[UDPAssociation] = None
         # Why every request of this connection is refused, if it is.
         self._refusal: Optional[Reason] = None if self.admitted else Reason.TOO_MANY_CONNECTIONS
-        self._timer: Optional[IDelayedCall] = self.factory.clock.callLater(
-            self.factory.limits.socks_handshake_timeout_s, self._handshakeTimedOut
-        )
+        # The connection's one timer: the handshake's limit, then the
+        # tunnel's idle watch.
+        self._timer = Timer(self.factory.clock)
+        self._timer.arm(self.factory.limits.socks_handshake_timeout_s, self._handshakeTimedOut)
 
     def dataReceived(self, data: bytes) -> None:
         relay = self.relay
@@ -160,7 +161,7 @@ class SOCKS5Protocol(ClientConnection):
 
     def abandon(self) -> None:
         self._state = CLOSED
-        self._cancelTimer()
+        self._timer.stop()
         work, self._work = self._work, None
         if work is not None:
             work.cancel()
@@ -170,13 +171,7 @@ class SOCKS5Protocol(ClientConnection):
             self.factory.associations -= 1
 
     def _handshakeTimedOut(self) -> None:
-        self._timer = None
         self.abort("timeout")
-
-    def _cancelTimer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
 
     # -- handshake --------------------------------------------------------
 
@@ -250,7 +245,7 @@ class SOCKS5Protocol(ClientConnection):
         return True
 
     def _request(self, request: wire.Request) -> None:
-        self._cancelTimer()
+        self._timer.disarm()
         self.pauseReading("request")
         if self._refusal is not None:
             self._overload(request, self._refusal)
@@ -348,6 +343,7 @@ class SOCKS5Protocol(ClientConnection):
             self.factory.limits.tunnel_idle_s,
             fromClient=self.takePending(),
             clientEOF=self.clientEOF,
+            timer=self._timer,
         )
 
     def _handOver(self, verdict: Verdict, out: Outbound, route: Route) -> None:
@@ -362,6 +358,7 @@ class SOCKS5Protocol(ClientConnection):
         handshake = self.takePending()
         self.closing = True
         self._state = CLOSED
+        self._timer.stop()
         self.factory.connections.closed(transport)
         tunnel = _InterceptedTunnel()
         tunnel.factory = https
@@ -372,6 +369,8 @@ class SOCKS5Protocol(ClientConnection):
     # -- UDP ASSOCIATE ----------------------------------------------------
 
     def _associate(self, request: wire.Request) -> None:
+        # An association's control connection holds no timer.
+        self._timer.stop()
         factory = self.factory
         verdict = factory.policy.check_association(
             self._proxyRequest(request),

@@ -16,6 +16,7 @@ from codex_proxy import _socks5wire as wire
 from codex_proxy.config import Limits
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
+from codex_proxy.relay import IdleWatch, Timer
 from codex_proxy.testing import StaticResolver
 from support.socks import (
     PUBLIC,
@@ -404,3 +405,19 @@ def test_max_udp_associations_is_general_failure(trickle):
     third = h.connectClient(5557)
     h.send(NO_AUTH + connect("0.0.0.0", 0, wire.CMD_UDP_ASSOCIATE), third)
     assert third.transport.value()[:5] == b"\x05\x00\x05\x00\x00"
+
+
+def test_a_tunnel_watches_idleness_on_the_connections_one_timer(trickle):
+    h = Harness(trickle, limits=Limits(socks_handshake_timeout_s=5, tunnel_idle_s=3600))
+    scheduled: list = []
+    real = h.reactor.callLater
+    h.reactor.callLater = lambda *a, **kw: (scheduled.append(a[1]), real(*a, **kw))[1]
+    h.send(NO_AUTH + connect("127.0.0.1", 443))
+    server, upstream = h.accept()
+    h.send(b"ping")
+    assert upstream.value() == b"ping"
+    assert [f for f in scheduled if isinstance(getattr(f, "__self__", None), (IdleWatch, Timer))] == []
+    h.reactor.pump([900] * 4)
+    assert not h.client.disconnecting
+    h.reactor.pump([900])
+    assert h.client.disconnecting
