@@ -376,8 +376,9 @@ class ClientConnection(_ClientFlow, Protocol):
         self._producer = getattr(self.transport, "producer", None)
         out.attach(relay)
         self.factory.connections.tunnelled(self.listener)
-        self._paused = frozenset()
-        self.transport.resumeProducing()
+        if self._paused:
+            self._paused = frozenset()
+            self.transport.resumeProducing()
         if fromServer:
             relay.outboundData(fromServer)
         if fromClient:
