@@ -13,6 +13,7 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 
 from codex_proxy import _socks5wire as wire
+from codex_proxy._connection import PENDING_LIMIT
 from codex_proxy.config import Limits
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
@@ -421,3 +422,20 @@ def test_a_tunnel_watches_idleness_on_the_connections_one_timer(trickle):
     assert not h.client.disconnecting
     h.reactor.pump([900])
     assert h.client.disconnecting
+
+
+def test_bytes_sent_while_the_request_is_decided_open_the_tunnel_and_are_bounded(trickle):
+    resolver = PendingResolver()
+    h = Harness(trickle, resolver=resolver)
+    h.send(NO_AUTH + connect("origin.test", 443))
+    # Reading goes on (no epoll calls to pause and resume it) ...
+    h.send(b"hello")
+    assert h.client.producerState == "producing"
+    resolver.answer(PUBLIC)
+    server, upstream = h.accept()
+    assert upstream.value() == b"hello"
+    # ... and a client that floods while its request waits is paused.
+    h2 = Harness(trickle, resolver=PendingResolver())
+    h2.send(NO_AUTH + connect("origin.test", 443))
+    h2.send(b"x" * PENDING_LIMIT)
+    assert h2.client.producerState == "paused"
