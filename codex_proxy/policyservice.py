@@ -73,61 +73,64 @@ class _Verdicts:
     """
     The verdicts decided under one policy in force (a client's own policy
     follows from the identity in the request), kept so that a request
-    decided before costs a lookup: by request, by kind of request (all of
-    it but the client's address: the same destination from another
-    connection costs a copy) and, for IP literals, vetted.
+    decided before costs a lookup. By kind of request (all of it but the
+    client's address): its decision, and what it settles to when it needs
+    neither the decider nor a resolution (an IP literal vetted, a refusal);
+    the same destination from another connection costs one copy. By
+    request: the verdicts answered at once, so a request repeated on its
+    connection costs no copy.
 
     @ivar policy: the policy in force they were decided under.
     """
 
     def __init__(self, policy: Optional[Policy]) -> None:
         self.policy = policy
-        self._decided: Dict[ProxyRequest, Verdict] = {}
-        self._kinds: Dict[Tuple[object, ...], Verdict] = {}
-        # By id: the pair keeps the verdict alive, so its id is not reused.
-        self._vetted: Dict[int, Tuple[Verdict, Verdict]] = {}
-        self._vettedKinds: Dict[Tuple[object, ...], Verdict] = {}
+        self._decided: Dict[Tuple[object, ...], Verdict] = {}
+        # None: the kind needs the decider or a resolution.
+        self._settled: Dict[Tuple[object, ...], Optional[Verdict]] = {}
+        self._answered: Dict[ProxyRequest, Verdict] = {}
 
     @property
     def full(self) -> bool:
-        return len(self._decided) >= VERDICT_CACHE
+        return len(self._answered) >= VERDICT_CACHE or len(self._decided) >= VERDICT_CACHE
 
-    def decided(self, policy: Policy, request: ProxyRequest) -> Verdict:
+    def answer(
+        self,
+        policy: Policy,
+        request: ProxyRequest,
+        asks: bool,
+        settle: Callable[[Policy, Verdict], Optional[Verdict]],
+    ) -> Optional[Verdict]:
         """
-        L{decide}C{(policy, request)}, computed once per kind of request.
+        The verdict L{PolicyService.decide_now} answers for C{request}: its
+        kind's decision, C{settle}d once per kind; C{None} when it needs a
+        resolution, or the decider (C{asks}: an allowlist miss goes to it).
         """
-        known = self._decided.get(request)
-        if known is None:
-            kind = request.kind()
-            like = self._kinds.get(kind)
-            if like is None:
-                like = self._kinds[kind] = decide(policy, request)
-            known = self._decided[request] = like if like.request is request else like.about(request)
-        return known
-
-    def vetted(self, verdict: Verdict, vet: Callable[[Verdict], Verdict]) -> Verdict:
-        """
-        C{vet(verdict)}, computed once per kind of request.
-        """
-        known = self._vetted.get(id(verdict))
-        if known is not None and known[0] is verdict:
-            return known[1]
-        request = verdict.request
+        final = self._answered.get(request)
+        if final is not None:
+            return None if asks and final.reason is Reason.NOT_ALLOWED else final
         kind = request.kind()
-        like = self._vettedKinds.get(kind)
-        if like is None:
-            like = self._vettedKinds[kind] = vet(verdict)
-        vetted = like if like.request is request else like.about(request)
-        if len(self._vetted) < VERDICT_CACHE:
-            self._vetted[id(verdict)] = (verdict, vetted)
-        return vetted
+        like = self.decided(policy, request, kind)
+        if asks and like.reason is Reason.NOT_ALLOWED:
+            return None
+        if kind in self._settled:
+            settled = self._settled[kind]
+        else:
+            settled = self._settled[kind] = settle(policy, like)
+        if settled is None:
+            return None
+        final = self._answered[request] = settled if settled.request is request else settled.about(request)
+        return final
 
-    def forgetVetted(self) -> None:
+    def decided(self, policy: Policy, request: ProxyRequest, kind: Tuple[object, ...]) -> Verdict:
         """
-        The proxy's own addresses changed: vet again.
+        L{decide}C{(policy, request)}, computed once per C{kind}: the
+        verdict of the first request of the kind.
         """
-        self._vetted = {}
-        self._vettedKinds = {}
+        like = self._decided.get(kind)
+        if like is None:
+            like = self._decided[kind] = decide(policy, request)
+        return like
 
 
 class _OwnAddresses:
@@ -225,7 +228,8 @@ class PolicyService:
         """
         self._own = _OwnAddresses(addresses)
         self.own_addresses = self._own.given
-        self._verdicts.forgetVetted()
+        # Vetted and settled verdicts are decided again.
+        self._verdicts = _Verdicts(None)
 
     def reload(self, policy: Policy) -> None:
         """
@@ -254,11 +258,8 @@ class PolicyService:
         """
         started = self._clock.seconds() if self._observe is not None else 0.0
         policy = self.policy.for_client(request.client_identity)
-        verdict = self._decide(policy, request)
-        if verdict.reason is Reason.NOT_ALLOWED and self._asks(policy):
-            return None
-        final = self._final(policy, verdict)
-        return None if final is None else self._timed(final, started)
+        final = self._current().answer(policy, request, self._asks(policy), self._settled)
+        return None if final is None else self._timed(self._record(final), started)
 
     def _timed(self, verdict: Verdict, started: float) -> Verdict:
         """C{verdict}, its decision time observed when metrics are kept."""
@@ -270,12 +271,17 @@ class PolicyService:
         """An allowlist miss goes to the decider under C{policy}."""
         return self.decider is not None and not policy.managed_allowed_domains_only
 
-    def _decide(self, policy: Policy, request: ProxyRequest) -> Verdict:
-        """L{decide} by C{policy} (in force, or a client's own), kept until a reload."""
+    def _current(self) -> _Verdicts:
+        """The verdicts kept under the policy in force (none after a reload)."""
         verdicts = self._verdicts
         if verdicts.policy is not self.policy or verdicts.full:
             verdicts = self._verdicts = _Verdicts(self.policy)
-        return verdicts.decided(policy, request)
+        return verdicts
+
+    def _decide(self, policy: Policy, request: ProxyRequest) -> Verdict:
+        """L{decide} by C{policy} (in force, or a client's own), kept until a reload."""
+        like = self._current().decided(policy, request, request.kind())
+        return like if like.request is request else like.about(request)
 
     def check(self, request: ProxyRequest) -> defer.Deferred[Verdict]:
         """
@@ -335,9 +341,9 @@ class PolicyService:
         """
         Record a final verdict, or resolve and vet the name of an allowed one.
         """
-        final = self._final(policy, verdict)
-        if final is not None:
-            return defer.succeed(final)
+        settled = self._settled(policy, verdict)
+        if settled is not None:
+            return defer.succeed(self._record(settled))
         request = verdict.request
         d = resolve(
             self._resolver,
@@ -351,19 +357,17 @@ class PolicyService:
             lambda failure: self._resolutionFailed(verdict, failure),
         )
 
-    def _final(self, policy: Policy, verdict: Verdict) -> Optional[Verdict]:
+    def _settled(self, policy: Policy, verdict: Verdict) -> Optional[Verdict]:
         """
-        C{verdict} vetted and recorded when it needs no resolution; C{None}
-        (nothing recorded) for an allowed name.
+        What C{verdict} comes to when it needs no resolution: an IP literal's
+        one address meets the ranges like an answer; a refusal, or a unix
+        socket, stands, unless it reaches the proxy itself. C{None} for an
+        allowed name.
         """
         if verdict.allowed and verdict.addresses:
-            # An IP literal: its one address meets the ranges like an answer,
-            # once per verdict kept.
-            return self._record(
-                self._verdicts.vetted(verdict, lambda v: self._vetted(policy, v, list(v.addresses)))
-            )
+            return self._vetted(policy, verdict, list(verdict.addresses))
         if not verdict.allowed or verdict.request.unix_socket is not None:
-            return self._record(self._notSelf(verdict))
+            return self._notSelf(verdict)
         return None
 
     def refuse(self, request: ProxyRequest, reason: Reason) -> Verdict:
