@@ -235,7 +235,10 @@ class HTTPProxyProtocol(ClientConnection):
                 kept.drop()
             self.close()
             return
-        self.watchWrites()
+        if idle:
+            # After a request: what the connection wrote (its replies) now
+            # counts against back-pressure. Before the first, nothing has.
+            self.watchWrites()
         factory = self.factory
         self._state = ReadingHead(
             self, self._parser, factory.clock, self._timer, factory.keepalive_idle, factory.header_timeout, kept, idle
