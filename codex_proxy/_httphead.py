@@ -155,9 +155,7 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     """
     The lower-cased options listed by C{Connection} field values.
     """
-    return frozenset(
-        token.strip(b" \t").lower() for value in values for token in value.split(b",")
-    )
+    return frozenset([token.strip(b" \t").lower() for value in values for token in value.split(b",")])
 
 
 def _keep_alive(seen: dict[bytes, list[bytes]], version: tuple[int, int]) -> bool:

@@ -271,9 +271,11 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     (except C{Host} and C{Content-Length}, which keep the message routable
     and delimited).
     """
-    listed = _httphead.connection_tokens(v for n, v in headers if n.lower() == b"connection")
-    drop = HOP_BY_HOP | (listed - _NOT_CONNECTION_LISTABLE)
-    return tuple((n, v) for n, v in headers if n.lower() not in drop)
+    connection = [v for n, v in headers if n.lower() == b"connection"]
+    drop = HOP_BY_HOP
+    if connection:
+        drop = drop | (_httphead.connection_tokens(connection) - _NOT_CONNECTION_LISTABLE)
+    return tuple([field for field in headers if field[0].lower() not in drop])
 
 
 def _serialize(start: bytes, headers: Headers) -> bytes:
