@@ -60,9 +60,10 @@ class IHeadOwner(Interface):
 
 class ReadingHead:
     """
-    Waiting for a request head. Holds the one timer of a head, the step
-    that parses kept bytes from the reactor, and the destination leg kept
-    alive for the next request.
+    Waiting for a request head. Arms the connection's timer (the idle
+    limit, or the header timeout once a head is left incomplete), holds the
+    step that parses kept bytes from the reactor, and the destination leg
+    kept alive for the next request.
 
     @ivar idle: between requests (the idle timer runs, not the header one).
     """

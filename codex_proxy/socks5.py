@@ -144,7 +144,7 @@ class SOCKS5Protocol(ClientConnection):
             self._buffer += data
             self._advance()
         elif state is DECIDING or state is DIALLING:
-            # Bytes that raced our pause: the tunnel's first bytes.
+            # Sent while the request is decided or dialled: the tunnel's first bytes.
             self.keep(data)
         # ASSOCIATED: the control connection carries nothing; CLOSED: ignore.
 
