@@ -314,3 +314,29 @@ def test_a_verdict_about_another_request_differs_in_its_request_only():
     )
     other = _get("127.0.0.1:5001")
     assert verdict.about(other) == attrs.evolve(verdict, request=other)
+
+
+def test_the_kind_of_a_request_is_all_of_it_but_the_clients_address():
+    """
+    The verdict cache answers a request by its kind: a field left out of
+    the kind would let one request be answered by another's verdict.
+    """
+    request = ProxyRequest(Protocol.HTTP, "a.test", 80, method="GET", client="127.0.0.1:5000")
+    other = {
+        "protocol": Protocol.HTTPS,
+        "host": "b.test",
+        "port": 81,
+        "method": "POST",
+        "has_body": True,
+        "upgrade": True,
+        "override_methods": ("DELETE",),
+        "client": "127.0.0.1:5001",
+        "command": "user",
+        "unix_socket": "/tmp/s",
+        "secrets": ("TOKEN",),
+        "client_identity": "ci",
+    }
+    assert sorted(other) == sorted(field.name for field in attrs.fields(ProxyRequest))
+    for name, value in other.items():
+        changed = attrs.evolve(request, **{name: value})
+        assert (changed.kind() == request.kind()) == (name == "client"), name
