@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import splice
+from codex_proxy._turnwrites import TURN_WRITES
 from codex_proxy._httphead import RequestHead
 from codex_proxy._httptarget import came_through
 from codex_proxy.addresses import authority
@@ -58,14 +59,17 @@ def client_address(address: Optional[IAddress]) -> Optional[str]:
     return None
 
 
-def no_delay(transport: Any) -> None:
+def tune(transport: Any) -> None:
     """
     Turn Nagle off: a proxy forwards what it has at once, and a response
     head and body written separately must not wait for a delayed ACK.
+    Writes are sent at the end of the reactor's turn where the process
+    allows it (L{codex_proxy._turnwrites}).
     """
     setNoDelay = getattr(transport, "setTcpNoDelay", None)
     if setNoDelay is not None:
         setNoDelay(True)
+        TURN_WRITES.adopt(transport)
 
 
 class _ClientFlow:

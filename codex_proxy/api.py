@@ -313,6 +313,13 @@ class NetworkProxy:
         """
         return self._state.config
 
+    @property
+    def reactor(self) -> Any:
+        """
+        The reactor the proxy listens, dials and keeps time with.
+        """
+        return self._reactor
+
     def run(self) -> defer.Deferred[ProxyHandle]:
         """
         L{listen} as SPEC §9.1 has it: a Deferred firing with the handle, or

@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
-from codex_proxy._connection import OVER_LIMIT, ClientConnection, client_address, no_delay
+from codex_proxy._connection import OVER_LIMIT, ClientConnection, client_address, tune
 from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
 from codex_proxy._httpstates import (
     CLOSING,
@@ -171,7 +171,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        no_delay(self.transport)
+        tune(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         self._timer = Timer(self.factory.clock)
         # The verdict of the intercepted tunnel this connection has become.
@@ -323,7 +323,7 @@ class HTTPProxyProtocol(ClientConnection):
         assert isinstance(state, Dialling)
         job, verdict = state.job, state.job.verdict
         assert verdict is not None
-        no_delay(out.transport)
+        tune(out.transport)
         if job.request.protocol is Proto.HTTPS_CONNECT and verdict.intercept:
             self._intercept(verdict, out, state.route)
         elif job.request.protocol is Proto.HTTPS_CONNECT:

@@ -14,6 +14,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from codex_proxy._turnwrites import TURN_WRITES
 from codex_proxy.config import ProxyConfig
 from codex_proxy.listening import ListenError
 
@@ -33,7 +34,9 @@ class ProxyService(Service):
     @ivar addresses: the bound listeners, C{{"http": "127.0.0.1:PORT"}}.
     """
 
-    def __init__(self, proxy: NetworkProxy, *, exit_on_error: bool = True, freeze_gc: bool = False) -> None:
+    def __init__(
+        self, proxy: NetworkProxy, *, exit_on_error: bool = True, freeze_gc: bool = False, turn_writes: bool = False
+    ) -> None:
         """
         @param exit_on_error: a start-up failure prints one line on stderr
             and exits 1; when false it is logged and raised (a daemonizing
@@ -41,10 +44,14 @@ class ProxyService(Service):
         @param freeze_gc: the proxy is the process (C{twistd codexproxy}):
             once started, everything built so far is moved out of the
             garbage collector's sight (C{gc.freeze}), until stopped.
+        @param turn_writes: the proxy is the process: what its TCP
+            connections write is sent at the end of the reactor's turn
+            (L{codex_proxy._turnwrites}), until stopped.
         """
         self.proxy = proxy
         self._exit_on_error = exit_on_error
         self._freeze_gc = freeze_gc
+        self._turn_writes = turn_writes
         self.addresses: Dict[str, str] = {}
         self._handle: Optional[ProxyHandle] = None
 
@@ -66,6 +73,8 @@ class ProxyService(Service):
             sys.stderr.write(f"codexproxy: {e}\n")
             raise SystemExit(1)
         self.addresses = self._handle.addresses()
+        if self._turn_writes:
+            TURN_WRITES.install(self.proxy.reactor)
         if self._freeze_gc:
             # The long-lived state (modules, policy, metrics, certificates)
             # is built: a full collection no longer walks it all while
@@ -78,6 +87,8 @@ class ProxyService(Service):
         super().stopService()
         if self._freeze_gc:
             gc.unfreeze()
+        if self._turn_writes:
+            TURN_WRITES.uninstall()
         handle, self._handle = self._handle, None
         if handle is None:
             return defer.succeed(None)

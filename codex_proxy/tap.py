@@ -295,7 +295,7 @@ def assemble(
         # A secret whose value cannot be loaded (SPEC §12): like a bad config.
         sys.stderr.write(f"codexproxy: config error: {e}\n")
         raise SystemExit(1)
-    proxy = ProxyService(created, exit_on_error=not daemon, freeze_gc=True)
+    proxy = ProxyService(created, exit_on_error=not daemon, freeze_gc=True, turn_writes=True)
     metrics = created.metrics
     if metrics is not None and log is not None:
         log.written, log.dropped = metrics.audit_written, metrics.audit_dropped
