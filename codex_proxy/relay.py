@@ -73,6 +73,14 @@ class Timer:
             expired()
 
 
+def _nothing() -> None:
+    pass
+
+
+def _nothing_moved() -> int:
+    return 0
+
+
 class IdleWatch:
     """
     Calls C{expired} once C{progress()} has not changed for C{timeout}
@@ -106,6 +114,11 @@ class IdleWatch:
             self._timer.stop()
         else:
             self._timer.disarm()
+        # Its owner holds it and it holds its owner's methods: let go of
+        # them, so that the two are freed when the owner is, not by the
+        # garbage collector's next pass.
+        self._progress = _nothing_moved
+        self._expired = _nothing
 
     def _check(self) -> None:
         now = self._clock.seconds()

@@ -272,19 +272,25 @@ class _TCPDial:
 
     def connect(self, factory: _OutboundFactory) -> defer.Deferred[Outbound]:
         dialling = _Dialling(factory)
-        connector = self._reactor.connectTCP(self._host, self._port, dialling, self._timeout)
-        dialling.deferred = defer.Deferred(lambda _: connector.stopConnecting())
-        return dialling.deferred
+        deferred = dialling.deferred = defer.Deferred(dialling.cancel)
+        dialling.connector = self._reactor.connectTCP(self._host, self._port, dialling, self._timeout)
+        return deferred
 
 
 class _Dialling(ClientFactory):
     """
     One dial of L{_TCPDial}: its Deferred fires with the L{Outbound} once
     connected, or fails with why it could not connect.
+
+    Once it has fired, the dial holds neither it nor the connector, and a
+    lost connection's connector lets go of its transport (which holds the
+    connector): no reference cycle outlives a connection, for the garbage
+    collector to find.
     """
 
     noisy = False
-    deferred: defer.Deferred[Outbound]
+    deferred: Optional[defer.Deferred[Outbound]] = None
+    connector: Any = None
 
     def __init__(self, outbound: _OutboundFactory) -> None:
         self._outbound = outbound
@@ -292,13 +298,26 @@ class _Dialling(ClientFactory):
     def buildProtocol(self, addr: Optional[IAddress]) -> Outbound:
         return self._outbound.buildProtocol(addr, self._connected)
 
+    def cancel(self, deferred: object) -> None:
+        if self.connector is not None:
+            self.connector.stopConnecting()
+
+    def _settled(self) -> Optional[defer.Deferred[Outbound]]:
+        deferred, self.deferred, self.connector = self.deferred, None, None
+        return deferred
+
     def _connected(self, out: Outbound) -> None:
-        if not self.deferred.called:
-            self.deferred.callback(out)
+        deferred = self._settled()
+        if deferred is not None:
+            deferred.callback(out)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        if not self.deferred.called:
-            self.deferred.errback(reason)
+        deferred = self._settled()
+        if deferred is not None:
+            deferred.errback(reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        connector.transport = None
 
 
 class IUpstream(Interface):

@@ -674,3 +674,39 @@ def test_the_connection_timer_moves_a_later_deadline_and_replaces_a_sooner_one()
     assert second is not first and not first.active() and second.getTime() == 15
     clock.advance(15)
     assert fired == ["response"]
+
+
+def test_finished_exchanges_are_freed_without_the_garbage_collector(trickle):
+    """
+    An exchange and its idle watch let go of each other when it ends: a
+    kept-alive request leaves nothing for the collector to find (it used
+    to leave about ten objects a request, collected in passes that cost
+    the proxy about 3% of its CPU under load).
+    """
+    import gc
+
+    from codex_proxy._exchange import Exchange
+
+    h = make(trickle)
+    h.send(b"GET http://origin.test/warm HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nw")
+    h.client.clear()
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for path in (b"a", b"b", b"c"):
+            h.send(b"GET http://origin.test/" + path + b" HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+            h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + path)
+            assert h.response()[2] == path
+            h.client.clear()
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Exchange, IdleWatch))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()
+    assert left == []
