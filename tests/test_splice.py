@@ -10,57 +10,20 @@ network address): once with C{splice}, once with it taken away.
 from __future__ import annotations
 
 import socket
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, Tuple
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from codex_proxy import splice
 from codex_proxy.relay import Relay
+from support.ends import End
 
 pytestmark = pytest.mark.skipif(splice._splice is None, reason="no os.splice here")
-
-
-@implementer(IHalfCloseableProtocol)
-class _End(Protocol):
-    """
-    An application end of a tunnel: records what it reads, its EOF and its
-    loss, each with a Deferred.
-    """
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.eof: defer.Deferred[None] = defer.Deferred()
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        self._waiting: List[Tuple[int, defer.Deferred[None]]] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        for count, d in list(self._waiting):
-            if len(self.received) >= count:
-                self._waiting.remove((count, d))
-                d.callback(None)
-
-    def until(self, count: int) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append((count, d))
-        self.dataReceived(b"")
-        return d
-
-    def readConnectionLost(self) -> None:
-        self.eof.callback(None)
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if not self.eof.called:
-            self.eof.callback(None)
-        self.lost.callback(None)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -98,7 +61,7 @@ def _adopt(sock: socket.socket, protocol: Protocol) -> Protocol:
 
 
 @pytest.fixture(params=["splice", "portable"])
-def tunnel(request: Any, monkeypatch: Any) -> Iterator[Tuple[_End, Relay, _End, task.Clock]]:
+def tunnel(request: Any, monkeypatch: Any) -> Iterator[Tuple[End, Relay, End, task.Clock]]:
     """
     A client end, the relay, a server end, and the relay's idle clock.
     """
@@ -106,7 +69,7 @@ def tunnel(request: Any, monkeypatch: Any) -> Iterator[Tuple[_End, Relay, _End, 
         monkeypatch.setattr(splice, "_splice", None)
     clientApp, clientProxy = socket.socketpair()
     serverProxy, serverApp = socket.socketpair()
-    client, server = _End(), _End()
+    client, server = End(), End()
     _adopt(clientApp, client)
     _adopt(serverApp, server)
     proxyClient, proxyServer = _ProxySide(client=True), _ProxySide(client=False)

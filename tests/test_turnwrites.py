@@ -9,60 +9,16 @@ Over real loopback TCP connections in the test reactor.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from zope.interface import implementer
 
 from codex_proxy._turnwrites import TurnWrites
-
-
-@implementer(IHalfCloseableProtocol)
-class _Peer(Protocol):
-    """
-    One end: what it reads, its EOF (which it answers by closing) and its
-    loss, each awaitable.
-    """
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.made: defer.Deferred[None] = defer.Deferred()
-        self.eof: defer.Deferred[None] = defer.Deferred()
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        self._waiting: List[Tuple[int, defer.Deferred[None]]] = []
-
-    def connectionMade(self) -> None:
-        self.made.callback(None)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        for count, d in list(self._waiting):
-            if len(self.received) >= count:
-                self._waiting.remove((count, d))
-                d.callback(None)
-
-    def until(self, count: int) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append((count, d))
-        self.dataReceived(b"")
-        return d
-
-    def readConnectionLost(self) -> None:
-        self.eof.callback(None)
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if not self.eof.called:
-            self.eof.callback(None)
-        self.lost.callback(None)
+from support.ends import End
 
 
 @pytest.fixture
@@ -78,7 +34,7 @@ def _pair(writes: TurnWrites) -> Any:
     """
     A loopback connection: the adopted (proxy's) end, and the peer.
     """
-    ours, peer = _Peer(), _Peer()
+    ours, peer = End(closeOnEOF=True), End(closeOnEOF=True)
     port = reactor.listenTCP(0, Factory.forProtocol(lambda: peer), interface="127.0.0.1")
     factory = ClientFactory.forProtocol(lambda: ours)
     reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
