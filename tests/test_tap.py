@@ -9,6 +9,7 @@ import json
 import signal
 
 import pytest
+import pytest_twisted
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
@@ -262,3 +263,27 @@ def test_a_started_proxy_leaves_what_it_built_out_of_garbage_collections_until_s
     assert gc.get_freeze_count() > 0
     service.stopService()
     assert gc.get_freeze_count() == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_started_proxy_sends_writes_at_the_end_of_the_reactors_turn_until_stopped(tmp_path):
+    from twisted.internet import endpoints, reactor
+    from twisted.internet.protocol import Factory
+
+    from support.ends import End
+
+    plain = type(reactor)
+    config = ENABLED + b"enable_socks5 = false\n"
+    service = assemble(parse_config(config, "c.toml"), reactor, str(tmp_path / "p.json"), environ={})
+    service.startService()
+    try:
+        assert type(reactor) is not plain and isinstance(reactor, plain)
+        port = int(json.loads((tmp_path / "p.json").read_text())["http"].rsplit(":", 1)[1])
+        client = End(closeOnEOF=True)
+        yield endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(lambda: client))
+        client.transport.write(b"GET http://blocked.invalid/ HTTP/1.1\r\nHost: blocked.invalid\r\nConnection: close\r\n\r\n")
+        yield client.lost
+        assert bytes(client.received).startswith(b"HTTP/1.1 403 ")
+    finally:
+        yield service.stopService()
+    assert type(reactor) is plain
