@@ -184,6 +184,28 @@ def _split_head(head: bytes, status: int) -> tuple[bytes, bytes]:
     return head[:end], head[end + 2 : -2]
 
 
+def _whole_head(data: bytes, limits: HeadLimits) -> tuple[bytes, bytes] | None:
+    """
+    (head, leftover) when C{data} holds a whole head, from its first byte,
+    that the line-by-line scan would take (every LF after a CR, the start
+    line, the field count and the size within C{limits}); C{None} for
+    anything else, which that scan then reads and names what is wrong with.
+    The common case: a head that arrives in one read.
+    """
+    end = data.find(b"\r\n\r\n") + 4
+    if end < 4 or end > limits.max_header_bytes or data[:1] in (b"\r", b"\n"):
+        return None
+    head = data[:end] if end < len(data) else data
+    lines = head.count(b"\n")
+    if (
+        head.count(b"\r\n") != lines
+        or head.index(b"\r\n") > limits.max_request_line_bytes
+        or lines - 2 > limits.max_header_fields
+    ):
+        return None
+    return head, data[end:]
+
+
 class _HeadParser:
     """
     Accumulate bytes until a blank line ends a head, enforcing the limits as
@@ -231,6 +253,10 @@ class _HeadParser:
         """
         Add C{data}; return (head, leftover) once a head is complete.
         """
+        if not self._started and not self._buf and type(data) is bytes:
+            whole = _whole_head(data, self._limits)
+            if whole is not None:
+                return whole
         if not self._started:
             data = self._skip_empty_lines(bytes(self._buf) + data if self._buf else data)
             if not data:

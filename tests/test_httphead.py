@@ -73,21 +73,21 @@ def _feed_head(make, data: bytes):
 
 def _reject_head(make, data: bytes) -> int:
     """
-    Feed C{data} both ways; both must raise the same status before (or
-    when) the data ends.
+    Feed C{data} both ways; both must raise the same status, naming the
+    same fault, before (or when) the data ends.
     """
-    statuses = []
+    errors = []
     for pieces in _splits(data):
         parser = make()
         try:
             for piece in pieces:
                 assert parser.feed(piece) is None, f"accepted {data!r}"
         except ProtocolError as error:
-            statuses.append(error.status)
+            errors.append((error.status, error.message))
         else:
             pytest.fail(f"no error for {data!r}")
-    assert statuses[0] == statuses[1], data
-    return statuses[0]
+    assert errors[0] == errors[1], data
+    return errors[0][0]
 
 
 def request(data: bytes, limits: HeadLimits = HeadLimits()):
