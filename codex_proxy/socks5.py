@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy import _socks5wire as wire
-from codex_proxy._connection import ClientConnection, client_address
+from codex_proxy._connection import ClientConnection, client_address, tune
 from codex_proxy._text import escape
 from codex_proxy.config import Limits
 from codex_proxy.errors import (
@@ -123,6 +123,7 @@ class SOCKS5Protocol(ClientConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        tune(self.transport)
         self._state = GREETING
         self._buffer = b""
         self._work: Optional[defer.Deferred[Any]] = None
@@ -334,6 +335,7 @@ class SOCKS5Protocol(ClientConnection):
 
     def _connected(self, out: Outbound, verdict: Verdict, route: Route) -> None:
         self._work = None
+        tune(out.transport)
         bound = out.transport.getHost()
         self.transport.write(wire.encode_reply(wire.REP_SUCCEEDED, bound.host, bound.port))
         if verdict.intercept:

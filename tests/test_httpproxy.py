@@ -51,6 +51,13 @@ def test_allowed_get_is_forwarded_in_origin_form(trickle):
     assert h.auditor.events[-1]["server.address"] == "origin.test"
 
 
+def test_both_legs_forward_at_once_without_nagle(trickle):
+    h = make(trickle)
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    assert (h.client.noDelay, upstream.noDelay) == (True, True)
+
+
 def test_keep_alive_reuses_the_destination_connection(trickle):
     h = make(trickle)
     h.send(b"GET http://origin.test/a HTTP/1.1\r\nHost: origin.test\r\n\r\n")

@@ -61,6 +61,13 @@ def test_connect_relays_both_ways(trickle, host, dialled):
     assert "client.identity" not in event
 
 
+def test_both_legs_of_a_tunnel_forward_at_once_without_nagle(trickle):
+    h = Harness(trickle)
+    h.send(NO_AUTH + connect("origin.test", 443))
+    server, upstream = h.accept()
+    assert (h.client.noDelay, upstream.noDelay) == (True, True)
+
+
 def test_half_close_and_close_pass_through(trickle):
     h = Harness(trickle)
     h.send(NO_AUTH + connect("127.0.0.1", 80))
