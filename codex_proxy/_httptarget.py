@@ -271,21 +271,28 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     (except C{Host} and C{Content-Length}, which keep the message routable
     and delimited).
     """
-    connection = [v for n, v in headers if n.lower() == b"connection"]
-    drop = HOP_BY_HOP
+    # One pass, each name lowered once; a second only when Connection names
+    # fields beyond the hop-by-hop ones (rare).
+    kept = []
+    connection: list[bytes] = []
+    for field in headers:
+        name = field[0].lower()
+        if name not in HOP_BY_HOP:
+            kept.append(field)
+        elif name == b"connection":
+            connection.append(field[1])
     if connection:
-        drop = drop | (_httphead.connection_tokens(connection) - _NOT_CONNECTION_LISTABLE)
-    return tuple([field for field in headers if field[0].lower() not in drop])
+        named = _httphead.connection_tokens(connection) - _NOT_CONNECTION_LISTABLE - HOP_BY_HOP
+        if named:
+            kept = [field for field in kept if field[0].lower() not in named]
+    return tuple(kept)
 
 
 def _serialize(start: bytes, headers: Headers) -> bytes:
     """
     Join a start line and fields into a head; refuse CR/LF smuggled inside.
     """
-    lines = [start]
-    lines.extend(name + b": " + value for name, value in headers)
-    lines += (b"", b"")
-    head = b"\r\n".join(lines)
+    head = b"\r\n".join([start, *[name + b": " + value for name, value in headers], b"", b""])
     if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
         raise ValueError("CR or LF inside a start line or header")
     return head
