@@ -485,5 +485,5 @@ class ResponseHeadParser(_HeadParser):
             reason=match[4] or b"",
             headers=headers,
             framing=framing,
-            keep_alive=framing != UNTIL_CLOSE and _keep_alive(seen, version),
+            keep_alive=framing is not UNTIL_CLOSE and _keep_alive(seen, version),
         )
