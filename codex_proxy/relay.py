@@ -58,7 +58,8 @@ class Timer:
 
     def disarm(self) -> None:
         """
-        Call nothing; the pending call stays, to be moved by the next L{arm}.
+        Call nothing; the pending call stays (firing, it finds nothing to
+        call), and the next L{arm} notes its deadline against it.
         """
         self._expired = None
 

@@ -103,6 +103,9 @@ def test_writes_of_a_timed_call_are_sent(writes):
 @pytest_twisted.inlineCallbacks
 def test_a_write_to_a_reset_connection_loses_it(writes):
     ours, peer = yield _pair(writes)
+    # Not reading, only the failed send can tell that the peer is gone:
+    # the flush hands the failure to the reactor, which loses the connection.
+    ours.transport.stopReading()
     peer.transport.abortConnection()
     yield peer.lost
     for _ in range(3):
