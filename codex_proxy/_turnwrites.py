@@ -4,13 +4,15 @@ Writes sent at the end of the reactor's turn.
 Twisted's C{transport.write} buffers the bytes and registers the socket
 for writability; the next turn sends them and unregisters it: two
 C{epoll_ctl} calls, one more wakeup and two event dispatches for each
-write, about an eighth of a kept-alive request's cost. Once
-L{TurnWrites.install}ed on the process's reactor, a plain TCP transport
-that is L{TurnWrites.adopt}ed has what it writes sent by one flush at the
-end of the turn, after every event of the turn was handled, so a turn's
-writes still leave together, as they would from the next turn's wakeup.
-Only the common case changes: what the kernel does not take at once, a
-failed send, a close, a half-close and TLS keep Twisted's own path.
+write, about an eighth of a kept-alive request's cost; a close or a
+half-close takes the same detour. Once L{TurnWrites.install}ed on the
+process's reactor, a plain TCP transport that is L{TurnWrites.adopt}ed
+has what it writes sent, and its closes and half-closes done, by one flush
+at the end of the turn, after every event of the turn was handled, so a
+turn's writes still leave together, as they would from the next turn's
+wakeup. Only the common case changes: what the kernel does not take at
+once and TLS keep Twisted's own path; a failed send and a close are
+reported to the reactor as its own write event would report them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ from twisted.logger import Logger
 _log = Logger()
 
 _register = abstract.FileDescriptor.startWriting
+
+
+def wait_writable(transport: Any) -> None:
+    """
+    Have the reactor report C{transport} writable, adopted or not: for bytes
+    that wait outside Twisted's buffers (a splice pipe), which an adopted
+    transport's C{startWriting}, a flush at the end of the turn, would not
+    see.
+    """
+    _register(transport)
 
 
 class TurnWrites:
@@ -55,23 +67,22 @@ class TurnWrites:
             # events this iteration handles.
             if due:
                 flush()
+                # A close it did ran the protocol's connectionLost, which may
+                # have scheduled a call: sleep no longer than that call allows
+                # (the main loop's own reckoning).
+                timeout = reactor.running and reactor.timeout()
             base.doIteration(reactor, timeout)
             if due:
                 flush()
 
         def startWriting(transport: Any) -> None:
-            # Nothing new buffered is a close asking to be flushed (which
-            # loseConnection asks before it sets disconnecting).
-            if (
-                not transport._tempDataLen
-                or not self.installed
-                or transport.disconnecting
-                or transport._writeDisconnecting
-                or transport.TLS
-            ):
-                _register(transport)
-            else:
+            # New bytes, a close or a half-close: the flush's doWrite sends
+            # the bytes first and then closes, as Twisted's would. (Waiting
+            # for writability itself is wait_writable.)
+            if self.installed and transport.connected and not transport.TLS:
                 due[transport] = None
+            else:
+                _register(transport)
 
         self._adopted = {
             kind: type(kind.__name__, (kind,), {"startWriting": startWriting, "__module__": __name__})
@@ -105,9 +116,11 @@ class TurnWrites:
 
     def flush(self) -> None:
         """
-        Send what each adopted transport wrote this turn. What is left, a
-        failure and a close go to the reactor, whose next C{doWrite} sends
-        the rest or reports them.
+        Send what each adopted transport wrote this turn and do the closes
+        it asked for. What the kernel did not take goes to the reactor,
+        whose write events send the rest; a failed send, an error and a
+        finished close disconnect the transport as the reactor's own write
+        event would.
         """
         due = list(self._due)
         self._due.clear()
@@ -115,12 +128,17 @@ class TurnWrites:
             if not transport.connected:
                 continue
             try:
-                result = transport.doWrite()
-            except Exception:
+                why = transport.doWrite()
+            except Exception as e:
                 _log.failure("writing to {transport}", transport=transport)
-                result = True
-            if result is not None or transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
-                _register(transport)
+                why = e
+            try:
+                if why:
+                    transport.reactor._disconnectSelectable(transport, why, False)
+                elif transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
+                    _register(transport)
+            except Exception:
+                _log.failure("disconnecting {transport}", transport=transport)
 
 
 #: The process's own: L{codex_proxy.service.ProxyService} installs it on

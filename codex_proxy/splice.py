@@ -26,6 +26,7 @@ from typing import Any, Callable, List, Optional
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 
+from codex_proxy._turnwrites import wait_writable
 from codex_proxy.relay import Relay, Timer
 from codex_proxy.upstream import IProxyTransport
 
@@ -162,7 +163,9 @@ class _Direction:
     def _hold(self) -> None:
         self.held = True
         self.source.stopReading()
-        self.sink.startWriting()
+        # The bytes wait in the pipe, where an end-of-turn flush of an
+        # adopted sink would not see them: ask for writability itself.
+        wait_writable(self.sink)
 
     def close(self) -> None:
         """

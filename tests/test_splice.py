@@ -3,8 +3,10 @@ The splice relay moves tunnel bytes like the portable one: in order both
 ways with the bytes counted, passing half-closes, closing both sides when
 idle; and the portable relay takes over where splice is unavailable.
 
-Each test runs twice over real sockets in the reactor (socketpairs, no
-network address): once with C{splice}, once with it taken away.
+Each test runs three times over real sockets in the reactor: with
+C{splice} and with it taken away (socketpairs), and with C{splice} over
+loopback TCP whose writes are sent at the end of the reactor's turn, as
+the twistd service has them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from codex_proxy import splice
+from codex_proxy._turnwrites import TurnWrites
 from codex_proxy.relay import Relay
 from support.ends import End
 
@@ -55,33 +58,54 @@ class _ProxySide(Protocol):
 
 
 def _adopt(sock: socket.socket, protocol: Protocol) -> Protocol:
-    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: protocol))
+    reactor.adoptStreamConnection(sock.fileno(), sock.family, Factory.forProtocol(lambda: protocol))
     sock.close()
     return protocol
 
 
-@pytest.fixture(params=["splice", "portable"])
+def _loopback_pair() -> Tuple[socket.socket, socket.socket]:
+    """
+    A connected pair of loopback TCP sockets (which turn writes adopt).
+    """
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        one = socket.create_connection(listener.getsockname())
+        other, _ = listener.accept()
+    return one, other
+
+
+@pytest.fixture(params=["splice", "portable", "splice, turn writes"])
 def tunnel(request: Any, monkeypatch: Any) -> Iterator[Tuple[End, Relay, End, task.Clock]]:
     """
-    A client end, the relay, a server end, and the relay's idle clock.
+    A client end, the relay, a server end, and the relay's idle clock. With
+    turn writes, as in the twistd service, the proxy's two sockets are TCP
+    and write at the end of the reactor's turn.
     """
     if request.param == "portable":
         monkeypatch.setattr(splice, "_splice", None)
-    clientApp, clientProxy = socket.socketpair()
-    serverProxy, serverApp = socket.socketpair()
+    turn = TurnWrites() if request.param == "splice, turn writes" else None
+    pair = socket.socketpair if turn is None else _loopback_pair
+    clientApp, clientProxy = pair()
+    serverProxy, serverApp = pair()
     client, server = End(), End()
     _adopt(clientApp, client)
     _adopt(serverApp, server)
     proxyClient, proxyServer = _ProxySide(client=True), _ProxySide(client=False)
     _adopt(clientProxy, proxyClient)
     _adopt(serverProxy, proxyServer)
+    if turn is not None:
+        assert turn.install(reactor)
+        for side in (proxyClient, proxyServer):
+            turn.adopt(side.transport)
+            assert type(side.transport).__module__ == "codex_proxy._turnwrites"
     clock = task.Clock()
     relay = splice.relay(proxyClient.transport, proxyServer.transport, clock, 60.0)
     proxyClient.relay = proxyServer.relay = relay
-    assert type(relay) is (splice.SpliceRelay if request.param == "splice" else Relay)
+    assert type(relay) is (Relay if request.param == "portable" else splice.SpliceRelay)
     yield client, relay, server, clock
     for end in (client, server, proxyClient, proxyServer):
         end.transport.abortConnection()
+    if turn is not None:
+        turn.uninstall()
 
 
 @pytest_twisted.inlineCallbacks
@@ -146,3 +170,23 @@ def test_an_idle_tunnel_is_closed_on_both_sides(tunnel):
     yield client.eof
     yield server.eof
     assert relay.bytesUp == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_slow_reader_holds_the_tunnel_and_then_gets_every_byte(tunnel):
+    client, relay, server, _ = tunnel
+    total = 8 << 20
+    client.transport.stopReading()
+    server.transport.write(b"s" * total)
+    # Turn by turn until the relay stops reading the server: what waits
+    # for the client fills every buffer between them.
+    for _ in range(10_000):
+        if relay.server not in reactor.getReaders():
+            break
+        yield task.deferLater(reactor, 0, lambda: None)
+    assert relay.server not in reactor.getReaders()
+    client.transport.startReading()
+    # Nothing but the client's reading wakes the held side.
+    yield client.until(total).addTimeout(30, reactor)
+    assert bytes(client.received) == b"s" * total
+    assert relay.bytesDown == total

@@ -1,7 +1,8 @@
 """
 Writes sent at the end of the reactor's turn reach the peer like Twisted's
 own: whole, in order, before a close or a half-close, and from timed calls
-too, without registering the socket for writability; and uninstalling
+too, without registering the socket for writability; closes and
+half-closes are done at the end of the turn the same way; and uninstalling
 gives the reactor and the transports Twisted's path back.
 
 Over real loopback TCP connections in the test reactor.
@@ -9,6 +10,7 @@ Over real loopback TCP connections in the test reactor.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Iterator
 
 import pytest
@@ -17,6 +19,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+import conftest
 from codex_proxy._turnwrites import TurnWrites
 from support.ends import End
 
@@ -77,6 +80,68 @@ def test_a_close_right_after_a_write_sends_it_first(writes):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_close_is_done_at_the_end_of_the_turn_without_registering_for_writability(writes):
+    ours, peer = yield _pair(writes)
+    ours.transport.write(b"bye")
+    ours.transport.loseConnection()
+    assert ours.transport not in reactor.getWriters()
+    assert not ours.lost.called
+    yield peer.lost
+    yield ours.lost
+    assert bytes(peer.received) == b"bye"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_half_close_is_done_at_the_end_of_the_turn_without_registering_for_writability(writes):
+    ours, peer = yield _pair(writes)
+    peer.closeOnEOF = False
+    ours.transport.loseWriteConnection()
+    assert ours.transport not in reactor.getWriters()
+    yield peer.eof
+    assert not ours.lost.called
+    peer.transport.write(b"still open")
+    yield ours.until(10)
+    assert bytes(ours.received) == b"still open"
+    peer.transport.loseConnection()
+    yield ours.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_call_scheduled_by_a_close_done_before_the_poll_runs_without_waiting(writes):
+    # The peer is a plain socket outside the reactor: no event of its own
+    # wakes the reactor, so only the poll's timeout decides when the call
+    # scheduled by connectionLost runs.
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = End()
+    factory = ClientFactory.forProtocol(lambda: ours)
+    reactor.connectTCP("127.0.0.1", listener.getsockname()[1], factory)
+    yield ours.made
+    peer, _ = listener.accept()
+    listener.close()
+    writes.adopt(ours.transport)
+    far = reactor.callLater(30, lambda: None)
+    scheduled: defer.Deferred[float] = defer.Deferred()
+    ours.lost.addCallback(lambda _: reactor.callLater(0, lambda: scheduled.callback(reactor.seconds())))
+    # Asked by a timed call, the close is done by the flush before the poll.
+    reactor.callLater(0, ours.transport.loseConnection)
+    asked = reactor.seconds()
+    ran = yield scheduled
+    far.cancel()
+    peer.close()
+    assert ran - asked < 10
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_close_after_more_than_the_kernel_takes_at_once_sends_it_all_first(writes):
+    ours, peer = yield _pair(writes)
+    data = bytes(range(256)) * (32 * 1024)
+    ours.transport.write(data)
+    ours.transport.loseConnection()
+    yield peer.lost
+    assert bytes(peer.received) == data
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_half_close_right_after_a_write_sends_it_then_eof(writes):
     ours, peer = yield _pair(writes)
     ours.transport.write(b"request")
@@ -111,6 +176,27 @@ def test_a_write_to_a_reset_connection_loses_it(writes):
     for _ in range(3):
         ours.transport.write(b"x" * 65536)
     yield ours.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_error_while_writing_is_logged_and_loses_the_connection(writes):
+    ours, peer = yield _pair(writes)
+    reasons = []
+    lost = ours.connectionLost
+    ours.connectionLost = lambda reason=None: (reasons.append(reason), lost(reason))
+
+    def broken() -> None:
+        raise RuntimeError("broken send")
+
+    ours.transport.doWrite = broken
+    ours.transport.write(b"x")
+    yield ours.lost
+    yield peer.lost
+    assert [r.value.args for r in reasons] == [("broken send",)]
+    logged = [e for e in conftest._errors if e.get("log_failure") is not None]
+    assert [e["log_format"] for e in logged] == ["writing to {transport}"]
+    # Expected, so not an error of this test.
+    del conftest._errors[:]
 
 
 @pytest_twisted.inlineCallbacks
