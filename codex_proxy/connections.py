@@ -36,8 +36,8 @@ class ConnectionOutcome:
         timed out sending a head) or C{"error"} (ours).
     @ivar identity: the client that authenticated on it (SPEC §11), or
         C{None}.
-    @ivar bytes_up: bytes forwarded client to destination (bodies and
-        tunnel bytes; heads not counted).
+    @ivar bytes_up: bytes forwarded client to destination (bodies, tunnel
+        bytes and SOCKS5 UDP payloads; heads not counted).
     @ivar bytes_down: bytes forwarded destination to client.
     @ivar duration: seconds from accept to close.
     @ivar tunnel: it became a tunnel (a relay of bytes both ways).

@@ -170,6 +170,9 @@ class SOCKS5Protocol(ClientConnection):
         if udp is not None:
             udp.close()
             self.factory.associations -= 1
+            # Relayed datagrams count with the connection's bytes (SPEC §13).
+            self.bytesUp += udp.bytesUp
+            self.bytesDown += udp.bytesDown
 
     def _handshakeTimedOut(self) -> None:
         self.abort("timeout")

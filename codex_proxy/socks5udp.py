@@ -80,7 +80,12 @@ class UDPAssociation:
 
     @ivar dropped: datagrams dropped (foreign source, bad header, fragment,
         denied or undecidable destination, queue or cache full, send error).
+    @ivar bytesUp: payload bytes sent on to destinations.
+    @ivar bytesDown: payload bytes of replies sent on to the client.
     """
+
+    bytesUp = 0
+    bytesDown = 0
 
     def __init__(
         self,
@@ -243,6 +248,8 @@ class UDPAssociation:
             port.write(payload, target)
         except (OSError, error.CannotListenError, error.MessageLengthError):
             self.dropped += 1
+        else:
+            self.bytesUp += len(payload)
 
     # -- destination to client ---------------------------------------------
 
@@ -256,6 +263,8 @@ class UDPAssociation:
             )
         except (OSError, error.MessageLengthError):
             self.dropped += 1
+        else:
+            self.bytesDown += len(data)
 
     def _internalError(self, failure: Failure) -> None:
         _log.failure("internal error relaying a SOCKS5 UDP datagram", failure)

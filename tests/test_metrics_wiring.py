@@ -27,6 +27,7 @@ from codex_proxy.policyservice import PolicyService
 from codex_proxy.upstream import Upstream
 from support.disk import FullDisk
 from support.http import Harness, HalfCloseTransport
+from support import socks
 from support.metrics import value
 
 
@@ -194,3 +195,25 @@ def test_histogram_buckets_are_less_or_equal():
     assert value(metrics, "codexproxy_decision_seconds_bucket", le="+Inf") == 2
     assert value(metrics, "codexproxy_decision_seconds_count") == 2
     assert value(metrics, "codexproxy_decision_seconds_sum") == 100.001
+
+
+def test_socks5_udp_payload_bytes_count_as_relayed_when_the_association_ends(trickle):
+    # SPEC §13: every relayed byte, UDP included; the SOCKS5 UDP header is
+    # the relay's own, not relayed.
+    h = socks.Harness(trickle)
+    metrics = Metrics(start_time=0.0)
+    metrics.attach(h.auditor.sinks, h.factory.connections)
+    h.proto = h.connectClient()
+    h.client = h.proto.transport
+    _, proto = socks.associate(h)
+    proto.datagramReceived(socks.datagram("origin.test", 53, b"query"), ("127.0.0.1", 7000))
+    proto.datagramReceived(socks.datagram("bad.example.com", 53, b"denied"), ("127.0.0.1", 7000))
+    out = h.reactor.udp[1]
+    out.protocol.datagramReceived(b"answer!", (socks.PUBLIC, 53))
+    out.protocol.datagramReceived(b"spoofed", ("127.0.0.9", 53))
+    assert value(metrics, "codexproxy_relayed_bytes_total", direction="up") == 0
+    h.proto.connectionLost(Failure(error.ConnectionDone()))
+    assert value(metrics, "codexproxy_relayed_bytes_total", direction="up") == 5
+    assert value(metrics, "codexproxy_relayed_bytes_total", direction="down") == 7
+    ended = value(metrics, "codexproxy_connections_total", listener="socks5", outcome="closed")
+    assert ended == 1

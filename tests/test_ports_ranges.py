@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support.http import PUBLIC
 from support.http import Harness as HTTPHarness
-from support.socks import NO_AUTH, connect
+from support.socks import NO_AUTH, connect, datagram
 from support.socks import Harness as SOCKSHarness
 
 from codex_proxy import _socks5wire as wire
@@ -280,10 +280,6 @@ def test_socks5_tcp_applies_the_ranges():
     h.send(NO_AUTH + connect("registry.corp.test", 443), other)
     assert h.dials() == [("10.20.1.5", 443)]
     assert h.reasons() == ["denied", "allowed"]
-
-
-def datagram(host: str, port: int, payload: bytes) -> bytes:
-    return b"\x00\x00\x00" + connect(host, port)[3:] + payload
 
 
 def test_every_udp_datagram_meets_the_ranges():

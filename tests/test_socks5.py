@@ -6,8 +6,6 @@ relay of an association over fake UDP ports.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
-
 import pytest
 from twisted.internet import error
 from twisted.python.failure import Failure
@@ -24,14 +22,13 @@ from support.socks import (
     PUBLIC6,
     ALLOW,
     NO_AUTH,
+    associate,
     connect,
+    datagram,
     PendingResolver,
     Harness,
+    reply,
 )
-
-
-def reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
-    return wire.encode_reply(code, host, port)
 
 
 # -- CONNECT ------------------------------------------------------------------
@@ -259,21 +256,6 @@ def test_eof_inside_the_handshake_closes(trickle):
 
 
 # -- UDP ASSOCIATE ---------------------------------------------------------------
-
-
-def datagram(host: str, port: int, payload: bytes, frag: int = 0) -> bytes:
-    return b"\x00\x00" + bytes([frag]) + connect(host, port)[3:] + payload
-
-
-def associate(h: Harness, declared_port: int = 7000) -> Tuple[Any, Any]:
-    """
-    Open an association; return the client-side UDP port and its protocol.
-    """
-    h.send(NO_AUTH + connect("0.0.0.0", declared_port, wire.CMD_UDP_ASSOCIATE))
-    client_side = h.reactor.udp[0]
-    assert client_side.interface == "127.0.0.1"
-    assert h.client.value() == b"\x05\x00" + reply(0, "127.0.0.1", client_side.number)
-    return client_side, client_side.protocol
 
 
 def test_udp_echo_through_the_relay(trickle):

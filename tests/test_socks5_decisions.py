@@ -7,7 +7,7 @@ are no host names, and the proxy's own listening addresses.
 from __future__ import annotations
 
 from ipaddress import ip_address
-from typing import Any, List, Tuple
+from typing import Any, List
 
 import pytest
 from twisted.internet import error
@@ -19,11 +19,17 @@ from codex_proxy.config import Limits
 from codex_proxy.model import Mode
 from codex_proxy.policy import Policy
 from codex_proxy.testing import MemoryUpstream
-from support.socks import ALLOW, NO_AUTH, PUBLIC, Harness, PendingResolver, connect
-
-
-def reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
-    return wire.encode_reply(code, host, port)
+from support.socks import (
+    ALLOW,
+    NO_AUTH,
+    PUBLIC,
+    Harness,
+    PendingResolver,
+    associate,
+    connect,
+    datagram,
+    reply,
+)
 
 
 def udp_associate(port: int = 0) -> bytes:
@@ -71,16 +77,6 @@ def test_udp_associate_on_a_disabled_proxy_is_audited_once(trickle):
 
 
 # -- a reload reaches open associations ------------------------------------------
-
-
-def datagram(host: str, port: int, payload: bytes) -> bytes:
-    return b"\x00\x00\x00" + connect(host, port)[3:] + payload
-
-
-def associate(h: Harness) -> Tuple[Any, Any]:
-    h.send(udp_associate(7000))
-    client_side = h.reactor.udp[0]
-    return client_side, client_side.protocol
 
 
 def test_reload_re_decides_an_open_association_s_destination(trickle):

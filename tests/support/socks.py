@@ -45,6 +45,28 @@ def connect(host: str, port: int, command: int = wire.CMD_CONNECT) -> bytes:
     return bytes([5, command, 0]) + address + struct.pack("!H", port)
 
 
+def reply(code: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
+    return wire.encode_reply(code, host, port)
+
+
+def datagram(host: str, port: int, payload: bytes, frag: int = 0) -> bytes:
+    """
+    A SOCKS5 UDP request datagram (RFC 1928 §7) for C{host}.
+    """
+    return b"\x00\x00" + bytes([frag]) + connect(host, port)[3:] + payload
+
+
+def associate(h: "Harness", declared_port: int = 7000) -> Tuple[Any, Any]:
+    """
+    Open an association; return the client-side UDP port and its protocol.
+    """
+    h.send(NO_AUTH + connect("0.0.0.0", declared_port, wire.CMD_UDP_ASSOCIATE))
+    client_side = h.reactor.udp[0]
+    assert client_side.interface == "127.0.0.1"
+    assert h.client.value() == b"\x05\x00" + reply(0, "127.0.0.1", client_side.number)
+    return client_side, client_side.protocol
+
+
 @implementer(IUDPTransport)
 class FakeUDPPort:
     """
