@@ -127,7 +127,8 @@ def _remembered_rules_path(given_config: bool) -> Optional[str]:
 class _PortsFile(Service):
     """
     Writes the bound addresses of a started L{ProxyService} and the
-    secrets' placeholders (SPEC §12) atomically, and removes the file on stop.
+    secrets' placeholders (SPEC §12) atomically, again after each reload
+    (which may add or remove a secret), and removes the file on stop.
     """
 
     def __init__(self, path: str, proxy: ProxyService) -> None:
@@ -136,6 +137,22 @@ class _PortsFile(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._write()
+
+    def reloaded(self, ok: bool) -> None:
+        """
+        After a reload that took effect, write the file again, while running
+        (a reload that ends after the stop leaves no file behind). A write
+        that fails is logged and the old file stays.
+        """
+        if not (ok and self.running):
+            return
+        try:
+            self._write()
+        except OSError as e:
+            _log.error("cannot rewrite the ports file {path}: {error}", path=self._path, error=e)
+
+    def _write(self) -> None:
         tmp = f"{self._path}.tmp{os.getpid()}"
         document: dict[str, Any] = dict(self._proxy.addresses)
         placeholders = self._proxy.proxy.secrets.placeholders
@@ -212,9 +229,12 @@ class _ReloadOnHangup(Service):
     §2.5); the previous handler is put back on stop.
     """
 
-    def __init__(self, reactor: Any, proxy: ProxyService) -> None:
+    def __init__(
+        self, reactor: Any, proxy: ProxyService, reloaded: Optional[Callable[[bool], None]] = None
+    ) -> None:
         self._reactor = reactor
         self._proxy = proxy
+        self._reloaded = reloaded
         self._previous: Any = None
 
     def startService(self) -> None:
@@ -226,7 +246,9 @@ class _ReloadOnHangup(Service):
         self._previous = signal.signal(signal.SIGHUP, handler)
 
     def _reload(self) -> None:
-        self._proxy.proxy.reload()
+        done = self._proxy.proxy.reload()
+        if self._reloaded is not None:
+            done.addCallback(self._reloaded)
 
     def stopService(self) -> None:
         super().stopService()
@@ -302,13 +324,14 @@ def assemble(
     for entry in resolve:
         _log.info("--resolve {entry}: answered without DNS, vetted like DNS", entry=entry)
     proxy.setServiceParent(top)
+    ports = None if ports_file is None else _PortsFile(ports_file, proxy)
     if paths is not None:
-        _ReloadOnHangup(reactor, proxy).setServiceParent(top)
+        _ReloadOnHangup(reactor, proxy, None if ports is None else ports.reloaded).setServiceParent(top)
     if own_signals:
         # Before the ports file: a client that sees it may signal at once.
         _CleanExitOnSignals(reactor).setServiceParent(top)
-    if ports_file is not None:
-        _PortsFile(ports_file, proxy).setServiceParent(top)
+    if ports is not None:
+        ports.setServiceParent(top)
     return top
 
 

@@ -192,6 +192,64 @@ def test_sighup_reloads_on_the_reactor_thread_while_running(tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGHUP) == before
 
 
+def test_a_reload_that_adds_a_secret_rewrites_the_ports_file_with_its_placeholder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path))
+    monkeypatch.setenv("FIRST_VALUE", "first-secret-value-1234")
+    monkeypatch.setenv("SECOND_VALUE", "second-secret-value-5678")
+    first = b'[network.secrets.FIRST]\nsource = "env:FIRST_VALUE"\nhosts = ["a.test"]\n'
+    second = b'[network.secrets.SECOND]\nsource = "env:SECOND_VALUE"\nhosts = ["a.test"]\n'
+    (tmp_path / "config.toml").write_bytes(ENABLED + first)
+    ports = tmp_path / "ports.json"
+    options = Options()
+    options.parseOptions(["--ports-file", str(ports)])
+    reactor = ThreadedMemoryReactor()
+    reactor.getThreadPool = lambda: SyncPool()
+    top = assemble(
+        options.config,
+        reactor,
+        str(ports),
+        sources=options.sources,
+        paths=options.paths,
+        interception=options.interception,
+    )
+    top.startService()
+    before = json.loads(ports.read_text())["placeholders"]
+    assert list(before) == ["FIRST"]
+
+    (tmp_path / "config.toml").write_bytes(ENABLED + first + second)
+    signal.getsignal(signal.SIGHUP)(signal.SIGHUP, None)
+    while reactor.fromThread:
+        f, args, kwargs = reactor.fromThread.pop(0)
+        f(*args, **kwargs)
+    after = json.loads(ports.read_text())["placeholders"]
+    assert sorted(after) == ["FIRST", "SECOND"]
+    # The first keeps its placeholder: children already hold it.
+    assert after["FIRST"] == before["FIRST"]
+    assert "secret-value" not in ports.read_text()
+    top.stopService()
+    assert not ports.exists()
+
+
+def test_a_reload_that_ends_after_the_stop_leaves_no_ports_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_bytes(ENABLED)
+    ports = tmp_path / "ports.json"
+    options = Options()
+    options.parseOptions([])
+    reactor = ThreadedMemoryReactor()
+    reactor.getThreadPool = lambda: SyncPool()
+    top = assemble(options.config, reactor, str(ports), sources=options.sources, paths=options.paths)
+    top.startService()
+    handler = signal.getsignal(signal.SIGHUP)
+    handler(signal.SIGHUP, None)
+    top.stopService()
+    assert not ports.exists()
+    while reactor.fromThread:
+        f, args, kwargs = reactor.fromThread.pop(0)
+        f(*args, **kwargs)
+    assert not ports.exists()
+
+
 class RefusingSecondReactor(MemoryReactorClock):
     def listenTCP(self, port, factory, backlog=50, interface=""):
         if self.tcpServers:

@@ -230,6 +230,44 @@ def test_limited_mode_without_mitm_injects_and_rotates_on_sighup(
     assert value not in proxy.output and rotated not in proxy.output
 
 
+def test_a_secret_added_on_sighup_reaches_new_children_through_the_ports_file(
+    proxy_factory, tmp_path, named_tls_files, named_tls_origins
+):
+    from support import proxyproc
+
+    bound, _ = named_tls_origins
+    value, added = _value(), _value()
+    proxy, _, key = _start(proxy_factory, tmp_path, named_tls_files, value)
+    first_env, _ = _child_env(proxy)
+    assert "ADDED" not in first_env
+    added_key = tmp_path / "added-key"
+    added_key.write_text(added + "\n")
+    os.chmod(added_key, 0o600)
+    proxy.config_path.write_text(
+        proxyproc.render_config(
+            {
+                "allowed_domains": [BOUND, OTHER, "127.0.0.1", "localhost"],
+                "allow_local_binding": True,
+                "secrets": {
+                    "API_KEY": {"source": f"file:{key}", "hosts": [BOUND]},
+                    "ADDED": {"source": f"file:{added_key}", "hosts": [BOUND]},
+                },
+            }
+        )
+    )
+    os.kill(proxy.pid, signal.SIGHUP)
+    proxy.wait_for_line("ports file written", nth=2)
+
+    env, printed = _child_env(proxy)
+    assert PLACEHOLDER.fullmatch(env["API_KEY"]) and env["API_KEY"] == first_env["API_KEY"]
+    assert env["ADDED"].startswith("codexproxy-secret-ADDED-")
+    url = f"https://{BOUND}:{bound.port}/v1/models"
+    assert _curl(env, url, "-H", f"Authorization: Bearer {env['ADDED']}")[0] == 200
+    assert [seen.header("Authorization") for seen in bound.requests] == [f"Bearer {added}"]
+    assert added not in printed and added not in proxy.output
+    assert added not in proxy.ports_path.read_text()
+
+
 def test_limited_mode_with_mitm_refuses_the_placeholder_to_another_host(
     proxy_factory, tmp_path, named_tls_files, named_tls_origins
 ):
