@@ -366,7 +366,7 @@ def admit(
     misused = secret_misuse(policy, request, host)
     if misused is not None:
         return misused
-    bound = request.protocol is Protocol.HTTPS_CONNECT and policy.secret_hosts.match(host) is not None
+    bound = _secret_tunnel(policy, request, host)
     refusal = None if bound else mode_guard(policy, request)
     if refusal is not None:
         return _deny(request, host, refusal, Source.MODE_GUARD, matched=matched)
@@ -389,6 +389,20 @@ def admit(
 
 #: The one SOCKS5 CONNECT port limited mode intercepts (SPEC §6).
 HTTPS_PORT = 443
+
+
+def _secret_tunnel(policy: Policy, request: ProxyRequest, host: str) -> bool:
+    """
+    Whether C{request} is a tunnel to a secret's host, intercepted in any
+    mode (SPEC §12): a CONNECT, or a SOCKS5 CONNECT to port 443 by name (the
+    one a TLS client's SNI can match; any other SOCKS5 tunnel stays opaque).
+    """
+    if request.protocol is Protocol.SOCKS5_TCP:
+        if request.port != HTTPS_PORT or parse_ip_literal(request.host) is not None:
+            return False
+    elif request.protocol is not Protocol.HTTPS_CONNECT:
+        return False
+    return policy.secret_hosts.match(host) is not None
 
 
 def secret_misuse(policy: Policy, request: ProxyRequest, host: str) -> Optional[Verdict]:

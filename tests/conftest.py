@@ -44,6 +44,15 @@ def no_logged_errors():
         )
 
 
+@pytest.fixture
+def logged_errors() -> List[Dict[str, Any]]:
+    """
+    The errors logged so far in this test: one that expects an error takes
+    it out of this list, and only the others fail the test.
+    """
+    return _errors
+
+
 @pytest.fixture(params=[False, True], ids=["whole", "trickle"])
 def trickle(request) -> bool:
     """

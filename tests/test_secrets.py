@@ -279,6 +279,28 @@ def test_tunnels_to_a_secrets_host_are_intercepted_in_any_mode(mode):
         assert other.reason is Reason.MITM_REQUIRED
 
 
+@pytest.mark.parametrize("mode", ["full", "limited"])
+def test_socks5_tunnels_to_port_443_of_a_secrets_host_by_name_are_intercepted(mode):
+    from codex_proxy.model import Mode
+
+    policy = Policy.build(
+        allowed=["api.example.com", "203.0.113.7"],
+        secrets=[("API_KEY", ["api.example.com", "203.0.113.7"])],
+        mode=Mode(mode),
+    )
+    bound = decide(policy, ProxyRequest(Protocol.SOCKS5_TCP, "api.example.com", 443))
+    assert (bound.allowed, bound.intercept) == (True, True)
+    # Another port, or an address only (the client's TLS names the host it
+    # resolved, which no leaf for the address could answer for): full mode
+    # relays them opaque, limited mode refuses them.
+    for port, host in ((22, "api.example.com"), (443, "203.0.113.7")):
+        other = decide(policy, ProxyRequest(Protocol.SOCKS5_TCP, host, port))
+        if mode == "full":
+            assert (other.allowed, other.intercept) == (True, False), (host, port)
+        else:
+            assert other.reason is Reason.METHOD_NOT_ALLOWED, (host, port)
+
+
 # -- the HTTP listener -------------------------------------------------------------------
 
 

@@ -19,7 +19,6 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-import conftest
 from codex_proxy._turnwrites import TurnWrites
 from support.ends import End
 
@@ -179,7 +178,7 @@ def test_a_write_to_a_reset_connection_loses_it(writes):
 
 
 @pytest_twisted.inlineCallbacks
-def test_an_error_while_writing_is_logged_and_loses_the_connection(writes):
+def test_an_error_while_writing_is_logged_and_loses_the_connection(writes, logged_errors):
     ours, peer = yield _pair(writes)
     reasons = []
     lost = ours.connectionLost
@@ -193,10 +192,10 @@ def test_an_error_while_writing_is_logged_and_loses_the_connection(writes):
     yield ours.lost
     yield peer.lost
     assert [r.value.args for r in reasons] == [("broken send",)]
-    logged = [e for e in conftest._errors if e.get("log_failure") is not None]
-    assert [e["log_format"] for e in logged] == ["writing to {transport}"]
+    assert [e["log_format"] for e in logged_errors] == ["writing to {transport}"]
+    assert logged_errors[0]["log_failure"].check(RuntimeError)
     # Expected, so not an error of this test.
-    del conftest._errors[:]
+    del logged_errors[:]
 
 
 @pytest_twisted.inlineCallbacks

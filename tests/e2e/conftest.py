@@ -317,11 +317,18 @@ def tls_origin_at(tls_files: TLSFiles) -> Iterator[Callable[[tuple[str, int]], O
     C{tls_origin_at(address)}: a L{tls_origin} on a chosen address (a
     well-known port needs privileges: the test is skipped without them).
     """
+    yield from _origins_at(tls_files)
+
+
+def _origins_at(files: TLSFiles) -> Iterator[Callable[[tuple[str, int]], OriginServer]]:
+    """
+    Start TLS origins with C{files} on chosen addresses; stop them after.
+    """
     started: list[OriginServer] = []
 
     def start(address: tuple[str, int]) -> OriginServer:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls_files.cert, tls_files.key)
+        context.load_cert_chain(files.cert, files.key)
         try:
             server = OriginServer(tls=context, address=address)
         except OSError as e:
@@ -346,6 +353,14 @@ def named_tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     """
     cert, key = _proc.self_signed_localhost(tmp_path_factory.mktemp("tls-named"), TEST_NAMES)
     return TLSFiles(cert, key)
+
+
+@pytest.fixture
+def named_tls_origin_at(named_tls_files: TLSFiles) -> Iterator[Callable[[tuple[str, int]], OriginServer]]:
+    """
+    Like L{tls_origin_at}, with the L{named_tls_files} certificate.
+    """
+    yield from _origins_at(named_tls_files)
 
 
 @pytest.fixture

@@ -41,10 +41,13 @@ def _value() -> str:
     return "sk-e2e-" + os.urandom(12).hex()
 
 
-def _start(proxy_factory: Any, tmp_path: Path, tls: Any, value: str, **network: Any) -> tuple[Any, Path, Path]:
+def _start(
+    proxy_factory: Any, tmp_path: Path, tls: Any, value: str, bound_ip: str = "127.0.0.1", **network: Any
+) -> tuple[Any, Path, Path]:
     """
-    A proxy whose secret C{API_KEY} (from a 0600 file) may go to L{BOUND};
-    returns it, its audit log and the secret's file.
+    A proxy whose secret C{API_KEY} (from a 0600 file) may go to L{BOUND}
+    (which it resolves to C{bound_ip}); returns it, its audit log and the
+    secret's file.
     """
     key = tmp_path / "api-key"
     key.write_text(value + "\n")
@@ -56,7 +59,7 @@ def _start(proxy_factory: Any, tmp_path: Path, tls: Any, value: str, **network: 
         "secrets": {"API_KEY": {"source": f"file:{key}", "hosts": [BOUND]}},
         **network,
     }
-    args = ("--resolve", f"{BOUND}=127.0.0.1", "--resolve", f"{OTHER}=127.0.0.1", "--audit-log", str(audit))
+    args = ("--resolve", f"{BOUND}={bound_ip}", "--resolve", f"{OTHER}=127.0.0.1", "--audit-log", str(audit))
     proxy = proxy_factory(config, args=args, env={"SSL_CERT_FILE": str(tls.cert)})
     return proxy, audit, key
 
@@ -266,6 +269,50 @@ def test_a_secret_added_on_sighup_reaches_new_children_through_the_ports_file(
     assert [seen.header("Authorization") for seen in bound.requests] == [f"Bearer {added}"]
     assert added not in printed and added not in proxy.output
     assert added not in proxy.ports_path.read_text()
+
+
+#: An address of its own for an origin of L{BOUND} on the HTTPS port, the
+#: one SOCKS5 port interception takes.
+BOUND_443 = ("127.0.0.44", 443)
+
+
+def test_socks5_to_port_443_of_a_secret_host_is_intercepted_and_other_ports_stay_opaque(
+    proxy_factory, tmp_path, named_tls_files, named_tls_origin_at
+):
+    origin_443 = named_tls_origin_at(BOUND_443)
+    other_port = named_tls_origin_at((BOUND_443[0], 0))
+    value = _value()
+    proxy, audit, _ = _start(
+        proxy_factory,
+        tmp_path,
+        named_tls_files,
+        value,
+        bound_ip=BOUND_443[0],
+        enable_socks5=True,
+        socks_url="127.0.0.1:0",
+    )
+    env, _ = _child_env(proxy)
+    placeholder = env["API_KEY"]
+    socks = ("--proxy", f"socks5h://{proxy.ports['socks']}")
+    bearer = f"Authorization: Bearer {placeholder}"
+
+    status, out = _curl(env, f"https://{BOUND}/v1/models", *socks, "-H", bearer)
+    assert status == 200, out
+    assert [seen.header("Authorization") for seen in origin_443.requests] == [f"Bearer {value}"]
+    # Another port of the same host carries bytes nobody reads: opaque, the
+    # origin's own certificate, the placeholder as sent.
+    status, out = _curl(
+        env,
+        f"https://{BOUND}:{other_port.port}/v1/models",
+        *socks,
+        "--cacert",
+        str(named_tls_files.cert),
+        "-H",
+        bearer,
+    )
+    assert status == 200, out
+    assert [seen.header("Authorization") for seen in other_port.requests] == [f"Bearer {placeholder}"]
+    assert value not in proxy.output and value not in audit.read_text()
 
 
 def test_limited_mode_with_mitm_refuses_the_placeholder_to_another_host(
