@@ -33,14 +33,14 @@ Headers = tuple[tuple[bytes, bytes], ...]
 #: The request-target forms of RFC 9112 §3.2.
 Form = Literal["absolute", "authority", "origin", "asterisk"]
 _TARGET = re.compile(rb"[\x21-\x7e]+")
-# One header line: a token, a colon, optional whitespace, a value without
-# control characters (its trailing whitespace not captured), CRLF.
-_FIELD_PATTERN = (
-    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+# One whole header line: from a line's start, a token, a colon, optional
+# whitespace, a value without control characters (its trailing whitespace
+# not captured), CRLF. Nothing in it matches CR or LF before its own CRLF,
+# so a match is exactly one line.
+_FIELD_LINE = re.compile(
+    rb"(?m)^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
     rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x08\x0a-\x1f\x7f \t])?)[ \t]*\r\n"
 )
-_FIELD = re.compile(_FIELD_PATTERN)
-_FIELD_BLOCK = re.compile(rb"(?:" + _FIELD_PATTERN + rb")*")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _STATUS_LINE = re.compile(
     rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?"
@@ -135,13 +135,14 @@ def _parse_fields(block: bytes, status: int) -> tuple[Headers, dict[bytes, list[
     Validate the field lines of C{block} (each with its CRLF); also collect
     the values of L{_FRAMING_FIELDS}.
 
-    The common case (every line well formed) is checked and split by two
-    regular expressions over the whole block, in C; only a block that fails
-    is walked line by line, to name what is wrong.
+    The common case (every line well formed) is checked and split by one
+    regular expression over the whole block, in C: a match is one whole
+    line, so as many matches as lines means every line matched. Only a
+    block with a line that did not is walked line by line, to name what is
+    wrong.
     """
-    if _FIELD_BLOCK.fullmatch(block):
-        headers = _FIELD.findall(block)
-    else:
+    headers = _FIELD_LINE.findall(block)
+    if len(headers) != block.count(b"\n"):
         headers = [parse_field(line, status) for line in block[:-2].split(b"\r\n")]
     seen: dict[bytes, list[bytes]] = {}
     for name, value in headers:

@@ -793,3 +793,36 @@ def test_chunked_round_trip(chunks, trailer, cut):
                 rest = leftover + b"".join(pieces[index + 1 :])
                 break
         assert (b"".join(forwarded), done, rest) == (expected, True, b"NEXT")
+
+
+_FIELD_BYTES = st.sampled_from(b" :;\t\x00\x7f\x80\xff/0aA@,-\"").map(int) | st.integers(0, 255).filter(
+    lambda byte: byte not in b"\r\n"
+)
+_FIELD_LINES = st.sampled_from(
+    [b"Host: a.test", b"X-Long-Name:  v a l \t", b"Y:", b'ETag: "x"', b"Accept: */*"]
+)
+_field_line = _FIELD_LINES | st.tuples(
+    _FIELD_LINES, st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), _FIELD_BYTES), max_size=3)
+).map(lambda edit: _mutate(*edit)).filter(bool)
+
+
+@fuzz_settings(500)
+@given(st.lists(_field_line, max_size=8))
+def test_fuzz_a_field_block_reads_as_its_lines_one_by_one(lines):
+    """
+    The whole-block reading of header fields (one regular expression, a
+    match per line) takes exactly what reading each line on its own takes,
+    and refuses whatever that refuses.
+    """
+    from codex_proxy._httpbody import parse_field
+    from codex_proxy._httphead import _parse_fields
+
+    try:
+        expected: object = [parse_field(line, 400) for line in lines]
+    except ProtocolError as e:
+        expected = e.message
+    try:
+        got: object = list(_parse_fields(b"".join(line + b"\r\n" for line in lines), 400)[0])
+    except ProtocolError as e:
+        got = e.message
+    assert got == expected
