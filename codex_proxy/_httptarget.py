@@ -292,7 +292,7 @@ def _serialize(start: bytes, headers: Headers) -> bytes:
     """
     Join a start line and fields into a head; refuse CR/LF smuggled inside.
     """
-    head = b"\r\n".join([start, *[name + b": " + value for name, value in headers], b"", b""])
+    head = b"\r\n".join([start, *map(b": ".join, headers), b"", b""])
     if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
         raise ValueError("CR or LF inside a start line or header")
     return head

@@ -18,7 +18,7 @@ import importlib
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -123,6 +123,10 @@ def decision_fields(
     return fields
 
 
+#: Verdicts whose fields an L{Auditor} keeps (the verdict cache's size).
+_RECENT_VERDICTS = 256
+
+
 @implementer(IAuditor)
 class Auditor:
     """
@@ -143,6 +147,24 @@ class Auditor:
         self.metadata = dict(metadata or {})
         self.sinks: List[Sink] = list(sinks or [])
         self._failing: Set[int] = set()
+        # The fields of recent verdicts but their timestamp and metadata, by
+        # identity: a repeated request is answered by the same verdict.
+        self._recent: Dict[int, Tuple[Verdict, Dict[str, Any]]] = {}
+
+    def _fields(self, verdict: Verdict) -> Dict[str, Any]:
+        """
+        L{decision_fields} of C{verdict}, stamped now, with the metadata.
+        """
+        recent = self._recent.get(id(verdict))
+        if recent is None or recent[0] is not verdict:
+            if len(self._recent) >= _RECENT_VERDICTS:
+                self._recent.clear()
+            recent = self._recent[id(verdict)] = (verdict, decision_fields(verdict, 0.0))
+        fields = recent[1].copy()
+        fields["event.timestamp"] = rfc3339(self._seconds())
+        if self.metadata:
+            fields.update(self.metadata)
+        return fields
 
     def record(self, verdict: Verdict) -> Dict[str, Any]:
         """
@@ -151,7 +173,7 @@ class Auditor:
         until it works again, and never stops the request or the other
         sinks: the decision is made, and still logged.
         """
-        fields = decision_fields(verdict, self._seconds(), self.metadata)
+        fields = self._fields(verdict)
         for sink in self.sinks:
             try:
                 sink(fields)

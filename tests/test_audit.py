@@ -169,6 +169,30 @@ def test_metadata_is_added_and_events_go_through_twisted_logger():
     assert logged["audit"]["app.version"] == "1.2"
 
 
+def test_a_repeated_verdict_is_stamped_anew_with_the_metadata_of_the_moment():
+    # The auditor keeps a verdict's fields for the next request it answers:
+    # each event still gets its own time, the metadata in force, and a
+    # mapping of its own.
+    clock = MemoryReactorClock()
+    auditor = RecordingAuditor(clock.seconds)
+    verdict = Verdict(http("a.test"), "a.test", Decision.ALLOW, Source.BASELINE_POLICY)
+    first = auditor.record(verdict)
+    clock.advance(1.5)
+    auditor.metadata["conversation.id"] = "c-2"
+    second = auditor.record(verdict)
+    first["server.address"] = "changed by a sink"
+    third = auditor.record(Verdict(http("b.test"), "b.test", Decision.ALLOW, Source.BASELINE_POLICY))
+    assert [e["event.timestamp"] for e in auditor.events] == [
+        "1970-01-01T00:00:00.000Z",
+        "1970-01-01T00:00:01.500Z",
+        "1970-01-01T00:00:01.500Z",
+    ]
+    assert "conversation.id" not in first
+    assert second["conversation.id"] == third["conversation.id"] == "c-2"
+    assert (second["server.address"], third["server.address"]) == ("a.test", "b.test")
+    assert auditor.record(verdict)["server.address"] == "a.test"
+
+
 def test_json_lines_are_buffered_then_flushed_by_the_clock(tmp_path):
     clock = MemoryReactorClock()
     path = tmp_path / "audit.jsonl"
