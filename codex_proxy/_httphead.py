@@ -33,6 +33,9 @@ Headers = tuple[tuple[bytes, bytes], ...]
 #: The request-target forms of RFC 9112 §3.2.
 Form = Literal["absolute", "authority", "origin", "asterisk"]
 _TARGET = re.compile(rb"[\x21-\x7e]+")
+# The common request line whole: a method token, a visible target, HTTP/1.0
+# or HTTP/1.1, single spaces (anything else is read by _request_line).
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])")
 # One whole header line: from a line's start, a token, a colon, optional
 # whitespace, a value without control characters (its trailing whitespace
 # not captured), CRLF. Nothing in it matches CR or LF before its own CRLF,
@@ -331,15 +334,11 @@ def _parse_request(head: bytes) -> RequestHead:
     Validate a complete request head and decide its framing and form.
     """
     start, block = _split_head(head, 400)
-    parts = start.split(b" ")
-    if len(parts) != 3:
-        raise ProtocolError("malformed request line", 400)
-    raw_method, raw_target, raw_version = parts
-    if not TOKEN.fullmatch(raw_method):
-        raise ProtocolError("invalid method", 400)
-    if not _TARGET.fullmatch(raw_target):
-        raise ProtocolError("invalid request target", 400)
-    version = _version(raw_version, 400, 505)
+    line = _REQUEST_LINE.fullmatch(start)
+    if line is not None:
+        raw_method, raw_target, version = line[1], line[2], (1, int(line[3]))
+    else:
+        raw_method, raw_target, version = _request_line(start)
     headers, seen = _parse_fields(block, 400)
     if len(seen.get(b"host", ())) > 1:
         raise ProtocolError("more than one Host", 400)
@@ -363,6 +362,22 @@ def _parse_request(head: bytes) -> RequestHead:
         and version >= (1, 1)
         and any(v.lower() == b"100-continue" for v in seen[b"expect"]),
     )
+
+
+def _request_line(start: bytes) -> tuple[bytes, bytes, tuple[int, int]]:
+    """
+    Method, target and version of a request line that L{_REQUEST_LINE}
+    does not match, or the L{ProtocolError} naming what is wrong with it.
+    """
+    parts = start.split(b" ")
+    if len(parts) != 3:
+        raise ProtocolError("malformed request line", 400)
+    raw_method, raw_target, raw_version = parts
+    if not TOKEN.fullmatch(raw_method):
+        raise ProtocolError("invalid method", 400)
+    if not _TARGET.fullmatch(raw_target):
+        raise ProtocolError("invalid request target", 400)
+    return raw_method, raw_target, _version(raw_version, 400, 505)
 
 
 def _version(raw: bytes, status: int, unsupported_status: int) -> tuple[int, int]:

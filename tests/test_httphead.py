@@ -826,3 +826,32 @@ def test_fuzz_a_field_block_reads_as_its_lines_one_by_one(lines):
     except ProtocolError as e:
         got = e.message
     assert got == expected
+
+
+_REQUEST_LINES = st.builds(
+    lambda method, target, version: b" ".join([method, target, version]),
+    st.sampled_from([b"GET", b"CONNECT", b"FOO-BAR", b"G(T", b""]),
+    st.sampled_from([b"http://a.test/x", b"a.test:443", b"*", b"/\x7f", b""]),
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/1.10", b"http/1.1"]),
+)
+_request_line = _REQUEST_LINES | st.tuples(
+    _REQUEST_LINES, st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), _FIELD_BYTES), max_size=3)
+).map(lambda edit: _mutate(*edit))
+
+
+@fuzz_settings(500)
+@given(_request_line)
+def test_fuzz_the_common_request_line_reads_as_the_line_by_line_reading(line):
+    """
+    The one-expression reading of a request line takes what the reading
+    part by part takes (method, target, version), and no more.
+    """
+    from codex_proxy._httphead import _REQUEST_LINE, _request_line
+
+    try:
+        expected: object = _request_line(line)
+    except ProtocolError as e:
+        expected = e.message
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is not None:
+        assert (match[1], match[2], (1, int(match[3]))) == expected
