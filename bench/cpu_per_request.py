@@ -5,11 +5,12 @@ does), drives each workload and reads the proxy's user+system time from
 C{/proc/PID/stat} around it.
 
     .venv/bin/python -m bench.cpu_per_request [--audit-log] [--tree DIR]
-        [--seconds 5] [--only keepalive,connect,tunnel] [--py-spy keepalive]
+        [--seconds 5] [--only keepalive,connect,close,tunnel] [--py-spy keepalive]
 
 Reports CPU µs per keep-alive request (wrk, 50 connections), per new CONNECT
-carrying one GET (bench/loadgen.c C{connect}), and per MB through a CONNECT
-tunnel (curl -p) with its MB/s. C{--py-spy WORKLOAD} samples the proxy
+carrying one GET (bench/loadgen.c C{connect}), per GET on a new connection
+one at a time with its TTFB (C{close}, not run by default), and per MB
+through a CONNECT tunnel (curl -p) with its MB/s. C{--py-spy WORKLOAD} samples the proxy
 during that workload and prints the top self-time shares.
 """
 
@@ -53,6 +54,19 @@ def connect(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: st
     return {"requests": int(m.group(1)), "errors": int(m.group(2))}
 
 
+def close(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str) -> Dict[str, float]:
+    """
+    One GET per new connection, one client at a time (bench/loadgen.c
+    C{http}), as the TTFB figure of C{make bench} measures it.
+    """
+    r = subprocess.run(
+        [loadgen, "http", str(target.http_port), nginx.authority, "/tiny", "1", str(seconds)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    m = re.search(r'"cycles": (\d+), "errors": (\d+).*"ttfb_p50_us": (\d+)', r)
+    return {"requests": int(m.group(1)), "errors": int(m.group(2)), "ttfb_p50_us": int(m.group(3))}
+
+
 def tunnel(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str) -> Dict[str, float]:
     mib, rounds = 256, 4
     speeds = []
@@ -67,8 +81,8 @@ def tunnel(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str
     return {"requests": rounds * mib * 1.048576, "MBps": max(speeds)}
 
 
-WORKLOADS = {"keepalive": keepalive, "connect": connect, "tunnel": tunnel}
-UNITS = {"keepalive": "request", "connect": "CONNECT", "tunnel": "MB"}
+WORKLOADS = {"keepalive": keepalive, "connect": connect, "close": close, "tunnel": tunnel}
+UNITS = {"keepalive": "request", "connect": "CONNECT", "close": "new-connection GET", "tunnel": "MB"}
 
 
 def top_self(raw: Path, count: int = 20) -> List[str]:

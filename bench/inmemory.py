@@ -1,0 +1,128 @@
+"""
+The proxy's own Python per kept-alive request, without sockets: one
+HTTP listener connection over in-memory transports answers the same GET
+(forwarded, decided, audited, its response parsed and relayed) again and
+again. No syscall, no reactor turn: what is left is our code and the
+Twisted calls it makes, the part of C{bench.cpu_per_request}'s keep-alive
+figure that this code base decides.
+
+    .venv/bin/python -m bench.inmemory [--tree DIR] [--requests N] [--profile FILE]
+
+Prints the best of five runs in microseconds per request. C{--tree} runs
+another checkout's C{codex_proxy} (the same harness, so the figures
+compare); C{--profile} writes a cProfile of one run instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+REQUEST = (
+    b"GET http://127.0.0.1:8080/tiny HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"User-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+)
+#: What nginx answers for the bench origin's /tiny (a 100-byte body).
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 12:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 100\r\n"
+    b"Last-Modified: Sun, 06 Dec 2026 11:00:00 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "6751e5c0-64"\r\nAccept-Ranges: bytes\r\n\r\n' + b"x" * 100
+)
+
+
+def _connection() -> Callable[[], None]:
+    """
+    A client connection whose first request was answered (its outbound leg
+    is kept alive); returns one keep-alive round trip on it.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.interfaces import ITCPTransport
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from zope.interface import implementer
+
+    from codex_proxy.audit import Auditor
+    from codex_proxy.httpproxy import HTTPProxyFactory
+    from codex_proxy.policy import Policy
+    from codex_proxy.policyservice import PolicyService
+    from codex_proxy.testing import StaticResolver
+    from codex_proxy.upstream import Upstream
+
+    @implementer(ITCPTransport)
+    class Transport(StringTransport):
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            pass
+
+        def loseWriteConnection(self) -> None:
+            pass
+
+    # Events reach a text log observer, as under twistd.
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(open(os.devnull, "w"))], redirectStandardIO=False
+    )
+    reactor = MemoryReactorClock()
+    policy = PolicyService(
+        Policy.build(allowed=["127.0.0.1", "**.github.com", "pypi.org"], denied=["gist.github.com"]),
+        resolver=StaticResolver({}),
+        clock=reactor,
+        auditor=Auditor(reactor.seconds),
+    )
+    factory = HTTPProxyFactory(policy, Upstream(reactor, 10), reactor)
+    proxy = factory.buildProtocol(None)
+    client = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    proxy.makeConnection(client)
+    proxy.dataReceived(REQUEST)
+    reactor.advance(0)
+    outbound = reactor.tcpClients[-1][2].buildProtocol(None)
+    server = Transport()
+    outbound.makeConnection(server)
+    outbound.dataReceived(RESPONSE)
+    if not client.value().startswith(b"HTTP/1.1 200 "):
+        raise SystemExit(f"bench.inmemory: no 200 for the first request: {client.value()[:200]!r}")
+
+    def one() -> None:
+        proxy.dataReceived(REQUEST)
+        outbound.dataReceived(RESPONSE)
+        client.clear()
+        server.clear()
+
+    one()
+    if not server.value() == b"" or proxy.transport.disconnecting:
+        raise SystemExit("bench.inmemory: the connection did not stay open")
+    return one
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.inmemory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", type=Path, default=None, help="run the codex_proxy of checkout DIR")
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of one run here")
+    args = parser.parse_args(argv)
+    if args.tree is not None:
+        sys.path.insert(0, str(args.tree.resolve()))
+    one = _connection()
+    for _ in range(2000):
+        one()
+    n = args.requests
+    if args.profile is not None:
+        import cProfile
+
+        cProfile.runctx("for _ in range(n): one()", {}, {"n": n, "one": one}, str(args.profile))
+        return 0
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(n):
+            one()
+        best = min(best, time.perf_counter() - started)
+    print(f"{best / n * 1e6:.2f} us per kept-alive request (in memory)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
