@@ -28,12 +28,8 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from codex_proxy import _httpbody, _httphead
-from codex_proxy._httptarget import (
-    is_websocket_upgrade,
-    outgoing_head,
-    serialize_response_head,
-    strip_hop_by_hop,
-)
+from codex_proxy._httphead import Headers
+from codex_proxy._httptarget import forwarded_response_head, is_websocket_upgrade, outgoing_head
 from codex_proxy.addresses import authority
 from codex_proxy.errors import ProtocolError
 from codex_proxy.mitm import is_tls_failure
@@ -287,11 +283,7 @@ class Exchange:
         Interim responses (100 Continue) go to HTTP/1.1 clients only.
         """
         if self._head.version >= (1, 1):
-            self._client.write(
-                serialize_response_head(
-                    (1, 1), head.status, head.reason, strip_hop_by_hop(head.headers)
-                )
-            )
+            self._client.write(forwarded_response_head(head))
         self._respParser = _httphead.ResponseHeadParser(self._head.method, self._limits)
 
     def _switchProtocols(self, head: _httphead.ResponseHead, rest: bytes) -> None:
@@ -304,11 +296,9 @@ class Exchange:
             self._respStarted = False
             self._upstreamBroken("unexpected 101 Switching Protocols")
             return
-        headers = strip_hop_by_hop(head.headers) + (
-            (b"Connection", b"Upgrade"),
-            (b"Upgrade", upgrade),
+        self._client.write(
+            forwarded_response_head(head, ((b"Connection", b"Upgrade"), (b"Upgrade", upgrade)))
         )
-        self._client.write(serialize_response_head((1, 1), 101, head.reason, headers))
         self._end()
         # The relay registers its own producers on both sides.
         self._leg.out.transport.unregisterProducer()
@@ -318,23 +308,23 @@ class Exchange:
         """
         The response head to send; sets the body reader, if a body follows.
         """
-        headers = strip_hop_by_hop(head.headers)
+        added: Headers = ()
         framing = head.framing
         old_client = self._head.version < (1, 1)
         if framing is _httpbody.CHUNKED and not old_client:
-            headers += ((b"Transfer-Encoding", b"chunked"),)
+            added += ((b"Transfer-Encoding", b"chunked"),)
         elif framing is _httpbody.CHUNKED or framing is _httpbody.UNTIL_CLOSE:
             # An HTTP/1.0 client gets the chunked payload decoded, delimited
             # by the close, like a body that runs until close.
             self.close = True
         reader = _httpbody.body_reader(framing, self._limits, decode_chunked=old_client)
         if self.close:
-            headers += ((b"Connection", b"close"),)
+            added += ((b"Connection", b"close"),)
         elif old_client:
-            headers += ((b"Connection", b"keep-alive"),)
+            added += ((b"Connection", b"keep-alive"),)
         self._respKeepAlive = head.keep_alive
         self._respReader = reader
-        return serialize_response_head((1, 1), head.status, head.reason, headers)
+        return forwarded_response_head(head, added)
 
     def _responseDone(self, rest: bytes, reusable: bool) -> None:
         self._end()

@@ -54,6 +54,27 @@ _AUTHORITY = re.compile(
 )
 #: The port each URL scheme defaults to.
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+#: Fields that concern one connection, never forwarded (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# A Connection header naming these must not make us drop the message's
+# routing or length: that would desynchronise the upstream (smuggling).
+NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
+#: A whole L{HOP_BY_HOP} line of a field block that L{_FIELD_LINE} read.
+HOP_LINE = re.compile(
+    rb"(?im)^(?:" + b"|".join(re.escape(name) for name in sorted(HOP_BY_HOP)) + rb"):[^\n]*\n"
+)
 # Header fields the parsers act on; collected in the one validation pass.
 _FRAMING_FIELDS = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
@@ -117,6 +138,9 @@ class ResponseHead:
     @ivar framing: how the body that follows is delimited, given the
         request method the response answers.
     @ivar keep_alive: the server lets the connection carry another request.
+    @ivar block: the field lines as received, when dropping their
+        L{HOP_BY_HOP} lines is all forwarding does to them; C{None} when a
+        C{Connection} field names further fields to drop.
     """
 
     version: tuple[int, int]
@@ -125,6 +149,7 @@ class ResponseHead:
     headers: Headers
     framing: Framing
     keep_alive: bool
+    block: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """
@@ -162,17 +187,23 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset([token.strip(b" \t").lower() for value in values for token in value.split(b",")])
 
 
-def _keep_alive(seen: dict[bytes, list[bytes]], version: tuple[int, int]) -> bool:
+def _connection(seen: dict[bytes, list[bytes]]) -> frozenset[bytes] | None:
     """
-    Persistence per RFC 9112 §9.3: HTTP/1.1 unless C{close}, HTTP/1.0 only
-    with C{keep-alive}.
+    The options of the C{Connection} fields among C{seen}, C{None} without any.
     """
-    if b"connection" not in seen:
+    return connection_tokens(seen[b"connection"]) if b"connection" in seen else None
+
+
+def _keep_alive(connection: frozenset[bytes] | None, version: tuple[int, int]) -> bool:
+    """
+    Persistence per RFC 9112 §9.3, given the C{Connection} options: HTTP/1.1
+    unless C{close}, HTTP/1.0 only with C{keep-alive}.
+    """
+    if connection is None:
         return version >= (1, 1)
-    tokens = connection_tokens(seen[b"connection"])
-    if b"close" in tokens:
+    if b"close" in connection:
         return False
-    return version >= (1, 1) or b"keep-alive" in tokens
+    return version >= (1, 1) or b"keep-alive" in connection
 
 
 def _split_head(head: bytes, status: int) -> tuple[bytes, bytes]:
@@ -356,7 +387,7 @@ def _parse_request(head: bytes) -> RequestHead:
         port=port,
         path=path,
         framing=framing,
-        keep_alive=_keep_alive(seen, version),
+        keep_alive=_keep_alive(_connection(seen), version),
         upgrade=b"upgrade" in seen,
         expect_continue=b"expect" in seen
         and version >= (1, 1)
@@ -495,11 +526,17 @@ class ResponseHeadParser(_HeadParser):
             or (method == "CONNECT" and status < 300)
         ):
             framing = NO_BODY
+        connection = _connection(seen)
         return ResponseHead(
             version=version,
             status=status,
             reason=match[4] or b"",
             headers=headers,
             framing=framing,
-            keep_alive=framing is not UNTIL_CLOSE and _keep_alive(seen, version),
+            keep_alive=framing is not UNTIL_CLOSE and _keep_alive(connection, version),
+            block=(
+                None
+                if connection is not None and connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE
+                else block
+            ),
         )

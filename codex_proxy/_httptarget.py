@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from codex_proxy import _httpbody, _httphead, _placeholders
-from codex_proxy._httphead import Headers
+from codex_proxy._httphead import HOP_BY_HOP, HOP_LINE, NOT_CONNECTION_LISTABLE, Headers
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
@@ -19,22 +19,6 @@ from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest
 from codex_proxy.policy import method_overrides
 
 #: Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# A Connection header naming these must not make us drop the message's
-# routing or length: that would desynchronise the upstream (smuggling).
-_NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
 
 
 #: The schemes of absolute-form requests we forward (wss takes CONNECT).
@@ -282,7 +266,7 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
         elif name == b"connection":
             connection.append(field[1])
     if connection:
-        named = _httphead.connection_tokens(connection) - _NOT_CONNECTION_LISTABLE - HOP_BY_HOP
+        named = _httphead.connection_tokens(connection) - NOT_CONNECTION_LISTABLE - HOP_BY_HOP
         if named:
             kept = [field for field in kept if field[0].lower() not in named]
     return tuple(kept)
@@ -314,3 +298,21 @@ def serialize_response_head(
     """
     start = b"HTTP/%d.%d %03d %s" % (version[0], version[1], status, reason)
     return _serialize(start, headers)
+
+
+def forwarded_response_head(head: _httphead.ResponseHead, added: Headers = ()) -> bytes:
+    """
+    The HTTP/1.1 head to send on for C{head}: its fields less the hop-by-hop
+    ones, then C{added}. The field lines go as received when that is all
+    that changes (C{head.block}); else the fields are encoded again.
+    """
+    if head.block is None:
+        return serialize_response_head((1, 1), head.status, head.reason, strip_hop_by_hop(head.headers) + added)
+    if not added:
+        return b"HTTP/1.1 %03d %s\r\n%s\r\n" % (head.status, head.reason, HOP_LINE.sub(b"", head.block))
+    return b"HTTP/1.1 %03d %s\r\n%s%s\r\n" % (
+        head.status,
+        head.reason,
+        HOP_LINE.sub(b"", head.block),
+        b"".join([name + b": " + value + b"\r\n" for name, value in added]),
+    )

@@ -855,3 +855,71 @@ def test_fuzz_the_common_request_line_reads_as_the_line_by_line_reading(line):
     match = _REQUEST_LINE.fullmatch(line)
     if match is not None:
         assert (match[1], match[2], (1, int(match[3]))) == expected
+
+
+_RESPONSE_FIELDS = st.sampled_from(
+    [
+        b"Server: nginx",
+        b"content-length:  5 ",
+        b"Connection: keep-alive",
+        b"connection: close, X-Drop",
+        b"CONNECTION:\tUpgrade",
+        b"Keep-Alive: timeout=5",
+        b"TE: trailers",
+        b"Tel: 1",
+        b"X-Drop: gone",
+        b"Upgrade: websocket",
+        b"Proxy-Authenticate: Basic",
+        b"ETag:  \"x\"\t",
+        b"Set-Cookie: a=1; b",
+        b"Trailer: X",
+        b"X-Note: see te: trailers",
+        b"Via: 1.1 keep-alive:x",
+    ]
+)
+
+
+@fuzz_settings(500)
+@given(
+    st.lists(_RESPONSE_FIELDS, max_size=8),
+    st.sampled_from([(), ((b"Connection", b"close"),), ((b"Transfer-Encoding", b"chunked"),)]),
+)
+def test_fuzz_a_response_head_forwarded_as_received_reads_as_one_encoded_again(lines, added):
+    """
+    Forwarding the field lines as received, less the hop-by-hop ones, gives
+    the client the fields that encoding them again would: the same names
+    and values in the same order (spacing around values aside).
+    """
+    from codex_proxy._httptarget import (
+        forwarded_response_head,
+        serialize_response_head,
+        strip_hop_by_hop,
+    )
+
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    try:
+        head, _ = ResponseHeadParser("HEAD").feed(raw)
+    except ProtocolError:
+        return  # two Content-Lengths, say: nothing is forwarded
+    as_received = forwarded_response_head(head, added)
+    encoded = serialize_response_head((1, 1), 200, b"OK", strip_hop_by_hop(head.headers) + added)
+    from codex_proxy._httphead import _parse_fields
+
+    reread = [_parse_fields(h[h.index(b"\r\n") + 2 : -2], 502)[0] for h in (as_received, encoded)]
+    assert reread[0] == reread[1]
+    assert as_received.startswith(b"HTTP/1.1 200 OK\r\n")
+    named = any(b"X-Drop" in line for line in lines if line.lower().startswith(b"connection"))
+    assert (head.block is None) == named
+
+
+def test_nginx_response_fields_go_as_received_less_their_connection_line():
+    from codex_proxy._httptarget import forwarded_response_head
+
+    head, _ = ResponseHeadParser("GET").feed(
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length:  2\r\nConnection: keep-alive\r\n"
+        b'ETag: "x"\r\n\r\nok'
+    )
+    assert forwarded_response_head(head, ((b"Connection", b"close"),)) == (
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length:  2\r\n"
+        b'ETag: "x"\r\nConnection: close\r\n\r\n'
+    )
