@@ -201,6 +201,20 @@ class ClientConnection(_ClientFlow, Protocol):
         if self.client is None:
             self.client = client_address(self.transport.getPeer())
 
+    def takeOver(self, previous: "ClientConnection") -> None:
+        """
+        Go on as the protocol of C{previous}'s connection, which another
+        listener answered and hands over (an intercepted SOCKS5 CONNECT): it
+        stays the connection C{previous} admitted, registered and counted
+        under its listener, for the client it authenticated as, since its
+        accept; one outcome event, this protocol's, ends it.
+        """
+        self.listener = previous.listener
+        self.client = previous.client
+        self.identity = previous.identity
+        self.admitted = previous.admitted
+        self._started = previous._started
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
         self.abandon()

@@ -157,6 +157,27 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
         proto.client = client_address(addr)
         return proto
 
+    def intercept(
+        self, previous: ClientConnection, verdict: Verdict, out: Outbound, route: Route, handshake: bytes
+    ) -> None:
+        """
+        Serve the connection of C{previous}, another listener's protocol that
+        answered it (a SOCKS5 CONNECT that SPEC §6 or §12 intercepts), as an
+        intercepted tunnel: TLS toward its client with a leaf for
+        C{verdict}'s host, then inner requests decided as inside an
+        intercepted CONNECT, for the client C{previous} authenticated as.
+        C{handshake} is what the client sent after its own request. The
+        connection stays registered and counted as C{previous}'s listener's
+        (L{ClientConnection.takeOver}).
+        """
+        transport: Any = previous.transport
+        tunnel = _HandedOver()
+        tunnel.factory = self
+        tunnel.takeOver(previous)
+        transport.protocol = tunnel
+        tunnel.makeConnection(transport)
+        tunnel.start(verdict, out, route, handshake)
+
 
 @implementer(IHalfCloseableProtocol, IExchangeOwner, IHeadOwner)
 class HTTPProxyProtocol(ClientConnection):
@@ -171,6 +192,9 @@ class HTTPProxyProtocol(ClientConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._setUp()
+
+    def _setUp(self) -> None:
         tune(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         self._timer = Timer(self.factory.clock)
@@ -459,3 +483,29 @@ class HTTPProxyProtocol(ClientConnection):
             if kept is not None:
                 kept.drop()
             self.close()
+
+
+class _HandedOver(HTTPProxyProtocol):
+    """
+    A connection another listener answered, served by the intercepted-tunnel
+    states (L{HTTPProxyFactory.intercept}): that listener's reply stands in
+    for the C{200}, then TLS with a leaf for the requested host, then inner
+    requests.
+    """
+
+    tunnelAnswer = b""
+
+    def connectionMade(self) -> None:
+        # Admitted, registered and identified already (takeOver): only the
+        # HTTP listener's own set-up.
+        self._setUp()
+
+    def start(self, verdict: Verdict, out: Outbound, route: Route, handshake: bytes) -> None:
+        """
+        Start TLS toward the client on the answered connection.
+        """
+        self.abandon()  # connectionMade waits for a head: it comes inside TLS
+        self.keep(handshake)
+        transport: Any = self.transport
+        transport.resumeProducing()
+        self._intercept(verdict, out, route)

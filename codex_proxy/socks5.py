@@ -20,7 +20,7 @@ L{codex_proxy.errors}, never from a call site.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
@@ -44,12 +44,14 @@ from codex_proxy.errors import (
     reply_for,
 )
 from codex_proxy.connections import Connections
-from codex_proxy.httpproxy import HTTPProxyFactory, HTTPProxyProtocol
 from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.relay import Timer
 from codex_proxy.socks5udp import UDPAssociation
 from codex_proxy.upstream import IUpstream, Outbound, Route
+
+if TYPE_CHECKING:
+    from codex_proxy.httpproxy import HTTPProxyFactory
 
 _log = Logger()
 
@@ -87,7 +89,7 @@ class SOCKS5Factory(Factory["SOCKS5Protocol"]):
         enable_udp: bool = True,
         reactor: Any = None,
         connections: Optional[Connections] = None,
-        https: Optional[HTTPProxyFactory] = None,
+        https: Optional["HTTPProxyFactory"] = None,
     ) -> None:
         """
         @param https: the HTTP listener whose interception serves the SOCKS5
@@ -355,23 +357,18 @@ class SOCKS5Protocol(ClientConnection):
 
     def _handOver(self, verdict: Verdict, out: Outbound, route: Route) -> None:
         """
-        Give the answered connection to the HTTP listener as an intercepted
-        tunnel (SPEC §6): from here on it is that listener's connection,
-        registered (and ending with one outcome event) as such.
+        Give the answered connection to the HTTP listener's interception
+        (SPEC §6, §12): from here on its protocol serves it, still counted
+        as this listener's connection, for the client that authenticated
+        here, and ending with one outcome event, that protocol's.
         """
         https = self.factory.https
         assert https is not None
-        transport: Any = self.transport
         handshake = self.takePending()
         self.closing = True
         self._state = CLOSED
         self._timer.stop()
-        self.factory.connections.closed(transport)
-        tunnel = _InterceptedTunnel()
-        tunnel.factory = https
-        transport.protocol = tunnel
-        tunnel.makeConnection(transport)
-        tunnel.start(verdict, out, route, handshake)
+        https.intercept(self, verdict, out, route, handshake)
 
     # -- UDP ASSOCIATE ----------------------------------------------------
 
@@ -411,26 +408,3 @@ class SOCKS5Protocol(ClientConnection):
         # Read on, only to notice when the client ends the association: the
         # control connection carries nothing, so what came along is dropped.
         self.takePending()
-
-
-class _InterceptedTunnel(HTTPProxyProtocol):
-    """
-    A SOCKS5 CONNECT that limited mode intercepts, served by the HTTP
-    listener's intercepted-tunnel states: the SOCKS5 reply stands in for the
-    C{200}, then TLS with a leaf for the requested host, then inner requests,
-    each method-checked.
-    """
-
-    listener = "socks5"
-    tunnelAnswer = b""
-
-    def start(self, verdict: Verdict, out: Outbound, route: Route, handshake: bytes) -> None:
-        """
-        Start TLS toward the client on the answered connection; C{handshake}
-        is what the client sent after its SOCKS5 request.
-        """
-        self.abandon()  # connectionMade waits for a head: it comes inside TLS
-        self.keep(handshake)
-        transport: Any = self.transport
-        transport.resumeProducing()
-        self._intercept(verdict, out, route)

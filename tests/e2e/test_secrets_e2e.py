@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,40 @@ def test_a_secret_added_on_sighup_reaches_new_children_through_the_ports_file(
 BOUND_443 = ("127.0.0.44", 443)
 
 
+ADMIN_TOKEN = "e2e-admin-token-0123456789"
+
+
+def _socks_tls(proxy: Any, bundle: str) -> ssl.SSLSocket:
+    """
+    A SOCKS5 CONNECT to L{BOUND}:443 by name, then TLS trusting C{bundle}.
+    """
+    from support.socksclient import socks_request
+
+    sock, rep, _ = socks_request(proxy.socks_addr, 1, BOUND, 443)
+    assert rep == 0
+    return ssl.create_default_context(cafile=bundle).wrap_socket(sock, server_hostname=BOUND)
+
+
+def _open_connections(proxy: Any) -> dict[str, float]:
+    """
+    C{codexproxy_connections_open} by listener, where not zero.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(
+        f"http://{proxy.ports['admin']}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=30) as response:
+        text = response.read().decode()
+    return {
+        sample.labels["listener"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "codexproxy_connections_open" and sample.value
+    }
+
+
 def test_socks5_to_port_443_of_a_secret_host_is_intercepted_and_other_ports_stay_opaque(
     proxy_factory, tmp_path, named_tls_files, named_tls_origin_at
 ):
@@ -290,15 +325,28 @@ def test_socks5_to_port_443_of_a_secret_host_is_intercepted_and_other_ports_stay
         bound_ip=BOUND_443[0],
         enable_socks5=True,
         socks_url="127.0.0.1:0",
+        admin_url="127.0.0.1:0",
+        admin_token=ADMIN_TOKEN,
     )
     env, _ = _child_env(proxy)
     placeholder = env["API_KEY"]
     socks = ("--proxy", f"socks5h://{proxy.ports['socks']}")
     bearer = f"Authorization: Bearer {placeholder}"
 
-    status, out = _curl(env, f"https://{BOUND}/v1/models", *socks, "-H", bearer)
+    named = ("--proxy", f"socks5h://agent:pw@{proxy.ports['socks']}")
+    status, out = _curl(env, f"https://{BOUND}/v1/models", *named, "-H", bearer)
     assert status == 200, out
     assert [seen.header("Authorization") for seen in origin_443.requests] == [f"Bearer {value}"]
+    # While such a tunnel is open it is the SOCKS5 listener's connection,
+    # though the HTTP listener's interception serves it.
+    from support import proxyproc
+
+    with _socks_tls(proxy, env["SSL_CERT_FILE"]) as tls:
+        tls.sendall(f"GET /again HTTP/1.1\r\nHost: {BOUND}\r\n{bearer}\r\n\r\n".encode())
+        head, _ = proxyproc.read_head(tls)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert _open_connections(proxy) == {"socks5": 1.0}
+    assert origin_443.requests[-1].header("Authorization") == f"Bearer {value}"
     # Another port of the same host carries bytes nobody reads: opaque, the
     # origin's own certificate, the placeholder as sent.
     status, out = _curl(
@@ -312,6 +360,17 @@ def test_socks5_to_port_443_of_a_secret_host_is_intercepted_and_other_ports_stay
     )
     assert status == 200, out
     assert [seen.header("Authorization") for seen in other_port.requests] == [f"Bearer {placeholder}"]
+    proxy.stop()  # flushes the audit log
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    # The first tunnel's inner request is the RFC 1929 client's, as its
+    # CONNECT was; the others named no client.
+    assert [(e["network.transport.protocol"], e.get("client.identity")) for e in events] == [
+        ("socks5_tcp", "agent"),
+        ("https", "agent"),
+        ("socks5_tcp", None),
+        ("https", None),
+        ("socks5_tcp", None),
+    ]
     assert value not in proxy.output and value not in audit.read_text()
 
 
