@@ -65,11 +65,18 @@ def _adopt(sock: socket.socket, protocol: Protocol) -> Protocol:
 
 def _loopback_pair() -> Tuple[socket.socket, socket.socket]:
     """
-    A connected pair of loopback TCP sockets (which turn writes adopt).
+    A connected pair of loopback TCP sockets (which turn writes adopt), with
+    small fixed buffers, as a socketpair's: a slow reader fills them soon,
+    whatever the kernel's autotuning would allow.
     """
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        one = socket.create_connection(listener.getsockname())
+        one = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            one.setsockopt(socket.SOL_SOCKET, option, 1 << 16)
+        one.connect(listener.getsockname())
         other, _ = listener.accept()
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        other.setsockopt(socket.SOL_SOCKET, option, 1 << 16)
     return one, other
 
 
