@@ -1,16 +1,19 @@
 """
-The proxy's own Python per kept-alive request, without sockets: one
-HTTP listener connection over in-memory transports answers the same GET
-(forwarded, decided, audited, its response parsed and relayed) again and
-again. No syscall, no reactor turn: what is left is our code and the
-Twisted calls it makes, the part of C{bench.cpu_per_request}'s keep-alive
-figure that this code base decides.
+The proxy's own Python per kept-alive request, and per CONNECT tunnel,
+without sockets. C{keepalive}: one HTTP listener connection over in-memory
+transports answers the same GET (forwarded, decided, audited, its response
+parsed and relayed) again and again. C{connect}: a new client connection
+asks for a CONNECT, is dialled, relays one exchange each way and closes
+from both ends. No syscall, no reactor turn: what is left is our code and
+the Twisted calls it makes, the part of C{bench.cpu_per_request}'s figures
+that this code base decides.
 
-    .venv/bin/python -m bench.inmemory [--tree DIR] [--requests N] [--profile FILE]
+    .venv/bin/python -m bench.inmemory [--workload keepalive|connect] [--tree DIR]
+        [--requests N] [--profile FILE]
 
-Prints the best of five runs in microseconds per request. C{--tree} runs
-another checkout's C{codex_proxy} (the same harness, so the figures
-compare); C{--profile} writes a cProfile of one run instead.
+Prints the best of five runs in microseconds per request (or tunnel).
+C{--tree} runs another checkout's C{codex_proxy} (the same harness, so the
+figures compare); C{--profile} writes a cProfile of one run instead.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 REQUEST = (
     b"GET http://127.0.0.1:8080/tiny HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
     b"User-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
 )
+TUNNEL = b"CONNECT 127.0.0.1:8080 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 #: What nginx answers for the bench origin's /tiny (a 100-byte body).
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 12:00:00 GMT\r\n"
@@ -35,12 +39,12 @@ RESPONSE = (
 )
 
 
-def _connection() -> Callable[[], None]:
+def _proxy() -> Tuple[Any, Any, Any]:
     """
-    A client connection whose first request was answered (its outbound leg
-    is kept alive); returns one keep-alive round trip on it.
+    An HTTP listener factory over a memory reactor, with a real auditor
+    whose events reach a text log observer, as under twistd; the reactor;
+    and the in-memory TCP transport class.
     """
-    from twisted.internet.address import IPv4Address
     from twisted.internet.interfaces import ITCPTransport
     from twisted.internet.testing import MemoryReactorClock, StringTransport
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -55,13 +59,14 @@ def _connection() -> Callable[[], None]:
 
     @implementer(ITCPTransport)
     class Transport(StringTransport):
+        bufferSize = 65536
+
         def setTcpNoDelay(self, enabled: bool) -> None:
             pass
 
         def loseWriteConnection(self) -> None:
             pass
 
-    # Events reach a text log observer, as under twistd.
     globalLogBeginner.beginLoggingTo(
         [textFileLogObserver(open(os.devnull, "w"))], redirectStandardIO=False
     )
@@ -72,7 +77,48 @@ def _connection() -> Callable[[], None]:
         clock=reactor,
         auditor=Auditor(reactor.seconds),
     )
-    factory = HTTPProxyFactory(policy, Upstream(reactor, 10), reactor)
+    return HTTPProxyFactory(policy, Upstream(reactor, 10), reactor), reactor, Transport
+
+
+def _connect() -> Callable[[], None]:
+    """
+    One CONNECT tunnel from accept to close, carrying one exchange.
+    """
+    from twisted.internet import error
+    from twisted.internet.address import IPv4Address
+    from twisted.python.failure import Failure
+
+    factory, reactor, Transport = _proxy()
+    done = Failure(error.ConnectionDone())
+
+    def one() -> None:
+        proxy = factory.buildProtocol(None)
+        client = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        proxy.makeConnection(client)
+        proxy.dataReceived(TUNNEL)
+        outbound = reactor.tcpClients.pop()[2].buildProtocol(None)
+        outbound.makeConnection(Transport())
+        proxy.dataReceived(b"GET /tiny HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+        outbound.dataReceived(RESPONSE)
+        proxy.readConnectionLost()
+        outbound.readConnectionLost()
+        outbound.connectionLost(done)
+        proxy.connectionLost(done)
+        reactor.advance(0)
+        if not client.value().startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 200 OK"):
+            raise SystemExit(f"bench.inmemory: the tunnel did not relay: {client.value()[:200]!r}")
+
+    return one
+
+
+def _keepalive() -> Callable[[], None]:
+    """
+    A client connection whose first request was answered (its outbound leg
+    is kept alive); returns one keep-alive round trip on it.
+    """
+    from twisted.internet.address import IPv4Address
+
+    factory, reactor, Transport = _proxy()
     proxy = factory.buildProtocol(None)
     client = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
     proxy.makeConnection(client)
@@ -99,13 +145,14 @@ def _connection() -> Callable[[], None]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inmemory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=["keepalive", "connect"], default="keepalive")
     parser.add_argument("--tree", type=Path, default=None, help="run the codex_proxy of checkout DIR")
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of one run here")
     args = parser.parse_args(argv)
     if args.tree is not None:
         sys.path.insert(0, str(args.tree.resolve()))
-    one = _connection()
+    one = _keepalive() if args.workload == "keepalive" else _connect()
     for _ in range(2000):
         one()
     n = args.requests
@@ -120,7 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for _ in range(n):
             one()
         best = min(best, time.perf_counter() - started)
-    print(f"{best / n * 1e6:.2f} us per kept-alive request (in memory)")
+    unit = "kept-alive request" if args.workload == "keepalive" else "CONNECT tunnel"
+    print(f"{best / n * 1e6:.2f} us per {unit} (in memory)")
     return 0
 
 
