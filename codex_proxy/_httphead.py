@@ -11,7 +11,7 @@ what the proxy answers its client when an upstream breaks the wire format.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Literal
+from typing import Iterable
 
 import attrs
 
@@ -24,14 +24,13 @@ from codex_proxy._httpbody import (
     declared_framing,
     parse_field,
 )
+from codex_proxy._httpform import Form, target_form
 from codex_proxy.errors import ProtocolError
 
 #: Header fields in order: (name exactly as received, value with OWS stripped).
 Headers = tuple[tuple[bytes, bytes], ...]
 
 
-#: The request-target forms of RFC 9112 §3.2.
-Form = Literal["absolute", "authority", "origin", "asterisk"]
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 # The common request line whole: a method token, a visible target, HTTP/1.0
 # or HTTP/1.1, single spaces (anything else is read by _request_line).
@@ -48,12 +47,6 @@ _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _STATUS_LINE = re.compile(
     rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?"
 )
-_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)([^?#]*)(\?[^#]*)?(?:#.*)?")
-_AUTHORITY = re.compile(
-    r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::([0-9]{1,5}))?"
-)
-#: The port each URL scheme defaults to.
-DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 #: Fields that concern one connection, never forwarded (RFC 9110 §7.6.1).
 HOP_BY_HOP = frozenset(
     {
@@ -375,7 +368,7 @@ def _parse_request(head: bytes) -> RequestHead:
         raise ProtocolError("more than one Host", 400)
     framing = declared_framing(seen, version, 400, 501) or NO_BODY
     method, target = raw_method.decode("ascii"), raw_target.decode("ascii")
-    form, scheme, host, port, path = _target_form(method, target)
+    form, scheme, host, port, path = target_form(method, target)
     return RequestHead(
         method=method,
         target=target,
@@ -422,55 +415,6 @@ def _version(raw: bytes, status: int, unsupported_status: int) -> tuple[int, int
     if version not in ((1, 0), (1, 1)):
         raise ProtocolError("unsupported HTTP version", unsupported_status)
     return version
-
-
-def split_authority(authority: str, port_required: bool) -> tuple[str, int | None]:
-    """
-    Split C{host[:port]}; reject userinfo, an empty host and bad ports.
-    """
-    if "@" in authority:
-        raise ProtocolError("userinfo in the request target", 400)
-    match = _AUTHORITY.fullmatch(authority)
-    if match is None:
-        raise ProtocolError("invalid host or port in the request target", 400)
-    host, raw_port = match[1], match[2]
-    if raw_port is None:
-        if port_required:
-            raise ProtocolError("CONNECT target without a port", 400)
-        return host, None
-    port = int(raw_port)
-    if not 0 < port < 65536:
-        raise ProtocolError("port out of range in the request target", 400)
-    return host, port
-
-
-def _target_form(
-    method: str, target: str
-) -> tuple[Form, str | None, str | None, int | None, str]:
-    """
-    Classify the request target (RFC 9112 §3.2): (form, scheme, host, port,
-    path).
-    """
-    if method == "CONNECT":
-        host, port = split_authority(target, port_required=True)
-        return "authority", None, host, port, ""
-    if target.startswith("/"):
-        return "origin", None, None, None, target
-    if target == "*":
-        if method != "OPTIONS":
-            raise ProtocolError("asterisk-form target on a method other than OPTIONS", 400)
-        return "asterisk", None, None, None, ""
-    match = _ABSOLUTE.fullmatch(target)
-    if match is None:
-        if _AUTHORITY.fullmatch(target):
-            raise ProtocolError("authority-form target on a method other than CONNECT", 400)
-        raise ProtocolError("invalid request target", 400)
-    scheme = match[1].lower()
-    host, port = split_authority(match[2], port_required=False)
-    if port is None:
-        port = DEFAULT_PORTS.get(scheme)
-    path = (match[3] or "/") + (match[4] or "")
-    return "absolute", scheme, host, port, path
 
 
 class ResponseHeadParser(_HeadParser):

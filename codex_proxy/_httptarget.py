@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from codex_proxy import _httpbody, _httphead, _placeholders
+from codex_proxy._httpform import DEFAULT_PORTS, split_authority
 from codex_proxy._httphead import HOP_BY_HOP, HOP_LINE, NOT_CONNECTION_LISTABLE, Headers
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
@@ -23,7 +24,7 @@ from codex_proxy.policy import method_overrides
 
 #: The schemes of absolute-form requests we forward (wss takes CONNECT).
 _FORWARDED_SCHEMES = frozenset({"http", "ws", "https"})
-_HTTPS_PORT = _httphead.DEFAULT_PORTS["https"]
+_HTTPS_PORT = DEFAULT_PORTS["https"]
 #: The header naming a unix socket to forward a plain request to (SPEC §8).
 UNIX_SOCKET_HEADER = b"x-unix-socket"
 
@@ -31,11 +32,11 @@ UNIX_SOCKET_HEADER = b"x-unix-socket"
 def split_host_header(value: bytes, default_port: int) -> tuple[str, int]:
     """
     Split a C{Host} header into normalised host and port, with the request
-    target's authority rules (L{_httphead.split_authority}).
+    target's authority rules (L{split_authority}).
     """
     text = value.decode("ascii", "replace").strip()
     try:
-        host, port = _httphead.split_authority(text, port_required=False)
+        host, port = split_authority(text, port_required=False)
         return normalize_host(host), default_port if port is None else port
     except (ProtocolError, InvalidHost) as e:
         raise ProtocolError(f"malformed Host header {text!r}: {e}")
@@ -53,7 +54,7 @@ def _check_host_header(head: _httphead.RequestHead, host: str, port: int) -> Non
         target = normalize_host(host)
     except InvalidHost:
         return  # The policy reports the invalid target itself.
-    if split_host_header(value, _httphead.DEFAULT_PORTS[head.scheme or "http"]) != (target, port):
+    if split_host_header(value, DEFAULT_PORTS[head.scheme or "http"]) != (target, port):
         raise ProtocolError(
             f"Host header {value.decode('ascii', 'replace')!r} does not match"
             f" the request target {authority(host, port)}"
@@ -227,7 +228,7 @@ def outgoing_head(
     headers = strip_hop_by_hop(head.headers)
     if head.header(b"host") is None:
         assert head.host is not None and head.port is not None
-        default = _httphead.DEFAULT_PORTS[head.scheme or "http"]
+        default = DEFAULT_PORTS[head.scheme or "http"]
         headers += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
     if head.framing is _httpbody.CHUNKED:
         headers += ((b"Transfer-Encoding", b"chunked"),)
