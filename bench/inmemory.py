@@ -137,9 +137,18 @@ def _keepalive() -> Callable[[], None]:
         client.clear()
         server.clear()
 
-    one()
-    if not server.value() == b"" or proxy.transport.disconnecting:
-        raise SystemExit("bench.inmemory: the connection did not stay open")
+    # A second request on the kept leg: forwarded, answered, both kept open.
+    client.clear()
+    server.clear()
+    proxy.dataReceived(REQUEST)
+    outbound.dataReceived(RESPONSE)
+    if (
+        not server.value().startswith(b"GET /tiny HTTP/1.1\r\n")
+        or not client.value().startswith(b"HTTP/1.1 200 ")
+        or client.disconnecting
+        or server.disconnecting
+    ):
+        raise SystemExit("bench.inmemory: the second request did not go over the kept connection")
     return one
 
 

@@ -168,6 +168,8 @@ class ClientConnection(_ClientFlow, Protocol):
     @cvar listener: the listener's name in the outcome event.
     @ivar admitted: within C{max_connections}; when not, the listener
         refuses the first request (with its audit event) and closes.
+        C{None} until C{connectionMade} admits the connection, unless a
+        protocol that takes it over (L{takeOver}) carries the admission on.
     @ivar client: the client's C{ip:port}, or C{None}.
     @ivar closing: the connection is being closed, by either side: pending
         work that still fires is ignored.
@@ -191,13 +193,16 @@ class ClientConnection(_ClientFlow, Protocol):
     clientEOF = False
     identity: Optional[str] = None
     client: Optional[str] = None
+    admitted: Optional[bool] = None
     _decision: Optional[str] = None
     _reason: Optional[str] = None
     _outcome = "closed"
 
     def connectionMade(self) -> None:
-        self.admitted = self.factory.connections.admit(self.transport, self.listener)
-        self._started = self.factory.clock.seconds()
+        if self.admitted is None:
+            # Not a connection taken over (takeOver), already admitted.
+            self.admitted = self.factory.connections.admit(self.transport, self.listener)
+            self._started = self.factory.clock.seconds()
         if self.client is None:
             self.client = client_address(self.transport.getPeer())
 

@@ -309,8 +309,6 @@ def forwarded_response_head(head: _httphead.ResponseHead, added: Headers = ()) -
     """
     if head.block is None:
         return serialize_response_head((1, 1), head.status, head.reason, strip_hop_by_hop(head.headers) + added)
-    if not added:
-        return b"HTTP/1.1 %03d %s\r\n%s\r\n" % (head.status, head.reason, HOP_LINE.sub(b"", head.block))
     return b"HTTP/1.1 %03d %s\r\n%s%s\r\n" % (
         head.status,
         head.reason,

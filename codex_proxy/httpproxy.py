@@ -192,9 +192,6 @@ class HTTPProxyProtocol(ClientConnection):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._setUp()
-
-    def _setUp(self) -> None:
         tune(self.transport)
         self._parser = _httphead.RequestHeadParser(self.factory.head_limits)
         self._timer = Timer(self.factory.clock)
@@ -494,11 +491,6 @@ class _HandedOver(HTTPProxyProtocol):
     """
 
     tunnelAnswer = b""
-
-    def connectionMade(self) -> None:
-        # Admitted, registered and identified already (takeOver): only the
-        # HTTP listener's own set-up.
-        self._setUp()
 
     def start(self, verdict: Verdict, out: Outbound, route: Route, handshake: bytes) -> None:
         """
