@@ -88,6 +88,8 @@ class Leg:
     @ivar open: still usable.
     """
 
+    _responses: Optional[_httphead.ResponseHeadParser] = None
+
     def __init__(self, out: Outbound, route: Route, tls: Optional[str], owner: IExchangeOwner) -> None:
         self.out = out
         self.route = route
@@ -97,6 +99,19 @@ class Leg:
         self._owner = owner
         out.attach(self)
         out.transport.registerProducer(self, True)
+
+    def responses(self, method: str, limits: _httpbody.HeadLimits) -> _httphead.ResponseHeadParser:
+        """
+        The parser of the response heads this connection sends, for a
+        request of C{method}: one for its life, which reads a field block
+        repeated from the last response once.
+        """
+        parser = self._responses
+        if parser is None:
+            parser = self._responses = _httphead.ResponseHeadParser(method, limits)
+        else:
+            parser.answering(method)
+        return parser
 
     def drop(self) -> None:
         """
@@ -166,9 +181,7 @@ class Exchange:
         self._ended = False
         self._respStarted = False
         self._respKeepAlive = False
-        self._respParser: Optional[_httphead.ResponseHeadParser] = _httphead.ResponseHeadParser(
-            head.method, limits
-        )
+        self._respParser = leg.responses(head.method, limits)
         self._respReader: Optional[_httpbody.BodyReader] = None
         self._reqReader = _httpbody.body_reader(head.framing, limits)
         # Response heads received: progress for the timeout, like body bytes.
@@ -238,7 +251,6 @@ class Exchange:
         # in one write.
         out: List[bytes] = []
         while self._respReader is None:
-            assert self._respParser is not None
             try:
                 result = self._respParser.feed(data)
             except ProtocolError as e:
@@ -284,7 +296,6 @@ class Exchange:
         """
         if self._head.version >= (1, 1):
             self._client.write(forwarded_response_head(head))
-        self._respParser = _httphead.ResponseHeadParser(self._head.method, self._limits)
 
     def _switchProtocols(self, head: _httphead.ResponseHead, rest: bytes) -> None:
         """

@@ -64,20 +64,25 @@ HOP_BY_HOP = frozenset(
 # A Connection header naming these must not make us drop the message's
 # routing or length: that would desynchronise the upstream (smuggling).
 NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
-#: A whole L{HOP_BY_HOP} line of a field block that L{_FIELD_LINE} read.
-HOP_LINE = re.compile(
-    rb"(?im)^(?:" + b"|".join(re.escape(name) for name in sorted(HOP_BY_HOP)) + rb"):[^\n]*\n"
+#: The header naming a unix socket to forward a plain request to (SPEC §8).
+UNIX_SOCKET_HEADER = b"x-unix-socket"
+# Header fields the parsers and forwarding act on, collected by name in the
+# one validation pass: framing, routing, and the hop-by-hop ones.
+_WATCHED = (
+    frozenset({b"content-length", b"host", b"expect", UNIX_SOCKET_HEADER}) | HOP_BY_HOP
 )
-# Header fields the parsers act on; collected in the one validation pass.
-_FRAMING_FIELDS = frozenset(
-    {b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"}
-)
+#: Lower-cased names to the values of the fields of a head so named.
+Watched = dict[bytes, list[bytes]]
 
-def _first(headers: Headers, name: bytes) -> bytes | None:
+
+def _first(headers: Headers, watched: Watched, name: bytes) -> bytes | None:
     """
     The value of the first field called C{name}, in any case.
     """
     name = name.lower()
+    if name in _WATCHED:
+        values = watched.get(name)
+        return None if values is None else values[0]
     for field, value in headers:
         if field.lower() == name:
             return value
@@ -100,6 +105,9 @@ class RequestHead:
     @ivar keep_alive: the client lets the connection carry another request.
     @ivar upgrade: an C{Upgrade} header is present.
     @ivar expect_continue: an HTTP/1.1 client waits for C{100 Continue}.
+    @ivar block: the field lines to forward (L{forwardable}); C{None} once
+        L{with_headers} changed the fields.
+    @ivar watched: the values of the fields the proxy acts on, by name.
     """
 
     method: str
@@ -115,12 +123,21 @@ class RequestHead:
     keep_alive: bool
     upgrade: bool
     expect_continue: bool
+    block: bytes | None
+    watched: Watched = attrs.field(eq=False, repr=False)
 
     def header(self, name: bytes) -> bytes | None:
         """
         The first value of the field C{name} (case-insensitive), or C{None}.
         """
-        return _first(self.headers, name)
+        return _first(self.headers, self.watched, name)
+
+    def with_headers(self, headers: Headers) -> RequestHead:
+        """
+        This head with other fields (same framing and routing): they are
+        encoded again when forwarded.
+        """
+        return attrs.evolve(self, headers=headers, block=None, watched=_watched(headers)[0])
 
 
 @attrs.frozen
@@ -131,9 +148,8 @@ class ResponseHead:
     @ivar framing: how the body that follows is delimited, given the
         request method the response answers.
     @ivar keep_alive: the server lets the connection carry another request.
-    @ivar block: the field lines as received, when dropping their
-        L{HOP_BY_HOP} lines is all forwarding does to them; C{None} when a
-        C{Connection} field names further fields to drop.
+    @ivar block: the field lines to forward (L{forwardable}).
+    @ivar watched: the values of the fields the proxy acts on, by name.
     """
 
     version: tuple[int, int]
@@ -142,19 +158,42 @@ class ResponseHead:
     headers: Headers
     framing: Framing
     keep_alive: bool
-    block: bytes | None = None
+    block: bytes | None
+    watched: Watched = attrs.field(eq=False, repr=False)
 
     def header(self, name: bytes) -> bytes | None:
         """
         The first value of the field C{name} (case-insensitive), or C{None}.
         """
-        return _first(self.headers, name)
+        return _first(self.headers, self.watched, name)
 
 
-def _parse_fields(block: bytes, status: int) -> tuple[Headers, dict[bytes, list[bytes]]]:
+class _Fields:
     """
-    Validate the field lines of C{block} (each with its CRLF); also collect
-    the values of L{_FRAMING_FIELDS}.
+    A field block, validated and read (L{_parse_fields}); read-only, and
+    shared by the heads of one parser that carry the same block.
+
+    @ivar raw: the field lines as received, each with its CRLF.
+    @ivar headers: the fields in order.
+    @ivar watched: the values of the L{_WATCHED} fields by lower-cased name.
+    @ivar connection: the options the C{Connection} fields list, C{None}
+        without any.
+    @ivar block: the field lines to forward (L{forwardable}).
+    """
+
+    __slots__ = ("raw", "headers", "watched", "connection", "block")
+
+    def __init__(self, raw: bytes, headers: Headers, watched: Watched, block: bytes) -> None:
+        self.raw = raw
+        self.headers = headers
+        self.watched = watched
+        self.connection = _connection(watched)
+        self.block = forwardable(block, self.connection)
+
+
+def _parse_fields(block: bytes, status: int) -> _Fields:
+    """
+    Validate and read the field lines of C{block} (each with its CRLF).
 
     The common case (every line well formed) is checked and split by one
     regular expression over the whole block, in C: a match is one whole
@@ -165,12 +204,42 @@ def _parse_fields(block: bytes, status: int) -> tuple[Headers, dict[bytes, list[
     headers = _FIELD_LINE.findall(block)
     if len(headers) != block.count(b"\n"):
         headers = [parse_field(line, status) for line in block[:-2].split(b"\r\n")]
-    seen: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
+    watched, hop = _watched(headers)
+    kept = block
+    if hop:
+        # Line i of the block is field i.
+        lines = block.split(b"\r\n")
+        for i in reversed(hop):
+            del lines[i]
+        kept = b"\r\n".join(lines)
+    return _Fields(block, tuple(headers), watched, kept)
+
+
+def _watched(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Watched, list[int]]:
+    """
+    The values of the L{_WATCHED} fields among C{headers} by lower-cased
+    name, and the positions of the L{HOP_BY_HOP} ones.
+    """
+    watched: Watched = {}
+    hop: list[int] = []
+    for i, (name, value) in enumerate(headers):
         key = name.lower()
-        if key in _FRAMING_FIELDS:
-            seen.setdefault(key, []).append(value)
-    return tuple(headers), seen
+        if key in _WATCHED:
+            watched.setdefault(key, []).append(value)
+            if key in HOP_BY_HOP:
+                hop.append(i)
+    return watched, hop
+
+
+def forwardable(block: bytes, connection: frozenset[bytes] | None) -> bytes | None:
+    """
+    The field lines to forward as received: C{block} (already without its
+    L{HOP_BY_HOP} lines), unless C{connection} names further fields to drop,
+    when they are encoded again (C{None}).
+    """
+    if connection is not None and connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE:
+        return None
+    return block
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -238,15 +307,30 @@ class _HeadParser:
     """
     Accumulate bytes until a blank line ends a head, enforcing the limits as
     bytes arrive.  Each new byte is scanned once.
+
+    The field block of the last head is kept read: a client repeats its
+    fields from one request to the next on a connection, and a block equal
+    to the last one, byte for byte, reads the same.
     """
 
     _line_status: int
     _size_status: int
     _status: int
+    _last: _Fields | None = None
 
     def __init__(self, limits: HeadLimits) -> None:
         self._limits = limits
         self._reset()
+
+    def _fields(self, block: bytes) -> _Fields:
+        """
+        L{_parse_fields} of C{block}, for the last block read again.
+        """
+        last = self._last
+        if last is not None and last.raw == block:
+            return last
+        fields = self._last = _parse_fields(block, self._status)
+        return fields
 
     def _reset(self) -> None:
         # Before the start line begins, _buf holds at most one CR.
@@ -350,42 +434,44 @@ class RequestHeadParser(_HeadParser):
         if taken is None:
             return None
         head, leftover = taken
-        return _parse_request(head), leftover
+        return self._parse(head), leftover
 
-
-def _parse_request(head: bytes) -> RequestHead:
-    """
-    Validate a complete request head and decide its framing and form.
-    """
-    start, block = _split_head(head, 400)
-    line = _REQUEST_LINE.fullmatch(start)
-    if line is not None:
-        raw_method, raw_target, version = line[1], line[2], (1, int(line[3]))
-    else:
-        raw_method, raw_target, version = _request_line(start)
-    headers, seen = _parse_fields(block, 400)
-    if len(seen.get(b"host", ())) > 1:
-        raise ProtocolError("more than one Host", 400)
-    framing = declared_framing(seen, version, 400, 501) or NO_BODY
-    method, target = raw_method.decode("ascii"), raw_target.decode("ascii")
-    form, scheme, host, port, path = target_form(method, target)
-    return RequestHead(
-        method=method,
-        target=target,
-        version=version,
-        headers=headers,
-        form=form,
-        scheme=scheme,
-        host=host,
-        port=port,
-        path=path,
-        framing=framing,
-        keep_alive=_keep_alive(_connection(seen), version),
-        upgrade=b"upgrade" in seen,
-        expect_continue=b"expect" in seen
-        and version >= (1, 1)
-        and any(v.lower() == b"100-continue" for v in seen[b"expect"]),
-    )
+    def _parse(self, head: bytes) -> RequestHead:
+        """
+        Validate a complete request head and decide its framing and form.
+        """
+        start, block = _split_head(head, 400)
+        line = _REQUEST_LINE.fullmatch(start)
+        if line is not None:
+            raw_method, raw_target, version = line[1], line[2], (1, int(line[3]))
+        else:
+            raw_method, raw_target, version = _request_line(start)
+        fields = self._fields(block)
+        seen = fields.watched
+        if len(seen.get(b"host", ())) > 1:
+            raise ProtocolError("more than one Host", 400)
+        framing = declared_framing(seen, version, 400, 501) or NO_BODY
+        method, target = raw_method.decode("ascii"), raw_target.decode("ascii")
+        form, scheme, host, port, path = target_form(method, target)
+        return RequestHead(
+            method=method,
+            target=target,
+            version=version,
+            headers=fields.headers,
+            form=form,
+            scheme=scheme,
+            host=host,
+            port=port,
+            path=path,
+            framing=framing,
+            keep_alive=_keep_alive(fields.connection, version),
+            upgrade=b"upgrade" in seen,
+            expect_continue=b"expect" in seen
+            and version >= (1, 1)
+            and any(v.lower() == b"100-continue" for v in seen[b"expect"]),
+            block=fields.block,
+            watched=seen,
+        )
 
 
 def _request_line(start: bytes) -> tuple[bytes, bytes, tuple[int, int]]:
@@ -432,6 +518,12 @@ class ResponseHeadParser(_HeadParser):
         super().__init__(limits)
         self._request_method = request_method
 
+    def answering(self, request_method: str) -> None:
+        """
+        The heads that follow answer a request of C{request_method}.
+        """
+        self._request_method = request_method
+
     def feed(self, data: bytes) -> tuple[ResponseHead, bytes] | None:
         """
         Accumulate C{data}; once a head is complete return it with the bytes
@@ -460,8 +552,8 @@ class ResponseHeadParser(_HeadParser):
         if version not in ((1, 0), (1, 1)):
             raise ProtocolError("unsupported HTTP version", 502)
         status = int(match[3])
-        headers, seen = _parse_fields(block, 502)
-        framing = declared_framing(seen, version, 502, 502) or UNTIL_CLOSE
+        fields = self._fields(block)
+        framing = declared_framing(fields.watched, version, 502, 502) or UNTIL_CLOSE
         method = self._request_method
         if (
             method == "HEAD"
@@ -470,17 +562,13 @@ class ResponseHeadParser(_HeadParser):
             or (method == "CONNECT" and status < 300)
         ):
             framing = NO_BODY
-        connection = _connection(seen)
         return ResponseHead(
             version=version,
             status=status,
             reason=match[4] or b"",
-            headers=headers,
+            headers=fields.headers,
             framing=framing,
-            keep_alive=framing is not UNTIL_CLOSE and _keep_alive(connection, version),
-            block=(
-                None
-                if connection is not None and connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE
-                else block
-            ),
+            keep_alive=framing is not UNTIL_CLOSE and _keep_alive(fields.connection, version),
+            block=fields.block,
+            watched=fields.watched,
         )

@@ -12,21 +12,16 @@ from typing import Callable, Optional
 
 from codex_proxy import _httpbody, _httphead, _placeholders
 from codex_proxy._httpform import DEFAULT_PORTS, split_authority
-from codex_proxy._httphead import HOP_BY_HOP, HOP_LINE, NOT_CONNECTION_LISTABLE, Headers
+from codex_proxy._httphead import HOP_BY_HOP, NOT_CONNECTION_LISTABLE, UNIX_SOCKET_HEADER, Headers
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
 from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest
 from codex_proxy.policy import method_overrides
 
-#: Fields that describe one connection and are never forwarded (RFC 9110 §7.6.1).
-
-
 #: The schemes of absolute-form requests we forward (wss takes CONNECT).
 _FORWARDED_SCHEMES = frozenset({"http", "ws", "https"})
 _HTTPS_PORT = DEFAULT_PORTS["https"]
-#: The header naming a unix socket to forward a plain request to (SPEC §8).
-UNIX_SOCKET_HEADER = b"x-unix-socket"
 
 
 def split_host_header(value: bytes, default_port: int) -> tuple[str, int]:
@@ -223,31 +218,37 @@ def outgoing_head(
     The head to forward for C{head}: hop-by-hop fields dropped, C{Host}
     added when the client left it out, our C{Via}, the target in
     origin-form, or in absolute-form with our credentials toward a parent
-    proxy (SPEC §7); a websocket upgrade keeps its C{Upgrade}.
+    proxy (SPEC §7); a websocket upgrade keeps its C{Upgrade}. The field
+    lines go as received when that is all that changes (C{head.block}).
     """
-    headers = strip_hop_by_hop(head.headers)
+    block = head.block
+    if block is None or request.unix_socket is not None:
+        block = b""
+        added = strip_hop_by_hop(head.headers)
+        if request.unix_socket is not None:
+            added = tuple((k, v) for k, v in added if k.lower() != UNIX_SOCKET_HEADER)
+    else:
+        added = ()
     if head.header(b"host") is None:
         assert head.host is not None and head.port is not None
         default = DEFAULT_PORTS[head.scheme or "http"]
-        headers += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
+        added += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
     if head.framing is _httpbody.CHUNKED:
-        headers += ((b"Transfer-Encoding", b"chunked"),)
-    if request.unix_socket is not None:
-        headers = tuple((k, v) for k, v in headers if k.lower() != UNIX_SOCKET_HEADER)
-    headers += ((b"Via", via),)
+        added += ((b"Transfer-Encoding", b"chunked"),)
+    added += ((b"Via", via),)
     target = head.path if head.form == "absolute" else head.target
     if absolute_form:
         target = f"http://{authority(normalize_host(request.host), request.port, 80)}{target}"
         if parent_authorization is not None:
-            headers += ((b"Proxy-Authorization", parent_authorization),)
+            added += ((b"Proxy-Authorization", parent_authorization),)
     if is_websocket_upgrade(head):
-        headers += (
+        added += (
             (b"Connection", b"Upgrade"),
             (b"Upgrade", head.header(b"upgrade") or b"websocket"),
         )
     elif close:
-        headers += ((b"Connection", b"close"),)
-    return serialize_request_head(head.method, target, headers)
+        added += ((b"Connection", b"close"),)
+    return serialize_request_head(head.method, target, added, block)
 
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
@@ -273,32 +274,37 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     return tuple(kept)
 
 
-def _serialize(start: bytes, headers: Headers) -> bytes:
+def _serialize(start: bytes, headers: Headers, block: bytes) -> bytes:
     """
-    Join a start line and fields into a head; refuse CR/LF smuggled inside.
+    A head: the start line, C{block} (field lines a parser validated, each
+    with its CRLF), then C{headers}; refuse CR/LF smuggled inside the start
+    line or C{headers}.
     """
-    head = b"\r\n".join([start, *map(b": ".join, headers), b"", b""])
-    if head.count(b"\n") != len(headers) + 2 or head.count(b"\r") != len(headers) + 2:
+    ours = b"\r\n".join([start, *map(b": ".join, headers), b""])
+    if ours.count(b"\n") != len(headers) + 1 or ours.count(b"\r") != len(headers) + 1:
         raise ValueError("CR or LF inside a start line or header")
-    return head
+    if not block:
+        return ours + b"\r\n"
+    end = len(start) + 2
+    return b"%s%s%s\r\n" % (ours[:end], block, ours[end:])
 
 
-def serialize_request_head(method: str, target: str, headers: Headers) -> bytes:
+def serialize_request_head(method: str, target: str, headers: Headers, block: bytes = b"") -> bytes:
     """
-    Encode an HTTP/1.1 request head.
+    Encode an HTTP/1.1 request head (C{block} as in L{_serialize}).
     """
     start = b"%s %s HTTP/1.1" % (method.encode("ascii"), target.encode("ascii"))
-    return _serialize(start, headers)
+    return _serialize(start, headers, block)
 
 
 def serialize_response_head(
-    version: tuple[int, int], status: int, reason: bytes, headers: Headers
+    version: tuple[int, int], status: int, reason: bytes, headers: Headers, block: bytes = b""
 ) -> bytes:
     """
-    Encode a response head.
+    Encode a response head (C{block} as in L{_serialize}).
     """
     start = b"HTTP/%d.%d %03d %s" % (version[0], version[1], status, reason)
-    return _serialize(start, headers)
+    return _serialize(start, headers, block)
 
 
 def forwarded_response_head(head: _httphead.ResponseHead, added: Headers = ()) -> bytes:
@@ -309,9 +315,4 @@ def forwarded_response_head(head: _httphead.ResponseHead, added: Headers = ()) -
     """
     if head.block is None:
         return serialize_response_head((1, 1), head.status, head.reason, strip_hop_by_hop(head.headers) + added)
-    return b"HTTP/1.1 %03d %s\r\n%s%s\r\n" % (
-        head.status,
-        head.reason,
-        HOP_LINE.sub(b"", head.block),
-        b"".join([name + b": " + value + b"\r\n" for name, value in added]),
-    )
+    return serialize_response_head((1, 1), head.status, head.reason, added, head.block)

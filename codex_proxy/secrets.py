@@ -133,4 +133,4 @@ class Secrets:
         }
         if not replacements:
             return head
-        return attrs.evolve(head, headers=_placeholders.substitute(head.headers, replacements))
+        return head.with_headers(_placeholders.substitute(head.headers, replacements))

@@ -1,0 +1,151 @@
+"""
+Field blocks forwarded as received, and read once per connection while they
+repeat: a request's field lines go on as the client wrote them, less the
+hop-by-hop ones; a parser that meets the block of its last head again reads
+it as a fresh parser would.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from codex_proxy._httphead import RequestHeadParser, ResponseHeadParser
+from codex_proxy.errors import ProtocolError
+from support.fuzzing import fuzz_settings
+from support.http import Harness
+
+
+def _forwarded(request: bytes) -> bytes:
+    h = Harness(False)
+    h.send(request)
+    server, upstream = h.accept()
+    return upstream.value()
+
+
+def test_request_fields_go_as_received_less_the_hop_by_hop_lines():
+    sent = _forwarded(
+        b"GET http://origin.test/p HTTP/1.1\r\nHost:origin.test\r\nProxy-Connection: keep-alive\r\n"
+        b"User-Agent:   spaced out \t\r\nkeep-alive: 5\r\nAccept: */*\r\n\r\n"
+    )
+    assert sent.startswith(
+        b"GET /p HTTP/1.1\r\nHost:origin.test\r\nUser-Agent:   spaced out \t\r\nAccept: */*\r\nVia: 1.1 codex-proxy-"
+    )
+    assert sent.endswith(b"\r\n\r\n") and sent.count(b"\r\n") == 6
+
+
+def test_a_field_a_connection_option_names_is_dropped_and_the_rest_encoded_again():
+    sent = _forwarded(
+        b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nConnection: X-Secret-Hop\r\n"
+        b"X-Secret-Hop: 1\r\nUser-Agent:   spaced\r\n\r\n"
+    )
+    assert b"x-secret-hop" not in sent.lower()
+    assert b"\r\nUser-Agent: spaced\r\n" in sent
+
+
+def test_a_chunked_request_keeps_its_framing_with_fields_as_received():
+    sent = _forwarded(
+        b"POST http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nTransfer-Encoding: chunked\r\n"
+        b"X-A:  1\r\n\r\n"
+    )
+    head = sent.partition(b"\r\n\r\n")[0]
+    assert head.split(b"\r\n")[1:3] == [b"Host: origin.test", b"X-A:  1"]
+    assert head.count(b"Transfer-Encoding: chunked") == 1
+
+
+def _heads(parser, heads: list[bytes]) -> list[object]:
+    """
+    What C{parser} makes of C{heads} fed one after another: each head (with
+    what forwarding and the policy read of it), or the error it raised.
+    """
+    read: list[object] = []
+    for raw in heads:
+        try:
+            result = parser.feed(raw)
+        except ProtocolError as e:
+            read.append(("error", e.status, e.message))
+            continue
+        assert result is not None and result[1] == b""
+        head = result[0]
+        read.append((head, head.block, [head.header(n) for n in (b"host", b"connection", b"x-b", b"upgrade")]))
+    return read
+
+
+_BLOCKS = st.sampled_from(
+    [
+        b"Host: a.test\r\n",
+        b"Host: a.test\r\nConnection: close\r\n",
+        b"Host: b.test\r\nConnection: keep-alive, X-B\r\nX-B: 1\r\nContent-Length: 0\r\n",
+        b"host:  a.test \r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+        b"Host: a.test\r\nHost: b.test\r\n",
+        b"Host: a.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n",
+        b"",
+    ]
+)
+
+
+@fuzz_settings(300)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"GET http://a.test/ HTTP/1.1", b"HEAD / HTTP/1.0", b"OPTIONS * HTTP/1.1"]), _BLOCKS),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_fuzz_a_request_parser_reads_a_repeated_block_as_a_fresh_one_would(heads):
+    raw = [line + b"\r\n" + block + b"\r\n" for line, block in heads]
+    assert _heads(RequestHeadParser(), raw) == [_heads(RequestHeadParser(), [one])[0] for one in raw]
+
+
+@fuzz_settings(300)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["GET", "HEAD", "CONNECT"]),
+            st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.0 204 No Content", b"HTTP/1.1 101 Switching"]),
+            _BLOCKS,
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_fuzz_a_response_parser_reads_a_repeated_block_as_a_fresh_one_would(heads):
+    one = ResponseHeadParser("GET")
+    got, expected = [], []
+    for method, line, block in heads:
+        raw = line + b"\r\n" + block + b"\r\n"
+        one.answering(method)
+        got += _heads(one, [raw])
+        expected += _heads(ResponseHeadParser(method), [raw])
+    assert got == expected
+
+
+def test_repeated_request_fields_are_read_once():
+    parser = RequestHeadParser()
+    first = parser.feed(b"GET http://a.test/1 HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n")
+    second = parser.feed(b"GET http://a.test/2 HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\n")
+    assert first is not None and second is not None
+    assert second[0].path == "/2"
+    assert second[0].headers is first[0].headers
+
+
+def test_a_kept_connection_frames_each_response_by_its_own_request_method(trickle):
+    """
+    The same response fields, read once on the kept destination connection,
+    still frame the answer to a HEAD (no body) unlike the answer to a GET.
+    """
+    h = Harness(trickle)
+    fields = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n"
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    h.answer(server, fields + b"hello")
+    assert h.response()[2] == b"hello"
+    h.client.clear()
+    h.send(b"HEAD http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    h.answer(server, fields)
+    assert h.client.value() == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    h.client.clear()
+    h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    assert len(h.dials()) == 1
+    h.answer(server, fields + b"again")
+    assert h.response()[2] == b"again"
