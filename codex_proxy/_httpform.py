@@ -6,8 +6,9 @@ and path, or the L{ProtocolError} (status 400) naming what is wrong.
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 from codex_proxy.errors import ProtocolError
 
@@ -21,6 +22,31 @@ _AUTHORITY = re.compile(
 )
 
 
+#: The longest authority the caches of L{cached_when_short} keep: a
+#: bracketed IPv6 literal or a host name of 253 characters, with a port.
+_CACHED_LENGTH = 262
+_K = TypeVar("_K", str, bytes)
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+
+def cached_when_short(function: Callable[[_K, _A], _R]) -> Callable[[_K, _A], _R]:
+    """
+    C{function} of an authority, cached: the same few authorities come back
+    on every request. Only results (not errors) for an authority as short
+    as a host name can be are kept, so the cache stays small whatever
+    clients send.
+    """
+    cached = functools.lru_cache(maxsize=1024)(function)
+
+    @functools.wraps(function)
+    def split(authority: _K, arg: _A) -> _R:
+        return cached(authority, arg) if len(authority) <= _CACHED_LENGTH else function(authority, arg)
+
+    return split
+
+
+@cached_when_short
 def split_authority(authority: str, port_required: bool) -> tuple[str, int | None]:
     """
     Split C{host[:port]}; reject userinfo, an empty host and bad ports.
@@ -49,7 +75,7 @@ def target_form(
     path).
     """
     if method == "CONNECT":
-        host, port = split_authority(target, port_required=True)
+        host, port = split_authority(target, True)
         return "authority", None, host, port, ""
     if target.startswith("/"):
         return "origin", None, None, None, target
@@ -63,7 +89,7 @@ def target_form(
             raise ProtocolError("authority-form target on a method other than CONNECT", 400)
         raise ProtocolError("invalid request target", 400)
     scheme = match[1].lower()
-    host, port = split_authority(match[2], port_required=False)
+    host, port = split_authority(match[2], False)
     if port is None:
         port = DEFAULT_PORTS.get(scheme)
     path = (match[3] or "/") + (match[4] or "")

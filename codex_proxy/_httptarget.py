@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from codex_proxy import _httpbody, _httphead, _placeholders
-from codex_proxy._httpform import DEFAULT_PORTS, split_authority
+from codex_proxy._httpform import DEFAULT_PORTS, cached_when_short, split_authority
 from codex_proxy._httphead import HOP_BY_HOP, NOT_CONNECTION_LISTABLE, UNIX_SOCKET_HEADER, Headers
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
@@ -24,6 +24,7 @@ _FORWARDED_SCHEMES = frozenset({"http", "ws", "https"})
 _HTTPS_PORT = DEFAULT_PORTS["https"]
 
 
+@cached_when_short
 def split_host_header(value: bytes, default_port: int) -> tuple[str, int]:
     """
     Split a C{Host} header into normalised host and port, with the request
@@ -31,7 +32,7 @@ def split_host_header(value: bytes, default_port: int) -> tuple[str, int]:
     """
     text = value.decode("ascii", "replace").strip()
     try:
-        host, port = split_authority(text, port_required=False)
+        host, port = split_authority(text, False)
         return normalize_host(host), default_port if port is None else port
     except (ProtocolError, InvalidHost) as e:
         raise ProtocolError(f"malformed Host header {text!r}: {e}")

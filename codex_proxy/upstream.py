@@ -15,7 +15,7 @@ protection that applies to destinations.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import attrs
 from twisted.internet import defer, endpoints, error
@@ -43,6 +43,8 @@ from codex_proxy.connections import Connections
 from codex_proxy.metrics import timed
 from codex_proxy.model import IPAddress, Reason, Verdict
 
+#: How many verdicts' routes L{Upstream.route} keeps.
+_RECENT_ROUTES = 256
 
 class IProxyTransport(ITLSTransport, IConsumer, IPushProducer):
     """
@@ -395,9 +397,20 @@ class Upstream:
         self._factory = _OutboundFactory(self.connections)
         self._parents = parents
         self._parent_tls = parent_tls
+        # Routes of recent verdicts, by identity: the policy service answers
+        # a repeated request with the same verdict.
+        self._routes: Dict[Tuple[int, bool], Tuple[Verdict, Route]] = {}
 
     def route(self, verdict: Verdict, tunnel: bool) -> Route:
-        return route_for(verdict, tunnel, self._parents)
+        key = (id(verdict), tunnel)
+        known = self._routes.get(key)
+        if known is not None and known[0] is verdict:
+            return known[1]
+        if len(self._routes) >= _RECENT_ROUTES:
+            self._routes.clear()
+        route = route_for(verdict, tunnel, self._parents)
+        self._routes[key] = (verdict, route)
+        return route
 
     def dial(self, route: Route) -> defer.Deferred[Outbound]:
         """

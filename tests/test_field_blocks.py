@@ -149,3 +149,31 @@ def test_a_kept_connection_frames_each_response_by_its_own_request_method(trickl
     assert len(h.dials()) == 1
     h.answer(server, fields + b"again")
     assert h.response()[2] == b"again"
+
+
+_AUTHORITIES = st.sampled_from(
+    ["a.test", "a.test:8080", "[::1]:443", "A.Test.", "a@b.test", "a.test:0", "a.test:99999", ":80", "", "a b"]
+) | st.builds(lambda host, dots, port: host + "." * dots + port, st.sampled_from(["a.test", "x"]),
+             st.integers(0, 400), st.sampled_from(["", ":80"]))
+
+
+@fuzz_settings(300)
+@given(st.lists(st.tuples(_AUTHORITIES, st.booleans()), min_size=1, max_size=4))
+def test_fuzz_cached_authority_readings_are_the_uncached_ones(calls):
+    """
+    The authority grammar is read once per authority: a repeated target or
+    C{Host} gets what reading it again would, errors included, long or short.
+    """
+    from codex_proxy._httpform import split_authority
+    from codex_proxy._httptarget import split_host_header
+
+    def outcome(function, *args):
+        try:
+            return function(*args)
+        except ProtocolError as e:
+            return ("error", e.status, e.message)
+
+    for text, required in calls + calls:
+        assert outcome(split_authority, text, required) == outcome(split_authority.__wrapped__, text, required)
+        value = text.encode()
+        assert outcome(split_host_header, value, 80) == outcome(split_host_header.__wrapped__, value, 80)
