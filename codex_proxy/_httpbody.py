@@ -306,11 +306,10 @@ def body_reader(
     The reader for a body framed as C{framing}; C{None} when there is none.
     C{limits} bound a chunked body's trailer section like a head (SPEC §2.6).
     """
-    match framing:
-        case Length(n):
-            return LengthReader(n)
-        case Chunked():
-            return ChunkedReader(limits, decode=decode_chunked)
-        case UntilClose():
-            return UntilCloseReader()
-    return None
+    if framing is NO_BODY:
+        return None
+    if type(framing) is Length:
+        return LengthReader(framing.n)
+    if framing is CHUNKED:
+        return ChunkedReader(limits, decode=decode_chunked)
+    return UntilCloseReader()

@@ -69,7 +69,7 @@ UNIX_SOCKET_HEADER = b"x-unix-socket"
 # Header fields the parsers and forwarding act on, collected by name in the
 # one validation pass: framing, routing, and the hop-by-hop ones.
 _WATCHED = (
-    frozenset({b"content-length", b"host", b"expect", UNIX_SOCKET_HEADER}) | HOP_BY_HOP
+    frozenset({b"content-length", b"host", b"expect", b"via", UNIX_SOCKET_HEADER}) | HOP_BY_HOP
 )
 #: Lower-cased names to the values of the fields of a head so named.
 Watched = dict[bytes, list[bytes]]
@@ -181,7 +181,7 @@ class _Fields:
     @ivar block: the field lines to forward (L{forwardable}).
     """
 
-    __slots__ = ("raw", "headers", "watched", "connection", "block")
+    __slots__ = ("raw", "headers", "watched", "connection", "block", "_framing")
 
     def __init__(self, raw: bytes, headers: Headers, watched: Watched, block: bytes) -> None:
         self.raw = raw
@@ -189,6 +189,18 @@ class _Fields:
         self.watched = watched
         self.connection = _connection(watched)
         self.block = forwardable(block, self.connection)
+        self._framing: dict[tuple[int, int], Framing | None] = {}
+
+    def framing(self, version: tuple[int, int], status: int, unsupported_status: int) -> Framing | None:
+        """
+        L{declared_framing} of these fields in a message of C{version}
+        (the statuses are those of the one parser that reads them).
+        """
+        known = self._framing
+        if version in known:
+            return known[version]
+        framing = known[version] = declared_framing(self.watched, version, status, unsupported_status)
+        return framing
 
 
 def _parse_fields(block: bytes, status: int) -> _Fields:
@@ -450,7 +462,7 @@ class RequestHeadParser(_HeadParser):
         seen = fields.watched
         if len(seen.get(b"host", ())) > 1:
             raise ProtocolError("more than one Host", 400)
-        framing = declared_framing(seen, version, 400, 501) or NO_BODY
+        framing = fields.framing(version, 400, 501) or NO_BODY
         method, target = raw_method.decode("ascii"), raw_target.decode("ascii")
         form, scheme, host, port, path = target_form(method, target)
         return RequestHead(
@@ -553,7 +565,7 @@ class ResponseHeadParser(_HeadParser):
             raise ProtocolError("unsupported HTTP version", 502)
         status = int(match[3])
         fields = self._fields(block)
-        framing = declared_framing(fields.watched, version, 502, 502) or UNTIL_CLOSE
+        framing = fields.framing(version, 502, 502) or UNTIL_CLOSE
         method = self._request_method
         if (
             method == "HEAD"

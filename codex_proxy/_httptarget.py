@@ -196,13 +196,15 @@ def came_through(head: _httphead.RequestHead, via: bytes) -> bool:
     Whether C{head} already passed through the proxy whose C{Via} entry is
     C{via}: the request went round a loop.
     """
+    values = head.watched.get(b"via")
+    if values is None:
+        return False
     pseudonym = via.split(b" ", 1)[1].lower()
-    for name, value in head.headers:
-        if len(name) == 3 and name.lower() == b"via":
-            for entry in value.split(b","):
-                parts = entry.split()
-                if len(parts) >= 2 and parts[1].lower() == pseudonym:
-                    return True
+    for value in values:
+        for entry in value.split(b","):
+            parts = entry.split()
+            if len(parts) >= 2 and parts[1].lower() == pseudonym:
+                return True
     return False
 
 

@@ -67,7 +67,8 @@ def _heads(parser, heads: list[bytes]) -> list[object]:
             continue
         assert result is not None and result[1] == b""
         head = result[0]
-        read.append((head, head.block, [head.header(n) for n in (b"host", b"connection", b"x-b", b"upgrade")]))
+        names = (b"host", b"connection", b"x-b", b"upgrade", b"via")
+        read.append((head, head.block, [head.header(n) for n in names]))
     return read
 
 
@@ -79,6 +80,7 @@ _BLOCKS = st.sampled_from(
         b"host:  a.test \r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         b"Host: a.test\r\nHost: b.test\r\n",
         b"Host: a.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n",
+        b"Host: a.test\r\nTransfer-Encoding: chunked\r\nVia: 1.1 other\r\n",
         b"",
     ]
 )
