@@ -1,14 +1,16 @@
 """
-The proxy's own Python per kept-alive request, and per CONNECT tunnel,
-without sockets. C{keepalive}: one HTTP listener connection over in-memory
-transports answers the same GET (forwarded, decided, audited, its response
-parsed and relayed) again and again. C{connect}: a new client connection
-asks for a CONNECT, is dialled, relays one exchange each way and closes
-from both ends. No syscall, no reactor turn: what is left is our code and
-the Twisted calls it makes, the part of C{bench.cpu_per_request}'s figures
-that this code base decides.
+The proxy's own Python per kept-alive request, per CONNECT tunnel and per
+GET on a new connection, without sockets. C{keepalive}: one HTTP listener
+connection over in-memory transports answers the same GET (forwarded,
+decided, audited, its response parsed and relayed) again and again.
+C{connect}: a new client connection asks for a CONNECT, is dialled, relays
+one exchange each way and closes from both ends. C{close}: a new client
+connection sends one GET with C{Connection: close}, which is dialled,
+answered and closed. No syscall, no reactor turn: what is left is our code
+and the Twisted calls it makes, the part of C{bench.cpu_per_request}'s
+figures that this code base decides.
 
-    .venv/bin/python -m bench.inmemory [--workload keepalive|connect] [--tree DIR]
+    .venv/bin/python -m bench.inmemory [--workload keepalive|connect|close] [--tree DIR]
         [--requests N] [--profile FILE]
 
 Prints the best of five runs in microseconds per request (or tunnel).
@@ -111,6 +113,36 @@ def _connect() -> Callable[[], None]:
     return one
 
 
+def _close() -> Callable[[], None]:
+    """
+    One GET on a new client connection, as C{loadgen}'s close mode sends
+    it: dialled, answered, and both connections closed.
+    """
+    from twisted.internet import error
+    from twisted.internet.address import IPv4Address
+    from twisted.python.failure import Failure
+
+    factory, reactor, Transport = _proxy()
+    done = Failure(error.ConnectionDone())
+    request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+
+    def one() -> None:
+        proxy = factory.buildProtocol(None)
+        client = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        proxy.makeConnection(client)
+        proxy.dataReceived(request)
+        outbound = reactor.tcpClients.pop()[2].buildProtocol(None)
+        outbound.makeConnection(Transport())
+        outbound.dataReceived(RESPONSE)
+        outbound.connectionLost(done)
+        proxy.connectionLost(done)
+        reactor.advance(0)
+        if not client.value().startswith(b"HTTP/1.1 200 OK") or not client.disconnecting:
+            raise SystemExit(f"bench.inmemory: the GET was not answered and closed: {client.value()[:200]!r}")
+
+    return one
+
+
 def _keepalive() -> Callable[[], None]:
     """
     A client connection whose first request was answered (its outbound leg
@@ -152,16 +184,24 @@ def _keepalive() -> Callable[[], None]:
     return one
 
 
+#: Each workload: what builds its round, what one round is.
+_WORKLOADS = {
+    "keepalive": (_keepalive, "kept-alive request"),
+    "connect": (_connect, "CONNECT tunnel"),
+    "close": (_close, "GET on a new connection"),
+}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inmemory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=["keepalive", "connect"], default="keepalive")
+    parser.add_argument("--workload", choices=list(_WORKLOADS), default="keepalive")
     parser.add_argument("--tree", type=Path, default=None, help="run the codex_proxy of checkout DIR")
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--profile", type=Path, default=None, help="write a cProfile of one run here")
     args = parser.parse_args(argv)
     if args.tree is not None:
         sys.path.insert(0, str(args.tree.resolve()))
-    one = _keepalive() if args.workload == "keepalive" else _connect()
+    one = _WORKLOADS[args.workload][0]()
     for _ in range(2000):
         one()
     n = args.requests
@@ -176,8 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for _ in range(n):
             one()
         best = min(best, time.perf_counter() - started)
-    unit = "kept-alive request" if args.workload == "keepalive" else "CONNECT tunnel"
-    print(f"{best / n * 1e6:.2f} us per {unit} (in memory)")
+    print(f"{best / n * 1e6:.2f} us per {_WORKLOADS[args.workload][1]} (in memory)")
     return 0
 
 

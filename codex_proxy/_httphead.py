@@ -188,7 +188,7 @@ class _Fields:
         self.headers = headers
         self.watched = watched
         self.connection = _connection(watched)
-        self.block = forwardable(block, self.connection)
+        self.block = forwardable(block, headers, self.connection)
         self._framing: dict[tuple[int, int], Framing | None] = {}
 
     def framing(self, version: tuple[int, int], status: int, unsupported_status: int) -> Framing | None:
@@ -243,13 +243,16 @@ def _watched(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Watched, list[int]
     return watched, hop
 
 
-def forwardable(block: bytes, connection: frozenset[bytes] | None) -> bytes | None:
+def forwardable(block: bytes, headers: Headers, connection: frozenset[bytes] | None) -> bytes | None:
     """
     The field lines to forward as received: C{block} (already without its
-    L{HOP_BY_HOP} lines), unless C{connection} names further fields to drop,
-    when they are encoded again (C{None}).
+    L{HOP_BY_HOP} lines), unless a C{connection} option names one of
+    C{headers} to drop as well, when they are encoded again (C{None}).
     """
-    if connection is not None and connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE:
+    if connection is None:
+        return block
+    named = connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE
+    if named and any(name.lower() in named for name, _ in headers):
         return None
     return block
 

@@ -43,6 +43,15 @@ def test_a_field_a_connection_option_names_is_dropped_and_the_rest_encoded_again
     assert b"\r\nUser-Agent: spaced\r\n" in sent
 
 
+def test_connection_options_that_name_no_field_keep_the_fields_as_received():
+    sent = _forwarded(
+        b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nConnection: close, X-Absent\r\n"
+        b"User-Agent:   spaced\r\n\r\n"
+    )
+    assert sent.startswith(b"GET / HTTP/1.1\r\nHost: origin.test\r\nUser-Agent:   spaced\r\nVia: ")
+    assert sent.endswith(b"\r\nConnection: close\r\n\r\n")
+
+
 def test_a_chunked_request_keeps_its_framing_with_fields_as_received():
     sent = _forwarded(
         b"POST http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\nTransfer-Encoding: chunked\r\n"
