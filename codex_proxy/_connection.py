@@ -274,8 +274,13 @@ class ClientConnection(_ClientFlow, Protocol):
         return self.identify(*credentials.http(head.header(b"proxy-authorization")))
 
     def identified(self, request: ProxyRequest) -> ProxyRequest:
-        """C{request} as made by the client this connection authenticated as."""
-        return request if self.identity is None else attrs.evolve(request, client_identity=self.identity)
+        """
+        C{request} as made by the client this connection authenticated as
+        (a request read for the identity before is the same request).
+        """
+        if request.client_identity == self.identity:
+            return request
+        return attrs.evolve(request, client_identity=self.identity)
 
     def authenticateSOCKS(self, username: str, password: bytes) -> Optional[Reason]:
         """

@@ -337,6 +337,14 @@ class _HeadParser:
         self._limits = limits
         self._reset()
 
+    def forget(self) -> None:
+        """
+        Let go of the last block's reading: no head with it is coming (the
+        connection has become an opaque tunnel), and it would hold memory
+        for the connection's life.
+        """
+        self._last = None
+
     def _fields(self, block: bytes) -> _Fields:
         """
         L{_parse_fields} of C{block}, for the last block read again.

@@ -62,9 +62,11 @@ def request_for(
     client: Optional[str],
     resolve_socket: Callable[[str], str],
     placeholders: bool = True,
+    identity: Optional[str] = None,
 ) -> ProxyRequest:
     """
-    What a head on the listener asks for. C{resolve_socket} turns an
+    What a head on the listener asks for, for the client C{identity} (as
+    authenticated on the connection so far). C{resolve_socket} turns an
     absolute C{x-unix-socket} path into the one the policy compares (it
     resolves symlinks: I/O, so the caller provides it). Without
     C{placeholders} (no secret is configured, so none can be misused) the
@@ -101,7 +103,7 @@ def request_for(
         # A relative path is kept as sent, for the policy to refuse.
         unix_socket = resolve_socket(path) if path.startswith("/") and "\0" not in path else path
         host, port = UNIX_SOCKET_HOST, 0
-    return _request(head, protocol, host, port, client, placeholders, unix_socket)
+    return _request(head, protocol, host, port, client, placeholders, identity, unix_socket)
 
 
 def inner_request(
@@ -110,11 +112,12 @@ def inner_request(
     port: int,
     client: Optional[str],
     placeholders: bool = True,
+    identity: Optional[str] = None,
 ) -> ProxyRequest:
     """
     A request inside the intercepted tunnel to C{host:port}: its target must
     be the tunnel's own host and port (SPEC §6), named by C{Host}. See
-    L{request_for} for C{placeholders}.
+    L{request_for} for C{placeholders} and C{identity}.
 
     @raise ProtocolError: it names another target (421), is a CONNECT (405)
         or has no C{Host} (400).
@@ -139,7 +142,7 @@ def inner_request(
             raise ProtocolError(
                 f"request for {authority(*other)} inside the tunnel to {tunnel}", 421
             )
-    return _request(head, Protocol.HTTPS, host, port, client, placeholders)
+    return _request(head, Protocol.HTTPS, host, port, client, placeholders, identity)
 
 
 def _request(
@@ -149,6 +152,7 @@ def _request(
     port: int,
     client: Optional[str],
     placeholders: bool,
+    identity: Optional[str],
     unix_socket: Optional[str] = None,
 ) -> ProxyRequest:
     """
@@ -168,6 +172,7 @@ def _request(
             () if protocol is Protocol.HTTPS_CONNECT else method_overrides(head.headers, head.path)
         ),
         client=client,
+        client_identity=identity,
         unix_socket=unix_socket,
         secrets=_placeholders.named(head.headers) if placeholders else (),
     )

@@ -89,17 +89,21 @@ def _resolve_socket(path: str) -> str:
 
 
 def _request_for(
-    head: _httphead.RequestHead, tunnel: Optional[Verdict], client: Optional[str], secrets: Optional[Secrets]
+    head: _httphead.RequestHead,
+    tunnel: Optional[Verdict],
+    client: Optional[str],
+    secrets: Optional[Secrets],
+    identity: Optional[str],
 ) -> ProxyRequest:
     """
-    What C{head} asks for: an inner request of the intercepted C{tunnel},
-    or a request of its own; its header values are scanned for
-    placeholders only while some secret is configured.
+    What C{head} asks for, for the client C{identity}: an inner request of
+    the intercepted C{tunnel}, or a request of its own; its header values
+    are scanned for placeholders only while some secret is configured.
     """
     placeholders = secrets is not None and bool(secrets.placeholders)
     if tunnel is not None:
-        return _httptarget.inner_request(head, tunnel.host, tunnel.port, client, placeholders)
-    return _httptarget.request_for(head, client, _resolve_socket, placeholders)
+        return _httptarget.inner_request(head, tunnel.host, tunnel.port, client, placeholders, identity)
+    return _httptarget.request_for(head, client, _resolve_socket, placeholders, identity)
 
 
 class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
@@ -267,7 +271,7 @@ class HTTPProxyProtocol(ClientConnection):
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
         try:
-            request = _request_for(head, self._tunnel, self.client, self.factory.secrets)
+            request = _request_for(head, self._tunnel, self.client, self.factory.secrets, self.identity)
         except errors.ProtocolError as e:
             if kept is not None:
                 kept.drop()
@@ -357,6 +361,7 @@ class HTTPProxyProtocol(ClientConnection):
             self._exchange(job, Leg(out, state.route, state.tls, self), reused=False)
 
     def _relayTo(self, out: Outbound, fromServer: bytes) -> None:
+        self._parser.forget()
         self._state = Tunnelling()
         self.joinRelay(out, self.factory.tunnel_idle, fromServer, self.takePending(), self.clientEOF, self._timer)
 

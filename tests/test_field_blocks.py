@@ -188,3 +188,22 @@ def test_fuzz_cached_authority_readings_are_the_uncached_ones(calls):
         assert outcome(split_authority, text, required) == outcome(split_authority.__wrapped__, text, required)
         value = text.encode()
         assert outcome(split_host_header, value, 80) == outcome(split_host_header.__wrapped__, value, 80)
+
+
+def test_an_opaque_tunnel_lets_go_of_its_heads_reading():
+    """
+    The reading kept for the next head is memory an idle tunnel would hold
+    for its life (issue 16's bound is 8 KiB a tunnel): a connection that
+    became an opaque tunnel reads no more heads and keeps none. Without
+    forgetting, the CONNECT's fields stay reachable from the connection.
+    """
+    import gc
+
+    from codex_proxy._httphead import _Fields
+
+    h = Harness(False)
+    h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\nUser-Agent: kept?\r\n\r\n")
+    h.accept()
+    assert h.client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    reachable = gc.get_referents(*gc.get_referents(h.proto))
+    assert not [o for o in reachable if isinstance(o, _Fields)]
