@@ -69,6 +69,11 @@ def _proxy() -> Tuple[Any, Any, Any]:
         def loseWriteConnection(self) -> None:
             pass
 
+        def connectionLost(self) -> None:
+            # What a socket transport does as it closes (FileDescriptor):
+            # its producer goes, so no reference cycle outlives it.
+            self.producer = None
+
     globalLogBeginner.beginLoggingTo(
         [textFileLogObserver(open(os.devnull, "w"))], redirectStandardIO=False
     )
@@ -99,12 +104,15 @@ def _connect() -> Callable[[], None]:
         proxy.makeConnection(client)
         proxy.dataReceived(TUNNEL)
         outbound = reactor.tcpClients.pop()[2].buildProtocol(None)
-        outbound.makeConnection(Transport())
+        server = Transport()
+        outbound.makeConnection(server)
         proxy.dataReceived(b"GET /tiny HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
         outbound.dataReceived(RESPONSE)
         proxy.readConnectionLost()
         outbound.readConnectionLost()
+        server.connectionLost()
         outbound.connectionLost(done)
+        client.connectionLost()
         proxy.connectionLost(done)
         reactor.advance(0)
         if not client.value().startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 200 OK"):
@@ -132,9 +140,12 @@ def _close() -> Callable[[], None]:
         proxy.makeConnection(client)
         proxy.dataReceived(request)
         outbound = reactor.tcpClients.pop()[2].buildProtocol(None)
-        outbound.makeConnection(Transport())
+        server = Transport()
+        outbound.makeConnection(server)
         outbound.dataReceived(RESPONSE)
+        server.connectionLost()
         outbound.connectionLost(done)
+        client.connectionLost()
         proxy.connectionLost(done)
         reactor.advance(0)
         if not client.value().startswith(b"HTTP/1.1 200 OK") or not client.disconnecting:
