@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from codex_proxy import _httpbody, _httphead
-from codex_proxy._httphead import Headers
+from codex_proxy._httpfields import Headers
 from codex_proxy._httptarget import forwarded_response_head, is_websocket_upgrade, outgoing_head
 from codex_proxy.addresses import authority
 from codex_proxy.errors import ProtocolError

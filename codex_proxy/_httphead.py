@@ -2,16 +2,16 @@
 A strict sans-IO parser for HTTP/1.x message heads (RFC 9112); the bodies
 that follow are delimited by L{codex_proxy._httpbody}.
 
-The HTTP listener feeds bytes in and gets back frozen heads and leftovers.  Every shape that two implementations could read differently (the
-raw material of request smuggling) is a L{ProtocolError}, so the proxy never
-forwards it.  Errors from L{ResponseHeadParser} carry status 502: that is
+The HTTP listener feeds bytes in and gets back frozen heads and leftovers;
+their field blocks are read by L{codex_proxy._httpfields}. Every shape that
+two implementations could read differently (the raw material of request
+smuggling) is a L{ProtocolError}, so the proxy never forwards it.  Errors from L{ResponseHeadParser} carry status 502: that is
 what the proxy answers its client when an upstream breaks the wire format.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
 
 import attrs
 
@@ -21,74 +21,27 @@ from codex_proxy._httpbody import (
     UNTIL_CLOSE,
     Framing,
     HeadLimits,
-    declared_framing,
-    parse_field,
+)
+from codex_proxy._httpfields import (
+    Fields,
+    Headers,
+    Watched,
+    first_value,
+    keep_alive,
+    parse_fields,
+    watched_fields,
 )
 from codex_proxy._httpform import Form, target_form
 from codex_proxy.errors import ProtocolError
-
-#: Header fields in order: (name exactly as received, value with OWS stripped).
-Headers = tuple[tuple[bytes, bytes], ...]
-
 
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 # The common request line whole: a method token, a visible target, HTTP/1.0
 # or HTTP/1.1, single spaces (anything else is read by _request_line).
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])")
-# One whole header line: from a line's start, a token, a colon, optional
-# whitespace, a value without control characters (its trailing whitespace
-# not captured), CRLF. Nothing in it matches CR or LF before its own CRLF,
-# so a match is exactly one line.
-_FIELD_LINE = re.compile(
-    rb"(?m)^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
-    rb"((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x08\x0a-\x1f\x7f \t])?)[ \t]*\r\n"
-)
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _STATUS_LINE = re.compile(
     rb"HTTP/([0-9])\.([0-9]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?"
 )
-#: Fields that concern one connection, never forwarded (RFC 9110 §7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# A Connection header naming these must not make us drop the message's
-# routing or length: that would desynchronise the upstream (smuggling).
-NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
-#: The header naming a unix socket to forward a plain request to (SPEC §8).
-UNIX_SOCKET_HEADER = b"x-unix-socket"
-# Header fields the parsers and forwarding act on, collected by name in the
-# one validation pass: framing, routing, and the hop-by-hop ones.
-_WATCHED = (
-    frozenset({b"content-length", b"host", b"expect", b"via", UNIX_SOCKET_HEADER}) | HOP_BY_HOP
-)
-#: Lower-cased names to the values of the fields of a head so named.
-Watched = dict[bytes, list[bytes]]
-
-
-def _first(headers: Headers, watched: Watched, name: bytes) -> bytes | None:
-    """
-    The value of the first field called C{name}, in any case.
-    """
-    name = name.lower()
-    if name in _WATCHED:
-        values = watched.get(name)
-        return None if values is None else values[0]
-    for field, value in headers:
-        if field.lower() == name:
-            return value
-    return None
-
-
 @attrs.frozen
 class RequestHead:
     """
@@ -105,7 +58,7 @@ class RequestHead:
     @ivar keep_alive: the client lets the connection carry another request.
     @ivar upgrade: an C{Upgrade} header is present.
     @ivar expect_continue: an HTTP/1.1 client waits for C{100 Continue}.
-    @ivar block: the field lines to forward (L{forwardable}); C{None} once
+    @ivar block: the field lines to forward (L{codex_proxy._httpfields.forwardable}); C{None} once
         L{with_headers} changed the fields.
     @ivar watched: the values of the fields the proxy acts on, by name.
     """
@@ -130,14 +83,14 @@ class RequestHead:
         """
         The first value of the field C{name} (case-insensitive), or C{None}.
         """
-        return _first(self.headers, self.watched, name)
+        return first_value(self.headers, self.watched, name)
 
     def with_headers(self, headers: Headers) -> RequestHead:
         """
         This head with other fields (same framing and routing): they are
         encoded again when forwarded.
         """
-        return attrs.evolve(self, headers=headers, block=None, watched=_watched(headers)[0])
+        return attrs.evolve(self, headers=headers, block=None, watched=watched_fields(headers)[0])
 
 
 @attrs.frozen
@@ -148,7 +101,7 @@ class ResponseHead:
     @ivar framing: how the body that follows is delimited, given the
         request method the response answers.
     @ivar keep_alive: the server lets the connection carry another request.
-    @ivar block: the field lines to forward (L{forwardable}).
+    @ivar block: the field lines to forward (L{codex_proxy._httpfields.forwardable}).
     @ivar watched: the values of the fields the proxy acts on, by name.
     """
 
@@ -165,122 +118,7 @@ class ResponseHead:
         """
         The first value of the field C{name} (case-insensitive), or C{None}.
         """
-        return _first(self.headers, self.watched, name)
-
-
-class _Fields:
-    """
-    A field block, validated and read (L{_parse_fields}); read-only, and
-    shared by the heads of one parser that carry the same block.
-
-    @ivar raw: the field lines as received, each with its CRLF.
-    @ivar headers: the fields in order.
-    @ivar watched: the values of the L{_WATCHED} fields by lower-cased name.
-    @ivar connection: the options the C{Connection} fields list, C{None}
-        without any.
-    @ivar block: the field lines to forward (L{forwardable}).
-    """
-
-    __slots__ = ("raw", "headers", "watched", "connection", "block", "_framing")
-
-    def __init__(self, raw: bytes, headers: Headers, watched: Watched, block: bytes) -> None:
-        self.raw = raw
-        self.headers = headers
-        self.watched = watched
-        self.connection = _connection(watched)
-        self.block = forwardable(block, headers, self.connection)
-        self._framing: dict[tuple[int, int], Framing | None] = {}
-
-    def framing(self, version: tuple[int, int], status: int, unsupported_status: int) -> Framing | None:
-        """
-        L{declared_framing} of these fields in a message of C{version}
-        (the statuses are those of the one parser that reads them).
-        """
-        known = self._framing
-        if version in known:
-            return known[version]
-        framing = known[version] = declared_framing(self.watched, version, status, unsupported_status)
-        return framing
-
-
-def _parse_fields(block: bytes, status: int) -> _Fields:
-    """
-    Validate and read the field lines of C{block} (each with its CRLF).
-
-    The common case (every line well formed) is checked and split by one
-    regular expression over the whole block, in C: a match is one whole
-    line, so as many matches as lines means every line matched. Only a
-    block with a line that did not is walked line by line, to name what is
-    wrong.
-    """
-    headers = _FIELD_LINE.findall(block)
-    if len(headers) != block.count(b"\n"):
-        headers = [parse_field(line, status) for line in block[:-2].split(b"\r\n")]
-    watched, hop = _watched(headers)
-    kept = block
-    if hop:
-        # Line i of the block is field i.
-        lines = block.split(b"\r\n")
-        for i in reversed(hop):
-            del lines[i]
-        kept = b"\r\n".join(lines)
-    return _Fields(block, tuple(headers), watched, kept)
-
-
-def _watched(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Watched, list[int]]:
-    """
-    The values of the L{_WATCHED} fields among C{headers} by lower-cased
-    name, and the positions of the L{HOP_BY_HOP} ones.
-    """
-    watched: Watched = {}
-    hop: list[int] = []
-    for i, (name, value) in enumerate(headers):
-        key = name.lower()
-        if key in _WATCHED:
-            watched.setdefault(key, []).append(value)
-            if key in HOP_BY_HOP:
-                hop.append(i)
-    return watched, hop
-
-
-def forwardable(block: bytes, headers: Headers, connection: frozenset[bytes] | None) -> bytes | None:
-    """
-    The field lines to forward as received: C{block} (already without its
-    L{HOP_BY_HOP} lines), unless a C{connection} option names one of
-    C{headers} to drop as well, when they are encoded again (C{None}).
-    """
-    if connection is None:
-        return block
-    named = connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE
-    if named and any(name.lower() in named for name, _ in headers):
-        return None
-    return block
-
-
-def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
-    """
-    The lower-cased options listed by C{Connection} field values.
-    """
-    return frozenset([token.strip(b" \t").lower() for value in values for token in value.split(b",")])
-
-
-def _connection(seen: dict[bytes, list[bytes]]) -> frozenset[bytes] | None:
-    """
-    The options of the C{Connection} fields among C{seen}, C{None} without any.
-    """
-    return connection_tokens(seen[b"connection"]) if b"connection" in seen else None
-
-
-def _keep_alive(connection: frozenset[bytes] | None, version: tuple[int, int]) -> bool:
-    """
-    Persistence per RFC 9112 §9.3, given the C{Connection} options: HTTP/1.1
-    unless C{close}, HTTP/1.0 only with C{keep-alive}.
-    """
-    if connection is None:
-        return version >= (1, 1)
-    if b"close" in connection:
-        return False
-    return version >= (1, 1) or b"keep-alive" in connection
+        return first_value(self.headers, self.watched, name)
 
 
 def _split_head(head: bytes, status: int) -> tuple[bytes, bytes]:
@@ -331,7 +169,7 @@ class _HeadParser:
     _line_status: int
     _size_status: int
     _status: int
-    _last: _Fields | None = None
+    _last: Fields | None = None
 
     def __init__(self, limits: HeadLimits) -> None:
         self._limits = limits
@@ -345,14 +183,14 @@ class _HeadParser:
         """
         self._last = None
 
-    def _fields(self, block: bytes) -> _Fields:
+    def _fields(self, block: bytes) -> Fields:
         """
-        L{_parse_fields} of C{block}, for the last block read again.
+        L{parse_fields} of C{block}, for the last block read again.
         """
         last = self._last
         if last is not None and last.raw == block:
             return last
-        fields = self._last = _parse_fields(block, self._status)
+        fields = self._last = parse_fields(block, self._status)
         return fields
 
     def _reset(self) -> None:
@@ -487,7 +325,7 @@ class RequestHeadParser(_HeadParser):
             port=port,
             path=path,
             framing=framing,
-            keep_alive=_keep_alive(fields.connection, version),
+            keep_alive=keep_alive(fields.connection, version),
             upgrade=b"upgrade" in seen,
             expect_continue=b"expect" in seen
             and version >= (1, 1)
@@ -591,7 +429,7 @@ class ResponseHeadParser(_HeadParser):
             reason=match[4] or b"",
             headers=fields.headers,
             framing=framing,
-            keep_alive=framing is not UNTIL_CLOSE and _keep_alive(fields.connection, version),
+            keep_alive=framing is not UNTIL_CLOSE and keep_alive(fields.connection, version),
             block=fields.block,
             watched=fields.watched,
         )

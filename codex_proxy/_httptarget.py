@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from codex_proxy import _httpbody, _httphead, _placeholders
 from codex_proxy._httpform import DEFAULT_PORTS, cached_when_short, split_authority
-from codex_proxy._httphead import HOP_BY_HOP, NOT_CONNECTION_LISTABLE, UNIX_SOCKET_HEADER, Headers
+from codex_proxy._httpfields import HOP_BY_HOP, NOT_CONNECTION_LISTABLE, UNIX_SOCKET_HEADER, Headers, connection_tokens
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
@@ -276,7 +276,7 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
         elif name == b"connection":
             connection.append(field[1])
     if connection:
-        named = _httphead.connection_tokens(connection) - NOT_CONNECTION_LISTABLE - HOP_BY_HOP
+        named = connection_tokens(connection) - NOT_CONNECTION_LISTABLE - HOP_BY_HOP
         if named:
             kept = [field for field in kept if field[0].lower() not in named]
     return tuple(kept)

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Tuple
 
 import attrs
 
-from codex_proxy._httphead import Headers
+from codex_proxy._httpfields import Headers
 from codex_proxy._toml import Table, is_str
 
 #: What every placeholder starts with.

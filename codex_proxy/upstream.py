@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from codex_proxy import _httphead
+from codex_proxy._httpfields import Headers
 from codex_proxy._httptarget import serialize_request_head
 from codex_proxy.addresses import authority
 from codex_proxy.addresses import parse_ip_literal
@@ -176,7 +177,7 @@ class _ParentConnect:
         self._target = target
         self._parser = _httphead.ResponseHeadParser("CONNECT")
         self.deferred: defer.Deferred[Outbound] = defer.Deferred(self._cancel)
-        headers: _httphead.Headers = ((b"Host", target.encode("ascii")),)
+        headers: Headers = ((b"Host", target.encode("ascii")),)
         if parent.authorization is not None:
             headers += ((b"Proxy-Authorization", parent.authorization),)
         out._handshake = self

@@ -199,11 +199,11 @@ def test_an_opaque_tunnel_lets_go_of_its_heads_reading():
     """
     import gc
 
-    from codex_proxy._httphead import _Fields
+    from codex_proxy._httpfields import Fields
 
     h = Harness(False)
     h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\nUser-Agent: kept?\r\n\r\n")
     h.accept()
     assert h.client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
     reachable = gc.get_referents(*gc.get_referents(h.proto))
-    assert not [o for o in reachable if isinstance(o, _Fields)]
+    assert not [o for o in reachable if isinstance(o, Fields)]

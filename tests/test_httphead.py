@@ -815,14 +815,14 @@ def test_fuzz_a_field_block_reads_as_its_lines_one_by_one(lines):
     and refuses whatever that refuses.
     """
     from codex_proxy._httpbody import parse_field
-    from codex_proxy._httphead import _parse_fields
+    from codex_proxy._httpfields import parse_fields
 
     try:
         expected: object = [parse_field(line, 400) for line in lines]
     except ProtocolError as e:
         expected = e.message
     try:
-        got: object = list(_parse_fields(b"".join(line + b"\r\n" for line in lines), 400).headers)
+        got: object = list(parse_fields(b"".join(line + b"\r\n" for line in lines), 400).headers)
     except ProtocolError as e:
         got = e.message
     assert got == expected
@@ -903,9 +903,9 @@ def test_fuzz_a_response_head_forwarded_as_received_reads_as_one_encoded_again(l
         return  # two Content-Lengths, say: nothing is forwarded
     as_received = forwarded_response_head(head, added)
     encoded = serialize_response_head((1, 1), 200, b"OK", strip_hop_by_hop(head.headers) + added)
-    from codex_proxy._httphead import _parse_fields
+    from codex_proxy._httpfields import parse_fields
 
-    reread = [_parse_fields(h[h.index(b"\r\n") + 2 : -2], 502).headers for h in (as_received, encoded)]
+    reread = [parse_fields(h[h.index(b"\r\n") + 2 : -2], 502).headers for h in (as_received, encoded)]
     assert reread[0] == reread[1]
     assert as_received.startswith(b"HTTP/1.1 200 OK\r\n")
     named = any(b"X-Drop" in line for line in lines if line.lower().startswith(b"connection"))
