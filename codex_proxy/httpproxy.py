@@ -181,6 +181,9 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
         transport.protocol = tunnel
         tunnel.makeConnection(transport)
         tunnel.start(verdict, out, route, handshake)
+        if previous.clientEOF:
+            # Its client half-closed before the hand-over: as if now.
+            tunnel.readConnectionLost()
 
 
 @implementer(IHalfCloseableProtocol, IExchangeOwner, IHeadOwner)

@@ -93,3 +93,41 @@ def test_untrusted_origin_certificate_is_502(tmp_path, trickle):
     assert answer.startswith(b"HTTP/1.1 502 ")
     assert b"x-proxy-error: upstream-tls-failed\r\n" in answer
     assert w.origin_saw() == b""
+
+
+@pytest.mark.parametrize("listener", ["http", "socks5"])
+def test_a_client_that_half_closes_before_its_intercepted_tunnel_opens_is_closed(tmp_path, listener):
+    """
+    A client that sent its request and then shut down its sending side can
+    never finish a TLS handshake: once the tunnel is dialled, the proxy
+    closes the connection (and drops the dialled leg) rather than wait for
+    the header timeout. Through SOCKS5 that EOF came to the SOCKS5 protocol
+    before the HTTP listener's interception took the connection over.
+    """
+    from twisted.internet.address import IPv4Address
+
+    from codex_proxy.socks5 import SOCKS5Factory
+    from support.mitm import TLSCapableTransport, take
+    from support.socks import NO_AUTH, connect
+
+    w = World(tmp_path, False)
+    if listener == "http":
+        w.proxy.dataReceived(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
+        client = w.downstream
+        proto = w.proxy
+    else:
+        socks = SOCKS5Factory(
+            w.service, w.proxy.factory.upstream, w.reactor, reactor=w.reactor, https=w.proxy.factory
+        )
+        proto = socks.buildProtocol(None)
+        client = TLSCapableTransport(False, peerAddress=IPv4Address("TCP", "127.0.0.1", 5556))
+        client.protocol = proto
+        proto.makeConnection(client)
+        proto.dataReceived(NO_AUTH + connect("origin.test", 443))
+    proto.readConnectionLost()
+    assert not client.disconnecting
+    w.accept()
+    answered = take(client)
+    assert answered.startswith(b"HTTP/1.1 200" if listener == "http" else b"\x05\x00")
+    assert client.disconnecting
+    assert w.upstreams[0].disconnecting
