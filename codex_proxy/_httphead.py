@@ -5,8 +5,9 @@ that follow are delimited by L{codex_proxy._httpbody}.
 The HTTP listener feeds bytes in and gets back frozen heads and leftovers;
 their field blocks are read by L{codex_proxy._httpfields}. Every shape that
 two implementations could read differently (the raw material of request
-smuggling) is a L{ProtocolError}, so the proxy never forwards it.  Errors from L{ResponseHeadParser} carry status 502: that is
-what the proxy answers its client when an upstream breaks the wire format.
+smuggling) is a L{ProtocolError}, so the proxy never forwards it. Errors from
+L{ResponseHeadParser} carry status 502: that is what the proxy answers its
+client when an upstream breaks the wire format.
 """
 
 from __future__ import annotations

@@ -12,7 +12,13 @@ from typing import Callable, Optional
 
 from codex_proxy import _httpbody, _httphead, _placeholders
 from codex_proxy._httpform import DEFAULT_PORTS, cached_when_short, split_authority
-from codex_proxy._httpfields import HOP_BY_HOP, NOT_CONNECTION_LISTABLE, UNIX_SOCKET_HEADER, Headers, connection_tokens
+from codex_proxy._httpfields import (
+    HOP_BY_HOP,
+    NOT_CONNECTION_LISTABLE,
+    UNIX_SOCKET_HEADER,
+    Headers,
+    connection_tokens,
+)
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
@@ -230,33 +236,33 @@ def outgoing_head(
     lines go as received when that is all that changes (C{head.block}).
     """
     block = head.block
+    fields: Headers = ()  # after the block
     if block is None or request.unix_socket is not None:
+        # Encoded again, all of them.
         block = b""
-        added = strip_hop_by_hop(head.headers)
+        fields = strip_hop_by_hop(head.headers)
         if request.unix_socket is not None:
-            added = tuple((k, v) for k, v in added if k.lower() != UNIX_SOCKET_HEADER)
-    else:
-        added = ()
+            fields = tuple((k, v) for k, v in fields if k.lower() != UNIX_SOCKET_HEADER)
     if head.header(b"host") is None:
         assert head.host is not None and head.port is not None
         default = DEFAULT_PORTS[head.scheme or "http"]
-        added += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
+        fields += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)
     if head.framing is _httpbody.CHUNKED:
-        added += ((b"Transfer-Encoding", b"chunked"),)
-    added += ((b"Via", via),)
+        fields += ((b"Transfer-Encoding", b"chunked"),)
+    fields += ((b"Via", via),)
     target = head.path if head.form == "absolute" else head.target
     if absolute_form:
         target = f"http://{authority(normalize_host(request.host), request.port, 80)}{target}"
         if parent_authorization is not None:
-            added += ((b"Proxy-Authorization", parent_authorization),)
+            fields += ((b"Proxy-Authorization", parent_authorization),)
     if is_websocket_upgrade(head):
-        added += (
+        fields += (
             (b"Connection", b"Upgrade"),
             (b"Upgrade", head.header(b"upgrade") or b"websocket"),
         )
     elif close:
-        added += ((b"Connection", b"close"),)
-    return serialize_request_head(head.method, target, added, block)
+        fields += ((b"Connection", b"close"),)
+    return serialize_request_head(head.method, target, fields, block)
 
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
