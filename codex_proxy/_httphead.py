@@ -157,14 +157,20 @@ def _whole_head(data: bytes, limits: HeadLimits) -> tuple[bytes, bytes] | None:
     return head, data[end:]
 
 
+#: The largest field block a parser keeps read for the next head (typical
+#: heads are well under 2 KiB).
+KEPT_BLOCK = 8192
+
+
 class _HeadParser:
     """
     Accumulate bytes until a blank line ends a head, enforcing the limits as
     bytes arrive.  Each new byte is scanned once.
 
-    The field block of the last head is kept read: a client repeats its
-    fields from one request to the next on a connection, and a block equal
-    to the last one, byte for byte, reads the same.
+    The field block of the last head is kept read (up to L{KEPT_BLOCK}
+    bytes): a client repeats its fields from one request to the next on a
+    connection, and a block equal to the last one, byte for byte, reads the
+    same.
     """
 
     _line_status: int
@@ -191,7 +197,10 @@ class _HeadParser:
         last = self._last
         if last is not None and last.raw == block:
             return last
-        fields = self._last = parse_fields(block, self._status)
+        fields = parse_fields(block, self._status)
+        # Kept only when small: an idle connection holds it, and a head may
+        # be 64 KiB.
+        self._last = fields if len(block) <= KEPT_BLOCK else None
         return fields
 
     def _reset(self) -> None:

@@ -207,3 +207,20 @@ def test_an_opaque_tunnel_lets_go_of_its_heads_reading():
     assert h.client.value() == b"HTTP/1.1 200 Connection established\r\n\r\n"
     reachable = gc.get_referents(*gc.get_referents(h.proto))
     assert not [o for o in reachable if isinstance(o, Fields)]
+
+
+def test_a_large_block_is_read_each_time_and_not_kept():
+    """
+    What a connection keeps between requests stays small: a block past
+    KEPT_BLOCK (heads may be 64 KiB) is read afresh and let go of.
+    """
+    from codex_proxy._httphead import KEPT_BLOCK
+
+    parser = RequestHeadParser()
+    big = b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nCookie: " + b"c" * KEPT_BLOCK + b"\r\n\r\n"
+    first = parser.feed(big)
+    second = parser.feed(big)
+    assert first is not None and second is not None
+    assert second[0] == first[0] and second[0].headers is not first[0].headers
+    assert second[0].header(b"cookie") == b"c" * KEPT_BLOCK
+    assert parser._last is None
