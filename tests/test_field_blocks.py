@@ -224,3 +224,111 @@ def test_a_large_block_is_read_each_time_and_not_kept():
     assert second[0] == first[0] and second[0].headers is not first[0].headers
     assert second[0].header(b"cookie") == b"c" * KEPT_BLOCK
     assert parser._last is None
+
+
+
+def _small_limits():
+    from codex_proxy._httpbody import HeadLimits
+
+    return HeadLimits(max_request_line_bytes=40, max_header_bytes=160, max_header_fields=3)
+
+
+_START_LINES = st.sampled_from(
+    [
+        b"GET http://a.test/ HTTP/1.1",
+        b"GET / HTTP/1.0",
+        b"GET /" + b"x" * 35 + b" HTTP/1.1",  # over the 40-byte line limit
+        b"GET /\rx HTTP/1.1",
+        b"GET /\nx HTTP/1.1",
+        b"\r\nGET / HTTP/1.1",
+        b"",
+        b"GET  / HTTP/1.1",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 O\rK",
+    ]
+)
+_LIMIT_BLOCKS = _BLOCKS | st.sampled_from(
+    [
+        b"Host: a.test\r\nA: 1\r\nB: 2\r\nC: 3\r\n",  # a field over the limit
+        b"Host: a.test\r\nX-Long: " + b"v" * 100 + b"\r\n",  # a head over 160 bytes
+    ]
+)
+
+
+@fuzz_settings(500)
+@given(
+    _LIMIT_BLOCKS,
+    st.lists(
+        st.tuples(
+            _START_LINES,
+            st.none() | _LIMIT_BLOCKS,  # None: the block most heads share
+            st.sampled_from([b"", b"", b"", b"GET", b"\r\n", b"rest"]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.booleans(),
+)
+def test_fuzz_heads_that_repeat_the_last_block_read_as_on_a_fresh_parser(shared, heads, responses):
+    """
+    Heads fed whole, one after another, to one parser (which keeps the
+    reading of the last block) read as each would on a fresh parser: the
+    same head, error or leftover, under tight limits, with start lines that
+    are too long, empty, or carry a bare CR or LF. The sequence stops at the
+    first error, as a connection does.
+    """
+
+    def make():
+        if responses:
+            return ResponseHeadParser("GET", _small_limits())
+        return RequestHeadParser(_small_limits())
+
+    def read(parser, raw):
+        try:
+            result = parser.feed(raw)
+        except ProtocolError as e:
+            return ("error", e.status, e.message)
+        if result is None:
+            return None
+        head, rest = result
+        return (head, head.block, head.header(b"host"), rest)
+
+    one = make()
+    for start, block, rest in heads:
+        raw = start + b"\r\n" + (shared if block is None else block) + b"\r\n" + rest
+        got, expected = read(one, raw), read(make(), raw)
+        assert got == expected, raw
+        if got is None or got[0] == "error" or got[3]:
+            break  # an error, an incomplete head, or bytes of the next message
+
+
+def test_a_repeated_block_still_meets_the_start_line_and_head_limits():
+    """
+    A head whose block repeats the last one is held to the limits like any:
+    a start line over its limit is 414, a head that the longer start line
+    takes over its size is 431, as on a fresh parser.
+    """
+    block = b"Host: a.test\r\nX-Pad: " + b"p" * 100 + b"\r\n"  # 123 bytes: 141 with a 14-byte line
+
+    def after_a_first_head(start: bytes) -> tuple[int, str]:
+        parser = RequestHeadParser(_small_limits())
+        assert parser.feed(b"GET / HTTP/1.1\r\n" + block + b"\r\n") is not None
+        try:
+            parser.feed(start + b"\r\n" + block + b"\r\n")
+        except ProtocolError as e:
+            return e.status, e.message
+        raise AssertionError("accepted")
+
+    assert after_a_first_head(b"GET /" + b"x" * 40 + b" HTTP/1.1") == (414, "start line too long")
+    assert after_a_first_head(b"GET /" + b"x" * 20 + b" HTTP/1.1") == (431, "message head too large")
+
+
+def test_a_repeated_block_without_the_blank_line_is_no_head_yet():
+    parser = RequestHeadParser()
+    block = b"Host: a.test\r\nAccept: */*\r\n"
+    assert parser.feed(b"GET /1 HTTP/1.1\r\n" + block + b"\r\n") is not None
+    assert parser.feed(b"GET /2 HTTP/1.1\r\n" + block) is None
+    second = parser.feed(b"\r\nGET")
+    assert second is not None and second[0].path == "/2" and second[1] == b"GET"
+    with_more = parser.feed(second[1] + b" /3 HTTP/1.1\r\n" + block + b"X-More: 1\r\n\r\n")
+    assert with_more is not None and with_more[0].header(b"x-more") == b"1"
