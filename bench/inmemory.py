@@ -87,9 +87,14 @@ def _proxy() -> Tuple[Any, Any, Any]:
     return HTTPProxyFactory(policy, Upstream(reactor, 10), reactor), reactor, Transport
 
 
-def _connect() -> Callable[[], None]:
+def _new_connection(
+    first: bytes, exchange: Callable[[Any, Any], None], check: Callable[[Any], bool]
+) -> Callable[[], None]:
     """
-    One CONNECT tunnel from accept to close, carrying one exchange.
+    A round on a new client connection: it sends C{first}, which is dialled;
+    C{exchange}(proxy, outbound) then runs what the connection carries, and
+    both connections close as socket transports do. C{check} reads the
+    client transport afterwards.
     """
     from twisted.internet import error
     from twisted.internet.address import IPv4Address
@@ -102,23 +107,38 @@ def _connect() -> Callable[[], None]:
         proxy = factory.buildProtocol(None)
         client = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
         proxy.makeConnection(client)
-        proxy.dataReceived(TUNNEL)
+        proxy.dataReceived(first)
         outbound = reactor.tcpClients.pop()[2].buildProtocol(None)
         server = Transport()
         outbound.makeConnection(server)
-        proxy.dataReceived(b"GET /tiny HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
-        outbound.dataReceived(RESPONSE)
-        proxy.readConnectionLost()
-        outbound.readConnectionLost()
+        exchange(proxy, outbound)
         server.connectionLost()
         outbound.connectionLost(done)
         client.connectionLost()
         proxy.connectionLost(done)
         reactor.advance(0)
-        if not client.value().startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 200 OK"):
-            raise SystemExit(f"bench.inmemory: the tunnel did not relay: {client.value()[:200]!r}")
+        if not check(client):
+            raise SystemExit(f"bench.inmemory: unexpected answer: {client.value()[:200]!r}")
 
     return one
+
+
+def _connect() -> Callable[[], None]:
+    """
+    One CONNECT tunnel from accept to close, carrying one exchange.
+    """
+
+    def exchange(proxy: Any, outbound: Any) -> None:
+        proxy.dataReceived(b"GET /tiny HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n")
+        outbound.dataReceived(RESPONSE)
+        proxy.readConnectionLost()
+        outbound.readConnectionLost()
+
+    return _new_connection(
+        TUNNEL,
+        exchange,
+        lambda client: client.value().startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 200 OK"),
+    )
 
 
 def _close() -> Callable[[], None]:
@@ -126,32 +146,11 @@ def _close() -> Callable[[], None]:
     One GET on a new client connection, as C{loadgen}'s close mode sends
     it: dialled, answered, and both connections closed.
     """
-    from twisted.internet import error
-    from twisted.internet.address import IPv4Address
-    from twisted.python.failure import Failure
-
-    factory, reactor, Transport = _proxy()
-    done = Failure(error.ConnectionDone())
-    request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
-
-    def one() -> None:
-        proxy = factory.buildProtocol(None)
-        client = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
-        proxy.makeConnection(client)
-        proxy.dataReceived(request)
-        outbound = reactor.tcpClients.pop()[2].buildProtocol(None)
-        server = Transport()
-        outbound.makeConnection(server)
-        outbound.dataReceived(RESPONSE)
-        server.connectionLost()
-        outbound.connectionLost(done)
-        client.connectionLost()
-        proxy.connectionLost(done)
-        reactor.advance(0)
-        if not client.value().startswith(b"HTTP/1.1 200 OK") or not client.disconnecting:
-            raise SystemExit(f"bench.inmemory: the GET was not answered and closed: {client.value()[:200]!r}")
-
-    return one
+    return _new_connection(
+        REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"),
+        lambda proxy, outbound: outbound.dataReceived(RESPONSE),
+        lambda client: client.value().startswith(b"HTTP/1.1 200 OK") and client.disconnecting,
+    )
 
 
 def _keepalive() -> Callable[[], None]:
