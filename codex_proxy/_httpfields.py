@@ -42,10 +42,14 @@ HOP_BY_HOP = frozenset(
 NOT_CONNECTION_LISTABLE = frozenset({b"host", b"content-length"})
 #: The header naming a unix socket to forward a plain request to (SPEC §8).
 UNIX_SOCKET_HEADER = b"x-unix-socket"
-# Header fields the parsers and forwarding act on, collected by name in the
-# one validation pass: framing, routing, and the hop-by-hop ones.
+#: Header fields some origin frameworks take as the request's real method.
+METHOD_OVERRIDE_FIELDS = (b"x-http-method-override", b"x-http-method", b"x-method-override")
+# Header fields the parsers, forwarding and the policy act on, collected by
+# name in the one validation pass: framing, routing, method overrides, and
+# the hop-by-hop ones.
 _WATCHED = (
-    frozenset({b"content-length", b"host", b"expect", b"via", UNIX_SOCKET_HEADER}) | HOP_BY_HOP
+    frozenset({b"content-length", b"host", b"expect", b"via", UNIX_SOCKET_HEADER, *METHOD_OVERRIDE_FIELDS})
+    | HOP_BY_HOP
 )
 #: Lower-cased names to the values of the fields of a head so named.
 Watched = dict[bytes, list[bytes]]

@@ -8,26 +8,33 @@ absolute-form), and the one C{host:port} formatter of the package.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
+from urllib.parse import unquote_plus
 
 from codex_proxy import _httpbody, _httphead, _placeholders
 from codex_proxy._httpform import DEFAULT_PORTS, cached_when_short, split_authority
 from codex_proxy._httpfields import (
     HOP_BY_HOP,
+    METHOD_OVERRIDE_FIELDS,
     NOT_CONNECTION_LISTABLE,
     UNIX_SOCKET_HEADER,
     Headers,
+    Watched,
     connection_tokens,
 )
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
 from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest
-from codex_proxy.policy import method_overrides
 
 #: The schemes of absolute-form requests we forward (wss takes CONNECT).
 _FORWARDED_SCHEMES = frozenset({"http", "ws", "https"})
 _HTTPS_PORT = DEFAULT_PORTS["https"]
+#: The query parameter some frameworks take as the request's real method
+#: (Rails, Laravel, method-override).
+_OVERRIDE_PARAMETER = "_method"
+_QUERY_SEPARATOR = re.compile("[&;]")
 
 
 @cached_when_short
@@ -175,12 +182,37 @@ def _request(
         upgrade=head.upgrade,
         # A tunnel's own fields name no method of a request it carries.
         override_methods=(
-            () if protocol is Protocol.HTTPS_CONNECT else method_overrides(head.headers, head.path)
+            () if protocol is Protocol.HTTPS_CONNECT else method_overrides(head.watched, head.path)
         ),
         client=client,
         client_identity=identity,
         unix_socket=unix_socket,
         secrets=_placeholders.named(head.headers) if placeholders else (),
+    )
+
+
+def method_overrides(watched: Watched, target: str) -> tuple[str, ...]:
+    """
+    The methods a request names in place of its own, upper-cased, for
+    L{ProxyRequest.override_methods}: the values of method-override header
+    fields among C{watched} (a head's L{Watched} fields) and of C{_method}
+    parameters in the query of C{target} (SPEC §4.4). Read as leniently as the frameworks that honour them: any case,
+    percent- or plus-encoded, C{;} or C{&} separated, comma-listed.
+    """
+    named = [value.decode("latin-1") for name in METHOD_OVERRIDE_FIELDS for value in watched.get(name, ())]
+    query = target.partition("?")[2].partition("#")[0] if "?" in target else ""
+    if _OVERRIDE_PARAMETER in query.lower() or "%" in query:
+        for pair in _QUERY_SEPARATOR.split(query):
+            name, _, value = pair.partition("=")
+            if unquote_plus(name).strip().lower() == _OVERRIDE_PARAMETER:
+                named.append(unquote_plus(value))
+    if not named:
+        return ()
+    return tuple(
+        method
+        for text in named
+        for method in (part.strip().upper() for part in text.split(","))
+        if method
     )
 
 

@@ -11,9 +11,7 @@ L{policy_from_config} compiles a loaded config into the L{Policy} it reads.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Callable, FrozenSet, Iterable, Mapping, Optional, Sequence, Tuple
-from urllib.parse import unquote_plus
 
 import attrs
 
@@ -39,13 +37,6 @@ _MAX_PORT = 65535
 #: space in it make it no host name (SPEC §4.3).
 _BARE_HOSTS = frozenset({Protocol.SOCKS5_TCP, Protocol.SOCKS5_UDP})
 
-#: Header fields some origin frameworks take as the request's real method.
-_OVERRIDE_FIELDS = frozenset(
-    {b"x-http-method-override", b"x-http-method", b"x-method-override"}
-)
-#: The query parameter others take so (Rails, Laravel, method-override).
-_OVERRIDE_PARAMETER = "_method"
-_QUERY_SEPARATOR = re.compile("[&;]")
 
 
 @attrs.frozen
@@ -451,33 +442,6 @@ def mode_guard(policy: Policy, request: ProxyRequest) -> Optional[Reason]:
     ):
         return Reason.METHOD_NOT_ALLOWED
     return None
-
-
-def method_overrides(headers: Iterable[Tuple[bytes, bytes]], target: str) -> Tuple[str, ...]:
-    """
-    The methods a request names in place of its own, upper-cased, for
-    L{ProxyRequest.override_methods}: the values of method-override header
-    fields and of C{_method} parameters in the query of C{target} (SPEC
-    §4.4). Read as leniently as the frameworks that honour them: any case,
-    percent- or plus-encoded, C{;} or C{&} separated, comma-listed.
-    """
-    named = [
-        value.decode("latin-1") for name, value in headers if name.lower() in _OVERRIDE_FIELDS
-    ]
-    query = target.partition("?")[2].partition("#")[0] if "?" in target else ""
-    if _OVERRIDE_PARAMETER in query.lower() or "%" in query:
-        for pair in _QUERY_SEPARATOR.split(query):
-            name, _, value = pair.partition("=")
-            if unquote_plus(name).strip().lower() == _OVERRIDE_PARAMETER:
-                named.append(unquote_plus(value))
-    if not named:
-        return ()
-    return tuple(
-        method
-        for text in named
-        for method in (part.strip().upper() for part in text.split(","))
-        if method
-    )
 
 
 def _deny(

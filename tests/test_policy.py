@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from codex_proxy.domains import PatternError
 from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Reason, Source
-from codex_proxy.policy import Policy, admit, decide, is_local_target, method_overrides
+from codex_proxy._httpfields import watched_fields
+from codex_proxy._httptarget import method_overrides
+from codex_proxy.policy import Policy, admit, decide, is_local_target
 
 
 def _request(host, port=443, protocol=Protocol.HTTPS_CONNECT, **kwargs):
@@ -387,4 +389,4 @@ def test_limited_mode_refuses_method_overrides_naming_writes(overrides, reason):
     ],
 )
 def test_method_overrides_from_headers_and_query(headers, target, overrides):
-    assert method_overrides(headers, target) == overrides
+    assert method_overrides(watched_fields(headers)[0], target) == overrides
