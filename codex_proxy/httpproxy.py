@@ -339,9 +339,7 @@ class HTTPProxyProtocol(ClientConnection):
         failure.trap(errors.UpstreamError)
         state = self._state
         assert isinstance(state, (Deciding, Dialling))
-        kept = None
-        if isinstance(state, Deciding):
-            kept, state.kept = state.kept, None
+        kept = state.takeKept() if isinstance(state, Deciding) else None
         e = failure.value
         assert isinstance(e, errors.UpstreamError)
         self._failure(state.job, e.reason, e.message, kept, e.upstream_status)
