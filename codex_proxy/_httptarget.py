@@ -26,7 +26,7 @@ from codex_proxy._httpfields import (
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
 from codex_proxy.errors import ProtocolError
-from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest
+from codex_proxy.model import UNIX_SOCKET_HOST, Protocol, ProxyRequest, Verdict
 
 #: The schemes of absolute-form requests we forward (wss takes CONNECT).
 _FORWARDED_SCHEMES = frozenset({"http", "ws", "https"})
@@ -117,6 +117,24 @@ def request_for(
         unix_socket = resolve_socket(path) if path.startswith("/") and "\0" not in path else path
         host, port = UNIX_SOCKET_HOST, 0
     return _request(head, protocol, host, port, client, placeholders, identity, unix_socket)
+
+
+def request_of(
+    head: _httphead.RequestHead,
+    tunnel: Optional[Verdict],
+    client: Optional[str],
+    resolve_socket: Callable[[str], str],
+    placeholders: bool,
+    identity: Optional[str],
+) -> ProxyRequest:
+    """
+    What C{head} asks for on the HTTP listener: an inner request of the
+    intercepted C{tunnel} (L{inner_request}), or a request of its own
+    (L{request_for}), which explains the other arguments.
+    """
+    if tunnel is not None:
+        return inner_request(head, tunnel.host, tunnel.port, client, placeholders, identity)
+    return request_for(head, client, resolve_socket, placeholders, identity)
 
 
 def inner_request(

@@ -65,7 +65,7 @@ from codex_proxy._httpstates import (
 from codex_proxy._text import escape
 from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
-from codex_proxy.model import Protocol as Proto, ProxyRequest, Reason, Verdict
+from codex_proxy.model import Protocol as Proto, Reason, Verdict
 from codex_proxy.policyservice import PolicyService
 from codex_proxy.secrets import Secrets
 from codex_proxy.relay import Timer
@@ -86,24 +86,6 @@ def _resolve_socket(path: str) -> str:
     C{lstat}s per unix-socket request, cheaper than a thread hop.
     """
     return os.path.realpath(path)
-
-
-def _request_for(
-    head: _httphead.RequestHead,
-    tunnel: Optional[Verdict],
-    client: Optional[str],
-    secrets: Optional[Secrets],
-    identity: Optional[str],
-) -> ProxyRequest:
-    """
-    What C{head} asks for, for the client C{identity}: an inner request of
-    the intercepted C{tunnel}, or a request of its own; its header values
-    are scanned for placeholders only while some secret is configured.
-    """
-    placeholders = secrets is not None and bool(secrets.placeholders)
-    if tunnel is not None:
-        return _httptarget.inner_request(head, tunnel.host, tunnel.port, client, placeholders, identity)
-    return _httptarget.request_for(head, client, _resolve_socket, placeholders, identity)
 
 
 class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
@@ -154,6 +136,14 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
         self.origin_tls: Optional[OriginTLS] = origin_tls if origin_tls is not None else mitm
         self.via = _httptarget.via_value(instance)
         self.secrets = secrets
+
+    @property
+    def placeholders(self) -> bool:
+        """
+        Header values are scanned for secret placeholders: only while some
+        secret is configured (none can be misused otherwise).
+        """
+        return self.secrets is not None and bool(self.secrets.placeholders)
 
     def buildProtocol(self, addr: Optional[IAddress]) -> "HTTPProxyProtocol":
         proto = HTTPProxyProtocol()
@@ -274,7 +264,9 @@ class HTTPProxyProtocol(ClientConnection):
 
     def headArrived(self, head: _httphead.RequestHead, kept: Optional[Leg]) -> None:
         try:
-            request = _request_for(head, self._tunnel, self.client, self.factory.secrets, self.identity)
+            request = _httptarget.request_of(
+                head, self._tunnel, self.client, _resolve_socket, self.factory.placeholders, self.identity
+            )
         except errors.ProtocolError as e:
             if kept is not None:
                 kept.drop()

@@ -521,6 +521,6 @@ def test_heads_are_scanned_for_placeholders_only_while_a_secret_is_configured():
     configured = Secrets({"REAL_KEY": VALUE}, token=lambda: TOKEN).load(
         _config('source = "env:REAL_KEY"\nhosts = ["origin.test"]').secrets
     )
-    assert httpproxy._request_for(head, None, None, None, None).secrets == ()
-    assert httpproxy._request_for(head, None, None, none, None).secrets == ()
-    assert httpproxy._request_for(head, None, None, configured, None).secrets == ("API_KEY",)
+    for secrets, expected in ((None, ()), (none, ()), (configured, ("API_KEY",))):
+        factory = httpproxy.HTTPProxyFactory(None, None, None, secrets=secrets)
+        assert _httptarget.request_of(head, None, None, str, factory.placeholders, None).secrets == expected
