@@ -18,7 +18,7 @@ import importlib
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -27,7 +27,7 @@ from zope.interface import implementer
 from codex_proxy.addresses import authority
 from codex_proxy._text import escape
 from codex_proxy.interfaces import IAuditor
-from codex_proxy.model import Source, Verdict
+from codex_proxy.model import PerVerdict, Source, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
 NAMESPACE = "codex_otel.network_proxy"
@@ -123,10 +123,6 @@ def decision_fields(
     return fields
 
 
-#: Verdicts whose fields an L{Auditor} keeps (the verdict cache's size).
-_RECENT_VERDICTS = 256
-
-
 @implementer(IAuditor)
 class Auditor:
     """
@@ -147,20 +143,14 @@ class Auditor:
         self.metadata = dict(metadata or {})
         self.sinks: List[Sink] = list(sinks or [])
         self._failing: Set[int] = set()
-        # The fields of recent verdicts but their timestamp and metadata, by
-        # identity: a repeated request is answered by the same verdict.
-        self._recent: Dict[int, Tuple[Verdict, Dict[str, Any]]] = {}
+        # The fields of recent verdicts but their timestamp and metadata.
+        self._recent = PerVerdict(lambda verdict: decision_fields(verdict, 0.0))
 
     def _fields(self, verdict: Verdict) -> Dict[str, Any]:
         """
         L{decision_fields} of C{verdict}, stamped now, with the metadata.
         """
-        recent = self._recent.get(id(verdict))
-        if recent is None or recent[0] is not verdict:
-            if len(self._recent) >= _RECENT_VERDICTS:
-                self._recent.clear()
-            recent = self._recent[id(verdict)] = (verdict, decision_fields(verdict, 0.0))
-        fields = recent[1].copy()
+        fields = self._recent(verdict).copy()
         fields["event.timestamp"] = rfc3339(self._seconds())
         if self.metadata:
             fields.update(self.metadata)

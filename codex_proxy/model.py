@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Generic, Optional, Tuple, TypeVar, Union
 
 import attrs
 
@@ -195,3 +195,31 @@ class Verdict:
             request, self.host, self.decision, self.source, self.reason, self.addresses,
             self.intercept, self.override, self.matched, self.detail, self.secret,
         )
+
+
+_T = TypeVar("_T")
+
+
+class PerVerdict(Generic[_T]):
+    """
+    C{derive} of recent verdicts, worked out once per verdict: the policy
+    service answers a repeated request with the same verdict object, so
+    what follows from one (its audit fields, its route) is kept by the
+    verdict's identity, holding the verdict so the identity stays its own.
+    Forgets everything once it holds C{size} (the verdict cache's size).
+    """
+
+    def __init__(self, derive: Callable[[Verdict], _T], size: int = 256) -> None:
+        self._derive = derive
+        self._size = size
+        self._known: Dict[int, Tuple[Verdict, _T]] = {}
+
+    def __call__(self, verdict: Verdict) -> _T:
+        known = self._known.get(id(verdict))
+        if known is not None and known[0] is verdict:
+            return known[1]
+        if len(self._known) >= self._size:
+            self._known.clear()
+        value = self._derive(verdict)
+        self._known[id(verdict)] = (verdict, value)
+        return value

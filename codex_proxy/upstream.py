@@ -15,7 +15,8 @@ protection that applies to destinations.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple, cast
 
 import attrs
 from twisted.internet import defer, endpoints, error
@@ -42,10 +43,8 @@ from codex_proxy.parents import ParentProxies, ParentProxy
 from codex_proxy.errors import ProtocolError, UpstreamError
 from codex_proxy.connections import Connections
 from codex_proxy.metrics import timed
-from codex_proxy.model import IPAddress, Reason, Verdict
+from codex_proxy.model import IPAddress, PerVerdict, Reason, Verdict
 
-#: How many verdicts' routes L{Upstream.route} keeps.
-_RECENT_ROUTES = 256
 
 class IProxyTransport(ITLSTransport, IConsumer, IPushProducer):
     """
@@ -398,20 +397,14 @@ class Upstream:
         self._factory = _OutboundFactory(self.connections)
         self._parents = parents
         self._parent_tls = parent_tls
-        # Routes of recent verdicts, by identity: the policy service answers
-        # a repeated request with the same verdict.
-        self._routes: Dict[Tuple[int, bool], Tuple[Verdict, Route]] = {}
+        # The routes of recent verdicts, plain and as a tunnel.
+        self._routes = {
+            tunnel: PerVerdict(functools.partial(route_for, tunnel=tunnel, parents=parents))
+            for tunnel in (False, True)
+        }
 
     def route(self, verdict: Verdict, tunnel: bool) -> Route:
-        key = (id(verdict), tunnel)
-        known = self._routes.get(key)
-        if known is not None and known[0] is verdict:
-            return known[1]
-        if len(self._routes) >= _RECENT_ROUTES:
-            self._routes.clear()
-        route = route_for(verdict, tunnel, self._parents)
-        self._routes[key] = (verdict, route)
-        return route
+        return self._routes[tunnel](verdict)
 
     def dial(self, route: Route) -> defer.Deferred[Outbound]:
         """

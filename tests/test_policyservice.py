@@ -340,3 +340,26 @@ def test_the_kind_of_a_request_is_all_of_it_but_the_clients_address():
     for name, value in other.items():
         changed = attrs.evolve(request, **{name: value})
         assert (changed.kind() == request.kind()) == (name == "client"), name
+
+
+def test_what_follows_from_a_verdict_is_worked_out_once_per_verdict_object():
+    """
+    L{PerVerdict} (audit fields, routes) derives once for the verdict the
+    cache hands out again, again for another verdict object even if equal,
+    and starts over once full.
+    """
+    from codex_proxy.model import PerVerdict
+
+    derived: List[Verdict] = []
+
+    def derive(verdict: Verdict) -> str:
+        derived.append(verdict)
+        return verdict.host
+
+    memo = PerVerdict(derive, size=2)
+    request = ProxyRequest(Protocol.HTTP, "a.test", 80, method="GET")
+    one = Verdict(request, "a.test", Decision.ALLOW, Source.BASELINE_POLICY)
+    equal = attrs.evolve(one)
+    other = attrs.evolve(one, host="b.test")
+    assert [memo(one), memo(one), memo(equal), memo(other), memo(one)] == ["a.test", "a.test", "a.test", "b.test", "a.test"]
+    assert [d is one for d in derived] == [True, False, False, True]
