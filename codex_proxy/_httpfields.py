@@ -150,12 +150,20 @@ def forwardable(block: bytes, headers: Headers, connection: frozenset[bytes] | N
     L{HOP_BY_HOP} lines), unless a C{connection} option names one of
     C{headers} to drop as well, when they are encoded again (C{None}).
     """
-    if connection is None:
-        return block
-    named = connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE
+    named = named_by_connection(connection)
     if named and any(name.lower() in named for name, _ in headers):
         return None
     return block
+
+
+def named_by_connection(connection: frozenset[bytes] | None) -> frozenset[bytes]:
+    """
+    The fields that the C{connection} options name, to drop besides the
+    L{HOP_BY_HOP} ones; never those of L{NOT_CONNECTION_LISTABLE}.
+    """
+    if not connection:
+        return frozenset()
+    return connection - HOP_BY_HOP - NOT_CONNECTION_LISTABLE
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:

@@ -17,11 +17,11 @@ from codex_proxy._httpform import DEFAULT_PORTS, cached_when_short, split_author
 from codex_proxy._httpfields import (
     HOP_BY_HOP,
     METHOD_OVERRIDE_FIELDS,
-    NOT_CONNECTION_LISTABLE,
     UNIX_SOCKET_HEADER,
     Headers,
     Watched,
     connection_tokens,
+    named_by_connection,
 )
 from codex_proxy.addresses import authority
 from codex_proxy.domains import InvalidHost, normalize_host
@@ -331,10 +331,9 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
             kept.append(field)
         elif name == b"connection":
             connection.append(field[1])
-    if connection:
-        named = connection_tokens(connection) - NOT_CONNECTION_LISTABLE - HOP_BY_HOP
-        if named:
-            kept = [field for field in kept if field[0].lower() not in named]
+    named = named_by_connection(connection_tokens(connection)) if connection else None
+    if named:
+        kept = [field for field in kept if field[0].lower() not in named]
     return tuple(kept)
 
 
