@@ -43,6 +43,8 @@ def cached_when_short(function: Callable[[_K, _A], _R]) -> Callable[[_K, _A], _R
     def split(authority: _K, arg: _A) -> _R:
         return cached(authority, arg) if len(authority) <= _CACHED_LENGTH else function(authority, arg)
 
+    # What is kept, for tests and a curious operator: lru_cache's own.
+    setattr(split, "cache_info", cached.cache_info)
     return split
 
 

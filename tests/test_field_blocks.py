@@ -332,3 +332,26 @@ def test_a_repeated_block_without_the_blank_line_is_no_head_yet():
     assert second is not None and second[0].path == "/2" and second[1] == b"GET"
     with_more = parser.feed(second[1] + b" /3 HTTP/1.1\r\n" + block + b"X-More: 1\r\n\r\n")
     assert with_more is not None and with_more[0].header(b"x-more") == b"1"
+
+
+def test_the_authority_caches_keep_only_authorities_as_short_as_a_host_name():
+    """
+    A client choosing long (valid) authorities or Host values cannot grow
+    what the caches hold: past 262 characters nothing is kept; a short one
+    is kept once however often it comes.
+    """
+    from codex_proxy._httpform import split_authority
+    from codex_proxy._httptarget import split_host_header
+
+    long_host = "a" * 300
+    for function, args in ((split_authority, (long_host, False)), (split_host_header, (long_host.encode(), 80))):
+        before = function.cache_info().currsize
+        try:
+            function(*args)
+        except ProtocolError:
+            pass
+        assert function.cache_info().currsize == before
+    before = split_authority.cache_info().currsize
+    for _ in range(3):
+        assert split_authority("kept-once.test:8443", True) == ("kept-once.test", 8443)
+    assert split_authority.cache_info().currsize == before + 1
