@@ -2,7 +2,9 @@
 Writes sent at the end of the reactor's turn reach the peer like Twisted's
 own: whole, in order, before a close or a half-close, and from timed calls
 too, without registering the socket for writability; closes and
-half-closes are done at the end of the turn the same way; and uninstalling
+half-closes are done at the end of the turn the same way, with no empty
+send first; on the epoll reactor, events are handled without a logging
+context each, and an error handling one is still logged; and uninstalling
 gives the reactor and the transports Twisted's path back.
 
 Over real loopback TCP connections in the test reactor.
@@ -15,9 +17,13 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, epollreactor, reactor
+from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import log
+from zope.interface import implementer
 
 from codex_proxy._turnwrites import TurnWrites
 from support.ends import End
@@ -220,3 +226,116 @@ def test_only_a_posix_reactor_and_plain_tcp_are_changed():
     transport = StringTransport()
     turn.adopt(transport)
     assert type(transport) is StringTransport
+
+
+class _Sends:
+    """
+    A socket whose sends are noted: what the transport asked the kernel to
+    send, empty sends included.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sent: list[bytes] = []
+
+    def send(self, data: Any) -> int:
+        self.sent.append(bytes(data))
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_close_with_nothing_left_to_send_makes_no_empty_send(writes):
+    ours, peer = yield _pair(writes)
+    sends = ours.transport.socket = _Sends(ours.transport.socket)
+    ours.transport.write(b"all")
+    yield peer.until(3)
+    ours.transport.loseConnection()
+    yield peer.lost
+    yield ours.lost
+    assert sends.sent == [b"all"]
+    assert bytes(peer.received) == b"all"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_half_close_with_nothing_left_to_send_makes_no_empty_send(writes):
+    ours, peer = yield _pair(writes)
+    peer.closeOnEOF = False
+    sends = ours.transport.socket = _Sends(ours.transport.socket)
+    ours.transport.loseWriteConnection()
+    yield peer.eof
+    peer.transport.write(b"reply")
+    yield ours.until(5)
+    assert sends.sent == []
+    assert bytes(ours.received) == b"reply"
+    peer.transport.loseConnection()
+    yield ours.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_producer_waiting_for_the_buffer_to_drain_is_resumed(writes):
+    ours, peer = yield _pair(writes)
+    resumed = []
+
+    @implementer(IPullProducer)
+    class Pull:
+        def resumeProducing(self) -> None:
+            resumed.append(True)
+
+        def stopProducing(self) -> None:
+            pass
+
+    ours.transport.registerProducer(Pull(), False)
+    assert resumed == [True]  # asked once as it registers
+    ours.transport.startWriting()  # a turn with nothing to send
+    yield peer.until(0)
+    yield deferLater(reactor, 0, lambda: None)
+    assert resumed == [True, True]
+    ours.transport.unregisterProducer()
+    ours.transport.loseConnection()
+    yield peer.lost
+
+
+def test_the_turn_uses_the_epoll_reactor_of_these_tests():
+    # The next tests are about the epoll reactor's turn: they mean nothing
+    # on another.
+    assert isinstance(reactor, epollreactor.EPollReactor)
+
+
+@pytest_twisted.inlineCallbacks
+def test_events_are_handled_without_a_logging_context_per_event(writes, monkeypatch):
+    ours, peer = yield _pair(writes)
+    wrapped = []
+    callWithLogger = log.callWithLogger
+
+    def noting(logger: Any, func: Any, *args: Any, **kw: Any) -> Any:
+        wrapped.append(logger)
+        return callWithLogger(logger, func, *args, **kw)
+
+    monkeypatch.setattr(log, "callWithLogger", noting)
+    peer.transport.write(b"ping")
+    yield ours.until(4)
+    ours.transport.write(b"pong")
+    yield peer.until(4)
+    assert ours.transport not in wrapped and peer.transport not in wrapped
+    assert (bytes(ours.received), bytes(peer.received)) == (b"ping", b"pong")
+    ours.transport.loseConnection()
+    yield peer.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_error_handling_an_event_is_logged_and_loses_the_connection(writes, logged_errors):
+    ours, peer = yield _pair(writes)
+
+    def broken(data: bytes) -> None:
+        raise RuntimeError("broken protocol")
+
+    ours.dataReceived = broken
+    peer.transport.write(b"x")
+    yield peer.lost
+    yield ours.lost
+    # Twisted's own (legacy) error event, as its poll would log it.
+    assert [e["failure"].value.args for e in logged_errors] == [("broken protocol",)]
+    del logged_errors[:]
