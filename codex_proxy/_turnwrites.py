@@ -25,14 +25,19 @@ written, with the prefix C{[-]}.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, Callable, Dict, Optional, Type
 
-from twisted.internet import abstract, epollreactor, posixbase, tcp
+from twisted.internet import abstract, epollreactor, main, posixbase, tcp
 from twisted.logger import Logger
 
 _log = Logger()
 
 _register = abstract.FileDescriptor.startWriting
+# What Twisted's TCP send takes at most at once, and the send errors it
+# reads as "try again later".
+_SEND_LIMIT = tcp.Connection.SEND_LIMIT
+_NOT_YET = (errno.EWOULDBLOCK, errno.ENOBUFS)
 
 
 def wait_writable(transport: Any) -> None:
@@ -139,10 +144,10 @@ class TurnWrites:
             if not transport.connected:
                 continue
             try:
-                if transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
+                if transport.offset < len(transport.dataBuffer) or transport._tempDataLen > _SEND_LIMIT:
                     why = transport.doWrite()
                 else:
-                    why = _unbuffered(transport)
+                    why = _send(transport)
             except Exception as e:
                 _log.failure("writing to {transport}", transport=transport)
                 why = e
@@ -168,6 +173,30 @@ def _poll(reactor: Any, timeout: Optional[float]) -> None:
         selectable = selectables.get(fd)
         if selectable is not None:
             handle(selectable, fd, event)
+
+
+def _send(transport: Any) -> Any:
+    """
+    C{doWrite} for what one turn wrote, when nothing older waits: one
+    send of it all, the rest (what the kernel did not take) left in the
+    buffer for the reactor's write events; or, nothing written, the close
+    or half-close that was asked for without an empty send first.
+    """
+    written = transport._tempDataBuffer
+    if written:
+        data = written[0] if len(written) == 1 else b"".join(written)
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+        try:
+            sent = transport.socket.send(data)
+        except OSError as e:
+            if e.errno not in _NOT_YET:
+                return main.CONNECTION_LOST
+            sent = 0
+        if sent < len(data):
+            transport.dataBuffer, transport.offset = data, sent
+            return None
+    return _unbuffered(transport)
 
 
 def _unbuffered(transport: Any) -> Any:

@@ -3,7 +3,8 @@ Writes sent at the end of the reactor's turn reach the peer like Twisted's
 own: whole, in order, before a close or a half-close, and from timed calls
 too, without registering the socket for writability; closes and
 half-closes are done at the end of the turn the same way, with no empty
-send first; on the epoll reactor, events are handled without a logging
+send first; what the kernel refuses for now is sent later and a reset
+connection is lost; on the epoll reactor, events are handled without a logging
 context each, and an error handling one is still logged; and uninstalling
 gives the reactor and the transports Twisted's path back.
 
@@ -12,12 +13,13 @@ Over real loopback TCP connections in the test reactor.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, epollreactor, reactor
+from twisted.internet import defer, epollreactor, error, reactor
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.task import deferLater
@@ -27,6 +29,30 @@ from zope.interface import implementer
 
 from codex_proxy._turnwrites import TurnWrites
 from support.ends import End
+
+
+class _Sends:
+    """
+    A socket whose sends are noted: what the transport asked the kernel to
+    send, empty sends included.
+    """
+
+    def __init__(self, sock: socket.socket, *errors: BaseException, most: int = 1 << 30) -> None:
+        self._sock = sock
+        self._errors = list(errors)
+        self._most = most
+        self.sent: list[bytes] = []
+
+    def send(self, data: Any) -> int:
+        if self._errors:
+            raise self._errors.pop(0)
+        # At most C{most} bytes taken per call, as from a full socket buffer.
+        data = bytes(data[: self._most])
+        self.sent.append(data)
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 @pytest.fixture
@@ -190,10 +216,7 @@ def test_an_error_while_writing_is_logged_and_loses_the_connection(writes, logge
     lost = ours.connectionLost
     ours.connectionLost = lambda reason=None: (reasons.append(reason), lost(reason))
 
-    def broken() -> None:
-        raise RuntimeError("broken send")
-
-    ours.transport.doWrite = broken
+    ours.transport.socket = _Sends(ours.transport.socket, RuntimeError("broken send"))
     ours.transport.write(b"x")
     yield ours.lost
     yield peer.lost
@@ -202,6 +225,46 @@ def test_an_error_while_writing_is_logged_and_loses_the_connection(writes, logge
     assert logged_errors[0]["log_failure"].check(RuntimeError)
     # Expected, so not an error of this test.
     del logged_errors[:]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_send_the_kernel_refuses_for_now_is_sent_later_whole(writes):
+    ours, peer = yield _pair(writes)
+    ours.transport.socket = _Sends(ours.transport.socket, BlockingIOError(errno.EAGAIN, "later"))
+    ours.transport.write(b"head ")
+    ours.transport.write(b"body")
+    yield peer.until(9)
+    assert bytes(peer.received) == b"head body"
+    ours.transport.loseConnection()
+    yield peer.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_send_to_a_reset_connection_loses_it_without_an_error_logged(writes):
+    ours, peer = yield _pair(writes)
+    reasons = []
+    lost = ours.connectionLost
+    ours.connectionLost = lambda reason=None: (reasons.append(reason), lost(reason))
+    ours.transport.socket = _Sends(ours.transport.socket, ConnectionResetError(errno.ECONNRESET, "reset"))
+    ours.transport.write(b"x")
+    yield ours.lost
+    yield peer.lost
+    assert [r.type for r in reasons] == [error.ConnectionLost]
+    assert bytes(peer.received) == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_what_the_kernel_takes_in_part_is_sent_whole_once(writes):
+    ours, peer = yield _pair(writes)
+    sends = ours.transport.socket = _Sends(ours.transport.socket, most=4)
+    ours.transport.write(b"01234")
+    ours.transport.write(b"56789")
+    yield peer.until(10)
+    ours.transport.loseConnection()
+    yield peer.lost
+    assert bytes(peer.received) == b"0123456789"
+    # One send at the end of the turn, the rest by the reactor's write events.
+    assert sends.sent == [b"0123", b"4567", b"89"]
 
 
 @pytest_twisted.inlineCallbacks
@@ -226,24 +289,6 @@ def test_only_a_posix_reactor_and_plain_tcp_are_changed():
     transport = StringTransport()
     turn.adopt(transport)
     assert type(transport) is StringTransport
-
-
-class _Sends:
-    """
-    A socket whose sends are noted: what the transport asked the kernel to
-    send, empty sends included.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self.sent: list[bytes] = []
-
-    def send(self, data: Any) -> int:
-        self.sent.append(bytes(data))
-        return self._sock.send(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 @pytest_twisted.inlineCallbacks
