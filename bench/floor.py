@@ -82,6 +82,8 @@ class Client(protocol.Protocol):
     def dial(self, host: bytes, port: int, answer: bytes) -> None:
         self.answer = answer
         factory = protocol.ClientFactory()
+        # Quiet, as codex-proxy's own: a noisy factory logs two lines a dial.
+        factory.noisy = False
         factory.protocol = Origin
         factory.buildProtocol = self.buildOrigin  # type: ignore[method-assign]
         self.reactor.connectTCP(host.decode(), port, factory)
