@@ -31,6 +31,8 @@ from typing import Any, Callable, Dict, Optional, Type
 from twisted.internet import abstract, epollreactor, main, posixbase, tcp
 from twisted.logger import Logger
 
+from codex_proxy._dial import Dialled
+
 _log = Logger()
 
 _register = abstract.FileDescriptor.startWriting
@@ -102,7 +104,7 @@ class TurnWrites:
 
         self._adopted = {
             kind: type(kind.__name__, (kind,), {"startWriting": startWriting, "__module__": __name__})
-            for kind in (tcp.Server, tcp.Client)
+            for kind in (tcp.Server, tcp.Client, Dialled)
         }
         self._reactor, self._base = reactor, base
         reactor.__class__ = type(base.__name__, (base,), {"doIteration": doIteration, "__module__": __name__})

@@ -19,7 +19,7 @@ import functools
 from typing import Any, Callable, Optional, Sequence, Tuple, cast
 
 import attrs
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints, error, posixbase
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from codex_proxy import _httphead
+from codex_proxy._dial import Connecting
 from codex_proxy._httpfields import Headers
 from codex_proxy._httptarget import serialize_request_head
 from codex_proxy.addresses import authority
@@ -257,7 +258,9 @@ class _OutboundFactory(Factory):
 class _TCPDial:
     """
     Dials an IP literal like a TCP client endpoint (C{connect(factory)}),
-    connecting our L{Outbound} itself. Twisted's C{TCP4ClientEndpoint}/C{TCP6ClientEndpoint} put a
+    connecting our L{Outbound} itself: on a posix reactor with
+    L{codex_proxy._dial.Connecting}, on another with C{connectTCP}.
+    Twisted's C{TCP4ClientEndpoint}/C{TCP6ClientEndpoint} put a
     wrapping protocol between the transport and ours, with its own
     Deferreds: measured with C{bench/cpu_per_request.py --only connect},
     dials through them cost the proxy about 20 CPU us more per tunnel.
@@ -273,6 +276,9 @@ class _TCPDial:
         return authority(self._host, self._port)
 
     def connect(self, factory: _OutboundFactory) -> defer.Deferred[Outbound]:
+        if isinstance(self._reactor, posixbase.PosixReactorBase):
+            build = functools.partial(factory.buildProtocol, None)
+            return Connecting(self._reactor, self._host, self._port, self._timeout, build).deferred
         dialling = _Dialling(factory)
         deferred = dialling.deferred = defer.Deferred(dialling.cancel)
         dialling.connector = self._reactor.connectTCP(self._host, self._port, dialling, self._timeout)

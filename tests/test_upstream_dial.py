@@ -1,20 +1,31 @@
 """
-A direct dial over real loopback TCP: the connection it made is freed by
-reference counting once it closes, leaving no reference cycle (a dial,
-its Deferred, Twisted's connector and transport) for the collector.
+A direct dial over real loopback TCP (L{codex_proxy._dial.Connecting} on
+the test reactor, a posix one): it connects over IPv4 and IPv6 and carries
+bytes both ways; a refused, timed-out, cancelled or abandoned dial fails as
+the listeners expect and leaves no socket open or registered; and the
+connection it made is freed by reference counting once it closes, leaving
+no reference cycle (a dial, its Deferred, its transport) for the collector.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
+import os
+import socket
+import warnings
 from ipaddress import ip_address
-from typing import Any
+from typing import Any, Iterator, List
 
+import pytest
 import pytest_twisted
-from twisted.internet import base, defer, reactor, task
+from twisted.internet import base, defer, error, main, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 
+from codex_proxy._dial import Connecting, Dialled
+from codex_proxy.errors import UpstreamError
 from codex_proxy.upstream import Upstream, _Dialling
+from support.ends import End
 
 
 class _Origin(Protocol):
@@ -41,7 +52,7 @@ def test_a_closed_outbound_connection_leaves_no_cycle_for_the_collector():
         yield origin.lost
         yield task.deferLater(reactor, 0, lambda: None)
         gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (_Dialling, base.BaseConnector))]
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, (Connecting, _Dialling, base.BaseConnector))]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -49,3 +60,180 @@ def test_a_closed_outbound_connection_leaves_no_cycle_for_the_collector():
             gc.enable()
         yield port.stopListening()
     assert left == []
+
+
+class _Sink:
+    """
+    What an outbound connection reads; C{got} fires at C{expected} bytes.
+    """
+
+    def __init__(self, expected: int) -> None:
+        self.received = bytearray()
+        self.expected = expected
+        self.got: defer.Deferred[None] = defer.Deferred()
+
+    def outboundData(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= self.expected and not self.got.called:
+            self.got.callback(None)
+
+    def outboundEOF(self) -> None:
+        pass
+
+    def outboundLost(self, reason: Any) -> None:
+        pass
+
+
+class _Answering(End):
+    """
+    An origin that answers C{response} once it has read C{request}.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if bytes(self.received) == b"request":
+            self.transport.write(b"response")
+
+
+def _dials() -> List[Connecting]:
+    """
+    Dials the reactor is waiting on, or whose timeout it still holds.
+    """
+    waiting = [w for w in reactor.getWriters() if isinstance(w, Connecting)]
+    timing = [c.func.__self__ for c in reactor.getDelayedCalls() if isinstance(getattr(c.func, "__self__", None), Connecting)]
+    return waiting + timing
+
+
+@pytest.fixture(autouse=True)
+def unclosed() -> Iterator[List[warnings.WarningMessage]]:
+    """
+    No socket of a dial is left to the collector to close.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield caught
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def _fds() -> int:
+    """
+    File descriptors this process holds open.
+    """
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest_twisted.inlineCallbacks
+def test_a_dial_connects_and_carries_bytes_both_ways(host):
+    origin = _Answering(closeOnEOF=True)
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: origin), interface=host)
+    try:
+        out = yield Upstream(reactor).connect([ip_address(host)], port.getHost().port)
+        assert isinstance(out.transport, Dialled)
+        assert (out.transport.getPeer().host, out.transport.getPeer().port) == (host, port.getHost().port)
+        assert _dials() == []
+        sink = _Sink(8)
+        out.attach(sink)
+        out.transport.write(b"request")
+        yield sink.got
+        assert (bytes(origin.received), bytes(sink.received)) == (b"request", b"response")
+        out.transport.loseConnection()
+        yield origin.lost
+    finally:
+        yield port.stopListening()
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_refused_dial_fails_as_refused_and_leaves_nothing_registered():
+    port = _closed_port()
+    fds = _fds()
+    with pytest.raises(UpstreamError) as e:
+        yield Upstream(reactor).connect([ip_address("127.0.0.1")], port)
+    assert (e.value.reason.value, e.value.message) == ("upstream_refused", f"127.0.0.1:{port} refused the connection")
+    assert (_dials(), _fds()) == ([], fds)
+
+
+@pytest.fixture
+def unanswered() -> Iterator[int]:
+    """
+    A port whose listener answers no new connection: its accept queue is
+    full, so the kernel drops their SYNs and a dial waits.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port: int = listener.getsockname()[1]
+    filling = []
+    for _ in range(2):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        filling.append(s)
+    yield port
+    for s in filling:
+        s.close()
+    listener.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dial_that_gets_no_answer_times_out_and_closes_its_socket(unanswered):
+    fds = _fds()
+    d = Upstream(reactor, connect_timeout=0.2).connect([ip_address("127.0.0.1")], unanswered)
+    [dial] = _dials()[:1]
+    with pytest.raises(UpstreamError) as e:
+        yield d
+    assert (e.value.reason.value, e.value.message) == (
+        "upstream_timeout", f"connecting to 127.0.0.1:{unanswered} timed out"
+    )
+    assert (_dials(), dial.fileno(), _fds()) == ([], -1, fds)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_cancelled_dial_fails_as_cancelled_and_closes_its_socket(unanswered):
+    fds = _fds()
+    d = Upstream(reactor).connect([ip_address("127.0.0.1")], unanswered)
+    [dial] = _dials()[:1]
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        yield d
+    assert (_dials(), dial.fileno(), _fds()) == ([], -1, fds)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dial_the_reactor_drops_fails_as_a_connect_failure(unanswered):
+    # What a reactor shutting down does to every selectable it holds.
+    fds = _fds()
+    d = Upstream(reactor).connect([ip_address("127.0.0.1")], unanswered)
+    [dial] = _dials()[:1]
+    reactor._disconnectSelectable(dial, main.CONNECTION_LOST, False)
+    with pytest.raises(UpstreamError) as e:
+        yield d
+    assert e.value.reason.value == "upstream_connect_failed"
+    assert (_dials(), dial.fileno(), _fds()) == ([], -1, fds)
+
+
+
+class _Unreachable(socket.socket):
+    def connect_ex(self, address: Any) -> int:
+        return errno.ENETUNREACH
+
+
+def test_a_dial_the_kernel_refuses_at_once_fails_at_once(monkeypatch):
+    fds = _fds()
+    monkeypatch.setattr(socket, "socket", _Unreachable)
+    dial = Connecting(reactor, "127.0.0.1", 80, 10.0, lambda made: Protocol())
+    monkeypatch.undo()
+    failures: list = []
+    dial.deferred.addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(error.ConnectError) and failure.value.osError == errno.ENETUNREACH
+    assert (_dials(), dial.fileno(), _fds()) == ([], -1, fds)
