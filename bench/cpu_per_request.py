@@ -7,6 +7,7 @@ C{/proc/PID/stat} around it.
     .venv/bin/python -m bench.cpu_per_request [--audit-log] [--tree DIR]
         [--seconds 5] [--only keepalive,connect,close,tunnel] [--py-spy keepalive]
 
+The clients run on core 1 and the proxy on core 0, as in C{make bench}.
 Reports CPU µs per keep-alive request (wrk, 50 connections), per new CONNECT
 carrying one GET (bench/loadgen.c C{connect}), per GET on a new connection
 one at a time with its TTFB (C{close}, not run by default), and per MB
@@ -36,7 +37,7 @@ def _cpu(target: peers.Target, work: Callable[[], Dict[str, float]]) -> tuple[Di
 
 def keepalive(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str) -> Dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", "-c50", f"-d{seconds}s", "-s", str(Path(workloads.__file__).parent / "absolute.lua"),
+        workloads.CLIENT + ["wrk", "-t1", "-c50", f"-d{seconds}s", "-s", str(Path(workloads.__file__).parent / "absolute.lua"),
          f"http://127.0.0.1:{target.http_port}/"],
         capture_output=True, text=True, check=True, env={"BENCH_ORIGIN": nginx.authority, "PATH": "/usr/bin:/bin"},
     ).stdout
@@ -47,7 +48,7 @@ def keepalive(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: 
 
 def connect(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str) -> Dict[str, float]:
     r = subprocess.run(
-        [loadgen, "connect", str(target.http_port), nginx.authority, "/tiny", "4", str(seconds)],
+        workloads.CLIENT + [loadgen, "connect", str(target.http_port), nginx.authority, "/tiny", "4", str(seconds)],
         capture_output=True, text=True, check=True,
     ).stdout
     m = re.search(r'"cycles": (\d+), "errors": (\d+)', r)
@@ -60,7 +61,7 @@ def close(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str)
     C{http}), as the TTFB figure of C{make bench} measures it.
     """
     r = subprocess.run(
-        [loadgen, "http", str(target.http_port), nginx.authority, "/tiny", "1", str(seconds)],
+        workloads.CLIENT + [loadgen, "http", str(target.http_port), nginx.authority, "/tiny", "1", str(seconds)],
         capture_output=True, text=True, check=True,
     ).stdout
     m = re.search(r'"cycles": (\d+), "errors": (\d+).*"ttfb_p50_us": (\d+)', r)
@@ -72,7 +73,7 @@ def tunnel(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str
     speeds = []
     for _ in range(rounds):
         out = subprocess.run(
-            ["curl", "-sS", "--noproxy", "", "-o", "/dev/null", "-w", "%{speed_download}", "-p",
+            workloads.CLIENT + ["curl", "-sS", "--noproxy", "", "-o", "/dev/null", "-w", "%{speed_download}", "-p",
              "-x", f"http://127.0.0.1:{target.http_port}", "-r", f"0-{(mib << 20) - 1}",
              f"http://{nginx.authority}/big"],
             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"},

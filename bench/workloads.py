@@ -18,7 +18,7 @@ from bench.origin import Nginx
 from bench.peers import Target
 
 _HERE = Path(__file__).resolve().parent
-_CLIENT = ["taskset", "-c", "1"]
+CLIENT = ["taskset", "-c", "1"]
 _CLK = 100  # USER_HZ
 
 
@@ -53,7 +53,7 @@ def _wrk(target: Target, nginx: Nginx, seconds: int, extra: List[str]) -> Dict[s
     env = {"BENCH_ORIGIN": nginx.authority}
     cpu0 = cpu_seconds(target.proxy_pid)
     out = subprocess.run(
-        _CLIENT + ["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", *script, *extra, url],
+        CLIENT + ["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", *script, *extra, url],
         capture_output=True, text=True, check=True, env={**env, "PATH": "/usr/bin:/bin"},
     ).stdout
     cpu = cpu_seconds(target.proxy_pid) - cpu0
@@ -86,7 +86,7 @@ def close(target: Target, nginx: Nginx, seconds: int) -> Dict[str, float]:
 
 def _loadgen(target: Target, mode: str, port: int, authority: str, threads: int, seconds: int) -> dict:
     out = subprocess.run(
-        _CLIENT + [target.loadgen, mode, str(port), authority, "/tiny", str(threads), str(seconds)],
+        CLIENT + [target.loadgen, mode, str(port), authority, "/tiny", str(threads), str(seconds)],
         capture_output=True, text=True, check=True,
     ).stdout
     result = json.loads(out)
@@ -123,7 +123,7 @@ def ttfb(target: Target, nginx: Nginx, seconds: int) -> Dict[str, float]:
     return {"ttfb_p50_us": r["ttfb_p50_us"]}
 
 
-def _curl_speed(args: List[str], client: List[str] = _CLIENT) -> float:
+def _curl_speed(args: List[str], client: List[str] = CLIENT) -> float:
     out = subprocess.run(
         client + ["curl", "-sS", "--noproxy", "", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", *args],
         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"},
