@@ -70,8 +70,14 @@ class Connecting:
         # Until it has fired (or was cancelled).
         self._waiting: Optional[defer.Deferred[Any]] = self.deferred
         self._timer: Optional[IDelayedCall] = None
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock: Optional[socket.socket] = sock
+        self._sock: Optional[socket.socket] = None
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            # No socket to be had (out of descriptors, no IPv6).
+            self._fire(Failure(error.ConnectError(e.errno, e.strerror)))
+            return
+        self._sock = sock
         sock.setblocking(False)
         code = sock.connect_ex(self._peer)
         if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):

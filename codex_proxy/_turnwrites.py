@@ -16,8 +16,8 @@ reported to the reactor as its own write event would report them.
 
 On the epoll reactor the turn also hands each event to its selectable
 directly, as Twisted's own poll does but without wrapping it in a logging
-context (a copy of the context dictionaries per event, about a microsecond
-and a half, twice per kept-alive request). That context only gave Twisted's
+context (a copy of the context dictionaries per event, about 1.3 us, twice
+per kept-alive request). That context only gave Twisted's
 own legacy log lines written while handling the event, an unhandled error's
 traceback, their C{[Protocol,fd,address]} prefix; such lines are still
 written, with the prefix C{[-]}.

@@ -237,3 +237,22 @@ def test_a_dial_the_kernel_refuses_at_once_fails_at_once(monkeypatch):
     [failure] = failures
     assert failure.check(error.ConnectError) and failure.value.osError == errno.ENETUNREACH
     assert (_dials(), dial.fileno(), _fds()) == ([], -1, fds)
+
+
+class _NoDescriptors(socket.socket):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_dial_without_a_socket_to_be_had_fails_as_a_connect_failure(monkeypatch):
+    monkeypatch.setattr(socket, "socket", _NoDescriptors)
+    d = Upstream(reactor).connect([ip_address("127.0.0.1")], 80)
+    monkeypatch.undo()
+    with pytest.raises(UpstreamError) as e:
+        yield d
+    assert (e.value.reason.value, e.value.message) == (
+        "upstream_connect_failed",
+        "connecting to 127.0.0.1:80 failed: An error occurred while connecting: 24: Too many open files.",
+    )
+    assert _dials() == []
