@@ -79,7 +79,12 @@ class Connecting:
             return
         self._sock = sock
         sock.setblocking(False)
-        code = sock.connect_ex(self._peer)
+        try:
+            code = sock.connect_ex(self._peer)
+        except OSError as e:
+            # An address the socket cannot take (an IPv6 scope it lacks).
+            self._fail(Failure(error.ConnectError(string=str(e))))
+            return
         if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
             return

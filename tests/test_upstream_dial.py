@@ -227,15 +227,24 @@ class _Unreachable(socket.socket):
         return errno.ENETUNREACH
 
 
-def test_a_dial_the_kernel_refuses_at_once_fails_at_once(monkeypatch):
+class _Unaddressable(socket.socket):
+    def connect_ex(self, address: Any) -> int:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+@pytest.mark.parametrize(
+    "kind, why",
+    [(_Unreachable, "Network is unreachable"), (_Unaddressable, "Name or service not known")],
+)
+def test_a_dial_the_kernel_refuses_at_once_fails_at_once(monkeypatch, kind, why):
     fds = _fds()
-    monkeypatch.setattr(socket, "socket", _Unreachable)
+    monkeypatch.setattr(socket, "socket", kind)
     dial = Connecting(reactor, "127.0.0.1", 80, 10.0, lambda made: Protocol())
     monkeypatch.undo()
     failures: list = []
     dial.deferred.addErrback(failures.append)
     [failure] = failures
-    assert failure.check(error.ConnectError) and failure.value.osError == errno.ENETUNREACH
+    assert failure.check(error.ConnectError) and why in failure.getErrorMessage()
     assert (_dials(), dial.fileno(), _fds()) == ([], -1, fds)
 
 
