@@ -121,7 +121,14 @@ class Connecting:
             return
         # The protocol's connectionMade fires the Deferred.
         protocol = self._build(self._fire)
-        protocol.makeConnection(Dialled(sock, protocol, self._peer, self._reactor))
+        transport = Dialled(sock, protocol, self._peer, self._reactor)
+        try:
+            protocol.makeConnection(transport)
+        except BaseException:
+            # Raised on to the reactor, which logs it; the connection that
+            # nothing will use is closed, as Twisted's connector would.
+            transport.abortConnection()
+            raise
 
     def _settle(self) -> Optional[socket.socket]:
         """

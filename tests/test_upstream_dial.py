@@ -265,3 +265,21 @@ def test_a_dial_without_a_socket_to_be_had_fails_as_a_connect_failure(monkeypatc
         "connecting to 127.0.0.1:80 failed: An error occurred while connecting: 24: Too many open files.",
     )
     assert _dials() == []
+
+
+class _Broken(Protocol):
+    def connectionMade(self) -> None:
+        raise RuntimeError("broken connectionMade")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_connection_whose_protocol_fails_to_start_is_closed_and_the_error_logged(logged_errors):
+    origin = End()
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: origin), interface="127.0.0.1")
+    try:
+        Connecting(reactor, "127.0.0.1", port.getHost().port, 10.0, lambda made: _Broken())
+        yield origin.lost
+        assert [e["failure"].value.args for e in logged_errors] == [("broken connectionMade",)]
+        del logged_errors[:]
+    finally:
+        yield port.stopListening()
