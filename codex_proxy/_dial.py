@@ -71,6 +71,7 @@ class Connecting:
         self._waiting: Optional[defer.Deferred[Any]] = self.deferred
         self._timer: Optional[IDelayedCall] = None
         self._sock: Optional[socket.socket] = None
+        self._registered = False
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as e:
@@ -89,6 +90,7 @@ class Connecting:
             self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
             return
         reactor.addWriter(self)
+        self._registered = True
         self._timer = reactor.callLater(timeout, self._timedOut)
 
     def fileno(self) -> int:
@@ -135,9 +137,13 @@ class Connecting:
         Stop waiting: unregister, cancel the timeout; the socket, if still
         held, for the caller to use or close.
         """
-        sock, self._sock = self._sock, None
-        if sock is not None:
+        if self._registered:
+            # While fileno() still names the socket: the reactor finds a
+            # selectable by its descriptor at once, but searches all of
+            # them for one whose fileno() is -1.
+            self._registered = False
             self._reactor.removeWriter(self)
+        sock, self._sock = self._sock, None
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()

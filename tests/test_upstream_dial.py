@@ -283,3 +283,28 @@ def test_a_connection_whose_protocol_fails_to_start_is_closed_and_the_error_logg
         del logged_errors[:]
     finally:
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_settled_dial_is_unregistered_by_its_descriptor(monkeypatch):
+    # The reactor searches all its selectables for one whose fileno() is -1:
+    # with thousands of connections open, that is a cost per dial.
+    origin = End(closeOnEOF=True)
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: origin), interface="127.0.0.1")
+    removed: List[int] = []
+    removeWriter = reactor.removeWriter
+
+    def noting(selectable: Any) -> None:
+        if isinstance(selectable, Connecting):
+            removed.append(selectable.fileno())
+        removeWriter(selectable)
+
+    monkeypatch.setattr(reactor, "removeWriter", noting)
+    try:
+        out = yield Upstream(reactor).connect([ip_address("127.0.0.1")], port.getHost().port)
+        assert len(removed) == 1 and removed[0] == out.transport.fileno() != -1
+        out.transport.loseConnection()
+        yield origin.lost
+    finally:
+        monkeypatch.undo()
+        yield port.stopListening()
