@@ -384,3 +384,35 @@ def test_an_error_handling_an_event_is_logged_and_loses_the_connection(writes, l
     # Twisted's own (legacy) error event, as its poll would log it.
     assert [e["failure"].value.args for e in logged_errors] == [("broken protocol",)]
     del logged_errors[:]
+
+
+class _Renamed(epollreactor.EPollReactor):
+    """
+    An epoll reactor whose poller goes by another name, as a later Twisted
+    might call it: its own poll knows, ours would not.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polled = 0
+        self._epoll, self._poller = self._poller, None
+        del self._poller
+
+    def doPoll(self, timeout: Any) -> None:
+        self._epoll.poll(0)
+        self.polled += 1
+
+    doIteration = doPoll
+
+
+def test_an_epoll_reactor_without_the_members_our_poll_reads_keeps_its_own():
+    other = _Renamed()
+    turn = TurnWrites()
+    try:
+        assert turn.install(other)
+        other.doIteration(0)
+        assert other.polled == 1
+    finally:
+        turn.uninstall()
+        other._epoll.close()
+        other.waker.connectionLost(None)
