@@ -55,6 +55,16 @@ class _Sends:
         return getattr(self._sock, name)
 
 
+def _lossReasons(end: End) -> list:
+    """
+    The reasons C{end}'s connection is lost with, as they come.
+    """
+    reasons: list = []
+    lost = end.connectionLost
+    end.connectionLost = lambda reason=None: (reasons.append(reason), lost(reason))  # type: ignore[method-assign]
+    return reasons
+
+
 @pytest.fixture
 def writes() -> Iterator[TurnWrites]:
     turn = TurnWrites()
@@ -212,9 +222,7 @@ def test_a_write_to_a_reset_connection_loses_it(writes):
 @pytest_twisted.inlineCallbacks
 def test_an_error_while_writing_is_logged_and_loses_the_connection(writes, logged_errors):
     ours, peer = yield _pair(writes)
-    reasons = []
-    lost = ours.connectionLost
-    ours.connectionLost = lambda reason=None: (reasons.append(reason), lost(reason))
+    reasons = _lossReasons(ours)
 
     ours.transport.socket = _Sends(ours.transport.socket, RuntimeError("broken send"))
     ours.transport.write(b"x")
@@ -242,9 +250,7 @@ def test_a_send_the_kernel_refuses_for_now_is_sent_later_whole(writes):
 @pytest_twisted.inlineCallbacks
 def test_a_send_to_a_reset_connection_loses_it_without_an_error_logged(writes):
     ours, peer = yield _pair(writes)
-    reasons = []
-    lost = ours.connectionLost
-    ours.connectionLost = lambda reason=None: (reasons.append(reason), lost(reason))
+    reasons = _lossReasons(ours)
     ours.transport.socket = _Sends(ours.transport.socket, ConnectionResetError(errno.ECONNRESET, "reset"))
     ours.transport.write(b"x")
     yield ours.lost
