@@ -139,6 +139,21 @@ def test_rfc3339_rounding(seconds, text):
     assert rfc3339(seconds) == text
 
 
+def test_rfc3339_each_millisecond_its_own():
+    """
+    Timestamps are formatted once per millisecond: the ones of neighbouring
+    milliseconds and seconds, asked for in turn, still read as their own.
+    """
+    stamps = [1.0004, 1.0006, 2.0004, 1.0004, 61.9994]
+    assert [rfc3339(s) for s in stamps] == [
+        "1970-01-01T00:00:01.000Z",
+        "1970-01-01T00:00:01.001Z",
+        "1970-01-01T00:00:02.000Z",
+        "1970-01-01T00:00:01.000Z",
+        "1970-01-01T00:01:01.999Z",
+    ]
+
+
 @pytest.mark.parametrize(
     "policy, full, reason",
     [
