@@ -18,9 +18,11 @@ import sys
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService, Service
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 
+from codex_proxy._twistdlog import twistd_observer
 from codex_proxy.api import NetworkProxy, ProxyService
 from codex_proxy.audit import JSONLinesLog, Sink, otel_sink
 from codex_proxy.config import ConfigError, ProxyConfig, default_config_path
@@ -257,6 +259,31 @@ class _ReloadOnHangup(Service):
             self._previous = None
 
 
+class _Process(MultiService):
+    """
+    The services of one C{twistd codexproxy}. Given C{twistd}'s options,
+    the application they join, unless it has a log observer, gets one:
+    what twistd would log to, spared the events that have no text
+    (L{codex_proxy._twistdlog}). It is built as they join, just before
+    twistd starts logging, as twistd would build its own.
+    """
+
+    def __init__(self, twistd: Optional[Mapping[str, Any]] = None) -> None:
+        super().__init__()
+        self._twistd = twistd
+
+    def setServiceParent(self, parent: Any) -> None:
+        if (
+            self._twistd is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver) is None
+        ):
+            observer = twistd_observer(self._twistd)
+            if observer is not None:
+                parent.setComponent(ILogObserver, observer)
+        super().setServiceParent(parent)
+
+
 def assemble(
     config: ProxyConfig,
     reactor: Any = None,
@@ -269,6 +296,7 @@ def assemble(
     daemon: bool = False,
     own_signals: bool = False,
     resolve: Sequence[str] = (),
+    twistd: Optional[Mapping[str, Any]] = None,
 ) -> MultiService:
     """
     The services of one C{twistd codexproxy}, started in order (audit sinks,
@@ -284,10 +312,13 @@ def assemble(
         C{paths}, the policy reloads from them on SIGHUP.
     @param resolve: C{--resolve} entries (already validated): these names
         are answered from a table, the others by the reactor's resolver.
+    @param twistd: C{twistd}'s own options, when it runs the services: the
+        application they join logs where twistd would, without formatting
+        the events that have no text.
     """
     if reactor is None:
         from twisted.internet import reactor
-    top = MultiService()
+    top = _Process(twistd)
     sinks: list[Sink] = []
     log = None
     if audit_log is not None:
@@ -347,4 +378,5 @@ def makeService(options: Options) -> MultiService:
         daemon=server is not None and not server["nodaemon"],
         own_signals=server is not None,
         resolve=options.resolve,
+        twistd=server,
     )
