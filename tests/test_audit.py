@@ -14,7 +14,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from codex_proxy.audit import JSONLinesLog, otel_sink
+from codex_proxy.audit import JSONLinesLog, _Lines, otel_sink
 from codex_proxy.decider import Allow
 from codex_proxy.model import Decision, Mode, Protocol, ProxyRequest, Reason, Source, Verdict
 from codex_proxy.policy import Policy
@@ -211,6 +211,55 @@ def test_json_lines_are_buffered_then_flushed_by_the_clock(tmp_path):
     log.close()
     assert len(path.read_text().splitlines()) == 3
     assert clock.getDelayedCalls() == []
+
+
+def _lines_of(tmp_path, events):
+    """
+    What C{--audit-log} writes for C{events}, line by line.
+    """
+    path = tmp_path / "audit.jsonl"
+    log = JSONLinesLog(str(path), MemoryReactorClock())
+    log.open()
+    for event in events:
+        log(event)
+    log.close()
+    return path.read_text().splitlines()
+
+
+def test_each_json_line_is_its_own_events_whatever_was_written_before(tmp_path):
+    """
+    Lines are encoded once per content but the timestamp: each still reads
+    as its own event, exactly as encoding it whole would write it, when
+    timestamps, values or the keys around the same values change, when a
+    value is what stands for the timestamp meanwhile, and past the number
+    of encodings kept.
+    """
+    base = {"event.name": "e", "event.timestamp": STAMP, "server.port": 1, "client.identity": "c"}
+    events = [
+        base,
+        {**base, "event.timestamp": "2023-11-14T22:13:20.251Z"},
+        {**base, "server.port": 2},
+        {"event.name": "e", "event.timestamp": STAMP, "server.port": 1, "client.address": "c"},
+        {**base, "client.identity": "\x00timestamp\x00"},
+        {"event.name": "\x00timestamp\x00", "event.timestamp": STAMP},
+        {**base, "event.timestamp": "\x00timestamp\x00"},
+        {**base, "event.timestamp": 'with "quotes" and \u00e9'},
+        {"event.name": "no timestamp"},
+        {**base, "app.tags": ["a", "b"]},
+        *({**base, "server.port": port, "event.timestamp": f"t{port}"} for port in range(300)),
+        {**base, "event.timestamp": "2023-11-14T22:13:21.000Z"},
+    ]
+    lines = _lines_of(tmp_path, events)
+    assert lines == [json.dumps(event, separators=(",", ":")) for event in events]
+    assert [json.loads(line) for line in lines] == events
+
+
+def test_json_line_encodings_kept_are_bounded():
+    encode = _Lines(size=4)
+    for port in range(10):
+        event = {"event.name": "e", "event.timestamp": STAMP, "server.port": port}
+        assert encode(event) == json.dumps(event, separators=(",", ":")) + "\n"
+    assert 0 < len(encode._known) <= 4
 
 
 def test_json_lines_flush_early_when_the_buffer_is_full(tmp_path):
