@@ -343,13 +343,14 @@ def _serialize(start: bytes, headers: Headers, block: bytes) -> bytes:
     with its CRLF), then C{headers}; refuse CR/LF smuggled inside the start
     line or C{headers}.
     """
-    ours = b"\r\n".join([start, *map(b": ".join, headers), b""])
+    # Most forwarded responses add no field: the start line alone.
+    ours = b"\r\n".join([start, *map(b": ".join, headers), b""]) if headers else start + b"\r\n"
     if ours.count(b"\n") != len(headers) + 1 or ours.count(b"\r") != len(headers) + 1:
         raise ValueError("CR or LF inside a start line or header")
     if not block:
         return ours + b"\r\n"
     end = len(start) + 2
-    return b"%s%s%s\r\n" % (ours[:end], block, ours[end:])
+    return b"".join((ours[:end], block, ours[end:], b"\r\n"))
 
 
 def serialize_request_head(method: str, target: str, headers: Headers, block: bytes = b"") -> bytes:
