@@ -74,9 +74,16 @@ def _proxy() -> Tuple[Any, Any, Any]:
             # its producer goes, so no reference cycle outlives it.
             self.producer = None
 
-    globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(open(os.devnull, "w"))], redirectStandardIO=False
-    )
+    observer: Any = textFileLogObserver(open(os.devnull, "w"))
+    try:
+        # twistd codexproxy's filter in front of twistd's text observer (a
+        # checkout from before it has none).
+        from codex_proxy._twistdlog import TextOnly
+    except ImportError:
+        pass
+    else:
+        observer = TextOnly(observer)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     reactor = MemoryReactorClock()
     policy = PolicyService(
         Policy.build(allowed=["127.0.0.1", "**.github.com", "pypi.org"], denied=["gist.github.com"]),
