@@ -217,14 +217,17 @@ class _Lines:
     The JSON line of each event, encoded once per content but its
     timestamp: a client's requests repeat the same decision's fields (one
     verdict per kind of request and client connection), and encoding them
-    was two thirds of the C{--audit-log} sink's cost. Keeps up to C{size}
-    encodings (then starts over).
+    was two thirds of the C{--audit-log} sink's cost. An event seen once so
+    far (a new connection's, a one-off) is encoded whole; from its second
+    time, around its timestamp. Keeps up to C{size} contents (then starts
+    over).
     """
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        # (keys, values but the timestamp) -> the line's text around it.
-        self._known: Dict[tuple[tuple[str, ...], tuple[Any, ...]], tuple[str, str]] = {}
+        # (keys, values but the timestamp) -> the line's text around it,
+        # or () while seen once.
+        self._known: Dict[tuple[tuple[str, ...], tuple[Any, ...]], tuple[str, ...]] = {}
 
     def __call__(self, fields: Dict[str, Any]) -> str:
         stamp = fields.get(_STAMP)
@@ -240,15 +243,22 @@ class _Lines:
             # A value that cannot be part of a key (a list): encoded whole.
             return _compact(fields) + "\n"
         if known is None:
+            self._keep(key, ())
+            return _compact(fields) + "\n"
+        if not known:
             text = _compact({**fields, _STAMP: _STAND_IN})
             if text.count(_STAND_IN_JSON) != 1:
                 # A value that is the stand-in itself: encoded whole.
                 return _compact(fields) + "\n"
             before, _, after = text.partition(_STAND_IN_JSON)
-            if len(self._known) >= self._size:
-                self._known.clear()
-            known = self._known[key] = (before, after + "\n")
+            known = (before, after + "\n")
+            self._keep(key, known)
         return known[0] + _compact(stamp) + known[1]
+
+    def _keep(self, key: tuple[tuple[str, ...], tuple[Any, ...]], known: tuple[str, ...]) -> None:
+        if len(self._known) >= self._size and key not in self._known:
+            self._known.clear()
+        self._known[key] = known
 
 
 class JSONLinesLog:

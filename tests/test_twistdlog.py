@@ -17,7 +17,7 @@ from codex_proxy._twistdlog import TextOnly, twistd_observer
 from codex_proxy.audit import emit_structured
 from codex_proxy.tap import Options, makeService
 
-from tests.test_tap import ENABLED
+ENABLED = b'[network]\nenabled = true\nproxy_url = "127.0.0.1:0"\n'
 
 
 class Recorder:
