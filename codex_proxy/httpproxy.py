@@ -404,9 +404,6 @@ class HTTPProxyProtocol(ClientConnection):
         if pending:
             self.keep(pending)
 
-    def done(self, leg: Optional[Leg], close: bool) -> None:
-        self._next(leg, keep=not close)
-
     def failed(self, reason: Reason, message: str) -> None:
         state = self._state
         assert isinstance(state, Exchanging)
@@ -466,17 +463,18 @@ class HTTPProxyProtocol(ClientConnection):
         keep = not close and head is not None and head.framing is _httpbody.NO_BODY and head.form != "authority"
         with_body = head is None or head.method != "HEAD"
         self.transport.write(errors.render(reply.status, reply.header, fields, keep_alive=keep, with_body=with_body))
-        self._next(kept, keep)
+        self.done(kept, close=not keep)
 
-    def _next(self, kept: Optional[Leg], keep: bool) -> None:
+    def done(self, leg: Optional[Leg], close: bool) -> None:
         """
-        The request is answered: read the next one, or close.
+        The request is answered (by the destination or by us): read the
+        next one on C{leg}, or close.
         """
-        if keep:
-            self._readHead(kept)
+        if not close:
+            self._readHead(leg)
         else:
-            if kept is not None:
-                kept.drop()
+            if leg is not None:
+                leg.drop()
             self.close()
 
 
