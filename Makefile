@@ -1,5 +1,7 @@
 # Every target creates the virtualenv itself, so each works on a fresh clone.
-PYTHON ?= python3
+# The virtualenv's interpreter (tools/venv-python: the distribution's own
+# CPython when it is 3.11 or newer, the faster build; else python3).
+PYTHON ?= $(shell tools/venv-python)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/config.toml

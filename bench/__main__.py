@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import statistics
 import sys
@@ -133,10 +135,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interception (MITM) figures", file=sys.stderr, flush=True)
         medians["codex"].update(mitm.measure(10 if args.quick else 40, 500 if args.quick else 2000))
         names = [t.name for t in targets]
+        # codex-proxy, the floor and "before" all run on this interpreter.
+        interpreter = f"{os.path.realpath(sys.executable)} (Python {platform.python_version()}, {platform.python_build()[1]})"
+        print(f"interpreter: {interpreter}")
         print(table(medians, names))
         OUT.mkdir(exist_ok=True)
         (OUT / "results.json").write_text(
-            json.dumps({"rounds": rounds, "seconds": seconds, "medians": medians, "samples": samples}, indent=1)
+            json.dumps(
+                {"interpreter": interpreter, "rounds": rounds, "seconds": seconds, "medians": medians, "samples": samples},
+                indent=1,
+            )
         )
         print(f"\nwritten: {OUT / 'results.json'}", file=sys.stderr)
     finally:
