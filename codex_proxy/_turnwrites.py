@@ -26,7 +26,7 @@ written, with the prefix C{[-]}.
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, Optional, Set, Type
 
 from twisted.internet import abstract, epollreactor, main, posixbase, tcp
 from twisted.logger import Logger
@@ -67,6 +67,11 @@ class TurnWrites:
         self._reactor: Any = None
         self._base: Optional[Type[Any]] = None
         self._adopted: Dict[Type[Any], Type[Any]] = {}
+        # The descriptors the epoll reactor watches for writability: a
+        # transport not among them needs no stopWriting (three calls into
+        # the reactor to find that out, once per send); None on any other
+        # reactor, which is asked each time.
+        self._writing: Optional[Set[int]] = None
 
     def install(self, reactor: Any) -> bool:
         """
@@ -79,7 +84,7 @@ class TurnWrites:
         # Our poll reads the epoll reactor's own members: a Twisted that
         # lacks one keeps its own poll (the tests would say so).
         ours = isinstance(reactor, epollreactor.EPollReactor) and all(
-            hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite")
+            hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite", "_writes")
         )
         poll: Callable[[Any, Optional[float]], None] = _poll if ours else base.doIteration
 
@@ -110,6 +115,7 @@ class TurnWrites:
             for kind in (tcp.Server, tcp.Client, Dialled)
         }
         self._reactor, self._base = reactor, base
+        self._writing = reactor._writes if ours else None
         reactor.__class__ = type(base.__name__, (base,), {"doIteration": doIteration, "__module__": __name__})
         self.installed = True
         return True
@@ -152,7 +158,7 @@ class TurnWrites:
                 if transport.offset < len(transport.dataBuffer) or transport._tempDataLen > _SEND_LIMIT:
                     why = transport.doWrite()
                 else:
-                    why = _send(transport)
+                    why = _send(transport, self._writing)
             except Exception as e:
                 _log.failure("writing to {transport}", transport=transport)
                 why = e
@@ -180,12 +186,14 @@ def _poll(reactor: Any, timeout: Optional[float]) -> None:
             handle(selectable, fd, event)
 
 
-def _send(transport: Any) -> Any:
+def _send(transport: Any, writing: Optional[Set[int]]) -> Any:
     """
     C{doWrite} for what one turn wrote, when nothing older waits: one
     send of it all, the rest (what the kernel did not take) left in the
     buffer for the reactor's write events; or, nothing written, the close
     or half-close that was asked for without an empty send first.
+    C{writing}: the descriptors the reactor watches for writability, when
+    known.
     """
     written = transport._tempDataBuffer
     if written:
@@ -201,16 +209,18 @@ def _send(transport: Any) -> Any:
         if sent < len(data):
             transport.dataBuffer, transport.offset = data, sent
             return None
-    return _unbuffered(transport)
+    return _unbuffered(transport, writing)
 
 
-def _unbuffered(transport: Any) -> Any:
+def _unbuffered(transport: Any, writing: Optional[Set[int]]) -> Any:
     """
     What C{doWrite} does once its buffers are empty, without the empty send
-    it would make first: resume a producer waiting for the buffer to drain,
-    else do the close or half-close that was asked for.
+    it would make first: stop watching for writability (when watched),
+    resume a producer waiting for the buffer to drain, else do the close or
+    half-close that was asked for.
     """
-    transport.stopWriting()
+    if writing is None or transport.fileno() in writing:
+        transport.stopWriting()
     if transport.producer is not None and (not transport.streamingProducer or transport.producerPaused):
         transport.producerPaused = False
         transport.producer.resumeProducing()

@@ -27,7 +27,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import log
 from zope.interface import implementer
 
-from codex_proxy._turnwrites import TurnWrites
+from codex_proxy._turnwrites import TurnWrites, wait_writable
 from support.ends import End
 
 
@@ -271,6 +271,31 @@ def test_what_the_kernel_takes_in_part_is_sent_whole_once(writes):
     assert bytes(peer.received) == b"0123456789"
     # One send at the end of the turn, the rest by the reactor's write events.
     assert sends.sent == [b"0123", b"4567", b"89"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_send_asks_the_reactor_to_stop_watching_only_a_watched_socket(writes, monkeypatch):
+    """
+    A flush's send does not ask the reactor to stop watching a socket for
+    writability that it does not watch (the common case); one it watches,
+    as a splice relay's waiting pipe has it, it stops watching.
+    """
+    ours, peer = yield _pair(writes)
+    asked: list = []
+    remove = reactor.removeWriter
+    monkeypatch.setattr(reactor, "removeWriter", lambda w: (asked.append(w), remove(w)))
+    ours.transport.write(b"ab")
+    yield peer.until(2)
+    assert asked == []
+    wait_writable(ours.transport)
+    ours.transport.write(b"cd")
+    assert ours.transport in reactor.getWriters()
+    yield peer.until(4)
+    assert asked[:1] == [ours.transport]
+    assert ours.transport not in reactor.getWriters()
+    assert bytes(peer.received) == b"abcd"
+    ours.transport.loseConnection()
+    yield peer.lost
 
 
 @pytest_twisted.inlineCallbacks
