@@ -27,6 +27,11 @@ from zope.interface import implementer
 from codex_proxy.addresses import authority
 
 
+#: Where the system has it, a socket is made non-blocking as it is made,
+#: without a second system call.
+_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
 class Dialled(tcp.Server):
     """
     The transport of a connection we dialled: a Twisted TCP connection
@@ -73,13 +78,14 @@ class Connecting:
         self._sock: Optional[socket.socket] = None
         self._registered = False
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
         except OSError as e:
             # No socket to be had (out of descriptors, no IPv6).
             self._fire(Failure(error.ConnectError(e.errno, e.strerror)))
             return
         self._sock = sock
-        sock.setblocking(False)
+        if not _NONBLOCK:
+            sock.setblocking(False)
         try:
             code = sock.connect_ex(self._peer)
         except OSError as e:

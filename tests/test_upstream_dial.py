@@ -22,6 +22,7 @@ import pytest_twisted
 from twisted.internet import base, defer, error, main, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 
+from codex_proxy import _dial
 from codex_proxy._dial import Connecting, Dialled
 from codex_proxy.errors import UpstreamError
 from codex_proxy.upstream import Upstream, _Dialling
@@ -139,6 +140,50 @@ def test_a_dial_connects_and_carries_bytes_both_ways(host):
         out.transport.write(b"request")
         yield sink.got
         assert (bytes(origin.received), bytes(sink.received)) == (b"request", b"response")
+        out.transport.loseConnection()
+        yield origin.lost
+    finally:
+        yield port.stopListening()
+
+
+@pytest.mark.parametrize("flag", [True, False], ids=["SOCK_NONBLOCK", "setblocking"])
+@pytest_twisted.inlineCallbacks
+def test_a_dial_socket_is_non_blocking_from_the_start(monkeypatch, flag):
+    """
+    The dial's socket is made non-blocking as it is made (one system call),
+    or, where the system lacks C{SOCK_NONBLOCK}, right after; either way
+    its connect never waits and the connection carries bytes.
+    """
+    if not flag:
+        monkeypatch.setattr(_dial, "_NONBLOCK", 0)
+    made: list = []
+
+    class Recording(socket.socket):
+        def __init__(self, family: int = -1, type: int = -1, *args: Any, **kw: Any) -> None:
+            super().__init__(family, type, *args, **kw)
+            made.append(("socket", type, self.getblocking()))
+
+        def setblocking(self, flag: bool) -> None:
+            made.append(("setblocking", flag))
+            super().setblocking(flag)
+
+    origin = _Answering(closeOnEOF=True)
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: origin), interface="127.0.0.1")
+    try:
+        monkeypatch.setattr(socket, "socket", Recording)
+        d = Upstream(reactor).connect([ip_address("127.0.0.1")], port.getHost().port)
+        monkeypatch.setattr(socket, "socket", Recording.__mro__[1])
+        if flag:
+            assert made[0] == ("socket", socket.SOCK_STREAM | socket.SOCK_NONBLOCK, False)
+            assert ("setblocking", False) not in made[:2]
+        else:
+            assert made[:2] == [("socket", socket.SOCK_STREAM, True), ("setblocking", False)]
+        out = yield d
+        sink = _Sink(8)
+        out.attach(sink)
+        out.transport.write(b"request")
+        yield sink.got
+        assert bytes(sink.received) == b"response"
         out.transport.loseConnection()
         yield origin.lost
     finally:
