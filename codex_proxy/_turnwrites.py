@@ -26,7 +26,7 @@ written, with the prefix C{[-]}.
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable, Dict, Optional, Set, Type
+from typing import Any, Callable, Dict, Optional, Set, Type, cast
 
 from twisted.internet import abstract, epollreactor, main, posixbase, tcp
 from twisted.logger import Logger
@@ -115,7 +115,7 @@ class TurnWrites:
             for kind in (tcp.Server, tcp.Client, Dialled)
         }
         self._reactor, self._base = reactor, base
-        self._writing = reactor._writes if ours else None
+        self._writing = cast(Set[int], getattr(reactor, "_writes")) if ours else None
         reactor.__class__ = type(base.__name__, (base,), {"doIteration": doIteration, "__module__": __name__})
         self.installed = True
         return True
