@@ -27,7 +27,7 @@ from zope.interface import implementer
 from codex_proxy.addresses import authority
 from codex_proxy._text import escape
 from codex_proxy.interfaces import IAuditor
-from codex_proxy.model import PerVerdict, Source, Verdict
+from codex_proxy.model import PerVerdict, ProxyRequest, Source, Verdict
 
 EVENT_NAME = "codex.network_proxy.policy_decision"
 NAMESPACE = "codex_otel.network_proxy"
@@ -92,6 +92,11 @@ def scope(verdict: Verdict) -> str:
     return "domain"
 
 
+def _client(request: ProxyRequest) -> str:
+    """The C{client.address} of an event about C{request}."""
+    return request.client or "unknown"
+
+
 def decision_fields(
     verdict: Verdict, timestamp: float, metadata: Mapping[str, str] = {}
 ) -> Dict[str, Any]:
@@ -112,7 +117,7 @@ def decision_fields(
         "server.address": verdict.host,
         "server.port": request.port,
         "http.request.method": request.method or "none",
-        "client.address": request.client or "unknown",
+        "client.address": _client(request),
         "network.policy.override": verdict.override,
     }
     if request.client_identity is not None:
@@ -146,7 +151,8 @@ class Auditor:
         self.metadata = dict(metadata or {})
         self.sinks: List[Sink] = list(sinks or [])
         self._failing: Set[int] = set()
-        # The fields of recent verdicts but their timestamp and metadata.
+        # The fields of recent decisions but their timestamp, client and
+        # metadata: the same for every request of a kind.
         self._recent = PerVerdict(lambda verdict: decision_fields(verdict, 0.0))
 
     def _fields(self, verdict: Verdict) -> Dict[str, Any]:
@@ -155,6 +161,7 @@ class Auditor:
         """
         fields = self._recent(verdict).copy()
         fields["event.timestamp"] = rfc3339(self._seconds())
+        fields["client.address"] = _client(verdict.request)
         if self.metadata:
             fields.update(self.metadata)
         return fields

@@ -175,6 +175,11 @@ class Verdict:
     matched: Optional[str] = None
     detail: Optional[str] = None
     secret: Optional[str] = None
+    #: The verdict this one is a copy of (L{about}), decided for the first
+    #: request of its kind; C{None} when it is its own. Only L{about} sets
+    #: it: a verdict made any other way (C{attrs.evolve} too) may differ
+    #: from the one it came from, and is its own.
+    original: Optional[Verdict] = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @property
     def allowed(self) -> bool:
@@ -191,10 +196,12 @@ class Verdict:
         does the same at about three times the cost, and this runs once per
         new connection.
         """
-        return Verdict(
+        copy = Verdict(
             request, self.host, self.decision, self.source, self.reason, self.addresses,
             self.intercept, self.override, self.matched, self.detail, self.secret,
         )
+        object.__setattr__(copy, "original", self.original or self)
+        return copy
 
 
 _T = TypeVar("_T")
@@ -202,11 +209,15 @@ _T = TypeVar("_T")
 
 class PerVerdict(Generic[_T]):
     """
-    C{derive} of recent verdicts, worked out once per verdict: the policy
-    service answers a repeated request with the same verdict object, so
-    what follows from one (its audit fields, its route) is kept by the
-    verdict's identity, holding the verdict so the identity stays its own.
-    Forgets everything once it holds C{size} (the verdict cache's size).
+    C{derive} of recent verdicts, worked out once per decision: the policy
+    service answers a repeated request with the same verdict object, and a
+    request of a kind decided before (another connection's) with a copy of
+    that kind's verdict (L{Verdict.about}), so what follows from one (its
+    audit fields, its route) is kept by the identity of the verdict it was
+    copied from, holding that verdict so the identity stays its own.
+    C{derive} is given that verdict: it may read of its request only what
+    every request of the kind shares (not C{client}). Forgets everything
+    once it holds C{size} (the verdict cache's size).
     """
 
     def __init__(self, derive: Callable[[Verdict], _T], size: int = 256) -> None:
@@ -215,6 +226,7 @@ class PerVerdict(Generic[_T]):
         self._known: Dict[int, Tuple[Verdict, _T]] = {}
 
     def __call__(self, verdict: Verdict) -> _T:
+        verdict = verdict.original or verdict
         known = self._known.get(id(verdict))
         if known is not None and known[0] is verdict:
             return known[1]

@@ -378,3 +378,27 @@ def test_what_follows_from_a_verdict_is_worked_out_once_per_verdict_object():
     other = attrs.evolve(one, host="b.test")
     assert [memo(one), memo(one), memo(equal), memo(other), memo(one)] == ["a.test", "a.test", "a.test", "b.test", "a.test"]
     assert [d is one for d in derived] == [True, False, False, True]
+
+
+def test_copies_of_a_verdict_for_other_connections_share_what_follows_from_it():
+    """
+    A verdict copied for another connection's request of the kind (and a
+    copy of that copy) keeps the verdict it came from: L{PerVerdict} derives
+    once for all of them, from that verdict.
+    """
+    from codex_proxy.model import PerVerdict
+
+    derived: List[Verdict] = []
+    memo = PerVerdict(lambda verdict: derived.append(verdict) or verdict.host)
+    one = Verdict(_get("127.0.0.1:5000"), "127.0.0.1", Decision.ALLOW, Source.BASELINE_POLICY)
+    copy = one.about(_get("127.0.0.1:5001"))
+    again = copy.about(_get("127.0.0.1:5002"))
+    assert (one.original, copy.original, again.original) == (None, one, one)
+    assert again.original is one
+    assert [memo(copy), memo(again), memo(one)] == ["127.0.0.1"] * 3
+    assert derived == [one] and derived[0] is one
+    # A verdict made from a copy any other way may say something else: it
+    # is its own.
+    denied = attrs.evolve(copy, decision=Decision.DENY, reason=Reason.NOT_ALLOWED_LOCAL)
+    assert denied.original is None
+    assert memo(denied) == "127.0.0.1" and derived[-1] is denied
