@@ -87,6 +87,7 @@ class _ClientFlow:
     _paused: FrozenSet[str] = frozenset()
     _writeGate: Optional[_WriteGate] = None
     _producer: Optional[IPushProducer] = None
+    _switch: Optional[_Switch] = None
 
     def pauseReading(self, why: str) -> None:
         """
@@ -140,18 +141,28 @@ class _ClientFlow:
     def produce(self, producer: Optional[IPushProducer]) -> None:
         """
         Make C{producer} the client transport's (streaming) producer, in
-        place of the one before; C{None} for none.
+        place of the one before; C{None} for none. The transport's producer
+        is one L{_Switch} that passes on to C{producer}: the producer
+        changes twice per request (exchange, gate), and registering each
+        with the transport costs eight calls into Twisted.
         """
         if producer is self._producer:
             return
         if self._producer is not None and self._producer is self._writeGate:
             # An unregistered gate can no longer resume what it paused.
             self.resumeReading("write")
-        if self._producer is not None:
-            self.transport.unregisterProducer()
         self._producer = producer
-        if producer is not None:
-            self.transport.registerProducer(producer, True)
+        switch = self._switch
+        if producer is None:
+            if switch is not None:
+                self._switch = None
+                self.transport.unregisterProducer()
+            return
+        if switch is None:
+            switch = self._switch = _Switch(producer)
+            self.transport.registerProducer(switch, True)
+        else:
+            switch.target = producer
 
     def writesDrained(self) -> None:
         """
@@ -414,6 +425,30 @@ class ClientConnection(_ClientFlow, Protocol):
         if clientEOF:
             relay.clientEOF()
         return relay
+
+
+@implementer(IPushProducer)
+class _Switch:
+    """
+    A client transport's producer while an exchange or the write gate
+    produces for it (L{_ClientFlow.produce}): it passes the transport's
+    calls on to C{target}. Twisted does the same to a producer registered
+    in place of another: one the transport had paused is resumed once its
+    buffer drains, and the one in place when the connection is lost is
+    stopped.
+    """
+
+    def __init__(self, target: IPushProducer) -> None:
+        self.target = target
+
+    def pauseProducing(self) -> None:
+        self.target.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.target.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.target.stopProducing()
 
 
 @implementer(IPushProducer)

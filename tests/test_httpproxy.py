@@ -142,9 +142,44 @@ def test_download_back_pressure_pauses_the_destination(trickle):
     h = make(trickle)
     h.send(b"GET http://origin.test/big HTTP/1.1\r\nHost: origin.test\r\n\r\n")
     server, upstream = h.accept()
-    assert h.client.producer is upstream
+    # A client that stops reading (its transport pauses its producer)
+    # stops the destination, until it reads again.
     h.client.producer.pauseProducing()
     assert upstream.producerState == "paused"
+    h.client.producer.resumeProducing()
+    assert upstream.producerState == "producing"
+
+
+def test_the_client_transport_keeps_one_producer_that_follows_each_request(trickle):
+    """
+    The client transport's producer is registered once; its pauses reach
+    whatever produces for the connection at the time: the destination
+    while a response comes, and between requests the gate that stops
+    reading the client.
+    """
+    h = make(trickle)
+    registered: list = []
+    register = h.client.registerProducer
+    h.client.registerProducer = lambda producer, streaming: (  # type: ignore[method-assign]
+        registered.append(producer), register(producer, streaming)
+    )
+    h.send(b"GET http://origin.test/a HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    server, upstream = h.accept()
+    h.client.producer.pauseProducing()
+    assert (upstream.producerState, h.client.producerState) == ("paused", "producing")
+    h.client.producer.resumeProducing()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+    h.client.producer.pauseProducing()
+    assert (upstream.producerState, h.client.producerState) == ("producing", "paused")
+    h.client.producer.resumeProducing()
+    assert h.client.producerState == "producing"
+    h.send(b"GET http://origin.test/b HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+    h.client.producer.pauseProducing()
+    assert (upstream.producerState, h.client.producerState) == ("paused", "producing")
+    h.client.producer.resumeProducing()
+    h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+    assert h.client.value().endswith(b"b")
+    assert len(registered) == 1
 
 
 def test_chunked_response_passes_through_to_http11(trickle):
