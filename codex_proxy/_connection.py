@@ -13,7 +13,7 @@ current state holds (a pending Deferred, a timer, an outbound leg).
 
 from __future__ import annotations
 
-from typing import Any, Callable, FrozenSet, Optional, TypeVar
+from typing import Any, Callable, FrozenSet, Optional, TypeVar, Union
 
 import attrs
 from twisted.internet import defer
@@ -352,19 +352,22 @@ class ClientConnection(_ClientFlow, Protocol):
         answer); anything they raise is an internal error.
         """
 
-        def fired(result: T) -> None:
-            if not self.closing:
-                callback(result)
+        # One callback for both outcomes: each callback a Deferred holds
+        # costs its run, and a dial's or decision's Deferred runs once per
+        # connection.
+        def settled(result: Union[T, Failure]) -> None:
+            try:
+                if not isinstance(result, Failure):
+                    if not self.closing:
+                        callback(result)
+                elif not self.closing:
+                    errback(result)
+                elif not result.check(defer.CancelledError, UpstreamError):
+                    self.internalError(result)  # a bug, whenever it shows
+            except BaseException:
+                self.internalError(Failure())
 
-        def failed(failure: Failure) -> Optional[Failure]:
-            if not self.closing:
-                errback(failure)
-            elif not failure.check(defer.CancelledError, UpstreamError):
-                return failure  # a bug, whenever it shows
-            return None
-
-        d.addCallbacks(fired, failed)
-        d.addErrback(self.internalError)
+        d.addBoth(settled)
 
     def internalError(self, failure: Failure) -> None:
         """
