@@ -44,7 +44,12 @@ class Dialled(tcp.Server):
 
     def __init__(self, sock: socket.socket, protocol: IProtocol, peer: tuple[Any, ...], reactor: Any) -> None:
         super().__init__(sock, protocol, peer, None, 0, reactor)  # type: ignore[arg-type]
-        self.repstr = f"<{type(protocol).__name__} to {authority(peer[0], peer[1])}>"
+        self._kind = type(protocol).__name__
+        self._peer = peer
+
+    def __repr__(self) -> str:
+        # Written only when logged: not worked out per dial.
+        return f"<{self._kind} to {authority(self._peer[0], self._peer[1])}>"
 
 
 @implementer(IWriteDescriptor)

@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from codex_proxy import _dial
 from codex_proxy._dial import Connecting, Dialled
+from codex_proxy.addresses import authority
 from codex_proxy.errors import UpstreamError
 from codex_proxy.upstream import Upstream, _Dialling
 from support.ends import End
@@ -142,6 +143,8 @@ def test_a_dial_connects_and_carries_bytes_both_ways(host):
         assert (bytes(origin.received), bytes(sink.received)) == (b"request", b"response")
         out.transport.loseConnection()
         yield origin.lost
+        # How logs name it, while open and once closed.
+        assert repr(out.transport) == f"<Outbound to {authority(host, port.getHost().port)}>"
     finally:
         yield port.stopListening()
 
