@@ -110,10 +110,13 @@ class TurnWrites:
             else:
                 _register(transport)
 
-        self._adopted = {
-            kind: type(kind.__name__, (kind,), {"startWriting": startWriting, "__module__": __name__})
-            for kind in (tcp.Server, tcp.Client, Dialled)
-        }
+        # An adopted transport also closes its socket without the
+        # shutdown(SHUT_RDWR) Twisted makes first, a system call per
+        # connection that Twisted's own comment calls unnecessary: the
+        # socket is close-on-exec, so this process holds its only
+        # descriptor, and close() ends the connection the same way.
+        members = {"startWriting": startWriting, "_shouldShutdown": False, "__module__": __name__}
+        self._adopted = {kind: type(kind.__name__, (kind,), members) for kind in (tcp.Server, tcp.Client, Dialled)}
         self._reactor, self._base = reactor, base
         self._writing = cast(Set[int], getattr(reactor, "_writes")) if ours else None
         reactor.__class__ = type(base.__name__, (base,), {"doIteration": doIteration, "__module__": __name__})

@@ -42,6 +42,8 @@ class _Sends:
         self._errors = list(errors)
         self._most = most
         self.sent: list[bytes] = []
+        # The shutdowns and the close asked for, in order.
+        self.ended: list[tuple] = []
 
     def send(self, data: Any) -> int:
         if self._errors:
@@ -50,6 +52,14 @@ class _Sends:
         data = bytes(data[: self._most])
         self.sent.append(data)
         return self._sock.send(data)
+
+    def shutdown(self, how: int) -> None:
+        self.ended.append(("shutdown", how))
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self.ended.append(("close",))
+        self._sock.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -296,6 +306,39 @@ def test_a_send_asks_the_reactor_to_stop_watching_only_a_watched_socket(writes, 
     assert bytes(peer.received) == b"abcd"
     ours.transport.loseConnection()
     yield peer.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_close_ends_the_connection_with_close_alone(writes):
+    """
+    An adopted transport closes its socket without a shutdown first: the
+    peer reads what was written, then the end of the connection.
+    """
+    ours, peer = yield _pair(writes)
+    sends = ours.transport.socket = _Sends(ours.transport.socket)
+    ours.transport.write(b"last words")
+    ours.transport.loseConnection()
+    yield peer.lost
+    assert bytes(peer.received) == b"last words"
+    assert sends.ended == [("close",)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_half_close_then_a_close_shut_the_write_side_once(writes):
+    ours, peer = yield _pair(writes)
+    peer.closeOnEOF = False
+    sends = ours.transport.socket = _Sends(ours.transport.socket)
+    ours.transport.write(b"request")
+    ours.transport.loseWriteConnection()
+    yield peer.eof
+    peer.transport.write(b"answer")
+    yield ours.until(6)
+    ours.transport.loseConnection()
+    yield ours.lost
+    peer.transport.loseConnection()
+    yield peer.lost
+    assert (bytes(peer.received), bytes(ours.received)) == (b"request", b"answer")
+    assert sends.ended == [("shutdown", socket.SHUT_WR), ("close",)]
 
 
 @pytest_twisted.inlineCallbacks
