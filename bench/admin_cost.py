@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence, Tuple
 
+from bench.instructions import keepalive
 from bench.origin import Nginx
 
 _HERE = Path(__file__).resolve().parent
@@ -136,14 +136,7 @@ def _requests(proxy: Proxy, nginx: Nginx, n: int) -> None:
     """
     C{n} keep-alive requests for the tiny body, one after the other.
     """
-    request = f"GET http://{nginx.authority}/tiny HTTP/1.1\r\nHost: {nginx.authority}\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", int(proxy[1]["http"].rsplit(":", 1)[1]))) as s:
-        for _ in range(n):
-            s.sendall(request.encode())
-            data = b""
-            while not data.endswith(b"x" * 100):
-                data += s.recv(65536)
-            assert data.startswith(b"HTTP/1.1 200"), data
+    keepalive(int(proxy[1]["http"].rsplit(":", 1)[1]), nginx.authority, n)
 
 
 def instructions(root: Path, nginx: Nginx, n1: int = 500, n2: int = 2500) -> float:

@@ -39,7 +39,12 @@ def _pin(pid: int) -> None:
 
 
 def codex(
-    workdir: Path, nginx: Nginx, name: str = "codex", tree: Optional[Path] = None, args: Sequence[str] = ()
+    workdir: Path,
+    nginx: Nginx,
+    name: str = "codex",
+    tree: Optional[Path] = None,
+    args: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
 ) -> Target:
     """
     twistd codexproxy on port 0 with a realistic policy: an allowlist (the
@@ -49,6 +54,9 @@ def codex(
         instead of the installed one, with this environment's interpreter
         and libraries: how C{--baseline} measures before and after in one run.
     @param args: more C{codexproxy} options (C{--audit-log PATH}).
+    @param wrapper: a command that runs the proxy (valgrind): it is then
+        given minutes to start and to stop, and one hash seed, so that what
+        it counts repeats.
     """
     workdir = workdir / name
     workdir.mkdir()
@@ -70,19 +78,22 @@ denied_domains = ["gist.github.com"]
     log = workdir / "codex.log"
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["CODEX_HOME"] = str(home)
+    slow = 600 if wrapper else 15
+    if wrapper:
+        env["PYTHONHASHSEED"] = "0"
     if tree is not None:
         # Ahead of the installed package on sys.path: its codex_proxy and its
         # twisted/plugins/codexproxy_plugin.py are the ones imported.
         env["PYTHONPATH"] = str(tree.resolve())
     proc = subprocess.Popen(
-        [str(VENV_BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log),
+        [*wrapper, sys.executable, str(VENV_BIN / "twistd"), "-n", "--pidfile=", "--logfile", str(log),
          "codexproxy", "--config", str(config), "--ports-file", str(ports), *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
     _pin(proc.pid)
-    end = time.monotonic() + 30
+    end = time.monotonic() + 2 * slow
     while not ports.exists():
         if proc.poll() is not None or time.monotonic() > end:
             raise SystemExit(f"bench: codex-proxy did not start:\n{log.read_text() if log.exists() else ''}")
@@ -91,7 +102,7 @@ denied_domains = ["gist.github.com"]
 
     def stop() -> None:
         proc.terminate()
-        proc.wait(15)
+        proc.wait(slow)
 
     socks = addrs.get("socks")
     return Target(
