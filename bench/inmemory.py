@@ -5,8 +5,9 @@ connection over in-memory transports answers the same GET (forwarded,
 decided, audited, its response parsed and relayed) again and again.
 C{connect}: a new client connection asks for a CONNECT, is dialled, relays
 one exchange each way and closes from both ends. C{close}: a new client
-connection sends one GET with C{Connection: close}, which is dialled,
-answered and closed. No syscall, no reactor turn: what is left is our code
+connection sends one GET with C{Connection: close}, which goes out on the
+destination connection parked by the round before, is answered, and the
+client's connection closes. No syscall, no reactor turn: what is left is our code
 and the Twisted calls it makes, the part of C{bench.cpu_per_request}'s
 figures that this code base decides.
 
@@ -151,13 +152,39 @@ def _connect() -> Callable[[], None]:
 def _close() -> Callable[[], None]:
     """
     One GET on a new client connection, as C{loadgen}'s close mode sends
-    it: dialled, answered, and both connections closed.
+    it: sent on the destination connection the round before parked (a
+    checkout that parks none dials, and closes, one per round), answered,
+    and the client's connection closed.
     """
-    return _new_connection(
-        REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"),
-        lambda proxy, outbound: outbound.dataReceived(RESPONSE),
-        lambda client: client.value().startswith(b"HTTP/1.1 200 OK") and client.disconnecting,
-    )
+    from twisted.internet import error
+    from twisted.internet.address import IPv4Address
+    from twisted.python.failure import Failure
+
+    factory, reactor, Transport = _proxy()
+    done = Failure(error.ConnectionDone())
+    request = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    outbound: Any = None
+
+    def one() -> None:
+        nonlocal outbound
+        proxy = factory.buildProtocol(None)
+        client = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+        proxy.makeConnection(client)
+        proxy.dataReceived(request)
+        if reactor.tcpClients:
+            if outbound is not None:
+                outbound.transport.connectionLost()
+                outbound.connectionLost(done)
+            outbound = reactor.tcpClients.pop()[2].buildProtocol(None)
+            outbound.makeConnection(Transport())
+        outbound.dataReceived(RESPONSE)
+        client.connectionLost()
+        proxy.connectionLost(done)
+        reactor.advance(0)
+        if not (client.value().startswith(b"HTTP/1.1 200 OK") and client.disconnecting):
+            raise SystemExit(f"bench.inmemory: unexpected answer: {client.value()[:200]!r}")
+
+    return one
 
 
 def _keepalive() -> Callable[[], None]:

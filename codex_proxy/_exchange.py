@@ -21,9 +21,9 @@ Each chunk costs a direct call in each direction: reader, write, counter.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -74,6 +74,11 @@ class IExchangeOwner(Interface):
         """The request body broke its framing before the response began."""
 
 
+#: What a kept-alive leg may serve: its route, the host its TLS was opened
+#: for (or C{None}), and the client identity it was dialled for.
+LegKey = Tuple[Route, Optional[str], Optional[str]]
+
+
 @implementer(ISink, IPushProducer)
 class Leg:
     """
@@ -85,18 +90,30 @@ class Leg:
 
     @ivar route: where it goes; equal routes may share it.
     @ivar tls: the host its TLS was opened for, or C{None}.
+    @ivar key: which requests it may serve (L{LegKey}).
     @ivar open: still usable.
     """
 
     _responses: Optional[_httphead.ResponseHeadParser] = None
 
-    def __init__(self, out: Outbound, route: Route, tls: Optional[str], owner: IExchangeOwner) -> None:
+    def __init__(
+        self,
+        out: Outbound,
+        route: Route,
+        tls: Optional[str],
+        owner: IExchangeOwner,
+        identity: Optional[str],
+        pool: "LegPool",
+    ) -> None:
         self.out = out
         self.route = route
         self.tls = tls
+        self.key: LegKey = (route, tls, identity)
         self.open = True
         self._dropped = False
-        self._owner = owner
+        # None while parked in the pool.
+        self._owner: Optional[IExchangeOwner] = owner
+        self._pool = pool
         out.attach(self)
         out.transport.registerProducer(self, True)
 
@@ -113,6 +130,23 @@ class Leg:
             parser.answering(method)
         return parser
 
+    def adopt(self, owner: Optional[IExchangeOwner]) -> None:
+        """
+        Serve C{owner}'s requests from now on (C{None}: parked).
+        """
+        self._owner = owner
+
+    def release(self) -> None:
+        """
+        The client connection is done with it: parked in its pool for the
+        next request with the same key when it has carried an exchange (so
+        its TLS, if any, was verified), or closed.
+        """
+        if self.open and self._responses is not None:
+            self._pool.park(self)
+        else:
+            self.drop()
+
     def drop(self) -> None:
         """
         Close the connection; detached first, so bytes it still reads (a
@@ -124,8 +158,12 @@ class Leg:
         self.open = False
         self.out.detach()
         self.out.transport.loseConnection()
-        # Its back-pressure on the client ends with it.
-        self._owner.resumeReading("upstream")
+        owner = self._owner
+        if owner is not None:
+            # Its back-pressure on the client ends with it.
+            owner.resumeReading("upstream")
+        else:
+            self._pool.forget(self)
 
     def outboundData(self, data: bytes) -> None:
         self.drop()
@@ -135,15 +173,100 @@ class Leg:
 
     def outboundLost(self, reason: Failure) -> None:
         self.open = False
+        if self._owner is None:
+            self.drop()
 
     def pauseProducing(self) -> None:
-        self._owner.pauseReading("upstream")
+        if self._owner is not None:
+            self._owner.pauseReading("upstream")
 
     def resumeProducing(self) -> None:
-        self._owner.resumeReading("upstream")
+        if self._owner is not None:
+            self._owner.resumeReading("upstream")
 
     def stopProducing(self) -> None:
         pass
+
+
+class LegPool:
+    """
+    Destination connections kept alive between client connections, as
+    Squid keeps its server connections: a request on a new client
+    connection is sent on an idle leg with the same key instead of a new
+    dial. Only body-less requests take a parked leg, so one the
+    destination closed meanwhile costs a resend on a fresh dial
+    (L{IExchangeOwner.retry}), never the request. The key holds the client
+    identity: clients that authenticate differently never share a
+    connection.
+
+    @param idle: seconds a leg stays parked; shorter than the 5 s servers
+        such as Node.js keep an idle connection, so a parked leg is seldom
+        one its server is closing.
+    @param per_key: parked legs kept per key.
+    @param total: parked legs kept in all.
+    """
+
+    def __init__(self, clock: IReactorTime, idle: float = 4.0, per_key: int = 16, total: int = 256) -> None:
+        self._clock = clock
+        self._idle = idle
+        self._perKey = per_key
+        self._total = total
+        self._parked: Dict[LegKey, List[Leg]] = {}
+        self._expiry: Dict[Leg, IDelayedCall] = {}
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def park(self, leg: Leg) -> None:
+        """
+        Keep C{leg} for the next request with its key, until it idles out;
+        closed when the pool is full.
+        """
+        legs = self._parked.setdefault(leg.key, [])
+        if len(legs) >= self._perKey or len(self._expiry) >= self._total:
+            if not legs:
+                del self._parked[leg.key]
+            leg.drop()
+            return
+        leg.adopt(None)
+        # Read, so that a destination that speaks or closes while the leg is
+        # parked drops it (the last client may have paused it).
+        leg.out.transport.resumeProducing()
+        legs.append(leg)
+        self._expiry[leg] = self._clock.callLater(self._idle, leg.drop)
+
+    def take(self, key: LegKey, owner: IExchangeOwner) -> Optional[Leg]:
+        """
+        The leg parked last with C{key}, now serving C{owner}; C{None}: none.
+        """
+        legs = self._parked.get(key)
+        if not legs:
+            return None
+        leg = legs.pop()
+        if not legs:
+            del self._parked[key]
+        self._expiry.pop(leg).cancel()
+        leg.adopt(owner)
+        return leg
+
+    def forget(self, leg: Leg) -> None:
+        """
+        C{leg} closed while parked: no longer offered.
+        """
+        expiry = self._expiry.pop(leg)
+        if expiry.active():
+            expiry.cancel()
+        legs = self._parked[leg.key]
+        legs.remove(leg)
+        if not legs:
+            del self._parked[leg.key]
+
+    def clear(self) -> None:
+        """
+        Close every parked leg.
+        """
+        for leg in list(self._expiry):
+            leg.drop()
 
 
 @implementer(ISink)
@@ -201,7 +324,6 @@ class Exchange:
                 self._head,
                 self._request,
                 via,
-                close=self.close,
                 parent_authorization=route.parent.authorization if route.parent else None,
                 absolute_form=route.absolute_form,
             ),
@@ -413,7 +535,10 @@ class Exchange:
 
     def cancel(self) -> None:
         """
-        The client went away or the owner gave up: drop the leg.
+        The client went away or the owner gave up: drop the leg, unless the
+        exchange had ended (its leg is the owner's then).
         """
+        if self._ended:
+            return
         self._end()
         self._leg.drop()

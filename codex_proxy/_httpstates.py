@@ -118,7 +118,7 @@ class ReadingHead:
         self._stop()
         kept, self.kept = self.kept, None
         if kept is not None:
-            kept.drop()
+            kept.release()
 
     def _arm(self, idle: bool) -> None:
         """
@@ -197,7 +197,7 @@ class Deciding:
         self.work.cancel()
         kept = self.takeKept()
         if kept is not None:
-            kept.drop()
+            kept.release()
 
 
 class Dialling:

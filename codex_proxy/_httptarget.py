@@ -274,7 +274,6 @@ def outgoing_head(
     request: ProxyRequest,
     via: bytes,
     *,
-    close: bool,
     parent_authorization: Optional[bytes] = None,
     absolute_form: bool = False,
 ) -> bytes:
@@ -310,8 +309,6 @@ def outgoing_head(
             (b"Connection", b"Upgrade"),
             (b"Upgrade", head.header(b"upgrade") or b"websocket"),
         )
-    elif close:
-        fields += ((b"Connection", b"close"),)
     return serialize_request_head(head.method, target, fields, block)
 
 

@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
 from codex_proxy._connection import OVER_LIMIT, ClientConnection, client_address, tune
-from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
+from codex_proxy._exchange import Exchange, IExchangeOwner, Leg, LegPool
 from codex_proxy._httpstates import (
     CLOSING,
     Deciding,
@@ -136,6 +136,11 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
         self.origin_tls: Optional[OriginTLS] = origin_tls if origin_tls is not None else mitm
         self.via = _httptarget.via_value(instance)
         self.secrets = secrets
+        #: Destination connections idle between client connections.
+        self.legs = LegPool(clock)
+
+    def stopFactory(self) -> None:
+        self.legs.clear()
 
     @property
     def placeholders(self) -> bool:
@@ -250,7 +255,7 @@ class HTTPProxyProtocol(ClientConnection):
         """
         if self.clientEOF and not self.pending:
             if kept is not None:
-                kept.drop()
+                self._release(kept)
             self.close()
             return
         if idle:
@@ -315,11 +320,20 @@ class HTTPProxyProtocol(ClientConnection):
         # TLS targets (CONNECT, and the upstream leg of an intercepted
         # tunnel) reach a parent proxy through a chained CONNECT.
         route = factory.upstream.route(verdict, tunnel=protocol in (Proto.HTTPS_CONNECT, Proto.HTTPS))
-        if kept is not None:
-            if kept.open and (kept.route, kept.tls) == (route, tls) and protocol is not Proto.HTTPS_CONNECT:
+        if protocol is not Proto.HTTPS_CONNECT:
+            key = (route, tls, job.request.client_identity)
+            if kept is not None and kept.open and kept.key == key:
                 self._exchange(job, kept, reused=True)
                 return
-            kept.drop()
+            if kept is not None:
+                kept.release()
+            # A parked leg may have been closed by now: only a request that
+            # can be sent again (no body) takes one.
+            if job.head.framing is _httpbody.NO_BODY and (leg := factory.legs.take(key, self)) is not None:
+                self._exchange(job, leg, reused=True)
+                return
+        elif kept is not None:
+            kept.release()
         self._dial(job, route, tls)
 
     def _dial(self, job: Job, route: Route, tls: Optional[str]) -> None:
@@ -351,7 +365,8 @@ class HTTPProxyProtocol(ClientConnection):
             if state.tls is not None:
                 assert self.factory.origin_tls is not None
                 out.transport.startTLS(self.factory.origin_tls.client_tls(state.tls))
-            self._exchange(job, Leg(out, state.route, state.tls, self), reused=False)
+            leg = Leg(out, state.route, state.tls, self, job.request.client_identity, self.factory.legs)
+            self._exchange(job, leg, reused=False)
 
     def _relayTo(self, out: Outbound, fromServer: bytes) -> None:
         self._parser.forget()
@@ -368,7 +383,7 @@ class HTTPProxyProtocol(ClientConnection):
         assert factory.mitm is not None and factory.origin_tls is not None
         self._tunnel = verdict
         out.transport.startTLS(factory.origin_tls.client_tls(verdict.host))
-        leg = Leg(out, route, verdict.host, self)
+        leg = Leg(out, route, verdict.host, self, self.identity, factory.legs)
         self.transport.write(self.tunnelAnswer)
         # Bytes that came with the CONNECT belong to the TLS handshake: they
         # go to the TLS layer startTLS puts under this protocol.
@@ -474,8 +489,16 @@ class HTTPProxyProtocol(ClientConnection):
             self._readHead(leg)
         else:
             if leg is not None:
-                leg.drop()
+                self._release(leg)
             self.close()
+
+    def _release(self, leg: Leg) -> None:
+        """
+        Done with C{leg} as this connection closes: it stops producing for
+        this connection (whose loss would stop it) and goes to its pool.
+        """
+        self.produce(None)
+        leg.release()
 
 
 class _HandedOver(HTTPProxyProtocol):

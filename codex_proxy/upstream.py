@@ -136,11 +136,12 @@ class Outbound(Protocol):
             sink.outboundLost(reason)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Route:
     """
     Where a request's connection goes. Equal routes may share a kept-alive
     connection, so a plain route through a parent leaves the target out.
+    Its hash is worked out once: it keys parked connections.
 
     @ivar addresses: direct: the vetted addresses, tried in order.
     @ivar port: direct: the destination port.

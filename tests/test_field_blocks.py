@@ -49,7 +49,9 @@ def test_connection_options_that_name_no_field_keep_the_fields_as_received():
         b"User-Agent:   spaced\r\n\r\n"
     )
     assert sent.startswith(b"GET / HTTP/1.1\r\nHost: origin.test\r\nUser-Agent:   spaced\r\nVia: ")
-    assert sent.endswith(b"\r\nConnection: close\r\n\r\n")
+    # The client's close is its own hop's: the destination's connection may
+    # be parked for later requests.
+    assert b"connection:" not in sent.lower()
 
 
 def test_a_chunked_request_keeps_its_framing_with_fields_as_received():

@@ -197,13 +197,15 @@ def test_chunked_response_is_decoded_for_http10_and_closed(trickle):
     h = make(trickle)
     h.send(b"GET http://origin.test/ HTTP/1.0\r\nHost: origin.test\r\n\r\n")
     server, upstream = h.accept()
-    assert b"Connection: close\r\n" in upstream.value()
+    # The client's connection closes; the destination's is kept for others.
+    assert b"Connection:" not in upstream.value()
     h.answer(server, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
     status, headers, body = h.response()
     assert "transfer-encoding" not in headers
     assert headers["connection"] == "close"
     assert body == b"hi"
     assert h.client.disconnecting
+    assert not upstream.disconnecting
 
 
 def test_close_delimited_response_ends_with_the_destination(trickle):
@@ -493,8 +495,10 @@ def test_connect_after_plain_request_replaces_the_kept_connection(trickle):
     server, upstream = h.accept()
     h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     h.send(b"CONNECT origin.test:443 HTTP/1.1\r\nHost: origin.test:443\r\n\r\n")
-    assert upstream.disconnecting
-    server.connectionLost(Failure(error.ConnectionDone()))
+    # The kept connection carries no tunnel: it is parked for other requests.
+    assert len(h.reactor.tcpClients) == 2
+    assert not upstream.disconnecting
+    assert len(h.factory.legs) == 1
     tunnel_server, tunnel = h.accept()
     assert h.client.value().endswith(b"HTTP/1.1 200 Connection established\r\n\r\n")
     h.send(b"tls bytes")
@@ -528,11 +532,12 @@ def test_request_then_eof_still_gets_its_response(trickle):
     h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
     h.proto.readConnectionLost()
     server, upstream = h.accept()
-    assert b"Connection: close\r\n" in upstream.value()
+    assert b"Connection:" not in upstream.value()
     h.answer(server, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     status, headers, body = h.response()
     assert (status, body, headers["connection"]) == (200, b"ok", "close")
     assert h.client.disconnecting
+    assert not upstream.disconnecting
 
 
 def test_slow_head_gets_408_at_the_header_timeout():

@@ -119,6 +119,8 @@ class SeenRequest:
     headers: list[tuple[str, str]]
     body_length: int
     body_sha256: str
+    #: The address the request came from: one per connection.
+    peer: tuple[str, int]
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -162,6 +164,7 @@ class _OriginHandler(http.server.BaseHTTPRequestHandler):
                 list(self.headers.items()),
                 len(body),
                 hashlib.sha256(body).hexdigest(),
+                self.client_address[:2],
             )
         )
         if self.path.startswith("/bytes/"):

@@ -126,6 +126,20 @@ def test_keepalive_two_requests_one_connection(proxy, origin, curl, proxyproc):
     assert [seen.path for seen in origin.requests] == ["/bytes/1000", "/bytes/2000"]
 
 
+def test_gets_on_new_connections_share_one_origin_connection(proxy, origin, curl, proxyproc):
+    """
+    Two curl runs (two client connections, each closed after its response)
+    reach the origin on one connection: the proxy parks it in between.
+    """
+    for size in (1000, 2000):
+        result = curl.run(origin.url(f"/bytes/{size}"), proxy=proxy.http_url)
+        assert (result.returncode, result.status) == (0, 200), result.stderr
+        assert result.body == proxyproc.pattern_bytes(size)
+    first, second = origin.requests
+    assert first.peer == second.peer
+    assert first.header("Connection") is None
+
+
 def test_allowlist_miss(proxy, origin, curl):
     """
     A host on no list is blocked before any lookup or connection.

@@ -53,7 +53,11 @@ class ParentProxy:
         with conn:
             while True:
                 while b"\r\n\r\n" not in data:
-                    piece = conn.recv(65536)
+                    try:
+                        piece = conn.recv(65536)
+                    except OSError:
+                        # The proxy stopped with our connection parked.
+                        return
                     if not piece:
                         return
                     data += piece

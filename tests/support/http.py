@@ -67,6 +67,15 @@ class Harness:
         self.client = client or HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
         self.proto.makeConnection(self.client)
 
+    def reconnect(self) -> None:
+        """
+        A new client connection to the same listener: C{send} and
+        C{response} use it from now on.
+        """
+        self.proto = self.factory.buildProtocol(None)
+        self.client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5556))
+        self.proto.makeConnection(self.client)
+
     def send(self, data: bytes) -> None:
         if self.trickle:
             for i in range(len(data)):
