@@ -9,7 +9,8 @@ whole cost (C{bench/cpu_per_request.py --only connect}). L{Connecting} does
 what a dial needs: a non-blocking C{connect}, one registration for
 writability, the socket's error once writable, and a Twisted TCP transport
 (L{Dialled}) for the connected socket, which the reactor then reads like
-any other.
+any other. A dial whose outcome is known as C{connect} returns (on
+loopback, always) settles at once, before the caller's next line.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error, tcp
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IWriteDescriptor
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from codex_proxy.addresses import authority
 
+
+_log = Logger()
 
 #: Where the system has it, a socket is made non-blocking as it is made,
 #: without a second system call.
@@ -50,6 +54,20 @@ class Dialled(tcp.Server):
     def __repr__(self) -> str:
         # Written only when logged: not worked out per dial.
         return f"<{self._kind} to {authority(self._peer[0], self._peer[1])}>"
+
+
+def _outcome(sock: socket.socket) -> Optional[int]:
+    """
+    How a non-blocking connect that is in progress stands: 0 connected, an
+    errno failed, C{None} still under way. On loopback the handshake (or
+    the refusal) is over by the time C{connect} returns: known at once, it
+    saves a registration for writability, a timer and a reactor turn.
+    """
+    try:
+        sock.getpeername()
+    except OSError:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or None
+    return 0
 
 
 @implementer(IWriteDescriptor)
@@ -97,12 +115,16 @@ class Connecting:
             # An address the socket cannot take (an IPv6 scope it lacks).
             self._fail(Failure(error.ConnectError(string=str(e))))
             return
-        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
-            return
-        reactor.addWriter(self)
-        self._registered = True
-        self._timer = reactor.callLater(timeout, self._timedOut)
+        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK):
+            outcome = _outcome(sock)
+            if outcome is None:
+                reactor.addWriter(self)
+                self._registered = True
+                self._timer = reactor.callLater(timeout, self._timedOut)
+                return
+            code = outcome
+        self._settle()
+        self._finish(sock, code, None)
 
     def fileno(self) -> int:
         return self._sock.fileno() if self._sock is not None else -1
@@ -127,7 +149,13 @@ class Connecting:
         sock = self._settle()
         if sock is None:
             return
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._finish(sock, sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), lost)
+
+    def _finish(self, sock: socket.socket, code: int, lost: Optional[Failure]) -> None:
+        """
+        The dial is over: C{sock} connected unless C{code} (its error) or
+        C{lost} says otherwise.
+        """
         if code or lost is not None:
             sock.close()
             self._fire(Failure(error.getConnectError((code, os.strerror(code)))) if code else lost)
@@ -137,11 +165,13 @@ class Connecting:
         transport = Dialled(sock, protocol, self._peer, self._reactor)
         try:
             protocol.makeConnection(transport)
-        except BaseException:
-            # Raised on to the reactor, which logs it; the connection that
-            # nothing will use is closed, as Twisted's connector would.
+        except Exception:
+            # The connection that nothing will use is closed, as Twisted's
+            # connector would; the dial fails, so that its caller answers
+            # rather than waits.
             transport.abortConnection()
-            raise
+            _log.failure("the protocol of a dialled connection failed to start")
+            self._fire(Failure(error.ConnectError(string="the connection's protocol failed to start")))
 
     def _settle(self) -> Optional[socket.socket]:
         """

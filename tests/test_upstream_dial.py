@@ -149,6 +149,35 @@ def test_a_dial_connects_and_carries_bytes_both_ways(host):
         yield port.stopListening()
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_loopback_dial_is_connected_before_connect_returns(monkeypatch):
+    """
+    On loopback the handshake is over as C{connect} returns: the dial has
+    settled, with no registration for writability and no timer.
+    """
+    origin = _Answering(closeOnEOF=True)
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: origin), interface="127.0.0.1")
+    registered: List[Any] = []
+    monkeypatch.setattr(reactor, "addWriter", registered.append)
+    timers = len(reactor.getDelayedCalls())
+    try:
+        d = Upstream(reactor).connect([ip_address("127.0.0.1")], port.getHost().port)
+        assert d.called
+        assert (registered, len(reactor.getDelayedCalls())) == ([], timers)
+        monkeypatch.undo()
+        out = yield d
+        sink = _Sink(8)
+        out.attach(sink)
+        out.transport.write(b"request")
+        yield sink.got
+        assert bytes(sink.received) == b"response"
+        out.transport.loseConnection()
+        yield origin.lost
+    finally:
+        monkeypatch.undo()
+        yield port.stopListening()
+
+
 @pytest.mark.parametrize("flag", [True, False], ids=["SOCK_NONBLOCK", "setblocking"])
 @pytest_twisted.inlineCallbacks
 def test_a_dial_socket_is_non_blocking_from_the_start(monkeypatch, flag):
@@ -171,6 +200,10 @@ def test_a_dial_socket_is_non_blocking_from_the_start(monkeypatch, flag):
             made.append(("setblocking", flag))
             super().setblocking(flag)
 
+        def connect_ex(self, address: Any) -> int:
+            made.append(("connect", self.getblocking()))
+            return super().connect_ex(address)
+
     origin = _Answering(closeOnEOF=True)
     port = reactor.listenTCP(0, Factory.forProtocol(lambda: origin), interface="127.0.0.1")
     try:
@@ -178,11 +211,11 @@ def test_a_dial_socket_is_non_blocking_from_the_start(monkeypatch, flag):
         d = Upstream(reactor).connect([ip_address("127.0.0.1")], port.getHost().port)
         # Only the dial's own socket is recorded.
         monkeypatch.setattr(socket, "socket", real)
+        connected = made.index(("connect", False))
         if flag:
-            assert made[0] == ("socket", socket.SOCK_STREAM | socket.SOCK_NONBLOCK, False)
-            assert ("setblocking", False) not in made[:2]
+            assert made[:connected] == [("socket", socket.SOCK_STREAM | socket.SOCK_NONBLOCK, False)]
         else:
-            assert made[:2] == [("socket", socket.SOCK_STREAM, True), ("setblocking", False)]
+            assert made[:connected] == [("socket", socket.SOCK_STREAM, True), ("setblocking", False)]
         out = yield d
         sink = _Sink(8)
         out.attach(sink)
@@ -203,12 +236,18 @@ def _closed_port() -> int:
     return port
 
 
+@pytest.mark.parametrize("known", [True, False], ids=["known-at-once", "known-when-writable"])
 @pytest_twisted.inlineCallbacks
-def test_a_refused_dial_fails_as_refused_and_leaves_nothing_registered():
+def test_a_refused_dial_fails_as_refused_and_leaves_nothing_registered(monkeypatch, known):
+    if not known:
+        # As a remote refusal: not yet known as connect returns.
+        monkeypatch.setattr(_dial, "_outcome", lambda sock: None)
     port = _closed_port()
     fds = _fds()
+    d = Upstream(reactor).connect([ip_address("127.0.0.1")], port)
+    assert d.called is known
     with pytest.raises(UpstreamError) as e:
-        yield Upstream(reactor).connect([ip_address("127.0.0.1")], port)
+        yield d
     assert (e.value.reason.value, e.value.message) == ("upstream_refused", f"127.0.0.1:{port} refused the connection")
     assert (_dials(), _fds()) == ([], fds)
 
@@ -328,9 +367,11 @@ def test_a_connection_whose_protocol_fails_to_start_is_closed_and_the_error_logg
     origin = End()
     port = reactor.listenTCP(0, Factory.forProtocol(lambda: origin), interface="127.0.0.1")
     try:
-        Connecting(reactor, "127.0.0.1", port.getHost().port, 10.0, lambda made: _Broken())
+        dial = Connecting(reactor, "127.0.0.1", port.getHost().port, 10.0, lambda made: _Broken())
+        with pytest.raises(error.ConnectError, match="protocol failed to start"):
+            yield dial.deferred
         yield origin.lost
-        assert [e["failure"].value.args for e in logged_errors] == [("broken connectionMade",)]
+        assert [e["log_failure"].value.args for e in logged_errors] == [("broken connectionMade",)]
         del logged_errors[:]
     finally:
         yield port.stopListening()
@@ -351,6 +392,8 @@ def test_a_settled_dial_is_unregistered_by_its_descriptor(monkeypatch):
         removeWriter(selectable)
 
     monkeypatch.setattr(reactor, "removeWriter", noting)
+    # As a remote destination's: the handshake still under way as connect returns.
+    monkeypatch.setattr(_dial, "_outcome", lambda sock: None)
     try:
         out = yield Upstream(reactor).connect([ip_address("127.0.0.1")], port.getHost().port)
         assert len(removed) == 1 and removed[0] == out.transport.fileno() != -1
