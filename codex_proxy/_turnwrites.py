@@ -72,6 +72,8 @@ class TurnWrites:
         # the reactor to find that out, once per send); None on any other
         # reactor, which is asked each time.
         self._writing: Optional[Set[int]] = None
+        # The epoll reactor's read event, while our poll runs it.
+        self._readEvent = 0
 
     def install(self, reactor: Any) -> bool:
         """
@@ -119,6 +121,7 @@ class TurnWrites:
         self._adopted = {kind: type(kind.__name__, (kind,), members) for kind in (tcp.Server, tcp.Client, Dialled)}
         self._reactor, self._base = reactor, base
         self._writing = cast(Set[int], getattr(reactor, "_writes")) if ours else None
+        self._readEvent = epollreactor.EPOLLIN if ours else 0
         reactor.__class__ = type(base.__name__, (base,), {"doIteration": doIteration, "__module__": __name__})
         self.installed = True
         return True
@@ -143,6 +146,18 @@ class TurnWrites:
         adopted = self._adopted.get(type(transport))
         if adopted is not None and self.installed and not transport.TLS:
             transport.__class__ = adopted
+
+    def readNow(self, transport: Any) -> None:
+        """
+        Read C{transport}, an adopted connection just accepted, at once, as
+        its read event would: a client that speaks first has mostly sent
+        its request by the time its connection is accepted, which is then
+        served in this turn rather than after the next wakeup (a poll and
+        an event dispatch less before its first response byte). Nothing
+        there yet: one C{recv} that finds nothing, and the event reads it.
+        """
+        if self._readEvent and self.installed and type(transport) in self._adopted.values():
+            self._reactor._doReadOrWrite(transport, transport.fileno(), self._readEvent)
 
     def flush(self) -> None:
         """

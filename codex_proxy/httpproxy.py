@@ -63,6 +63,7 @@ from codex_proxy._httpstates import (
     Tunnelling,
 )
 from codex_proxy._text import escape
+from codex_proxy._turnwrites import TURN_WRITES
 from codex_proxy.connections import Connections
 from codex_proxy.mitm import Interceptor, OriginTLS
 from codex_proxy.model import Protocol as Proto, Reason, Verdict
@@ -191,6 +192,8 @@ class HTTPProxyProtocol(ClientConnection):
     factory: HTTPProxyFactory
     #: What an intercepted tunnel's client is told before its TLS starts.
     tunnelAnswer = _CONNECT_OK
+    #: A new connection whose request may have arrived with it: read at once.
+    speaksFirst = True
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -201,6 +204,8 @@ class HTTPProxyProtocol(ClientConnection):
         self._tunnel: Optional[Verdict] = None
         self._state: State = CLOSING
         self._readHead(None, idle=False)
+        if self.speaksFirst:
+            TURN_WRITES.readNow(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         relay = self.relay
@@ -510,6 +515,8 @@ class _HandedOver(HTTPProxyProtocol):
     """
 
     tunnelAnswer = b""
+    # What its client sends now is TLS, read once the hand-over is done.
+    speaksFirst = False
 
     def start(self, verdict: Verdict, out: Outbound, route: Route, handshake: bytes) -> None:
         """

@@ -5,8 +5,10 @@ too, without registering the socket for writability; closes and
 half-closes are done at the end of the turn the same way, with no empty
 send first; what the kernel refuses for now is sent later and a reset
 connection is lost; on the epoll reactor, events are handled without a logging
-context each, and an error handling one is still logged; and uninstalling
-gives the reactor and the transports Twisted's path back.
+context each, and an error handling one is still logged; a connection
+accepted with its first bytes (or its EOF) already sent is read as it is
+accepted; and uninstalling gives the reactor and the transports Twisted's
+path back.
 
 Over real loopback TCP connections in the test reactor.
 """
@@ -490,3 +492,84 @@ def test_an_epoll_reactor_without_the_members_our_poll_reads_keeps_its_own():
         turn.uninstall()
         other._epoll.close()
         other.waker.connectionLost(None)
+
+
+class _ReadingAtOnce(End):
+    """
+    An accepted end that asks for its bytes to be read at once, noting what
+    it had read by the end of its C{connectionMade}.
+    """
+
+    def __init__(self, writes: TurnWrites) -> None:
+        super().__init__(closeOnEOF=True)
+        self._writes = writes
+        self.readInMade: Any = None
+        self.eofInMade = False
+
+    def connectionMade(self) -> None:
+        self._writes.adopt(self.transport)
+        self._writes.readNow(self.transport)
+        self.readInMade = bytes(self.received)
+        self.eofInMade = self.eof.called
+        super().connectionMade()
+
+
+@defer.inlineCallbacks
+def _accepted(writes: TurnWrites, send: bytes, close: bool = False) -> Any:
+    """
+    A loopback client (a plain socket) that connects and sends C{send} (then
+    closes, with C{close}) before the reactor accepts it; the accepted end.
+    """
+    ours = _ReadingAtOnce(writes)
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: ours), interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    if send:
+        client.sendall(send)
+    if close:
+        client.close()
+    yield ours.made
+    yield port.stopListening()
+    return ours, client
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_that_came_with_the_connection_is_read_as_it_is_accepted(writes):
+    ours, client = yield _accepted(writes, b"GET / HTTP/1.1\r\n\r\n")
+    assert ours.readInMade == b"GET / HTTP/1.1\r\n\r\n"
+    ours.transport.write(b"answer")
+    ours.transport.loseConnection()
+    yield ours.lost
+    assert client.recv(100) == b"answer"
+    client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_connection_with_nothing_sent_yet_is_read_when_its_bytes_come(writes):
+    ours, client = yield _accepted(writes, b"")
+    assert ours.readInMade == b""
+    client.sendall(b"later")
+    yield ours.until(5)
+    assert bytes(ours.received) == b"later"
+    client.close()
+    yield ours.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_eof_of_a_connection_closed_before_it_was_accepted_is_read_as_it_is_accepted(writes, logged_errors):
+    ours, client = yield _accepted(writes, b"", close=True)
+    assert (ours.readInMade, ours.eofInMade) == (b"", True)
+    yield ours.lost
+    ours, client = yield _accepted(writes, b"bye", close=True)
+    assert (ours.readInMade, ours.eofInMade) == (b"bye", False)
+    yield ours.lost
+    assert logged_errors == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_without_the_turn_installed_an_accepted_connection_is_read_by_its_event():
+    turn = TurnWrites()
+    ours, client = yield _accepted(turn, b"hello")
+    assert ours.readInMade == b""
+    yield ours.until(5)
+    client.close()
+    yield ours.lost
