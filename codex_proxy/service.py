@@ -32,10 +32,17 @@ class ProxyService(Service):
 
     @ivar proxy: the proxy.
     @ivar addresses: the bound listeners, C{{"http": "127.0.0.1:PORT"}}.
+    @ivar busy_poll: see C{__init__}.
     """
 
     def __init__(
-        self, proxy: NetworkProxy, *, exit_on_error: bool = True, freeze_gc: bool = False, turn_writes: bool = False
+        self,
+        proxy: NetworkProxy,
+        *,
+        exit_on_error: bool = True,
+        freeze_gc: bool = False,
+        turn_writes: bool = False,
+        busy_poll: float = 0.0,
     ) -> None:
         """
         @param exit_on_error: a start-up failure prints one line on stderr
@@ -47,11 +54,16 @@ class ProxyService(Service):
         @param turn_writes: the proxy is the process: what its TCP
             connections write is sent at the end of the reactor's turn
             (L{codex_proxy._turnwrites}), until stopped.
+        @param busy_poll: with C{turn_writes}, on the epoll reactor: seconds
+            the reactor polls without sleeping after a turn that handled
+            socket events, before it sleeps (the C{spin} of
+            L{codex_proxy._turnwrites.TurnWrites.install}).
         """
         self.proxy = proxy
         self._exit_on_error = exit_on_error
         self._freeze_gc = freeze_gc
         self._turn_writes = turn_writes
+        self.busy_poll = busy_poll
         self.addresses: Dict[str, str] = {}
         self._handle: Optional[ProxyHandle] = None
 
@@ -74,7 +86,7 @@ class ProxyService(Service):
             raise SystemExit(1)
         self.addresses = self._handle.addresses()
         if self._turn_writes:
-            TURN_WRITES.install(self.proxy.reactor)
+            TURN_WRITES.install(self.proxy.reactor, spin=self.busy_poll)
         if self._freeze_gc:
             # The long-lived state (modules, policy, metrics, certificates)
             # is built: a full collection no longer walks it all while

@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
 
 from codex_proxy.config import parse_config
 from codex_proxy.api import ListenError
@@ -59,6 +60,23 @@ def test_makeService_uses_the_options(tmp_path):
     service = makeService(options)
     (proxy,) = [child for child in service if hasattr(child, "config")]
     assert proxy.config.allowed_domains == ("a.test",)
+
+
+@pytest.mark.parametrize("given, seconds", [(None, 100e-6), ("0", 0.0), ("2500", 2500e-6), ("10000", 0.01)])
+def test_busy_poll_option_reaches_the_proxy_service(tmp_path, given, seconds):
+    (tmp_path / "c.toml").write_bytes(ENABLED)
+    options = Options()
+    options.parseOptions(["--config", str(tmp_path / "c.toml")] + (["--busy-poll-us", given] if given else []))
+    (proxy,) = [child for child in makeService(options) if hasattr(child, "config")]
+    assert proxy.busy_poll == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("given", ["-1", "10001", "fast", "1.5", ""])
+def test_a_bad_busy_poll_option_is_refused_naming_it(tmp_path, given):
+    (tmp_path / "c.toml").write_bytes(ENABLED)
+    with pytest.raises(UsageError) as e:
+        Options().parseOptions(["--config", str(tmp_path / "c.toml"), "--busy-poll-us", given])
+    assert str(e.value).startswith("--busy-poll-us: ") and repr(given) in str(e.value)
 
 
 def test_enabled_binds_the_http_listener_and_writes_the_ports_file(tmp_path):

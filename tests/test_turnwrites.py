@@ -7,8 +7,9 @@ send first; what the kernel refuses for now is sent later and a reset
 connection is lost; on the epoll reactor, events are handled without a logging
 context each, and an error handling one is still logged; a connection
 accepted with its first bytes (or its EOF) already sent is read as it is
-accepted; and uninstalling gives the reactor and the transports Twisted's
-path back.
+accepted; after a turn that handled events, the poll spins without sleeping
+for a while, never past the next timed call; and uninstalling gives the
+reactor and the transports Twisted's path back.
 
 Over real loopback TCP connections in the test reactor.
 """
@@ -29,7 +30,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python import log
 from zope.interface import implementer
 
-from codex_proxy._turnwrites import TurnWrites, wait_writable
+from codex_proxy import _turnwrites as turnwrites_module
+from codex_proxy._turnwrites import TurnWrites, _poll, wait_writable
 from support.ends import End
 
 
@@ -573,3 +575,84 @@ def test_without_the_turn_installed_an_accepted_connection_is_read_by_its_event(
     yield ours.until(5)
     client.close()
     yield ours.lost
+
+
+class _Poller:
+    """
+    An epoll object that answers each poll from a script of event lists
+    (then nothing), noting the timeout of each.
+    """
+
+    def __init__(self, *answers: list) -> None:
+        self.answers = list(answers)
+        self.timeouts: list = []
+
+    def poll(self, timeout: float, size: int) -> list:
+        self.timeouts.append(timeout)
+        return self.answers.pop(0) if self.answers else []
+
+
+class _Polled:
+    """
+    What our poll reads of an epoll reactor: its poller, its selectables,
+    and how it hands an event over (here: noted).
+    """
+
+    def __init__(self, poller: _Poller) -> None:
+        self._poller = poller
+        self._selectables = {7: "conn"}
+        self.handled: list = []
+
+    def _doReadOrWrite(self, selectable: Any, fd: int, event: int) -> None:
+        self.handled.append((selectable, fd, event))
+
+
+def test_without_spin_the_poll_sleeps_at_once():
+    reactor_ = _Polled(_Poller([(7, 1)]))
+    assert _poll(reactor_, 2.0, 0.0)
+    assert (reactor_._poller.timeouts, reactor_.handled) == ([2.0], [("conn", 7, 1)])
+
+
+def test_an_event_that_comes_while_spinning_is_handled_without_sleeping():
+    reactor_ = _Polled(_Poller([], [], [(7, 1)]))
+    assert _poll(reactor_, None, 1.0)
+    assert (reactor_._poller.timeouts, reactor_.handled) == ([0, 0, 0], [("conn", 7, 1)])
+
+
+def test_after_spinning_in_vain_the_poll_sleeps_for_what_is_left_of_the_timeout():
+    reactor_ = _Polled(_Poller())
+    assert not _poll(reactor_, 0.5, 0.001)
+    *spun, slept = reactor_._poller.timeouts
+    assert spun and set(spun) == {0}
+    assert slept == pytest.approx(0.499)
+
+
+def test_spinning_never_goes_past_the_next_timed_call():
+    reactor_ = _Polled(_Poller())
+    assert not _poll(reactor_, 0.0005, 10.0)
+    assert reactor_._poller.timeouts[-1] == 0
+    reactor_ = _Polled(_Poller())
+    assert not _poll(reactor_, 0, 10.0)
+    assert reactor_._poller.timeouts == [0]
+
+
+def test_only_a_turn_after_one_that_handled_events_spins(monkeypatch):
+    other = epollreactor.EPollReactor()
+    spins: list = []
+    handled = iter([True, False, False, True, True])
+
+    def polled(reactor_: Any, timeout: Any, spin: float) -> bool:
+        spins.append(spin)
+        return next(handled)
+
+    monkeypatch.setattr(turnwrites_module, "_poll", polled)
+    turn = TurnWrites()
+    try:
+        assert turn.install(other, spin=0.25)
+        for _ in range(5):
+            other.doIteration(0.1)
+    finally:
+        turn.uninstall()
+        other._poller.close()
+        other.waker.connectionLost(None)
+    assert spins == [0.0, 0.25, 0.0, 0.0, 0.25]
