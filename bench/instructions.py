@@ -8,7 +8,9 @@ instructions only: system calls saved are not in them.
 
 Each checkout runs under C{valgrind --tool=callgrind} twice, for N1 and N2
 units of work from one client, one after another (start-up, warm-up and
-shut-down cancel out in the difference).
+shut-down cancel out in the difference), with C{--busy-poll-us 0} where the
+checkout has that option: the polls it spins through between one unit and
+the next are counted by the wall clock, which callgrind slows, not work.
 
     .venv/bin/python -m bench.instructions [--workload keepalive|connect|close]
         [--counts N1,N2] [TREE ...]
@@ -98,6 +100,20 @@ def _counted(out: Path) -> int:
     return int(found.group(1))
 
 
+def _no_spin(tree: Optional[Path]) -> List[str]:
+    """
+    The option that stops the proxy of C{tree} (none: the installed one)
+    spinning between events, if it has it.
+    """
+    if tree is None:
+        import codex_proxy.tap
+
+        tap = Path(codex_proxy.tap.__file__)
+    else:
+        tap = tree / "codex_proxy" / "tap.py"
+    return ["--busy-poll-us", "0"] if "busy-poll-us" in tap.read_text() else []
+
+
 def per_unit(
     workdir: Path, nginx: Nginx, workload: str, counts: List[int], tree: Optional[Path], label: str
 ) -> float:
@@ -111,7 +127,7 @@ def per_unit(
         name = f"{label}-{n}"
         out = workdir / f"{name}.callgrind"
         target = peers.codex(
-            workdir, nginx, name=name, tree=tree,
+            workdir, nginx, name=name, tree=tree, args=_no_spin(tree),
             wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"],
         )  # fmt: skip
         try:
