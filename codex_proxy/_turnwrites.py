@@ -86,7 +86,10 @@ class TurnWrites:
             (never past the next timed call) before sleeping: an event that
             comes meanwhile (a destination's answer, the next request) is
             handled without the latency of a wakeup, for at most this much
-            CPU each time the proxy goes idle. 0: sleep at once.
+            CPU each time the proxy goes idle. Only while events come that
+            soon: once one came later, polls sleep at once until one comes
+            within C{spin} of the poll again (distant destinations cost no
+            spinning). 0: sleep at once.
         """
         if self.installed or not isinstance(reactor, posixbase.PosixReactorBase):
             return self.installed
@@ -96,11 +99,12 @@ class TurnWrites:
         ours = isinstance(reactor, epollreactor.EPollReactor) and all(
             hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite", "_writes")
         )
-        poll: Callable[[Any, Optional[float], float], bool] = _poll if ours else _theirs(base)
-        hot = False
+        poll: Callable[[Any, Optional[float], float], Optional[float]] = _poll if ours else _theirs(base)
+        # The last turn handled events, and they came within spin.
+        hot = near = False
 
         def doIteration(reactor: Any, timeout: Optional[float]) -> None:
-            nonlocal hot
+            nonlocal hot, near
             # The writes of the timed calls just run, then those of the
             # events this iteration handles.
             if due:
@@ -109,7 +113,10 @@ class TurnWrites:
                 # have scheduled a call: sleep no longer than that call allows
                 # (the main loop's own reckoning).
                 timeout = reactor.running and reactor.timeout()
-            hot = poll(reactor, timeout, spin if hot else 0.0)
+            waited = poll(reactor, timeout, spin if hot and near else 0.0)
+            hot = waited is not None
+            if waited is not None:
+                near = waited <= spin
             if due:
                 flush()
 
@@ -199,30 +206,32 @@ class TurnWrites:
                 _log.failure("disconnecting {transport}", transport=transport)
 
 
-def _theirs(base: Any) -> Callable[[Any, Optional[float], float], bool]:
+def _theirs(base: Any) -> Callable[[Any, Optional[float], float], Optional[float]]:
     """
     The C{base} reactor class's own poll, which does not spin.
     """
 
-    def poll(reactor: Any, timeout: Optional[float], spin: float) -> bool:
+    def poll(reactor: Any, timeout: Optional[float], spin: float) -> Optional[float]:
         base.doIteration(reactor, timeout)
-        return False
+        return None
 
     return poll
 
 
-def _poll(reactor: Any, timeout: Optional[float], spin: float) -> bool:
+def _poll(reactor: Any, timeout: Optional[float], spin: float) -> Optional[float]:
     """
     C{EPollReactor.doPoll} without the logging context around each event,
     polling without sleeping for up to C{spin} seconds (not past
-    C{timeout}) first. Whether it handled any event.
+    C{timeout}) first. How long it waited for the events it handled;
+    C{None}: there were none.
     """
     poller, size = reactor._poller, len(reactor._selectables)
+    started = perf_counter()
     try:
         events = None
         if spin and (timeout is None or timeout > 0):
             wait = spin if timeout is None else min(spin, timeout)
-            end = perf_counter() + wait
+            end = started + wait
             events = poller.poll(0, size)
             while not events and perf_counter() < end:
                 events = poller.poll(0, size)
@@ -231,13 +240,16 @@ def _poll(reactor: Any, timeout: Optional[float], spin: float) -> bool:
         if not events:
             events = poller.poll(-1 if timeout is None else timeout, size)
     except InterruptedError:
-        return False
+        return None
+    if not events:
+        return None
+    waited = perf_counter() - started
     selectables, handle = reactor._selectables, reactor._doReadOrWrite
     for fd, event in events:
         selectable = selectables.get(fd)
         if selectable is not None:
             handle(selectable, fd, event)
-    return bool(events)
+    return waited
 
 
 def _send(transport: Any, writing: Optional[Set[int]]) -> Any:

@@ -83,7 +83,8 @@ class Options(usage.Options):
             " up to this many microseconds before sleeping (0 to 10000; 0: sleep"
             " at once): a destination's answer or a client's next request that"
             " comes meanwhile is served without a wakeup's latency, for at most"
-            " this much CPU each time the proxy goes idle.",
+            " this much CPU each time the proxy goes idle; only while events"
+            " come that soon.",
         ],
     ]
 

@@ -7,9 +7,9 @@ send first; what the kernel refuses for now is sent later and a reset
 connection is lost; on the epoll reactor, events are handled without a logging
 context each, and an error handling one is still logged; a connection
 accepted with its first bytes (or its EOF) already sent is read as it is
-accepted; after a turn that handled events, the poll spins without sleeping
-for a while, never past the next timed call; and uninstalling gives the
-reactor and the transports Twisted's path back.
+accepted; after a turn that handled events which came soon, the poll spins
+without sleeping for a while, never past the next timed call; and
+uninstalling gives the reactor and the transports Twisted's path back.
 
 Over real loopback TCP connections in the test reactor.
 """
@@ -609,19 +609,20 @@ class _Polled:
 
 def test_without_spin_the_poll_sleeps_at_once():
     reactor_ = _Polled(_Poller([(7, 1)]))
-    assert _poll(reactor_, 2.0, 0.0)
+    waited = _poll(reactor_, 2.0, 0.0)
+    assert waited is not None and 0 <= waited < 2.0
     assert (reactor_._poller.timeouts, reactor_.handled) == ([2.0], [("conn", 7, 1)])
 
 
 def test_an_event_that_comes_while_spinning_is_handled_without_sleeping():
     reactor_ = _Polled(_Poller([], [], [(7, 1)]))
-    assert _poll(reactor_, None, 1.0)
+    assert _poll(reactor_, None, 1.0) is not None
     assert (reactor_._poller.timeouts, reactor_.handled) == ([0, 0, 0], [("conn", 7, 1)])
 
 
 def test_after_spinning_in_vain_the_poll_sleeps_for_what_is_left_of_the_timeout():
     reactor_ = _Polled(_Poller())
-    assert not _poll(reactor_, 0.5, 0.001)
+    assert _poll(reactor_, 0.5, 0.001) is None
     *spun, slept = reactor_._poller.timeouts
     assert spun and set(spun) == {0}
     assert slept == pytest.approx(0.499)
@@ -629,30 +630,37 @@ def test_after_spinning_in_vain_the_poll_sleeps_for_what_is_left_of_the_timeout(
 
 def test_spinning_never_goes_past_the_next_timed_call():
     reactor_ = _Polled(_Poller())
-    assert not _poll(reactor_, 0.0005, 10.0)
+    assert _poll(reactor_, 0.0005, 10.0) is None
     assert reactor_._poller.timeouts[-1] == 0
     reactor_ = _Polled(_Poller())
-    assert not _poll(reactor_, 0, 10.0)
+    assert _poll(reactor_, 0, 10.0) is None
     assert reactor_._poller.timeouts == [0]
 
 
-def test_only_a_turn_after_one_that_handled_events_spins(monkeypatch):
+def test_a_turn_spins_only_after_events_that_came_within_the_spin(monkeypatch):
+    """
+    A turn spins after one that handled events which came within the spin
+    of its poll: not after a turn without events (a timed call), nor after
+    events that came later (a distant destination), until events come that
+    soon again.
+    """
     other = epollreactor.EPollReactor()
     spins: list = []
-    handled = iter([True, False, False, True, True])
+    # How long each turn's poll waited for its events (None: it had none).
+    waited = iter([0.5, 0.0005, 0.0002, None, 0.0003, 0.2, 0.01])
 
-    def polled(reactor_: Any, timeout: Any, spin: float) -> bool:
+    def polled(reactor_: Any, timeout: Any, spin: float) -> Any:
         spins.append(spin)
-        return next(handled)
+        return next(waited)
 
     monkeypatch.setattr(turnwrites_module, "_poll", polled)
     turn = TurnWrites()
     try:
-        assert turn.install(other, spin=0.25)
-        for _ in range(5):
+        assert turn.install(other, spin=0.001)
+        for _ in range(7):
             other.doIteration(0.1)
     finally:
         turn.uninstall()
         other._poller.close()
         other.waker.connectionLost(None)
-    assert spins == [0.0, 0.25, 0.0, 0.0, 0.25]
+    assert spins == [0.0, 0.0, 0.001, 0.001, 0.0, 0.001, 0.0]
