@@ -149,6 +149,22 @@ def test_a_dial_connects_and_carries_bytes_both_ways(host):
         yield port.stopListening()
 
 
+@defer.inlineCallbacks
+def _carries(d: defer.Deferred, origin: Any) -> Any:
+    """
+    The connection C{d} fires with carries a request to C{origin} and its
+    response back, then closes.
+    """
+    out = yield d
+    sink = _Sink(8)
+    out.attach(sink)
+    out.transport.write(b"request")
+    yield sink.got
+    assert bytes(sink.received) == b"response"
+    out.transport.loseConnection()
+    yield origin.lost
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_loopback_dial_is_connected_before_connect_returns(monkeypatch):
     """
@@ -165,14 +181,7 @@ def test_a_loopback_dial_is_connected_before_connect_returns(monkeypatch):
         assert d.called
         assert (registered, len(reactor.getDelayedCalls())) == ([], timers)
         monkeypatch.undo()
-        out = yield d
-        sink = _Sink(8)
-        out.attach(sink)
-        out.transport.write(b"request")
-        yield sink.got
-        assert bytes(sink.received) == b"response"
-        out.transport.loseConnection()
-        yield origin.lost
+        yield _carries(d, origin)
     finally:
         monkeypatch.undo()
         yield port.stopListening()
@@ -216,14 +225,7 @@ def test_a_dial_socket_is_non_blocking_from_the_start(monkeypatch, flag):
             assert made[:connected] == [("socket", socket.SOCK_STREAM | socket.SOCK_NONBLOCK, False)]
         else:
             assert made[:connected] == [("socket", socket.SOCK_STREAM, True), ("setblocking", False)]
-        out = yield d
-        sink = _Sink(8)
-        out.attach(sink)
-        out.transport.write(b"request")
-        yield sink.got
-        assert bytes(sink.received) == b"response"
-        out.transport.loseConnection()
-        yield origin.lost
+        yield _carries(d, origin)
     finally:
         yield port.stopListening()
 
