@@ -380,10 +380,13 @@ class ClientConnection(_ClientFlow, Protocol):
 
     def close(self) -> None:
         """
-        Close after what is written has been sent.
+        Close after what is written has been sent. The transport's producer
+        goes first: the transport stops the one it has when the connection
+        is lost, and that may now be a destination parked for others.
         """
         self.closing = True
         self.abandon()
+        self.produce(None)
         self.transport.loseConnection()
 
     def abort(self, outcome: str) -> None:

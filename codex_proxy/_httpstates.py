@@ -23,7 +23,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Attribute, Interface
 
 from codex_proxy import _httphead
-from codex_proxy._exchange import Exchange, Leg
+from codex_proxy._exchange import Exchange
+from codex_proxy._legs import Leg
 from codex_proxy.errors import ProtocolError
 from codex_proxy.model import ProxyRequest, Verdict
 from codex_proxy.relay import Timer

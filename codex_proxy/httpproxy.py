@@ -50,7 +50,8 @@ from zope.interface import implementer
 
 from codex_proxy import _httpbody, _httphead, _httptarget, errors
 from codex_proxy._connection import OVER_LIMIT, ClientConnection, client_address, tune
-from codex_proxy._exchange import Exchange, IExchangeOwner, Leg, LegPool
+from codex_proxy._exchange import Exchange, IExchangeOwner
+from codex_proxy._legs import Leg, LegPool
 from codex_proxy._httpstates import (
     CLOSING,
     Deciding,
@@ -157,30 +158,6 @@ class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
         proto.client = client_address(addr)
         return proto
 
-    def intercept(
-        self, previous: ClientConnection, verdict: Verdict, out: Outbound, route: Route, handshake: bytes
-    ) -> None:
-        """
-        Serve the connection of C{previous}, another listener's protocol that
-        answered it (a SOCKS5 CONNECT that SPEC §6 or §12 intercepts), as an
-        intercepted tunnel: TLS toward its client with a leaf for
-        C{verdict}'s host, then inner requests decided as inside an
-        intercepted CONNECT, for the client C{previous} authenticated as.
-        C{handshake} is what the client sent after its own request. The
-        connection stays registered and counted as C{previous}'s listener's
-        (L{ClientConnection.takeOver}).
-        """
-        transport: Any = previous.transport
-        tunnel = _HandedOver()
-        tunnel.factory = self
-        tunnel.takeOver(previous)
-        transport.protocol = tunnel
-        tunnel.makeConnection(transport)
-        tunnel.start(verdict, out, route, handshake)
-        if previous.clientEOF:
-            # Its client half-closed before the hand-over: as if now.
-            tunnel.readConnectionLost()
-
 
 @implementer(IHalfCloseableProtocol, IExchangeOwner, IHeadOwner)
 class HTTPProxyProtocol(ClientConnection):
@@ -260,7 +237,7 @@ class HTTPProxyProtocol(ClientConnection):
         """
         if self.clientEOF and not self.pending:
             if kept is not None:
-                self._release(kept)
+                kept.release()
             self.close()
             return
         if idle:
@@ -327,14 +304,8 @@ class HTTPProxyProtocol(ClientConnection):
         route = factory.upstream.route(verdict, tunnel=protocol in (Proto.HTTPS_CONNECT, Proto.HTTPS))
         if protocol is not Proto.HTTPS_CONNECT:
             key = (route, tls, job.request.client_identity)
-            if kept is not None and kept.open and kept.key == key:
-                self._exchange(job, kept, reused=True)
-                return
-            if kept is not None:
-                kept.release()
-            # A parked leg may have been closed by now: only a request that
-            # can be sent again (no body) takes one.
-            if job.head.framing is _httpbody.NO_BODY and (leg := factory.legs.take(key, self)) is not None:
+            leg = factory.legs.legFor(key, kept, job.head.framing is _httpbody.NO_BODY, self)
+            if leg is not None:
                 self._exchange(job, leg, reused=True)
                 return
         elif kept is not None:
@@ -494,36 +465,5 @@ class HTTPProxyProtocol(ClientConnection):
             self._readHead(leg)
         else:
             if leg is not None:
-                self._release(leg)
+                leg.release()
             self.close()
-
-    def _release(self, leg: Leg) -> None:
-        """
-        Done with C{leg} as this connection closes: it stops producing for
-        this connection (whose loss would stop it) and goes to its pool.
-        """
-        self.produce(None)
-        leg.release()
-
-
-class _HandedOver(HTTPProxyProtocol):
-    """
-    A connection another listener answered, served by the intercepted-tunnel
-    states (L{HTTPProxyFactory.intercept}): that listener's reply stands in
-    for the C{200}, then TLS with a leaf for the requested host, then inner
-    requests.
-    """
-
-    tunnelAnswer = b""
-    # What its client sends now is TLS, read once the hand-over is done.
-    speaksFirst = False
-
-    def start(self, verdict: Verdict, out: Outbound, route: Route, handshake: bytes) -> None:
-        """
-        Start TLS toward the client on the answered connection.
-        """
-        self.abandon()  # connectionMade waits for a head: it comes inside TLS
-        self.keep(handshake)
-        transport: Any = self.transport
-        transport.resumeProducing()
-        self._intercept(verdict, out, route)

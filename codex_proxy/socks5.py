@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from codex_proxy import _socks5wire as wire
+from codex_proxy import _handover, _socks5wire as wire
 from codex_proxy._connection import ClientConnection, client_address, tune
 from codex_proxy._text import escape
 from codex_proxy.config import Limits
@@ -368,7 +368,7 @@ class SOCKS5Protocol(ClientConnection):
         self.closing = True
         self._state = CLOSED
         self._timer.stop()
-        https.intercept(self, verdict, out, route, handshake)
+        _handover.intercept(https, self, verdict, out, route, handshake)
 
     # -- UDP ASSOCIATE ----------------------------------------------------
 

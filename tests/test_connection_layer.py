@@ -13,7 +13,8 @@ from twisted.internet.address import IPv4Address
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass, verifyObject
 
-from codex_proxy._exchange import Exchange, IExchangeOwner, Leg
+from codex_proxy._exchange import Exchange, IExchangeOwner
+from codex_proxy._legs import Leg
 from codex_proxy._httpstates import IHeadOwner
 from codex_proxy.connections import ConnectionOutcome
 from codex_proxy.errors import UpstreamError

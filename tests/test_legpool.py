@@ -82,6 +82,7 @@ def test_a_parked_connection_idles_out():
 def test_a_parked_connection_whose_destination_closes_or_speaks_is_not_used(trickle, event):
     h = Harness(trickle)
     server, upstream = _served(h)
+    assert not upstream.disconnecting
     if event == "closes":
         server.connectionLost(Failure(error.ConnectionDone()))
     else:
