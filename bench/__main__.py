@@ -41,7 +41,7 @@ def measure(target: "peers.Target", nginx: "origin.Nginx", seconds: int, quick: 
     results.update(workloads.close(target, nginx, seconds))
     results.update(workloads.tunnels(target, nginx, seconds))
     results.update(workloads.ttfb(target, nginx, max(1, seconds // 2)))
-    results.update(workloads.throughput(target, nginx, 64 if quick else 256))
+    results.update(workloads.throughput(target, nginx, 64 if quick else origin.BIG_MIB))
     if target.socks_port is not None:
         results.update(workloads.socks_tunnels(target, nginx, seconds))
     return results

@@ -69,7 +69,7 @@ def close(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str)
 
 
 def tunnel(target: peers.Target, nginx: origin.Nginx, seconds: int, loadgen: str) -> Dict[str, float]:
-    mib, rounds = 256, 4
+    mib, rounds = origin.BIG_MIB, 4
     speeds = []
     for _ in range(rounds):
         out = subprocess.run(
