@@ -13,7 +13,8 @@ current state holds (a pending Deferred, a timer, an outbound leg).
 
 from __future__ import annotations
 
-from typing import Any, Callable, FrozenSet, Optional, TypeVar, Union
+import enum
+from typing import Any, Callable, FrozenSet, Literal, Optional, TypeVar, Union
 
 import attrs
 from twisted.internet import defer
@@ -45,6 +46,14 @@ OVER_LIMIT = frozenset({Reason.TOO_MANY_CONNECTIONS, Reason.TOO_MANY_CLIENT_CONN
 #: pauses. Reading is not paused per request: that costs two epoll calls
 #: per request, and a client that does not pipeline sends nothing meanwhile.
 PENDING_LIMIT = 1 << 16
+
+
+class _Noted(enum.Enum):
+    #: The outcome or reason is the latest verdict's.
+    OF_VERDICT = 0
+
+
+_OF_VERDICT: Literal[_Noted.OF_VERDICT] = _Noted.OF_VERDICT
 
 
 def client_address(address: Optional[IAddress]) -> Optional[str]:
@@ -205,9 +214,11 @@ class ClientConnection(_ClientFlow, Protocol):
     identity: Optional[str] = None
     client: Optional[str] = None
     admitted: Optional[bool] = None
-    _decision: Optional[str] = None
-    _reason: Optional[str] = None
-    _outcome = "closed"
+    # The latest decision, and how the connection ends: _OF_VERDICT until
+    # noteEnd says otherwise. Read off the verdict once, as it closes.
+    _noted: Optional[Verdict] = None
+    _reason: Union[str, None, Literal[_Noted.OF_VERDICT]] = None
+    _outcome: Union[str, Literal[_Noted.OF_VERDICT]] = "closed"
 
     def connectionMade(self) -> None:
         if self.admitted is None:
@@ -235,6 +246,13 @@ class ClientConnection(_ClientFlow, Protocol):
         self.closing = True
         self.abandon()
         up, down = self.bytesUp, self.bytesDown
+        verdict, why, outcome = self._noted, self._reason, self._outcome
+        if why is _OF_VERDICT:
+            assert verdict is not None
+            why = None if verdict.reason is None else verdict.reason.value
+        if outcome is _OF_VERDICT:
+            assert verdict is not None
+            outcome = "closed" if verdict.allowed else "blocked"
         if self.relay is not None:
             self.relay.clientLost()
             up, down = up + self.relay.bytesUp, down + self.relay.bytesDown
@@ -243,9 +261,9 @@ class ClientConnection(_ClientFlow, Protocol):
             ConnectionOutcome(
                 listener=self.listener,
                 client=self.client,
-                decision=self._decision,
-                reason=self._reason,
-                outcome=self._outcome,
+                decision=None if verdict is None else verdict.decision.value,
+                reason=why,
+                outcome=outcome,
                 identity=self.identity,
                 bytes_up=up,
                 bytes_down=down,
@@ -325,9 +343,8 @@ class ClientConnection(_ClientFlow, Protocol):
         """
         Remember the latest decision for the outcome event.
         """
-        self._decision = verdict.decision.value
-        self._reason = verdict.reason.value if verdict.reason is not None else None
-        self._outcome = "closed" if verdict.allowed else "blocked"
+        self._noted = verdict
+        self._reason = self._outcome = _OF_VERDICT
 
     def noteEnd(self, outcome: str, reason: Optional[str] = None) -> None:
         """

@@ -56,9 +56,11 @@ def _check_host_header(head: _httphead.RequestHead, host: str, port: int) -> Non
     An absolute-form request's C{Host}, if any, must name its target (SPEC
     §4.2a); default ports are equal.
     """
-    value = head.header(b"host")
-    if value is None:
+    # Host is a watched field: its values are at hand (as head.header reads them).
+    values = head.watched.get(b"host")
+    if values is None:
         return
+    value = values[0]
     try:
         target = normalize_host(host)
     except InvalidHost:
@@ -110,9 +112,9 @@ def request_for(
     else:
         raise ProtocolError(f"a proxy cannot serve request target {head.target!r}")
     unix_socket = None
-    socket_header = head.header(UNIX_SOCKET_HEADER)
+    socket_header = head.watched.get(UNIX_SOCKET_HEADER)
     if socket_header is not None and protocol is Protocol.HTTP:
-        path = socket_header.decode("utf-8", "surrogateescape").strip()
+        path = socket_header[0].decode("utf-8", "surrogateescape").strip()
         # A relative path is kept as sent, for the policy to refuse.
         unix_socket = resolve_socket(path) if path.startswith("/") and "\0" not in path else path
         host, port = UNIX_SOCKET_HOST, 0
@@ -292,7 +294,7 @@ def outgoing_head(
         fields = strip_hop_by_hop(head.headers)
         if request.unix_socket is not None:
             fields = tuple((k, v) for k, v in fields if k.lower() != UNIX_SOCKET_HEADER)
-    if head.header(b"host") is None:
+    if b"host" not in head.watched:
         assert head.host is not None and head.port is not None
         default = DEFAULT_PORTS[head.scheme or "http"]
         fields += ((b"Host", authority(head.host, head.port, default).encode("ascii")),)

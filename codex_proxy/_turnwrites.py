@@ -37,6 +37,7 @@ from codex_proxy._dial import Dialled
 _log = Logger()
 
 _register = abstract.FileDescriptor.startWriting
+_write = tcp.Connection.write
 # What Twisted's TCP send takes at most at once, and the send errors it
 # reads as "try again later".
 _SEND_LIMIT = tcp.Connection.SEND_LIMIT
@@ -129,12 +130,40 @@ class TurnWrites:
             else:
                 _register(transport)
 
+        def write(transport: Any, data: bytes) -> None:
+            # Twisted's TLS-aware write, FileDescriptor.write, its producer
+            # check and startWriting in one call (four calls a write, two
+            # writes a kept-alive request). TLS started since adoption, and
+            # anything but bytes (the TypeError), take Twisted's own.
+            if transport.TLS or type(data) is not bytes:
+                _write(transport, data)
+            elif data and transport.connected and not transport._writeDisconnected:
+                transport._tempDataBuffer.append(data)
+                transport._tempDataLen += len(data)
+                if (
+                    transport.producer is not None
+                    and transport.streamingProducer
+                    and len(transport.dataBuffer) + transport._tempDataLen > transport.bufferSize
+                ):
+                    transport.producerPaused = True
+                    transport.producer.pauseProducing()
+                if self.installed:
+                    due[transport] = None
+                else:
+                    _register(transport)
+
         # An adopted transport also closes its socket without the
         # shutdown(SHUT_RDWR) Twisted makes first, a system call per
         # connection that Twisted's own comment calls unnecessary: the
         # socket is close-on-exec, so this process holds its only
         # descriptor, and close() ends the connection the same way.
-        members = {"startWriting": startWriting, "_shouldShutdown": False, "__module__": __name__}
+        members = {
+            "startWriting": startWriting,
+            "write": write,
+            "doRead": _doRead,
+            "_shouldShutdown": False,
+            "__module__": __name__,
+        }
         self._adopted = {kind: type(kind.__name__, (kind,), members) for kind in (tcp.Server, tcp.Client, Dialled)}
         self._reactor, self._base = reactor, base
         self._writing = cast(Set[int], getattr(reactor, "_writes")) if ours else None
@@ -250,6 +279,20 @@ def _poll(reactor: Any, timeout: Optional[float], spin: float) -> Optional[float
         if selectable is not None:
             handle(selectable, fd, event)
     return waited
+
+
+def _doRead(transport: Any) -> Any:
+    """
+    C{tcp.Connection.doRead} and its C{_dataReceived} in one call.
+    """
+    try:
+        data = transport.socket.recv(transport.bufferSize)
+    except OSError as e:
+        return None if e.args[0] == errno.EWOULDBLOCK else main.CONNECTION_LOST
+    if not data:
+        return main.CONNECTION_DONE
+    transport.protocol.dataReceived(data)
+    return None
 
 
 def _send(transport: Any, writing: Optional[Set[int]]) -> Any:

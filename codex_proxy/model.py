@@ -180,10 +180,12 @@ class Verdict:
     #: it: a verdict made any other way (C{attrs.evolve} too) may differ
     #: from the one it came from, and is its own.
     original: Optional[Verdict] = attrs.field(default=None, init=False, eq=False, repr=False)
+    #: The decision is C{ALLOW}: read several times per request, so kept
+    #: rather than worked out each time.
+    allowed: bool = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def allowed(self) -> bool:
-        return self.decision is Decision.ALLOW
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "allowed", self.decision is Decision.ALLOW)
 
     @property
     def port(self) -> int:
