@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, epollreactor, error, reactor
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet import defer, epollreactor, error, reactor, ssl
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -31,6 +32,8 @@ from twisted.python import log
 from zope.interface import implementer
 
 from codex_proxy import _turnwrites as turnwrites_module
+from codex_proxy.ca import load_or_create_ca, mint_leaf, new_p256_key
+from codex_proxy.mitm import ServerTLS, server_context
 from codex_proxy._turnwrites import TurnWrites, _poll, wait_writable
 from support.ends import End
 
@@ -419,6 +422,75 @@ def test_a_producer_waiting_for_the_buffer_to_drain_is_resumed(writes):
     ours.transport.unregisterProducer()
     ours.transport.loseConnection()
     yield peer.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_past_the_buffer_size_pauses_a_streaming_producer_until_it_drains(writes):
+    ours, peer = yield _pair(writes)
+    calls: list[str] = []
+
+    @implementer(IPushProducer)
+    class Push:
+        def pauseProducing(self) -> None:
+            calls.append("pause")
+
+        def resumeProducing(self) -> None:
+            calls.append("resume")
+
+        def stopProducing(self) -> None:
+            calls.append("stop")
+
+    ours.transport.registerProducer(Push(), True)
+    ours.transport.write(b"x" * ours.transport.bufferSize)
+    assert calls == []  # at the size, not past it
+    ours.transport.write(b"y")
+    assert calls == ["pause"]
+    yield peer.until(ours.transport.bufferSize + 1)
+    yield deferLater(reactor, 0, lambda: None)
+    assert calls == ["pause", "resume"]
+    ours.transport.unregisterProducer()
+    ours.transport.loseConnection()
+    yield peer.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_of_text_is_refused_and_one_after_the_close_is_dropped(writes):
+    ours, peer = yield _pair(writes)
+    with pytest.raises(TypeError):
+        ours.transport.write("text")  # type: ignore[arg-type]
+    ours.transport.write(b"last")
+    ours.transport.loseConnection()
+    yield ours.lost
+    ours.transport.write(b" more")
+    yield peer.lost
+    assert bytes(peer.received) == b"last"
+
+
+@pytest_twisted.inlineCallbacks
+def test_writes_after_tls_started_on_an_adopted_transport_go_through_tls(writes, tmp_path):
+    ours, peer = yield _pair(writes)
+    authority = load_or_create_ca(str(tmp_path), time.time)
+    key = new_p256_key()
+    leaf = mint_leaf(authority, "localhost", key.public_key(), time.time())
+    peer.transport.startTLS(ServerTLS(server_context(leaf, key, "localhost")))
+    ours.transport.startTLS(ssl.CertificateOptions(verify=False))
+    ours.transport.write(b"inside tls")
+    # Bytes sent around the TLS layer would stall its handshake: bounded.
+    yield peer.until(10).addTimeout(10, reactor)
+    assert bytes(peer.received) == b"inside tls"
+    ours.transport.loseConnection()
+    yield peer.lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_peers_close_is_read_as_the_end_of_the_connection(writes):
+    ours, peer = yield _pair(writes)
+    reasons = _lossReasons(ours)
+    peer.transport.write(b"bye")
+    peer.transport.loseConnection()
+    yield ours.lost
+    assert bytes(ours.received) == b"bye"
+    assert reasons[0].check(error.ConnectionDone)
 
 
 def test_the_turn_uses_the_epoll_reactor_of_these_tests():
