@@ -1,8 +1,8 @@
 """
 The benchmark: codex-proxy against no proxy, the floor (L{bench.floor}, a
 bare Twisted forwarder) and, when installed, Squid/tinyproxy; optionally an
-earlier checkout ("before"). Same machine, same run, interleaved rounds,
-medians and ratios.
+earlier checkout ("before"). Same machine, same run, interleaved rounds
+(five; each runs every workload on every target in turn), medians and ratios.
 
     make bench [QUICK=1] [PEERS="squid tinyproxy"] [BASELINE=DIR]
     .venv/bin/python -m bench [--quick] [--rounds N] [--peers squid,tinyproxy] [--baseline DIR]
@@ -25,26 +25,29 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from bench import mitm, origin, peers, workloads
 
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def measure(target: "peers.Target", nginx: "origin.Nginx", seconds: int, quick: bool) -> Dict[str, float]:
+Workload = Callable[["peers.Target", "origin.Nginx"], Dict[str, float]]
+
+
+def workload_list(seconds: int, quick: bool) -> List[Tuple[str, Workload]]:
     """
-    Every workload once against one target.
+    The workloads of a round, by name, in the order they run.
     """
-    results: Dict[str, float] = {}
-    results.update(workloads.keepalive(target, nginx, seconds))
-    results.update(workloads.close(target, nginx, seconds))
-    results.update(workloads.tunnels(target, nginx, seconds))
-    results.update(workloads.ttfb(target, nginx, max(1, seconds // 2)))
-    results.update(workloads.throughput(target, nginx, 64 if quick else origin.BIG_MIB))
-    if target.socks_port is not None:
-        results.update(workloads.socks_tunnels(target, nginx, seconds))
-    return results
+    mib = 64 if quick else origin.BIG_MIB
+    return [
+        ("keep-alive", lambda t, n: workloads.keepalive(t, n, seconds)),
+        ("new connections", lambda t, n: workloads.close(t, n, seconds)),
+        ("CONNECT", lambda t, n: workloads.tunnels(t, n, seconds)),
+        ("TTFB", lambda t, n: workloads.ttfb(t, n, max(1, seconds // 2))),
+        ("bulk", lambda t, n: workloads.throughput(t, n, mib)),
+        ("SOCKS5", lambda t, n: workloads.socks_tunnels(t, n, seconds) if t.socks_port is not None else {}),
+    ]
 
 
 def table(rows: Dict[str, Dict[str, float]], names: List[str]) -> str:
@@ -83,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         " earlier commit) as 'before', in the same interleaved rounds",
     )
     args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (2 if args.quick else 4)
     wanted = [p for p in args.peers.replace(" ", ",").split(",") if p]
 
@@ -121,10 +124,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             # Each round starts one target later, so no target always takes
             # the same place: two checkouts with the same tunnel code, one
             # always measured right after no proxy, came out up to 15% apart.
-            for target in targets[r % len(targets) :] + targets[: r % len(targets)]:
-                print(f"round {r + 1}/{rounds}: {target.name}", file=sys.stderr, flush=True)
-                for metric, value in measure(target, nginx, seconds, args.quick).items():
-                    samples[target.name].setdefault(metric, []).append(value)
+            order = targets[r % len(targets) :] + targets[: r % len(targets)]
+            # A workload runs on every target in turn before the next one, so
+            # that the figures a ratio compares are taken seconds apart, not
+            # minutes: this machine's speed drifts (in one run, every figure
+            # of one target's round came out 40% slow, the rest as usual).
+            for name, workload in workload_list(seconds, args.quick):
+                print(f"round {r + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
+                for target in order:
+                    for metric, value in workload(target, nginx).items():
+                        samples[target.name].setdefault(metric, []).append(value)
         medians = {
             name: {m: statistics.median(v) for m, v in per.items()} for name, per in samples.items()
         }
