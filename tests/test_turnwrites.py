@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, epollreactor, error, reactor, ssl
+from twisted.internet import defer, epollreactor, error, main, reactor, ssl
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory
 from twisted.internet.task import deferLater
@@ -649,6 +649,9 @@ def test_without_the_turn_installed_an_accepted_connection_is_read_by_its_event(
     yield ours.lost
 
 
+_OUT = epollreactor.EPOLLOUT
+
+
 class _Poller:
     """
     An epoll object that answers each poll from a script of event lists
@@ -672,24 +675,85 @@ class _Polled:
 
     def __init__(self, poller: _Poller) -> None:
         self._poller = poller
-        self._selectables = {7: "conn"}
+        self._selectables: dict = {7: "conn"}
         self.handled: list = []
+        self.lost: list = []
 
     def _doReadOrWrite(self, selectable: Any, fd: int, event: int) -> None:
         self.handled.append((selectable, fd, event))
 
+    def _disconnectSelectable(self, selectable: Any, why: Any, isRead: bool) -> None:
+        self.lost.append((selectable, why, isRead))
+
+
+class _Readable:
+    """
+    A selectable whose read returns C{result} (raises it, when C{raises}).
+    """
+
+    def __init__(self, result: Any, fileno: int = 7, raises: bool = False) -> None:
+        self.result, self._fileno, self.raises, self.reads = result, fileno, raises, 0
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def doRead(self) -> Any:
+        self.reads += 1
+        if self.raises:
+            raise self.result
+        return self.result
+
+
+def _readable(result: Any, event: int = epollreactor.EPOLLIN, fileno: int = 7, raises: bool = False) -> tuple:
+    """
+    A poll of one event for a L{_Readable}: the reactor, and the selectable.
+    """
+    reactor_ = _Polled(_Poller([(7, event)]))
+    selectable = reactor_._selectables[7] = _Readable(result, fileno, raises)
+    _poll(reactor_, 0.0, 0.0)
+    return reactor_, selectable
+
+
+def test_a_readable_event_is_read_by_its_selectable():
+    reactor_, selectable = _readable(None)
+    assert (selectable.reads, reactor_.handled, reactor_.lost) == (1, [], [])
+
+
+def test_a_read_that_ends_the_connection_disconnects_it_as_a_read():
+    reactor_, selectable = _readable(main.CONNECTION_DONE)
+    assert reactor_.lost == [(selectable, main.CONNECTION_DONE, True)]
+
+
+def test_a_read_that_raises_is_logged_and_disconnects(logged_errors):
+    failure = RuntimeError("broken protocol")
+    reactor_, selectable = _readable(failure, raises=True)
+    assert reactor_.lost == [(selectable, failure, True)]
+    # Twisted's own (legacy) error event, as its poll would log it.
+    assert [e["failure"].value for e in logged_errors] == [failure]
+    del logged_errors[:]
+
+
+@pytest.mark.parametrize(
+    "event, fileno",
+    [(epollreactor.EPOLLIN | epollreactor.EPOLLHUP, 7), (epollreactor.EPOLLIN | _OUT, 7), (epollreactor.EPOLLIN, -1)],
+    ids=["hung up", "writable too", "closed"],
+)
+def test_any_other_event_goes_to_the_reactor(event, fileno):
+    reactor_, selectable = _readable(None, event, fileno)
+    assert (selectable.reads, reactor_.handled) == (0, [(selectable, 7, event)])
+
 
 def test_without_spin_the_poll_sleeps_at_once():
-    reactor_ = _Polled(_Poller([(7, 1)]))
+    reactor_ = _Polled(_Poller([(7, _OUT)]))
     waited = _poll(reactor_, 2.0, 0.0)
     assert waited is not None and 0 <= waited < 2.0
-    assert (reactor_._poller.timeouts, reactor_.handled) == ([2.0], [("conn", 7, 1)])
+    assert (reactor_._poller.timeouts, reactor_.handled) == ([2.0], [("conn", 7, _OUT)])
 
 
 def test_an_event_that_comes_while_spinning_is_handled_without_sleeping():
-    reactor_ = _Polled(_Poller([], [], [(7, 1)]))
+    reactor_ = _Polled(_Poller([], [], [(7, _OUT)]))
     assert _poll(reactor_, None, 1.0) is not None
-    assert (reactor_._poller.timeouts, reactor_.handled) == ([0, 0, 0], [("conn", 7, 1)])
+    assert (reactor_._poller.timeouts, reactor_.handled) == ([0, 0, 0], [("conn", 7, _OUT)])
 
 
 def test_after_spinning_in_vain_the_poll_sleeps_for_what_is_left_of_the_timeout():
