@@ -9,7 +9,7 @@ one outcome event per client connection.
 from __future__ import annotations
 
 import json
-from typing import List
+from typing import Callable, List, Tuple
 
 from twisted.internet import error
 from twisted.python.failure import Failure
@@ -254,36 +254,44 @@ def test_each_client_connection_ends_with_one_outcome_event(trickle):
     )
 
 
-def test_a_failure_after_an_allowed_decision_is_the_connections_outcome(trickle):
+def _watched(trickle: bool) -> Tuple[Harness, Callable[[], ConnectionOutcome]]:
+    """
+    A harness, and what closes its client connection and returns the one
+    outcome event it ended with.
+    """
     h = Harness(trickle)
     seen: List[ConnectionOutcome] = []
     h.factory.connections.observers.append(seen.append)
+
+    def closed() -> ConnectionOutcome:
+        h.proto.connectionLost(Failure(error.ConnectionDone()))
+        [outcome] = seen
+        return outcome
+
+    return h, closed
+
+
+def test_a_failure_after_an_allowed_decision_is_the_connections_outcome(trickle):
+    h, closed = _watched(trickle)
     h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
     h.refuse(error.ConnectionRefusedError())
     assert h.response()[0] == 502
-    h.proto.connectionLost(Failure(error.ConnectionDone()))
-    [outcome] = seen
+    outcome = closed()
     assert (outcome.decision, outcome.outcome, outcome.reason) == ("allow", "failed", "upstream_refused")
 
 
 def test_a_block_after_a_failure_is_the_connections_outcome(trickle):
-    h = Harness(trickle)
-    seen: List[ConnectionOutcome] = []
-    h.factory.connections.observers.append(seen.append)
+    h, closed = _watched(trickle)
     h.send(b"GET http://origin.test/ HTTP/1.1\r\nHost: origin.test\r\n\r\n")
     h.refuse(error.ConnectionRefusedError())
     h.send(b"GET http://elsewhere.test/ HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n")
     h.turn()
-    h.proto.connectionLost(Failure(error.ConnectionDone()))
-    [outcome] = seen
+    outcome = closed()
     assert (outcome.decision, outcome.outcome, outcome.reason) == ("deny", "blocked", "not_allowed")
 
 
 def test_a_malformed_first_request_leaves_no_decision_in_the_outcome(trickle):
-    h = Harness(trickle)
-    seen: List[ConnectionOutcome] = []
-    h.factory.connections.observers.append(seen.append)
+    h, closed = _watched(trickle)
     h.send(b"GET http://origin.test/ HTTP/9.9\r\nHost: origin.test\r\n\r\n")
-    h.proto.connectionLost(Failure(error.ConnectionDone()))
-    [outcome] = seen
+    outcome = closed()
     assert (outcome.decision, outcome.outcome, outcome.reason) == (None, "bad_request", None)
