@@ -1,8 +1,10 @@
 """
 The benchmark: codex-proxy against no proxy, the floor (L{bench.floor}, a
 bare Twisted forwarder) and, when installed, Squid/tinyproxy; optionally an
-earlier checkout ("before"). Same machine, same run, interleaved rounds
-(five; each runs every workload on every target in turn), medians and ratios.
+earlier checkout ("before"); kept-alive requests also through codex-proxy
+writing an --audit-log ("audited"). Same machine, same run, interleaved
+rounds (five; each runs every workload on every target in turn), medians
+and ratios.
 
     make bench [QUICK=1] [PEERS="squid tinyproxy"] [BASELINE=DIR]
     .venv/bin/python -m bench [--quick] [--rounds N] [--peers squid,tinyproxy] [--baseline DIR]
@@ -102,6 +104,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             started.append(targets[-1].stop)
         targets.append(peers.codex(workdir, nginx))
         started.append(targets[-1].stop)
+        # The same, writing every decision to an --audit-log file: kept-alive
+        # requests only, the figure its cost is judged by.
+        audited = peers.codex(workdir, nginx, "audited", args=["--audit-log", str(workdir / "audit.jsonl")])
+        audited.workloads = ("keep-alive",)
+        targets.append(audited)
+        started.append(audited.stop)
         targets.append(peers.floor(workdir))
         started.append(targets[-1].stop)
         for name in wanted:
@@ -117,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Memory per idle tunnel first, while every proxy is fresh: after the
         # load, freed memory would be reused and hide the real cost.
         for target in targets:
-            if target.proxy_pid is not None:
+            if target.proxy_pid is not None and target.workloads is None:
                 for metric, value in workloads.idle_tunnels(target, nginx, 1000).items():
                     samples[target.name][metric] = [value]
         for r in range(rounds):
@@ -132,6 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name, workload in workload_list(seconds, args.quick):
                 print(f"round {r + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
                 for target in order:
+                    if target.workloads is not None and name not in target.workloads:
+                        continue
                     for metric, value in workload(target, nginx).items():
                         samples[target.name].setdefault(metric, []).append(value)
         medians = {
@@ -148,10 +158,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         interpreter = f"{os.path.realpath(sys.executable)} (Python {platform.python_version()}, {platform.python_build()[1]})"
         print(f"interpreter: {interpreter}")
         print(table(medians, names))
+        audit_ratio = medians["audited"]["keepalive_rps"] / medians["codex"]["keepalive_rps"]
+        print(f"\n--audit-log (audited): kept-alive req/s {audit_ratio:.2f}x codex-proxy's without it")
         OUT.mkdir(exist_ok=True)
         (OUT / "results.json").write_text(
             json.dumps(
-                {"interpreter": interpreter, "rounds": rounds, "seconds": seconds, "medians": medians, "samples": samples},
+                {
+                    "interpreter": interpreter,
+                    "rounds": rounds,
+                    "seconds": seconds,
+                    "medians": medians,
+                    "samples": samples,
+                    "audit_log_keepalive_ratio": audit_ratio,
+                },
                 indent=1,
             )
         )

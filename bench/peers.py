@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 from bench.origin import Nginx, free_port, wait_port
 
@@ -28,6 +28,8 @@ class Target:
     proxy_pid: Optional[int] = None
     loadgen: str = ""
     stop: Callable[[], None] = field(default=lambda: None)
+    #: The workloads it runs, by name (L{bench.__main__.workload_list}); None: all.
+    workloads: Optional[Tuple[str, ...]] = None
 
 
 def direct(nginx: Nginx) -> Target:
