@@ -29,7 +29,6 @@ Twisted's chain of three or four.
 from __future__ import annotations
 
 import errno
-import sys
 from time import perf_counter
 from typing import Any, Callable, Dict, Optional, Set, Type, cast
 
@@ -291,8 +290,8 @@ def _poll(reactor: Any, timeout: Optional[float], spin: float) -> Optional[float
         # with it, one call less per event.
         try:
             why = selectable.doRead()
-        except BaseException:
-            why = sys.exc_info()[1]
+        except BaseException as e:
+            why = e
             _legacy.err()
         if why:
             reactor._disconnectSelectable(selectable, why, True)
